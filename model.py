@@ -1,0 +1,447 @@
+"""
+A Llama / Qwen2 / Qwen3 decoder written out by hand, with the residual stream in plain sight.
+
+    h_0 = embed(x)                                        resid[0]
+    a_l = Attn_l(RMSNorm_in_l(h_{l-1}))                   attn_out[l-1]   (attn_in[l-1] = the normed input)
+    m_l = h_{l-1} + a_l
+    f_l = MLP_l(RMSNorm_post_l(m_l))                      mlp_out[l-1]    (mlp_in[l-1]  = the normed input)
+    h_l = m_l + f_l                                       resid[l]
+    logits = W_U RMSNorm_final(h_L)
+
+Index convention: layers are numbered 1..L as in the paper; the Python lists of the residual record are
+0-based, so resid[l] = h_l for l = 0..L, while attn_out[l-1] = a_l and mlp_out[l-1] = f_l.
+
+Every architectural detail follows the Hugging Face `transformers` implementation of the same models, so
+that a checkpoint gives the same logits here and there (tests/test_model.py checks it):
+  - RMSNorm: statistics in fp32, cast back to the input dtype, *then* times the weight (no +1 offset);
+  - RoPE: rotate-half convention, cos/sin computed in fp32, `llama3` frequency scaling (Llama-3.1/3.2);
+  - GQA through scaled_dot_product_attention(enable_gqa=True); head_dim may differ from hidden/heads (Qwen3);
+  - Qwen2 has q/k/v biases, Qwen3 has per-head RMSNorm on q and k before RoPE;
+  - SwiGLU MLP; tied or untied unembedding.
+Checkpoints are HF-layout folders (config.json + model.safetensors or a sharded index), read lazily.
+"""
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint folder that cannot be used; the message is one line that names the file and the fix."""
+
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class Config:
+    model_type: str = "llama"           # llama (also SmolLM2, Llama-3.x), qwen2 (Qwen2/2.5), qwen3
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64                  # Qwen3: 128 even where hidden_size / num_heads is not
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # only {"rope_type": "llama3", ...} is supported
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False              # Qwen2: True
+    o_bias: bool = False                # Llama `attention_bias` puts a bias on o_proj too
+    mlp_bias: bool = False
+    qk_norm: bool = False               # Qwen3: True
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    @classmethod
+    def from_hf(cls, d: dict, where: str = "config.json") -> "Config":
+        """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters` style)."""
+        mt = d.get("model_type")
+        if mt not in ARCHITECTURES:
+            raise ModelLoadError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        if d.get("use_sliding_window"):
+            raise ModelLoadError(f"{where}: sliding-window attention is not supported; set use_sliding_window to false")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ModelLoadError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; only silu (SwiGLU)")
+        try:
+            rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+            theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ("default", "llama3"):
+                raise ModelLoadError(f"{where}: rope_type {rope_type!r} is not supported; supported: default, llama3")
+            attention_bias = bool(d.get("attention_bias", False))
+            return cls(
+                model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+                num_heads=d["num_attention_heads"],
+                num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None,
+                max_position_embeddings=d.get("max_position_embeddings", 8192),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                qkv_bias=(mt == "qwen2") or attention_bias,   # transformers' Qwen2 hard-codes q/k/v biases
+                o_bias=attention_bias and mt != "qwen2", mlp_bias=bool(d.get("mlp_bias", False)),
+                qk_norm=(mt == "qwen3"), bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
+        except KeyError as e:
+            raise ModelLoadError(f"{where}: required field {e.args[0]!r} is missing") from None
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers (4.x and 5.x) reads back into the same architecture."""
+        d = dict(architectures=[ARCHITECTURES[self.model_type]], model_type=self.model_type,
+                 vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                 intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                 num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+                 head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+                 rope_scaling=self.rope_scaling, max_position_embeddings=self.max_position_embeddings,
+                 tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
+                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, torch_dtype="float32")
+        if self.model_type != "qwen2":
+            d.update(attention_bias=self.o_bias, mlp_bias=self.mlp_bias)
+        return d
+
+
+# -----------------------------------------------------------------------------
+# rotary position embedding
+
+def rope_inv_freq(cfg: Config) -> torch.Tensor:
+    """theta^(-2i/d) per pair of dims; Llama-3.x rescales the low frequencies (`llama3` rope scaling)."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim)
+    if cfg.rope_scaling:  # llama3: divide long wavelengths by `factor`, interpolate the middle band
+        s = cfg.rope_scaling
+        factor, lo, hi, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """positions [B, T] -> cos, sin [B, 1, T, head_dim], computed in fp32, then cast (as transformers does)."""
+    freqs = positions[..., None].float() * inv_freq.float()        # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # [B, 1, T, hd]: both halves share a frequency
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+hd/2}) by the position's angle (the rotate-half, non-interleaved convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# -----------------------------------------------------------------------------
+# the blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # statistics in fp32 even under bf16
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)  # cast back first, then the gain (transformers' order)
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer for a batch, plus which cache slots hold real tokens.
+
+    All rows share the slot index (`self.len`); each row keeps its own RoPE position (`self.pos`), so a
+    left-padded row starts at position 0 with its first real token, whatever else is in the batch.
+    """
+
+    def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # slot holds a real token
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # next RoPE position of each row
+        self.len = 0  # slots used so far
+        self.max_len = max_len
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values [B, n_kv, T, hd] at the current slots; return all of them so far."""
+        end = self.len + k.shape[2]
+        self.k[layer, :, :, self.len:end] = k
+        self.v[layer, :, :, self.len:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim, per head, after the projection and before RoPE
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)    # [B, T, nh, hd]
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)   # [B, T, nkv, hd]
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)                # [B, nkv, S, hd], S = slots so far
+        # each group of nh/nkv query heads shares one kv head (GQA); scale is hd^-0.5
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+@dataclass
+class Residuals:
+    """Every term of the residual stream. resid has L+1 entries (h_0..h_L, before the final norm); the others
+    have L entries, entry l-1 belonging to layer l. All are [B, T, hidden]."""
+    resid: list = field(default_factory=list)     # h_0 .. h_L
+    attn_in: list = field(default_factory=list)   # RMSNorm_in_l(h_{l-1})
+    attn_out: list = field(default_factory=list)  # a_l
+    mlp_in: list = field(default_factory=list)    # RMSNorm_post_l(m_l)
+    mlp_out: list = field(default_factory=list)   # f_l
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.layer = layer  # 0-based slot in the KV cache
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, mask, cache=None, record: Residuals | None = None):
+        attn_in = self.input_layernorm(h)
+        a = self.self_attn(attn_in, cos, sin, mask, cache, self.layer)
+        m = h + a                                   # m_l = h_{l-1} + a_l
+        mlp_in = self.post_attention_layernorm(m)
+        f = self.mlp(mlp_in)
+        if record is not None:
+            record.attn_in.append(attn_in), record.attn_out.append(a)
+            record.mlp_in.append(mlp_in), record.mlp_out.append(f)
+        return m + f                                # h_l = m_l + f_l
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # W_U = E
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """The unembedding [V, d]; internal policies are softmax(W_U h)."""
+        return self.lm_head.weight
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None,
+                return_residuals: bool = False, last_only: bool = False):
+        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+
+        attention_mask [B, T]: 1 for real tokens, 0 for (left) padding. Positions count real tokens only, so
+        position 0 is each row's first real token. With a cache, the T tokens are appended after its slots.
+        With return_residuals, also returns the Residuals record.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        attention_mask = attention_mask.bool()
+        positions = attention_mask.long().cumsum(-1) - 1                 # [B, T]
+        start = 0
+        if cache is not None:
+            start = cache.len
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache is full: {start} + {T} tokens > max_len {cache.max_len}")
+            positions = positions + cache.pos[:, None]
+            cache.valid[:, start:start + T] = attention_mask
+            key_valid = cache.valid[:, :start + T]                       # [B, S]
+        else:
+            key_valid = attention_mask
+        positions = positions.clamp(min=0)
+        mask = None  # None: plain causal attention, the fast path
+        if cache is not None or not attention_mask.all():
+            q_slot = torch.arange(start, start + T, device=input_ids.device)[:, None]   # [T, 1]
+            k_slot = torch.arange(start + T, device=input_ids.device)[None, :]          # [1, S]
+            # causal and not padding; a query always sees itself, so a padding row is never all -inf (NaN)
+            mask = ((k_slot <= q_slot) & key_valid[:, None, :]) | (k_slot == q_slot)   # [B, T, S]
+            mask = mask[:, None]                                                        # [B, 1, T, S]
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.embed_tokens.weight.dtype)
+
+        record = Residuals() if return_residuals else None
+        h = self.embed_tokens(input_ids)  # h_0; no absolute position embedding (RoPE acts inside attention)
+        if record is not None:
+            record.resid.append(h)
+        for block in self.layers:
+            h = block(h, cos, sin, mask, cache, record)
+            if record is not None:
+                record.resid.append(h)
+        if cache is not None:
+            cache.len += T
+            cache.pos += attention_mask.sum(-1)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(self.norm(h))
+        return (logits, record) if return_residuals else logits
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, dtype=p.dtype, device=p.device)
+
+    # -------------------------------------------------------------------------
+    # HF-layout checkpoints: our parameter names are transformers' without the "model." prefix
+
+    def hf_state_dict(self) -> dict:
+        sd = {("" if k.startswith("lm_head.") else "model.") + k: v for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")
+        return sd
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
+        """Load an HF-layout folder; tensors are read one at a time, so the model is never twice in memory."""
+        from safetensors import safe_open
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelLoadError(f"{path}: no such model folder; pass a folder with config.json and *.safetensors")
+        cfg = Config.from_hf(_read_json(path / "config.json"), where=str(path / "config.json"))
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = {k: v.shape for k, v in model.hf_state_dict().items()}
+        state = {}
+        for file in _weight_files(path):
+            try:
+                with safe_open(file, framework="pt", device=str(device)) as f:
+                    for key in f.keys():
+                        if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                            continue  # a derived buffer, or a stored copy of the tied embedding
+                        if key not in expected:
+                            raise ModelLoadError(f"{file}: unexpected tensor {key!r} for a {cfg.model_type} model; "
+                                                 "is config.json the one of these weights?")
+                        shape = tuple(f.get_slice(key).get_shape())
+                        if shape != tuple(expected[key]):
+                            raise ModelLoadError(f"{file}: tensor {key!r} has shape {list(shape)}, config.json "
+                                                 f"implies {list(expected[key])}")
+                        state[key] = f.get_tensor(key).to(dtype)
+            except ModelLoadError:
+                raise
+            except Exception as e:  # safetensors' own errors: truncated file, bad header, ...
+                raise ModelLoadError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); "
+                                     "the file is corrupt or truncated, copy or convert it again") from None
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ModelLoadError(f"{path}: tensor {missing[0]!r}{more} missing from the checkpoint")
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+        return model.eval()
+
+    def save_pretrained(self, path, copy_from=None):
+        """Write config.json + model.safetensors (+ tokenizer files from `copy_from`) atomically: into a
+        temporary folder first, then renamed over `path`, so a crash never leaves a half-written checkpoint."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict().items()}
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2) + "\n")
+        for name in TOKENIZER_FILES if copy_from else ():
+            if (Path(copy_from) / name).exists():
+                shutil.copy2(Path(copy_from) / name, tmp / name)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
+
+
+def _read_json(file: Path) -> dict:
+    if not file.exists():
+        raise ModelLoadError(f"{file}: missing; a model folder needs config.json next to its *.safetensors")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{file}: not valid JSON ({e})") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        for s in shards:
+            if not (path / s).exists():
+                raise ModelLoadError(f"{path / s}: shard listed in {index.name} is missing")
+        if not shards:
+            raise ModelLoadError(f"{index}: weight_map is empty")
+        return [path / s for s in shards]
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        raise ModelLoadError(f"{path}: only a pickle checkpoint (.bin/.pt) is here; pickles can run code when "
+                             "loaded, so this project reads safetensors only: convert it with "
+                             "transformers' save_pretrained(safe_serialization=True)")
+    raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json in this folder")
+
+
+# -----------------------------------------------------------------------------
+# greedy decoding of one sequence (the batched sampler is rollout.py)
+
+@torch.no_grad()
+def generate_greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
+    """Argmax decoding with the KV cache; returns the new tokens, the stop token included."""
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    x = torch.tensor([prompt_ids], device=model.embed_tokens.weight.device)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = model(x, cache=cache, last_only=True)
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        if tok in stop_ids:
+            break
+        x = x.new_tensor([[tok]])
+    return out
