@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: set up (with the test-only dependencies), then pytest (arguments go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")"
+bash setup.sh --test
+PY=${PYTHON:-$(command -v python || command -v python3)}
+"$PY" -m pytest -q tests "$@"
