@@ -105,7 +105,7 @@ class Config:
                  head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
                  rope_scaling=self.rope_scaling, max_position_embeddings=self.max_position_embeddings,
                  tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
-                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, torch_dtype="float32")
+                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
         if self.model_type != "qwen2":
             d.update(attention_bias=self.o_bias, mlp_bias=self.mlp_bias)
         return d
@@ -385,7 +385,8 @@ class Transformer(nn.Module):
         tmp.mkdir(parents=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict().items()}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(self.config.to_hf(), indent=2) + "\n")
+        dtype = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps({**self.config.to_hf(), "torch_dtype": dtype}, indent=2) + "\n")
         for name in TOKENIZER_FILES if copy_from else ():
             if (Path(copy_from) / name).exists():
                 shutil.copy2(Path(copy_from) / name, tmp / name)
