@@ -173,6 +173,15 @@ class KVCache:
         self.len = 0  # slots used so far
         self.max_len = max_len
 
+    def keep(self, rows: torch.Tensor):
+        """Keep only `rows` (in that order) and drop the rest: the kept rows move to the front of the same
+        storage, so finished sequences stop costing compute without a new allocation."""
+        n = len(rows)
+        for buf in (self.k, self.v):
+            buf[:, :n, :, :self.len] = buf[:, rows, :, :self.len]
+        self.k, self.v = self.k[:, :n], self.v[:, :n]  # views of the first n rows
+        self.valid, self.pos = self.valid[rows], self.pos[rows]
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store the new keys/values [B, n_kv, T, hd] at the current slots; return all of them so far."""
         end = self.len + k.shape[2]

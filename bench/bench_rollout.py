@@ -1,0 +1,112 @@
+"""
+Sampler throughput: rollout.generate against transformers' generate, on the same prompts, in the same run.
+
+    python bench/bench_rollout.py                        # default model, fp32 and bf16, batch 1 and 8 x G=8
+    python bench/bench_rollout.py --dtypes float32 --new-tokens 64
+
+Both sides sample at T = 1 with no top-k / top-p and produce exactly --new-tokens tokens per response (stop
+tokens are ignored), so the work is identical. Timings include the prefill. It prints, per case, new tokens/s
+of both, their ratio, and the physical bound the case is compared with:
+  - batch 1 (one prompt, one response): decoding reads every weight once per token, so
+    tokens/s <= memory bandwidth / weight bytes; the bandwidth is measured here (a 1 GiB read);
+  - P prompts x G responses: tokens/s <= peak matmul FLOP/s / FLOPs per token, with FLOPs per token
+    = 2 x (matmul parameters, the unembedding included) + attention, and the peak measured here on a
+    2048^3 matmul in the same dtype.
+transformers is a test-only dependency of the project; this script needs it installed (bash setup.sh --test).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import weights  # noqa: E402
+from chat import load  # noqa: E402
+from rollout import generate  # noqa: E402
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 + 25?",
+           "Explain photosynthesis to a child in two sentences.", "List three prime numbers larger than 50.",
+           "Translate 'good morning' into Spanish and German.", "Why is the sky blue?",
+           "Give me a short recipe for pancakes with exact quantities, step by step."]
+
+
+def timed(fn, repeat: int):
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def memory_bandwidth() -> float:
+    x = torch.ones(256 * 2**20)  # 1 GiB of fp32
+    return x.numel() * 4 / timed(lambda: x.sum(), 3)
+
+
+def peak_flops(dtype) -> float:
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    return 2 * 2048**3 / timed(lambda: a @ b, 3)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # a tied matrix counts once
+
+
+def flops_per_token(model, context: int) -> float:
+    c = model.config
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    if c.tie_word_embeddings:
+        matmul_params += model.lm_head.weight.numel()
+    attention = 4 * c.num_layers * c.num_heads * c.head_dim * context  # q.k and p.v over the context
+    return 2 * matmul_params + attention
+
+
+def hf_generate(hf, ids, mask, G, n):
+    return hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                       num_return_sequences=G, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes to run")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per response")
+    p.add_argument("--prompts", type=int, default=8, help="prompts of the large case")
+    p.add_argument("--group-size", type=int, default=8, help="responses per prompt of the large case")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per case (the best is kept), after a warm-up")
+    args = p.parse_args()
+    from transformers import AutoModelForCausalLM
+    bw = memory_bandwidth()
+    print(f"threads {torch.get_num_threads()}, measured read bandwidth {bw / 1e9:.1f} GB/s")
+    rows = []
+    for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
+        model, tok = load(args.model, dtype)
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+        peak = peak_flops(dtype)
+        prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in PROMPTS[:args.prompts]]
+        for P, G in ((1, 1), (args.prompts, args.group_size)):
+            batch = prompts[:P]
+            T = max(len(x) for x in batch)
+            ids = torch.tensor([[0] * (T - len(x)) + x for x in batch])
+            mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in batch])
+            n_tok = P * G * args.new_tokens
+            ours = timed(lambda: generate(model, batch, G, args.new_tokens, stop_ids=()), args.repeat)
+            with torch.no_grad():
+                theirs = timed(lambda: hf_generate(hf, ids, mask, G, args.new_tokens), args.repeat)
+            if P * G == 1:
+                bound, what = bw / weight_bytes(model), f"bandwidth bound {bw / 1e9:.1f} GB/s / {weight_bytes(model) / 1e6:.0f} MB"
+            else:
+                bound = peak / flops_per_token(model, T + args.new_tokens // 2)
+                what = f"matmul bound {peak / 1e9:.0f} GFLOP/s / {flops_per_token(model, T + args.new_tokens // 2) / 1e9:.2f} GFLOP per token"
+            rows.append((str(dtype).removeprefix("torch."), f"{P}x{G}", n_tok / ours, n_tok / theirs, bound, what))
+            r = rows[-1]
+            print(f"{r[0]:9s} {r[1]:5s} ours {r[2]:7.1f} tok/s  transformers {r[3]:7.1f} tok/s  ratio {r[2] / r[3]:4.2f}x  "
+                  f"bound {r[4]:7.1f} tok/s ({r[5]}): ours at {100 * r[2] / r[4]:.0f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""
+The grouped sampler: P prompts x G responses from the full policy, written by hand.
+
+    python rollout.py --prompt "What is 7 * 8?" -G 4    # sample G answers and print them
+    python rollout.py --bench                           # tokens/s against transformers' generate
+
+How one call works:
+  1. prefill: the P prompts, left-padded, go through the model once; only the last position's logits are
+     kept. Each prompt is prefilled once, however large G is.
+  2. the prompt's keys/values are copied into the G rows of its group, in a cache allocated once for the
+     P*G rows and the longest sequence (prompt + max_new_tokens); nothing is reallocated while decoding.
+  3. decode, one token per step. A row stops at a stop id (kept in the response) or at max_new_tokens.
+     Once a quarter of the rows in the cache have stopped, the cache is compacted (KVCache.keep), so
+     finished rows stop costing compute without a copy at every single stop.
+  4. sampling: temperature, then top-k, top-p, min-p (the order of transformers and vLLM), then inverse-CDF
+     sampling with one uniform number per row from the row's own seeded torch.Generator. A row's tokens
+     therefore depend on its prompt and its seed only, not on the other rows of the batch: prompt i of a
+     call uses the seed `seed + i`, response j of it a generator seeded with that and j.
+The log-prob returned for each token is under the distribution it was sampled from (after temperature and
+the filters; for greedy decoding, temperature 0, under the model's own softmax). At T = 1 with no filter
+these are the "old policy" log-probs of GRPO.
+"""
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model import KVCache, Transformer
+
+
+@dataclass
+class Rollouts:
+    """N = P * G responses, group-major: rows g*G .. g*G+G-1 answer prompt g."""
+    prompt_ids: torch.Tensor      # [N, Tp] left-padded with pad_id
+    prompt_mask: torch.Tensor     # [N, Tp] 1 = prompt token
+    response_ids: torch.Tensor    # [N, R] right-padded with pad_id; the stop token is included
+    response_mask: torch.Tensor   # [N, R] 1 = generated token (stop token included), 0 = padding after it
+    logprobs: torch.Tensor        # [N, R] log-prob of each sampled token under the sampling distribution; 0 on padding
+    finish_reason: list           # "stop" or "length", per row
+    group: torch.Tensor           # [N] index of the prompt each row answers
+    text: list = field(default_factory=list)  # decoded responses (special tokens skipped), when a tokenizer is given
+
+    def __len__(self):
+        return len(self.finish_reason)
+
+    def records(self) -> list[dict]:
+        """One plain dict per response, padding removed."""
+        out = []
+        for i in range(len(self)):
+            n = int(self.response_mask[i].sum())
+            out.append(dict(group=int(self.group[i]), prompt_ids=self.prompt_ids[i][self.prompt_mask[i].bool()].tolist(),
+                            response_ids=self.response_ids[i, :n].tolist(), logprobs=self.logprobs[i, :n].tolist(),
+                            finish_reason=self.finish_reason[i], text=self.text[i] if self.text else None))
+        return out
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Set the logits outside the top-k / top-p (nucleus) / min-p sets to -inf. logits [n, V] (already / T)."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # keep the smallest prefix of the sorted tokens whose mass reaches top_p
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # the top token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    if min_p > 0.0:  # drop tokens less likely than min_p times the most likely one
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, generators: list, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           min_p: float = 0.0):
+    """logits [n, V] (fp32) -> (tokens [n], log-probs [n]); row i draws one uniform from generators[i] only."""
+    if temperature == 0.0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+    logp = filter_logits(logits / temperature, top_k, top_p, min_p).log_softmax(-1)
+    # inverse-CDF sampling: the first token whose cumulative probability exceeds u ~ U[0, 1); a token of
+    # probability 0 never is that first one. fp64 sums keep the tail of a 150k vocabulary accurate.
+    cdf = logp.exp().double().cumsum_(-1)
+    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
+    x = torch.minimum(u * cdf[:, -1], cdf[:, -1].nextafter(torch.zeros_like(u)))  # stays below the total
+    tok = torch.searchsorted(cdf, x[:, None], right=True)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# prefill, copy to the group, decode
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def prefill(model: Transformer, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+    """One forward pass over the P prompts; returns the next-token logits [P, V] (fp32) and their cache."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)
+    return logits[:, -1].float(), cache
+
+
+def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, max_len: int) -> KVCache:
+    """A cache for P * G rows and max_len slots, whose rows g*G .. g*G+G-1 start as copies of prompt g."""
+    L, P, H, T, D = prompt_cache.k.shape
+    cache = model.new_cache(P * group_size, max_len)
+    for dst, src in ((cache.k, prompt_cache.k), (cache.v, prompt_cache.v)):
+        dst[:, :, :, :T].view(L, P, group_size, H, T, D).copy_(src[:, :, None])  # broadcast: no temporary copy
+    cache.valid[:, :T] = prompt_cache.valid.repeat_interleave(group_size, 0)
+    cache.pos = prompt_cache.pos.repeat_interleave(group_size, 0)
+    cache.len = T
+    return cache
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], group_size: int = 1, max_new_tokens: int = 256,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, stop_ids=(),
+             pad_id: int = 0, seed: int = 0, tokenizer=None, progress: bool = False) -> Rollouts:
+    """Sample `group_size` responses to each prompt (token id lists) from the model's full policy."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate() needs at least one prompt, and every prompt needs at least one token")
+    if max_new_tokens < 1 or group_size < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and group_size ({group_size}) must be at least 1")
+    device = model.embed_tokens.weight.device
+    P, G = len(prompts), group_size
+    N = P * G
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    logits, prompt_cache = prefill(model, prompt_ids, prompt_mask)
+    cache = copy_to_groups(model, prompt_cache, G, prompt_ids.shape[1] + max_new_tokens)
+    del prompt_cache
+    logits = logits.repeat_interleave(G, 0)                                     # [N, V]
+    generators = [torch.Generator(device).manual_seed(((seed + i) << 20) + j) for i in range(P) for j in range(G)]
+
+    out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(N, max_new_tokens, device=device)
+    length = torch.full((N,), max_new_tokens, dtype=torch.long, device=device)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    row = torch.arange(N, device=device)           # cache row c holds response row[c]
+    running = torch.ones(N, dtype=torch.bool, device=device)
+    steps = range(max_new_tokens)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="sampling", leave=False)
+    for t in steps:
+        live = running.nonzero()[:, 0]
+        rows_logits = logits if len(live) == len(running) else logits[live]
+        tok, lp = sample(rows_logits, [generators[r] for r in row[live].tolist()], temperature, top_k, top_p, min_p)
+        out[row[live], t], logprobs[row[live], t] = tok, lp
+        stopped = torch.isin(tok, stop)
+        length[row[live[stopped]]] = t + 1
+        running[live[stopped]] = False
+        if t == max_new_tokens - 1 or not running.any():
+            break
+        next_tok = torch.full_like(running, pad_id, dtype=torch.long)
+        next_tok[live] = tok                        # finished rows not yet dropped are fed padding, then ignored
+        if (~running).sum() * 4 >= len(running):    # a quarter of the cache is dead: drop those rows
+            keep = running.nonzero()[:, 0]
+            cache.keep(keep)
+            row, running, next_tok = row[keep], running[keep], next_tok[keep]
+        logits = model(next_tok[:, None], cache=cache, last_only=True)[:, -1].float()
+
+    R = int(length.max())
+    response_mask = (torch.arange(R, device=device)[None, :] < length[:, None]).long()
+    response_ids = out[:, :R].masked_fill(response_mask == 0, pad_id)
+    finish = ["stop" if torch.isin(response_ids[i, length[i] - 1], stop) else "length" for i in range(N)]
+    text = [tokenizer.decode(response_ids[i, :length[i]].tolist()) for i in range(N)] if tokenizer else []
+    return Rollouts(prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0), response_ids,
+                    response_mask, logprobs[:, :R] * response_mask, finish,
+                    torch.arange(P, device=device).repeat_interleave(G), text)
+
+
+# -----------------------------------------------------------------------------
+# command line: sample a few answers
+
+def main():
+    import weights
+    from chat import load
+    from model import ModelLoadError
+    p = argparse.ArgumentParser(description="Sample G answers to one chat prompt with the hand-written sampler.")
+    p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder (default: %(default)s)")
+    p.add_argument("--prompt", default="What is 7 * 8? Put your final answer within \\boxed{}.", help="the user message")
+    p.add_argument("-G", "--group-size", type=int, default=4, help="responses to sample")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="stop a response after this many tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = p.parse_args()
+    try:
+        model, tok = load(args.model, getattr(torch, args.dtype), args.device)
+        prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    except ModelLoadError as e:
+        sys.exit(f"error: {e}")
+    t0 = time.perf_counter()
+    ro = generate(model, [prompt], args.group_size, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                  args.min_p, tok.stop_ids, tok.pad_id, args.seed, tok, progress=True)
+    dt = time.perf_counter() - t0
+    for i, r in enumerate(ro.records()):
+        print(f"--- {i} ({len(r['response_ids'])} tokens, {r['finish_reason']}, "
+              f"mean log-prob {sum(r['logprobs']) / len(r['logprobs']):.3f})\n{r['text']}")
+    print(f"--- {int(ro.response_mask.sum())} tokens in {dt:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""rollout.py: greedy parity with transformers, batch invariance, cached log-probs, stops, filters."""
+import pytest
+import torch
+
+import model as model_module
+from chat import Tokenizer
+from model import Transformer
+from rollout import filter_logits, generate, sample
+
+QUESTIONS = ["What is the capital of France?", "Name a prime number larger than 10.", "Say hello in French."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs):
+    return Transformer.from_pretrained(tiny_dirs["qwen3", True])
+
+
+def tiny_prompts(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (int(k),), generator=g).tolist() for k in torch.randint(2, 12, (n,), generator=g)]
+
+
+def hf_greedy(hf, ids, n, eos):
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_greedy_matches_transformers_default_model(default_model_dir):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    ours, tok = Transformer.from_pretrained(default_model_dir), Tokenizer(default_model_dir)
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    ro = generate(ours, prompts, 1, 24, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok)
+    for i, p in enumerate(prompts):  # ours in one padded batch, transformers one prompt at a time
+        assert ro.records()[i]["response_ids"] == hf_greedy(hf, p, 24, sorted(tok.stop_ids))
+    assert "Paris" in ro.text[0]
+
+
+def test_greedy_matches_transformers_tiny_qwen3(tiny):
+    from conftest import make_hf_model
+    hf = make_hf_model("qwen3", tied=True)
+    prompts = tiny_prompts()
+    ro = generate(tiny, prompts, 2, 20, temperature=0.0)
+    for i, p in enumerate(prompts):
+        ref = hf_greedy(hf, p, 20, None)
+        assert ro.records()[2 * i]["response_ids"] == ref and ro.records()[2 * i + 1]["response_ids"] == ref
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batch_equals_each_prompt_alone(tiny, temperature):
+    prompts = tiny_prompts(4, seed=1)
+    stop = set(range(0, 128, 9))  # frequent stops: rows finish at different times and the cache is compacted
+    batch = generate(tiny, prompts, 3, 30, temperature=temperature, stop_ids=stop, seed=100).records()
+    for i, p in enumerate(prompts):  # prompt i of a call samples with seed + i
+        alone = generate(tiny, [p], 3, 30, temperature=temperature, stop_ids=stop, seed=100 + i).records()
+        for j in range(3):
+            b, a = batch[3 * i + j], alone[j]
+            assert b["response_ids"] == a["response_ids"] and b["finish_reason"] == a["finish_reason"]
+            assert b["logprobs"] == pytest.approx(a["logprobs"], abs=1e-5)
+    assert len({tuple(r["response_ids"]) for r in batch}) > len(prompts) or temperature == 0.0
+
+
+def test_logprobs_equal_a_fresh_forward_pass(tiny):
+    prompts = tiny_prompts(3, seed=2)
+    ro = generate(tiny, prompts, 4, 25, temperature=1.0, stop_ids={5, 17, 33}, seed=7)
+    for r in ro.records():
+        ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+        with torch.no_grad():
+            logp = tiny(ids).float().log_softmax(-1)[0]
+        P = len(r["prompt_ids"])
+        # token t of the response is predicted at position P + t - 1
+        expected = logp[P - 1:-1].gather(-1, torch.tensor(r["response_ids"])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(r["logprobs"]), expected, atol=1e-4, rtol=0)
+
+
+def test_stop_handling_padding_and_masks(tiny):
+    stop = set(range(0, 128, 4))
+    ro = generate(tiny, tiny_prompts(3, seed=3), 4, 40, temperature=1.0, stop_ids=stop, pad_id=0, seed=3)
+    reasons = set()
+    for i in range(len(ro)):
+        n = int(ro.response_mask[i].sum())
+        ids, reason = ro.response_ids[i].tolist(), ro.finish_reason[i]
+        reasons.add(reason)
+        assert ro.response_mask[i, :n].all() and not ro.response_mask[i, n:].any()  # mask is a prefix
+        assert all(t == 0 for t in ids[n:]) and (ro.logprobs[i, n:] == 0).all()       # padded after the end
+        assert all(t not in stop for t in ids[:n - 1])                                 # nothing after a stop
+        if reason == "stop":
+            assert ids[n - 1] in stop
+        else:
+            assert reason == "length" and n == 40
+    assert "stop" in reasons
+    assert ro.response_ids.shape[1] == int(ro.response_mask.sum(1).max())
+
+
+def test_cache_allocated_once(tiny, monkeypatch):
+    made = []
+    real = model_module.KVCache.__init__
+    monkeypatch.setattr(model_module.KVCache, "__init__", lambda self, *a, **k: (made.append(a), real(self, *a, **k))[1])
+    generate(tiny, tiny_prompts(2), 4, 30, stop_ids=set(range(0, 128, 5)))
+    # one cache for the prefill of the P prompts, one for the P * G rows: none while decoding
+    assert [(a[1], a[2]) for a in made] == [(2, made[0][2]), (8, made[0][2] + 30)]
+
+
+def test_filters_keep_exactly_their_sets():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].nonzero()[:, 0].tolist()  # noqa: E731
+    assert kept(top_k=1) == [0] and kept(top_k=3) == [0, 1, 2] and kept(top_k=10) == [0, 1, 2, 3]
+    assert kept(top_p=0.5) == [0] and kept(top_p=0.7) == [0, 1] and kept(top_p=0.8) == [0, 1]
+    assert kept(top_p=0.81) == [0, 1, 2] and kept(top_p=1.0) == [0, 1, 2, 3]
+    assert kept(min_p=0.5) == [0, 1] and kept(min_p=0.2) == [0, 1, 2]
+    assert kept(top_k=3, top_p=0.7) == [0, 1]
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.6), dict(min_p=0.3)])
+def test_sampling_never_leaves_the_filtered_set(tiny, kw):
+    ro = generate(tiny, tiny_prompts(2, seed=4), 8, 20, temperature=1.0, seed=11, **kw)
+    for r in ro.records():
+        ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+        with torch.no_grad():
+            logits = tiny(ids).float()[0]
+        P = len(r["prompt_ids"])
+        allowed = torch.isfinite(filter_logits(logits[P - 1:-1], **kw))
+        assert allowed.gather(-1, torch.tensor(r["response_ids"])[:, None]).all()
+
+
+def test_sample_follows_the_distribution():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
+    n = 20000
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    tok, lp = sample(probs.log().expand(n, -1).clone(), gens)
+    freq = torch.bincount(tok, minlength=5).float() / n
+    assert freq[4] == 0
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+    torch.testing.assert_close(lp, probs.log()[tok])
+
+
+def test_seeds_reproduce(tiny):
+    p = tiny_prompts(2)
+    a, b = generate(tiny, p, 2, 15, seed=5), generate(tiny, p, 2, 15, seed=5)
+    c = generate(tiny, p, 2, 15, seed=6)
+    assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_bad_arguments(tiny):
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(tiny, [[1, 2], []], 2, 5)
+    with pytest.raises(ValueError, match="must be at least 1"):
+        generate(tiny, [[1, 2]], 2, 0)
