@@ -5,7 +5,9 @@ Sampler throughput: rollout.generate against transformers' generate, on the same
     python bench/bench_rollout.py --dtypes float32 --new-tokens 64
 
 Both sides sample at T = 1 with no top-k / top-p and produce exactly --new-tokens tokens per response (stop
-tokens are ignored), so the work is identical. Timings include the prefill. It prints, per case, new tokens/s
+tokens are ignored), so the work is identical. Timings include the prefill. With --stop, both stop at the
+model's stop tokens instead, as in RL rollouts, and tokens/s counts the tokens actually produced (the samples,
+hence the lengths, differ between the two; transformers keeps computing finished rows, ours drops them). It prints, per case, new tokens/s
 of both, their ratio, and the physical bound the case is compared with:
   - batch 1 (one prompt, one response): decoding reads every weight once per token, so
     tokens/s <= memory bandwidth / weight bytes; the bandwidth is measured here (a 1 GiB read);
@@ -65,9 +67,16 @@ def flops_per_token(model, context: int) -> float:
     return 2 * matmul_params + attention
 
 
-def hf_generate(hf, ids, mask, G, n):
-    return hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                       num_return_sequences=G, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+def hf_generate(hf, ids, mask, G, n, stop_ids):
+    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                      num_return_sequences=G, max_new_tokens=n, min_new_tokens=0 if stop_ids else n,
+                      eos_token_id=sorted(stop_ids) or None, pad_token_id=0)
+    new = out[:, ids.shape[1]:]
+    if not stop_ids:
+        return new.numel()
+    is_stop = torch.isin(new, torch.tensor(sorted(stop_ids)))
+    first = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, new.shape[1])  # tokens up to the first stop
+    return int(first.sum())
 
 
 def main():
@@ -78,6 +87,7 @@ def main():
     p.add_argument("--prompts", type=int, default=8, help="prompts of the large case")
     p.add_argument("--group-size", type=int, default=8, help="responses per prompt of the large case")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per case (the best is kept), after a warm-up")
+    p.add_argument("--stop", action="store_true", help="stop at the model's stop tokens (RL-style) instead of forcing the length")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
     bw = memory_bandwidth()
@@ -93,19 +103,22 @@ def main():
             T = max(len(x) for x in batch)
             ids = torch.tensor([[0] * (T - len(x)) + x for x in batch])
             mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in batch])
-            n_tok = P * G * args.new_tokens
-            ours = timed(lambda: generate(model, batch, G, args.new_tokens, stop_ids=()), args.repeat)
+            stop = tok.stop_ids if args.stop else ()
+            made = {}  # tokens produced by the timed run of each side
+            ours = timed(lambda: made.update(ours=int(generate(model, batch, G, args.new_tokens, stop_ids=stop,
+                                                                 seed=len(made)).response_mask.sum())), args.repeat)
             with torch.no_grad():
-                theirs = timed(lambda: hf_generate(hf, ids, mask, G, args.new_tokens), args.repeat)
+                theirs = timed(lambda: made.update(theirs=hf_generate(hf, ids, mask, G, args.new_tokens, stop)), args.repeat)
             if P * G == 1:
                 bound, what = bw / weight_bytes(model), f"bandwidth bound {bw / 1e9:.1f} GB/s / {weight_bytes(model) / 1e6:.0f} MB"
             else:
                 bound = peak / flops_per_token(model, T + args.new_tokens // 2)
                 what = f"matmul bound {peak / 1e9:.0f} GFLOP/s / {flops_per_token(model, T + args.new_tokens // 2) / 1e9:.2f} GFLOP per token"
-            rows.append((str(dtype).removeprefix("torch."), f"{P}x{G}", n_tok / ours, n_tok / theirs, bound, what))
+            rows.append((str(dtype).removeprefix("torch."), f"{P}x{G}", made["ours"] / ours, made["theirs"] / theirs, bound, what))
             r = rows[-1]
             print(f"{r[0]:9s} {r[1]:5s} ours {r[2]:7.1f} tok/s  transformers {r[3]:7.1f} tok/s  ratio {r[2] / r[3]:4.2f}x  "
-                  f"bound {r[4]:7.1f} tok/s ({r[5]}): ours at {100 * r[2] / r[4]:.0f}%", flush=True)
+                  f"bound {r[4]:7.1f} tok/s ({r[5]}): ours at {100 * r[2] / r[4]:.0f}%"
+                  + (f"  [tokens produced: ours {made['ours']}, transformers {made['theirs']}]" if args.stop else ""), flush=True)
 
 
 if __name__ == "__main__":

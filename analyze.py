@@ -1,0 +1,258 @@
+"""
+Entropy flow of a model's internal policies on its own responses (paper section 2, Figs. 2 and 3).
+
+    python analyze.py --out runs/analysis                          # default model, 16 generated word problems
+    python analyze.py --model DIR --out OUT --responses answers.jsonl
+    python analyze.py --model DIR --out OUT --compare runs/analysis/entropy.json
+
+1. The model answers N prompts of a task (chat template, T = 1, seeded), or responses are read from a JSONL
+   file, one record per line: {"prompt_ids": [...], "response_ids": [...]} or {"prompt": "...", "response": "..."}
+   (a text prompt is the user message, rendered with the model's chat template; the response is encoded as is).
+2. One forward pass over each prompt + response records the residual stream; every tensor of it is projected
+   with W_U (no norm, unless --norm final) at the positions that predict response tokens, and reduced to its
+   entropy over the full vocabulary (bupo.entropy_flow).
+3. Means pooled over all tokens of all responses, as the authors do, go to OUT/entropy.json; the plots
+   flow.png (Fig. 2), dH.png (Fig. 3) and heatmap.png (one response, layers x positions, top-1 token per cell)
+   go beside it, and a table is printed.
+`boundary_layer` is the last layer with mean dH_mlp > 0 (null when none); `internal_layer` is what
+`train.py --internal-layer auto` uses: the boundary layer when it is below L, else the penultimate layer.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import bupo
+import tasks
+import weights
+from model import ModelLoadError
+
+
+class InputError(ValueError):
+    """Bad user input; the message is one line naming the file (and line) and the problem."""
+
+
+# -----------------------------------------------------------------------------
+# responses
+
+def read_responses(path, tokenizer=None) -> list[tuple[list[int], list[int]]]:
+    """(prompt_ids, response_ids) pairs from a JSONL file; a malformed line raises InputError with its number."""
+    pairs = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+        if isinstance(rec, dict) and "prompt_ids" in rec and "response_ids" in rec:
+            p, r = rec["prompt_ids"], rec["response_ids"]
+            if not all(isinstance(x, list) and x and all(isinstance(t, int) and t >= 0 for t in x) for x in (p, r)):
+                raise InputError(f"{where}: prompt_ids and response_ids must be non-empty lists of token ids")
+        elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
+            p = tokenizer.encode_chat([{"role": "user", "content": rec["prompt"]}])
+            r = tokenizer.encode(rec["response"])
+            if not r:
+                raise InputError(f"{where}: the response is empty")
+        else:
+            raise InputError(f"{where}: expected {{\"prompt_ids\": [...], \"response_ids\": [...]}} or "
+                             "{\"prompt\": \"...\", \"response\": \"...\"}")
+        pairs.append((p, r))
+    if not pairs:
+        raise InputError(f"{path}: no records")
+    return pairs
+
+
+def sample_responses(model, tok, task: str, n: int, max_new_tokens: int, seed: int):
+    """The model's own answers to n problems of `task` (T = 1, one answer each)."""
+    from rollout import generate
+    prompts = [tok.encode_chat(p.messages()) for p in tasks.problems(task, n, seed, split="test")]
+    ro = generate(model, prompts, 1, max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                  seed=seed, progress=True)
+    return [(r["prompt_ids"], r["response_ids"]) for r in ro.records()]
+
+
+# -----------------------------------------------------------------------------
+# the analysis
+
+@torch.no_grad()
+def analyze(model, pairs, norm: bool = False, heatmap_tokens: int = 48):
+    """Token-level entropies of all internal policies over all responses -> (flow, heatmap of response 0)."""
+    from tqdm import tqdm
+    V = model.config.vocab_size
+    device = model.embed_tokens.weight.device
+    for p, r in pairs:
+        if max(p + r) >= V:
+            raise InputError(f"token id {max(p + r)} is out of range for this model (vocab {V})")
+    flows, heat = [], None
+    for i, (p, r) in enumerate(tqdm(pairs, desc="entropy flow")):
+        ids = torch.tensor([p + r], device=device)
+        _, rec = model(ids, return_residuals=True)
+        where = torch.zeros_like(ids, dtype=torch.bool)
+        where[0, len(p) - 1:len(p) + len(r) - 1] = True   # position t-1 predicts response token t
+        flows.append(bupo.entropy_flow(model, rec, where, norm))
+        if i == 0:
+            heat = heatmap(model, rec, where, r, norm, heatmap_tokens)
+    flow = {k: torch.cat([f[k] for f in flows], dim=-1) for k in flows[0]}
+    return flow, heat
+
+
+def heatmap(model, rec, where, response, norm, n_tokens):
+    """H(W_U h_l) and the top-1 token id for l = 0..L at the first n_tokens positions of one response."""
+    L = model.config.num_layers
+    H, top = [], []
+    for l in range(L + 1):
+        logits = bupo.layer_logits(model, rec.resid[l][where][:n_tokens], l, norm)
+        H.append(bupo.entropy(logits).tolist())
+        top.append(logits.argmax(-1).tolist())
+    return dict(entropy=H, top1=top, targets=response[:n_tokens])
+
+
+def summarize(model_name, model, flow, n_responses, norm) -> dict:
+    L = model.config.num_layers
+    means = bupo.entropy_changes(flow)
+    keys = list(bupo.FLOW_KEYS) + ["dH_attn", "dH_mlp", "dH_layer"]
+    boundary = bupo.boundary_layer(means["dH_mlp"])
+    internal = boundary if boundary is not None and boundary < L else L - 1
+    return {"model": model_name, "num_layers": L, "vocab_size": model.config.vocab_size,
+            "num_responses": n_responses, "num_tokens": int(flow["H_policy"].numel()),
+            "layers": [{"layer": l + 1, **{k: means[k][l] for k in keys}} for l in range(L)],
+            "H_policy": flow["H_policy"].mean().item(), "boundary_layer": boundary,
+            "internal_layer": internal, "internal_layer_rule": "boundary" if internal == boundary else "penultimate",
+            "norm": "final" if norm else "none"}
+
+
+# -----------------------------------------------------------------------------
+# output: JSON, table, plots
+
+def write_atomic(path: Path, write):
+    """write(tmp_path), then rename over path: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def print_table(result: dict):
+    print(f"{result['model']}: {result['num_responses']} responses, {result['num_tokens']} tokens, norm={result['norm']}")
+    print(f"{'layer':>5} {'H(h_in)':>8} {'H(a_in)':>8} {'H(a)':>7} {'H(f_in)':>8} {'H(f)':>7} {'H(h)':>7} "
+          f"{'dH_attn':>8} {'dH_mlp':>8} {'dH_layer':>8}")
+    for r in result["layers"]:
+        print(f"{r['layer']:>5} {r['H_resid_in']:8.3f} {r['H_attn_in']:8.3f} {r['H_attn']:7.3f} {r['H_mlp_in']:8.3f} "
+              f"{r['H_mlp']:7.3f} {r['H_resid']:7.3f} {r['dH_attn']:8.3f} {r['dH_mlp']:8.3f} {r['dH_layer']:8.3f}")
+    print(f"H_policy {result['H_policy']:.3f} nats (max ln V = {torch.log(torch.tensor(float(result['vocab_size']))):.2f}); "
+          f"boundary layer: {result['boundary_layer']}; internal layer for BuPO: {result['internal_layer']} "
+          f"({result['internal_layer_rule']})")
+
+
+def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | None = None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [result] + ([other] if other else [])
+    relative = other is not None and other["num_layers"] != result["num_layers"]  # align depths of different models
+
+    def xs(run, offsets):
+        L = run["num_layers"]
+        return [(r["layer"] - 1 + o) / (L if relative else 1) for r in run["layers"] for o in offsets]
+
+    def save(fig, name):
+        write_atomic(out / name, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+        plt.close(fig)
+
+    # Fig. 2: the continuous entropy flow h_{l-1} -> a_l -> f_l -> h_l
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for run in runs:
+        ys = [r[k] for r in run["layers"] for k in ("H_resid_in", "H_attn", "H_mlp", "H_resid")]
+        ax.plot(xs(run, (0, 1 / 3, 2 / 3, 1)), ys, marker=".", lw=1, label=f"{run['model']} (norm={run['norm']})")
+    ax.set_xlabel("relative depth" if relative else "layer (h_{l-1}, a_l, f_l, h_l)")
+    ax.set_ylabel("entropy (nats)")
+    ax.set_title("Continuous entropy flow of the internal policies")
+    ax.legend(fontsize=8)
+    save(fig, "flow.png")
+
+    # Fig. 3: mean entropy change of attention (eq. 12) and FFN (eq. 13) per layer
+    fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        for ax, key, name in ((axes[0], "dH_attn", "attention"), (axes[1], "dH_mlp", "FFN")):
+            x = [v + (i - (len(runs) - 1) / 2) * width / (run["num_layers"] if relative else 1)
+                 for v in xs(run, (1,))]
+            ax.bar(x, [r[key] for r in run["layers"]], width=width / (run["num_layers"] if relative else 1),
+                   label=run["model"])
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set_ylabel(f"dH {name} (nats)")
+    axes[0].legend(fontsize=8)
+    axes[1].set_xlabel("relative depth" if relative else "layer")
+    fig.suptitle("Mean entropy change per layer")
+    save(fig, "dH.png")
+
+    if heat:  # layers x positions of one response, with the top-1 token of each cell
+        H = torch.tensor(heat["entropy"])
+        fig, ax = plt.subplots(figsize=(max(8, 0.45 * H.shape[1]), max(5, 0.3 * H.shape[0])))
+        im = ax.imshow(H, aspect="auto", origin="lower", cmap="viridis")
+        for l, row in enumerate(heat["top1"]):
+            for t, tok_id in enumerate(row):
+                ax.text(t, l, tokenizer.decode([tok_id], skip_special_tokens=False).strip()[:6], ha="center",
+                        va="center", fontsize=4.5, color="w")
+        ax.set_xticks(range(len(heat["targets"])))
+        ax.set_xticklabels([tokenizer.decode([t], skip_special_tokens=False).strip()[:8] for t in heat["targets"]],
+                           rotation=90, fontsize=6)
+        ax.set_xlabel("next response token (what each position predicts)")
+        ax.set_ylabel("layer l (h_l; L = the model's policy)")
+        fig.colorbar(im, label="entropy of W_U h_l (nats)")
+        save(fig, "heatmap.png")
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(description="Entropy flow of a model's internal policies on its own responses.")
+    p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/analysis", help="output folder for entropy.json and the plots")
+    p.add_argument("--task", default="word", choices=sorted(tasks.TASKS), help="problems the model answers")
+    p.add_argument("-n", "--num-responses", type=int, default=16, help="how many problems the model answers")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest response to sample")
+    p.add_argument("--responses", default=None, help="JSONL file of responses to analyse instead of sampling")
+    p.add_argument("--norm", default="none", choices=["none", "final"],
+                   help="none: softmax(W_U x), the paper's definition; final: the logit lens, W_U RMSNorm_final(x)")
+    p.add_argument("--compare", default=None, help="another entropy.json to overlay on the plots")
+    p.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampler")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype (entropies are fp32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = p.parse_args()
+    try:
+        other = None
+        if args.compare:
+            try:
+                other = json.loads(Path(args.compare).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise InputError(f"{args.compare}: not a readable entropy.json ({e})") from None
+        from chat import load
+        model, tok = load(args.model, getattr(torch, args.dtype), args.device)
+        t0 = time.perf_counter()
+        pairs = (read_responses(args.responses, tok) if args.responses else
+                 sample_responses(model, tok, args.task, args.num_responses, args.max_new_tokens, args.seed))
+        flow, heat = analyze(model, pairs, norm=args.norm == "final")
+    except (ModelLoadError, InputError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    result = summarize(Path(args.model).name, model, flow, len(pairs), args.norm == "final")
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "entropy.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+    plot(result, heat, out, tok, other)
+    print_table(result)
+    print(f"wrote {out / 'entropy.json'}, flow.png, dH.png, heatmap.png")
+
+
+if __name__ == "__main__":
+    main()

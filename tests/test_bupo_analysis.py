@@ -1,0 +1,184 @@
+"""bupo.py's internal policies and entropies, and analyze.py's entropy.json, against direct computations."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import analyze
+import bupo
+from model import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs):
+    return Transformer.from_pretrained(tiny_dirs["llama", False])
+
+
+def pairs_for(seed=0, n=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 128, (int(a),), generator=g).tolist(), torch.randint(0, 128, (int(b),), generator=g).tolist())
+            for a, b in torch.randint(3, 15, (n, 2), generator=g)]
+
+
+def direct_entropy(logits):
+    p = logits.double().softmax(-1)
+    return -(p * p.clamp_min(1e-300).log()).sum(-1)
+
+
+def test_entropy_extremes():
+    V = 151936
+    assert bupo.entropy(torch.zeros(3, V)) == pytest.approx(math.log(V), abs=1e-4)
+    onehot = torch.zeros(V)
+    onehot[7] = 1000.0
+    assert bupo.entropy(onehot).item() == pytest.approx(0.0, abs=1e-6)
+    z = torch.randn(5, 1000) * 3
+    torch.testing.assert_close(bupo.entropy(z).double(), direct_entropy(z), atol=1e-5, rtol=0)
+    assert bupo.entropy(z.bfloat16()).dtype == torch.float32  # bf16 logits, fp32 entropy
+
+
+def test_chunked_equals_unchunked(tiny):
+    x = torch.randn(37, tiny.config.hidden_size) * 5
+    whole = bupo.policy_entropy(tiny, x, chunk=1000)
+    for chunk in (1, 4, 36):
+        torch.testing.assert_close(bupo.policy_entropy(tiny, x, chunk=chunk), whole)
+    assert bupo.chunk_rows(tiny, budget=8 * 128 * 10) == 10
+
+
+def test_internal_policies(tiny):
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        logits, rec = tiny(ids, return_residuals=True)
+    L = tiny.config.num_layers
+    h, tokens = rec.resid[L][:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)
+    # at l = L the internal policy is the model's own: the same log-probs as its logits
+    expected = logits[:, :-1].log_softmax(-1).reshape(-1, 128).gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(bupo.token_logprobs(tiny, h, tokens, layer=L, chunk=5), expected)
+    # below L: W_U h_l with no norm at all; the logit lens applies the final norm
+    h1 = rec.resid[1].reshape(-1, 64)
+    torch.testing.assert_close(bupo.layer_logits(tiny, h1, 1), h1 @ tiny.lm_head.weight.T)
+    torch.testing.assert_close(bupo.layer_logits(tiny, h1, 1, norm=True), tiny.lm_head(tiny.norm(h1)))
+    lp = bupo.token_logprobs(tiny, h1, torch.arange(len(h1)) % 128, layer=1, temperature=0.7)
+    torch.testing.assert_close(lp, ((h1 @ tiny.lm_head.weight.T) / 0.7).log_softmax(-1)[torch.arange(len(h1)), torch.arange(len(h1)) % 128])
+
+
+def test_boundary_layer():
+    assert bupo.boundary_layer([0.1, 0.2, -0.1, 0.0]) == 2
+    assert bupo.boundary_layer([-0.1, -0.2]) is None
+    assert bupo.boundary_layer([0.1, 0.2, 0.3]) == 3
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_entropy_json_equals_direct_computation(tiny, norm):
+    pairs = pairs_for()
+    flow, heat = analyze.analyze(tiny, pairs, norm=norm)
+    result = analyze.summarize("tiny", tiny, flow, len(pairs), norm)
+    L, W = tiny.config.num_layers, tiny.lm_head.weight.double()
+    proj = lambda x: (tiny.norm(x) if norm else x).double() @ W.T  # noqa: E731
+    acc = {k: [[] for _ in range(L)] for k in bupo.FLOW_KEYS}
+    policy = []
+    for p, r in pairs:  # unchunked, fp64, straight from the residual record
+        with torch.no_grad():
+            logits, rec = tiny(torch.tensor([p + r]), return_residuals=True)
+        s = slice(len(p) - 1, len(p) + len(r) - 1)
+        for l in range(1, L + 1):
+            out = logits[0, s] if l == L else proj(rec.resid[l][0, s])
+            for key, x in (("H_resid_in", proj(rec.resid[l - 1][0, s])), ("H_attn_in", proj(rec.attn_in[l - 1][0, s])),
+                           ("H_attn", proj(rec.attn_out[l - 1][0, s])), ("H_mlp_in", proj(rec.mlp_in[l - 1][0, s])),
+                           ("H_mlp", proj(rec.mlp_out[l - 1][0, s])), ("H_resid", out)):
+                acc[key][l - 1].append(direct_entropy(x))
+        policy.append(direct_entropy(logits[0, s]))
+    assert result["num_tokens"] == sum(len(r) for _, r in pairs) and result["num_responses"] == 3
+    mean = {k: [torch.cat(v).mean().item() for v in acc[k]] for k in acc}
+    for l, row in enumerate(result["layers"]):
+        assert row["layer"] == l + 1
+        for k in bupo.FLOW_KEYS:
+            assert row[k] == pytest.approx(mean[k][l], abs=2e-5), (k, l)
+        assert row["dH_attn"] == pytest.approx(mean["H_attn"][l] - mean["H_attn_in"][l], abs=5e-5)
+        assert row["dH_mlp"] == pytest.approx(mean["H_mlp"][l] - mean["H_mlp_in"][l], abs=5e-5)
+        assert row["dH_layer"] == pytest.approx(mean["H_resid"][l] - mean["H_resid_in"][l], abs=5e-5)
+    assert result["H_policy"] == pytest.approx(torch.cat(policy).mean().item(), abs=2e-5)
+    assert result["boundary_layer"] == bupo.boundary_layer([row["dH_mlp"] for row in result["layers"]])
+    assert len(heat["entropy"]) == L + 1 and heat["targets"] == pairs[0][1]
+
+
+def test_entropy_json_matches_transformers_hidden_states(default_model_dir):
+    """The paper's definitions computed from transformers' own tensors (hooks), not from our record."""
+    from transformers import AutoModelForCausalLM
+
+    from chat import load
+    model, tok = load(default_model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    q = tok.encode_chat([{"role": "user", "content": "How many legs does a spider have?"}])
+    pairs = [(q, tok.encode("A spider has eight legs.<|im_end|>"))]
+    result = analyze.summarize("smollm2", model, analyze.analyze(model, pairs)[0], 1, False)
+    seen = {}
+    hooks = []
+    for i, layer in enumerate(hf.model.layers):
+        for name, mod in (("attn_in", layer.input_layernorm), ("attn", layer.self_attn),
+                          ("mlp_in", layer.post_attention_layernorm), ("mlp", layer.mlp)):
+            hooks.append(mod.register_forward_hook(
+                lambda m, a, out, key=(name, i): seen.__setitem__(key, out[0] if isinstance(out, tuple) else out)))
+    with torch.no_grad():
+        out = hf(torch.tensor([pairs[0][0] + pairs[0][1]]), output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    W, L = hf.lm_head.weight, hf.config.num_hidden_layers
+    s = slice(len(pairs[0][0]) - 1, len(pairs[0][0]) + len(pairs[0][1]) - 1)
+    H = lambda x: direct_entropy(x[0, s] @ W.T).mean().item()  # noqa: E731
+    for l in range(1, L + 1):
+        row = result["layers"][l - 1]
+        assert row["H_resid_in"] == pytest.approx(H(out.hidden_states[l - 1]), abs=1e-3)
+        assert row["H_attn_in"] == pytest.approx(H(seen["attn_in", l - 1]), abs=1e-3)
+        assert row["H_attn"] == pytest.approx(H(seen["attn", l - 1]), abs=1e-3)
+        assert row["H_mlp_in"] == pytest.approx(H(seen["mlp_in", l - 1]), abs=1e-3)
+        assert row["H_mlp"] == pytest.approx(H(seen["mlp", l - 1]), abs=1e-3)
+    # hidden_states[L] is transformers' normed last state, i.e. the model's policy
+    assert result["layers"][-1]["H_resid"] == pytest.approx(H(out.hidden_states[L]), abs=1e-3)
+    assert result["H_policy"] == pytest.approx(direct_entropy(out.logits[0, s]).mean().item(), abs=1e-3)
+
+
+def test_read_responses(tmp_path, default_model_dir):
+    from chat import Tokenizer
+    tok = Tokenizer(default_model_dir)
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"prompt_ids": [1, 2, 3], "response_ids": [4, 5]}\n\n{"prompt": "Hi", "response": "Hello!"}\n')
+    pairs = analyze.read_responses(f, tok)
+    assert pairs[0] == ([1, 2, 3], [4, 5])
+    assert pairs[1] == (tok.encode_chat([{"role": "user", "content": "Hi"}]), tok.encode("Hello!"))
+    for bad, msg in (('{"prompt_ids": [1], "response_ids": [2]}\n{"prompt": 3}\n', "r.jsonl:2: expected"),
+                     ('{"prompt_ids": [1], "response_ids": [2]}\nnot json\n', "r.jsonl:2: not valid JSON"),
+                     ('{"prompt_ids": [1], "response_ids": []}\n', "r.jsonl:1: prompt_ids and response_ids"),
+                     ('{"prompt_ids": [1, "x"], "response_ids": [2]}\n', "r.jsonl:1:"),
+                     ("\n", "no records")):
+        f.write_text(bad)
+        with pytest.raises(analyze.InputError, match=msg):
+            analyze.read_responses(f, tok)
+
+
+def test_cli_end_to_end_and_errors(tiny_dirs, tmp_path):
+    d = tmp_path / "tiny"
+    shutil.copytree(tiny_dirs["qwen2", True], d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the tiny model borrows a tokenizer for the plots
+        (d / name).write_bytes((analyze.weights.DEFAULT_MODEL_DIR / name).read_bytes())
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt_ids": p, "response_ids": r}) for p, r in pairs_for(1)) + "\n")
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(d), *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    r = run("--out", str(tmp_path / "a"), "--responses", str(f))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "a" / "entropy.json").read_text())
+    assert result["num_layers"] == 3 and len(result["layers"]) == 3 and result["norm"] == "none"
+    assert all((tmp_path / "a" / n).stat().st_size > 1000 for n in ("flow.png", "dH.png", "heatmap.png"))
+    r = run("--out", str(tmp_path / "b"), "--responses", str(f), "--norm", "final", "--compare",
+            str(tmp_path / "a" / "entropy.json"))
+    assert r.returncode == 0, r.stderr
+    f.write_text('{"prompt_ids": [1], "response_ids": [2]}\n{"oops": 1}\n')
+    r = run("--out", str(tmp_path / "c"), "--responses", str(f))
+    assert r.returncode != 0 and r.stderr.startswith("error:") and ":2:" in r.stderr and "Traceback" not in r.stderr
