@@ -116,3 +116,130 @@ def boundary_layer(dH_mlp: list) -> int | None:
     """The paper's boundary layer: the last layer (1-based) whose mean FFN entropy change is positive."""
     positive = [l for l, d in enumerate(dH_mlp, start=1) if d > 0]
     return positive[-1] if positive else None
+
+
+# -----------------------------------------------------------------------------
+# the training objective: GRPO, and BuPO's bottom-up phase (paper section 3, eqs. 9-10; BUPO.md 3.3-3.5)
+#
+# BuPO is GRPO with one change. For RL steps 1..internal_steps (steps count from 1, as the authors'
+# global_steps do) both the "old" log-probs and the current ones come from the internal layer policy
+# pi^l = softmax(W_U h_l) (no norm), and afterwards both from the full policy; the two are never mixed
+# (eq. 10: J_BuPO = J_IPA while s <= s_inter, J_GRPO after). Rollouts always come from the full policy.
+#
+# Why the loss is ~0 and the ratio is exactly 1 on the first mini-batch of a step: the old log-probs are
+# computed with the weights of the start of the step, and the first mini-batch is evaluated with those same
+# weights, so log_ratio = 0, r = 1, nothing is clipped and the loss is -mean(A) (0 up to the token weighting of
+# the aggregation); its gradient, A * grad log pi, is not 0. Later mini-batches see weights already moved.
+#
+# What the phase-1 ratio means (BUPO.md 5.10): the tokens were sampled from pi_theta, but the ratio and the clip
+# use pi^l, so r is not an importance weight. It is a trust region on the internal distribution: the update is
+# A * grad log pi^l(o_t) while pi^l / pi^l_old stays inside [1 - clip_low, 1 + clip_high]. Only blocks 1..l and
+# W_U (and the embedding) receive gradient; the blocks above l and the final norm get none (grad stays None).
+#
+# Loss aggregation, and the same choice in the two libraries people compare against:
+#   ours                      TRL GRPOConfig.loss_type        verl actor.loss_agg_mode
+#   token-mean (default)      "dapo" (or "bnpo" per device)   "token-mean" (the authors' setting)
+#   seq-mean-token-mean       "grpo"                          "seq-mean-token-mean"
+#   seq-mean-token-sum-norm   "dr_grpo"                       "seq-mean-token-sum-norm" (verl divides the sum over the
+#                                                             batch by max_len only, not by the number of sequences)
+# Each is exact over a whole mini-batch however it is split in micro-batches: the caller passes the mini-batch's
+# totals (number of sequences, tokens, max length), and the micro-batch losses add up.
+
+ADVANTAGES = ("grpo", "drgrpo", "rloo")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, mode: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """One advantage per response from the rewards of its group (rows g*G .. g*G+G-1 share a prompt).
+    grpo:   (R - mean) / (std + eps), std unbiased (N-1), as torch.std; a group of 1 gets mean 0, std 1
+    drgrpo: R - mean                   (Dr. GRPO: no division by the std)
+    rloo:   R - mean of the other G-1  (leave-one-out baseline)"""
+    r = rewards.float().view(-1, group_size)
+    if mode == "grpo":
+        if group_size == 1:
+            return (r / (1.0 + eps)).view(-1)
+        return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+    if mode == "drgrpo":
+        return (r - r.mean(1, keepdim=True)).view(-1)
+    if mode == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo advantages need a group size of at least 2")
+        return ((r - (r.sum(1, keepdim=True) - r) / (group_size - 1))).view(-1)
+    raise ValueError(f"unknown advantage mode {mode!r}; choose one of {', '.join(ADVANTAGES)}")
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, num_seqs: int, num_tokens: int, max_len: int):
+    """Reduce per-token losses [n, T] of a micro-batch to its share of the mini-batch loss (see the table above)."""
+    mask = mask.float()
+    if mode == "token-mean":
+        return (loss * mask).sum() / max(num_tokens, 1)
+    if mode == "seq-mean-token-mean":
+        return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_seqs
+    if mode == "seq-mean-token-sum-norm":
+        return (loss * mask).sum() / (num_seqs * max_len)
+    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi: k1 = log pi - log pi_ref,
+    k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (unbiased and >= 0)."""
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k3":
+        d = (ref_logp - logp).clamp(-20, 20)
+        return d.exp() - d - 1
+    raise ValueError(f"unknown KL estimator {kind!r}; choose k1 or k3")
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=10.0):
+    """The clipped surrogate per token (BUPO.md 3.5), and its diagnostics as masked sums (divide by the token count).
+    logp, old_logp, mask [n, T]; advantages [n]. dual_clip None or <= 1 turns the dual clip off."""
+    A = advantages[:, None]
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    l1 = -A * ratio
+    l2 = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
+    clipped = torch.maximum(l1, l2)                                   # standard PPO clip
+    loss = clipped
+    if dual_clip is not None and dual_clip > 1:                       # dual clip: bound the loss of A < 0 tokens
+        loss = torch.where(A < 0, torch.minimum(clipped, -A * dual_clip), clipped)
+    m = mask.float()
+    stats = {"clip_ratio/low": (((ratio < 1 - clip_low) & (A < 0)).float() * m).sum(),
+             "clip_ratio/high": (((ratio > 1 + clip_high) & (A > 0)).float() * m).sum(),
+             "clip_ratio/dual": (((A < 0) & (clipped > -A * dual_clip)).float() * m).sum() if dual_clip else m.sum() * 0,
+             "ppo_kl": (-log_ratio * m).sum()}
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def uses_internal_policy(algo: str, step: int, internal_steps: int) -> bool:
+    """BuPO's phase switch (eq. 10): steps 1..internal_steps optimise pi^l, the rest the full policy."""
+    return algo == "bupo" and step <= internal_steps
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum p (log p - log q) over the last dim, p = softmax(logits_p), q = softmax(logits_q); fp32."""
+    logp, logq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+@torch.no_grad()
+def rollout_stats(model: Transformer, h_top: torch.Tensor, tokens: torch.Tensor, h_layer: torch.Tensor | None = None,
+                  layer: int | None = None, temperature: float = 1.0, chunk: int | None = None) -> dict:
+    """Per-token statistics of a batch of response positions, in chunks: h_top = h_L [N, d] before the final norm,
+    tokens [N] the sampled tokens. Always: logp and entropy of the model's policy. With h_layer = h_l (l < L):
+    also logp and entropy of pi^l, KL(pi^l || pi^L) and cos(h_l, h_L), the paper's "feature refinement" (Fig. 5)."""
+    chunk = chunk or chunk_rows(model)
+    L = model.config.num_layers
+    out = {k: [] for k in ("logp", "entropy", "logp_layer", "entropy_layer", "kl_layer", "cos_layer")}
+    for i in range(0, len(tokens), chunk):
+        s = slice(i, i + chunk)
+        top = layer_logits(model, h_top[s], L) / temperature
+        out["logp"].append(top.log_softmax(-1).gather(-1, tokens[s, None])[:, 0])
+        out["entropy"].append(entropy(top))
+        if h_layer is not None:
+            low = layer_logits(model, h_layer[s], layer) / temperature
+            out["logp_layer"].append(low.log_softmax(-1).gather(-1, tokens[s, None])[:, 0])
+            out["entropy_layer"].append(entropy(low))
+            out["kl_layer"].append(kl_divergence(low, top))
+            out["cos_layer"].append(F.cosine_similarity(h_layer[s].float(), h_top[s].float(), dim=-1))
+    return {k: torch.cat(v) for k, v in out.items() if v}

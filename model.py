@@ -282,12 +282,13 @@ class Transformer(nn.Module):
         return self.lm_head.weight
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None,
-                return_residuals: bool = False, last_only: bool = False):
+                return_residuals: bool = False, last_only: bool = False, upto_layer: int | None = None):
         """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
 
         attention_mask [B, T]: 1 for real tokens, 0 for (left) padding. Positions count real tokens only, so
         position 0 is each row's first real token. With a cache, the T tokens are appended after its slots.
-        With return_residuals, also returns the Residuals record.
+        With return_residuals, also returns the Residuals record. With upto_layer = l, only blocks 1..l run
+        and the result is h_l [B, T, d] (no norm, no logits): all that an internal policy pi^l needs.
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -318,10 +319,12 @@ class Transformer(nn.Module):
         h = self.embed_tokens(input_ids)  # h_0; no absolute position embedding (RoPE acts inside attention)
         if record is not None:
             record.resid.append(h)
-        for block in self.layers:
+        for block in self.layers[:upto_layer]:
             h = block(h, cos, sin, mask, cache, record)
             if record is not None:
                 record.resid.append(h)
+        if upto_layer is not None:
+            return h
         if cache is not None:
             cache.len += T
             cache.pos += attention_mask.sum(-1)

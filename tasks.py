@@ -4,7 +4,10 @@ Tasks with exact answers, generated offline from a seed: prompts for the analysi
     arithmetic  "What is 37 + 48?"-style problems, small numbers, one or two operations
     word        short grade-school word problems (shopping, sharing, rates) with integer answers
 
-Every problem is asked with the authors' system prompt (BUPO.md 3.1), so the answer is expected in \\boxed{}.
+Every problem is asked with the authors' system prompt (BUPO.md 3.1), so the answer is expected in \\boxed{},
+and scored by the authors' reward: 1 if the content of the LAST \\boxed{...} (or "\\boxed ...") of the response,
+after the Hendrycks MATH string normalisation, equals the normalised answer, else 0 (no box: 0). The reward
+functions are pure, never raise and never evaluate anything; their cost is linear in the response length.
 Train and test are disjoint by construction: a question belongs to the test split when the CRC-32 of its
 text is divisible by TEST_EVERY, so no test question is ever drawn for training, whatever the seeds and sizes.
 """
@@ -78,3 +81,106 @@ def problems(task: str, n: int, seed: int = 0, split: str = "train") -> list[Pro
         if (zlib.crc32(p.question.encode()) % TEST_EVERY == 0) == (split == "test"):
             out.append(p)
     return out
+
+
+# -----------------------------------------------------------------------------
+# the reward: verl/utils/reward_score/math.py as the authors use it (BUPO.md 3.1), quirks included:
+# "\boxed " anywhere wins over a later "\boxed{}", a normalisation step that raises falls back to comparing the
+# raw strings, and any other failure scores 0.
+
+def last_boxed(text: str) -> str | None:
+    """The last "\boxed{...}" (braces balanced) of text, or the text after the last "\boxed " up to a "$"."""
+    if "\\boxed " in text:
+        return "\\boxed " + text.split("\\boxed ")[-1].split("$")[0]
+    start = text.rfind("\\boxed")
+    if start < 0:
+        start = text.rfind("\\fbox")
+        if start < 0:
+            return None
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i + 1]
+    return None  # unbalanced braces: no answer
+
+
+def remove_boxed(s: str) -> str:
+    for left in ("\\boxed ", "\\boxed{"):
+        if s.startswith(left):
+            if left == "\\boxed{" and not s.endswith("}"):
+                break
+            return s[len(left):] if left == "\\boxed " else s[len(left):-1]
+    raise ValueError(f"not a boxed answer: {s[:30]!r}")
+
+
+def _fix_fracs(s: str) -> str:  # \frac12 -> \frac{1}{2}, \frac1{b} -> \frac{1}{b}
+    parts = s.split("\\frac")
+    out = parts[0]
+    for part in parts[1:]:
+        out += "\\frac"
+        if part[0] == "{":  # IndexError on an empty part, as in the original
+            out += part
+        elif len(part) < 2:
+            return s
+        elif part[1] != "{":
+            out += "{" + part[0] + "}{" + part[1] + "}" + part[2:]
+        else:
+            out += "{" + part[0] + "}" + part[1:]
+    return out
+
+
+def _fix_a_slash_b(s: str) -> str:  # "3/4" -> \frac{3}{4}; int() of a non-number raises, as in the original
+    if len(s.split("/")) != 2:
+        return s
+    a, b = (int(x) for x in s.split("/"))
+    return "\\frac{" + str(a) + "}{" + str(b) + "}" if s == f"{a}/{b}" else s
+
+
+def _fix_sqrt(s: str) -> str:  # \sqrt3 -> \sqrt{3}
+    parts = s.split("\\sqrt")
+    return parts[0] + "".join("\\sqrt" + (p if p[0] == "{" else "{" + p[0] + "}" + p[1:]) for p in parts[1:])
+
+
+def strip_string(s: str) -> str:
+    """The Hendrycks MATH normalisation, step for step; it may raise on malformed input (see is_equiv)."""
+    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")
+    if "\\text{ " in s:  # units on the right
+        parts = s.split("\\text{ ")
+        if len(parts) != 2:
+            raise ValueError("several \\text{ } units")
+        s = parts[0]
+    s = s.replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    if s[0] == ".":
+        s = "0" + s
+    if len(s.split("=")) == 2 and len(s.split("=")[0]) <= 2:  # "x = 5" -> " 5"
+        s = s.split("=")[1]
+    s = _fix_sqrt(s).replace(" ", "")
+    s = _fix_fracs(s)
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    return _fix_a_slash_b(s)
+
+
+def is_equiv(a: str, b: str) -> bool:
+    try:
+        return strip_string(a) == strip_string(b)
+    except Exception:  # the original compares the raw strings when the normalisation fails
+        return a == b
+
+
+def reward(response: str, answer: str) -> float:
+    """1.0 if the last boxed answer of the response equals the ground truth after normalisation, else 0.0.
+    Pure: never raises, never evaluates anything."""
+    try:
+        boxed = last_boxed(response)
+        return float(boxed is not None and is_equiv(remove_boxed(boxed), answer))
+    except Exception:
+        return 0.0

@@ -1,0 +1,60 @@
+"""Tasks and the authors' reward: exact answers, disjoint splits, adversarial responses."""
+import pytest
+
+import tasks
+
+
+@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+def test_problems_are_reproducible_and_splits_disjoint(task):
+    a, b = tasks.problems(task, 50, seed=3), tasks.problems(task, 50, seed=3)
+    assert a == b and tasks.problems(task, 50, seed=4) != a
+    train = {p.question for p in tasks.problems(task, 3000, seed=0)}
+    test = {p.question for p in tasks.problems(task, 200, seed=0, split="test")}
+    assert not train & test
+    for p in a:
+        assert p.answer.lstrip("-").isdigit()
+        assert p.messages()[0]["content"] == tasks.SYSTEM_PROMPT and p.messages()[1]["content"] == p.question
+
+
+def test_answers_are_right():
+    for p in tasks.problems("arithmetic", 200, seed=1):
+        expr = p.question.removeprefix("What is ").removesuffix("?")
+        a, op, b, *rest = expr.split()
+        value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        if rest:  # "a + b * c"
+            value = int(a) + int(b) * int(rest[1])
+        assert str(value) == p.answer, p
+
+
+@pytest.mark.parametrize("response,answer,expected", [
+    ("so the answer is \\boxed{42}.", "42", 1.0),
+    ("\\boxed{1} no wait \\boxed{2}", "2", 1.0),                 # the last box counts
+    ("\\boxed{1} no wait \\boxed{2}", "1", 0.0),
+    ("The answer is 42.", "42", 0.0),                            # no box, no reward
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),                       # Hendrycks normalisation on both sides
+    ("\\boxed{\\dfrac12}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{3/4}", "\\frac{3}{4}", 1.0),
+    ("\\boxed{x = 5}", "5", 1.0),
+    ("\\boxed{50\\%}", "50", 1.0),
+    ("\\boxed{ 42 }", "42", 1.0),
+    ("\\boxed{a{b}c}", "a{b}c", 1.0),                            # nested braces
+    ("\\boxed{42", "42", 0.0),                                   # unbalanced
+    ("\\boxed 7$ and later \\boxed{8}", "7", 1.0),                # the authors' "\boxed " rule wins
+    ("\\boxed{x/2}", "x/2", 1.0),                                 # a failing normalisation compares raw strings
+    ("\\boxed{__import__('os').system('echo hi')}", "0", 0.0),    # never evaluated
+])
+def test_reward(response, answer, expected):
+    assert tasks.reward(response, answer) == expected
+
+
+@pytest.mark.parametrize("response", [
+    "\\boxed{" + "9" * 200_000 + "}",          # a huge number
+    "x" * 1_000_000,                           # a megabyte of text
+    "\\boxed{" * 100_000,                      # a megabyte of unclosed boxes
+    "\\boxed{" + "{" * 50_000 + "}" * 50_000 + "}",
+    "\\frac" * 10_000 + "\\boxed{\\frac}",
+    "\\boxed{\\sqrt}",
+    "\x00\uffff\\boxed{\ud800}",
+])
+def test_reward_never_raises(response):
+    assert tasks.reward(response, "9") in (0.0, 1.0)

@@ -1,0 +1,202 @@
+"""GRPO/BuPO objective against hand-computed numbers; phase-1 gradients; train.py end to end and resume."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import bupo
+import tasks
+import train
+from conftest import TINY
+from model import Transformer
+
+
+# -----------------------------------------------------------------------------
+# the objective, by hand (BUPO.md 6.6)
+
+def test_grpo_advantages_by_hand():
+    a = bupo.group_advantages(torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]), 8)
+    # mean 0.125, unbiased std 0.3536: (1 - 0.125) / 0.3536 = 2.475, (0 - 0.125) / 0.3536 = -0.354
+    assert a[0].item() == pytest.approx(2.4749, abs=1e-3) and a[1:].tolist() == pytest.approx([-0.35355] * 7, abs=1e-4)
+    assert bupo.group_advantages(torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]), 4).abs().max() == 0  # all-equal groups: 0
+    assert bupo.group_advantages(torch.tensor([1.0, 0.0]), 1).tolist() == pytest.approx([1 / (1 + 1e-6), 0.0])
+    assert bupo.group_advantages(torch.tensor([1.0, 0, 0, 1]), 4, "drgrpo").tolist() == [0.5, -0.5, -0.5, 0.5]
+    # leave-one-out: 1 - (0 + 0 + 1) / 3 = 2/3, 0 - (1 + 0 + 1) / 3 = -2/3
+    assert bupo.group_advantages(torch.tensor([1.0, 0, 0, 1]), 4, "rloo").tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    with pytest.raises(ValueError, match="unknown advantage"):
+        bupo.group_advantages(torch.ones(2), 2, "ppo")
+
+
+def test_policy_loss_by_hand():
+    ratio = torch.tensor([[1.0, 1.5, 0.5, 20.0, 0.5]])
+    A = torch.tensor([1.0])
+    old = torch.zeros(1, 5)
+    loss, s = bupo.policy_loss(ratio.log(), old, A, torch.ones(1, 5))
+    # A > 0: max(-r, -clip(r, 0.8, 1.2)) = -1, -1.2 (clipped high), -0.5, -1.2, -0.5
+    assert loss[0].tolist() == pytest.approx([-1.0, -1.2, -0.5, -1.2, -0.5])
+    assert s["clip_ratio/high"] == 2 and s["clip_ratio/low"] == 0
+    loss, s = bupo.policy_loss(ratio.log(), old, -A, torch.ones(1, 5))
+    # A < 0: max(r, clip(r)) = 1, 1.5, 0.8 (clipped low), 20 -> dual clip min(20, 10) = 10, 0.8
+    assert loss[0].tolist() == pytest.approx([1.0, 1.5, 0.8, 10.0, 0.8])
+    assert s["clip_ratio/low"] == 2 and s["clip_ratio/dual"] == 1
+    loss, _ = bupo.policy_loss(ratio.log(), old, -A, torch.ones(1, 5), dual_clip=0)
+    assert loss[0, 3].item() == pytest.approx(20.0)
+    loss, _ = bupo.policy_loss(ratio.log(), old, A, torch.ones(1, 5), clip_low=0.2, clip_high=0.28)  # clip-higher
+    assert loss[0, 1].item() == pytest.approx(-1.28)
+    # ppo_kl is the masked sum of -log ratio; a masked token counts nothing
+    _, s = bupo.policy_loss(ratio.log(), old, A, torch.tensor([[1, 1, 0, 0, 0]]))
+    assert s["ppo_kl"].item() == pytest.approx(-math.log(1.5))
+
+
+def test_aggregations_by_hand():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # token-mean over the 4 tokens of the mini-batch; here the micro-batch is the whole mini-batch
+    assert bupo.aggregate(loss, mask, "token-mean", 2, 4, 3).item() == pytest.approx(10 / 4)
+    assert bupo.aggregate(loss, mask, "seq-mean-token-mean", 2, 4, 3).item() == pytest.approx((2 + 4) / 2)
+    assert bupo.aggregate(loss, mask, "seq-mean-token-sum-norm", 2, 4, 3).item() == pytest.approx(10 / (2 * 3))
+    # split in two micro-batches, the shares add up to the mini-batch loss exactly
+    for mode in bupo.AGGREGATIONS:
+        parts = sum(bupo.aggregate(loss[i:i + 1], mask[i:i + 1], mode, 2, 4, 3) for i in range(2))
+        assert parts.item() == pytest.approx(bupo.aggregate(loss, mask, mode, 2, 4, 3).item())
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert bupo.kl_penalty(logp, ref, "k1").tolist() == pytest.approx([0.5, -1.0])
+    d = ref - logp
+    assert bupo.kl_penalty(logp, ref, "k3").tolist() == pytest.approx((d.exp() - d - 1).tolist())
+    assert (bupo.kl_penalty(logp, ref, "k3") >= 0).all() and bupo.kl_penalty(ref, ref).abs().max() == 0
+
+
+def test_phase_switch():
+    assert [bupo.uses_internal_policy("bupo", s, 2) for s in (1, 2, 3, 4)] == [True, True, False, False]
+    assert not any(bupo.uses_internal_policy("grpo", s, 2) for s in (1, 2, 3))
+
+
+def test_pass_at_k():
+    assert train.pass_at_k(4, 0, 1) == 0 and train.pass_at_k(4, 4, 2) == 1
+    assert train.pass_at_k(4, 1, 1) == pytest.approx(0.25) and train.pass_at_k(4, 1, 4) == 1.0
+    assert train.pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))
+
+
+# -----------------------------------------------------------------------------
+# gradients of phase 1
+
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("qwen3", False)])
+def test_phase1_gradients_stop_at_layer_k(tiny_dirs, arch, tied):
+    model = Transformer.from_pretrained(tiny_dirs[arch, tied])
+    ids = torch.randint(0, 128, (2, 10))
+    mask = torch.ones_like(ids)
+    k = 1  # pi^1: block 1 and W_U (and E) learn; blocks 2..3 and the final norm get no gradient at all
+    logp = train.response_logprobs(model, ids, mask, 4, k, 1.0)
+    loss, _ = bupo.policy_loss(logp, logp.detach(), torch.tensor([1.0, -0.5]), mask[:, 4:])
+    bupo.aggregate(loss, mask[:, 4:], "token-mean", 2, 12, 6).backward()
+    for name, p in model.named_parameters():
+        above = name.startswith(("layers.1.", "layers.2.", "norm."))
+        assert (p.grad is None) == above, name
+    assert model.lm_head.weight.grad.abs().sum() > 0 and model.embed_tokens.weight.grad.abs().sum() > 0
+    # AdamW with set_to_none leaves the upper blocks exactly as they were, weight decay included
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) == name.startswith(("layers.1.", "layers.2.", "norm.")), name
+
+
+def test_internal_logprobs_at_L_are_the_policy(tiny_dirs):
+    model = Transformer.from_pretrained(tiny_dirs["qwen2", False])
+    ids = torch.randint(0, 128, (2, 9))
+    mask = torch.ones_like(ids)
+    got = train.response_logprobs(model, ids, mask, 3, model.config.num_layers, 1.0)
+    want = model(ids).log_softmax(-1)[:, 2:-1].gather(-1, ids[:, 3:, None])[..., 0]
+    torch.testing.assert_close(got, want)
+
+
+# -----------------------------------------------------------------------------
+# train.py end to end on a tiny random model that speaks the default model's tokenizer
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory, default_model_dir):
+    import transformers as tf
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-chat")
+    cfg = tf.LlamaConfig(**{**TINY, "vocab_size": 49152}, tie_word_embeddings=True, eos_token_id=2)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, d / name)
+    return d
+
+
+@pytest.fixture
+def length_reward(monkeypatch):
+    """A random model never boxes the answer; reward parity of the length instead, so advantages are not 0."""
+    monkeypatch.setattr(tasks, "reward", lambda text, answer: float(len(text) % 2))
+
+
+def run(model_dir, out, *extra):
+    train.main(["--model", str(model_dir), "--out", str(out), "--prompts-per-step", "2", "--group-size", "4",
+                "--mini-batches", "2", "--micro-batch-size", "2", "--max-new-tokens", "6", "--eval-problems", "2",
+                "--eval-samples", "2", "--lr", "1e-3", "--internal-layer", "2", *extra])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_s")} for r in rows]
+
+
+def test_three_steps_end_to_end(tiny_chat_model, tmp_path, length_reward):
+    from transformers import AutoModelForCausalLM
+    rows = run(tiny_chat_model, tmp_path / "r", "--steps", "3", "--internal-steps", "2", "--eval-every", "3")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["phase"] for r in rows[1:]] == ["internal", "internal", "full"]
+    assert [r["policy_layer"] for r in rows[1:]] == [2, 2, 3]
+    for r in rows[1:]:
+        assert 0 <= r["reward"] <= 1 and r["grad_norm"] > 0 and "internal/kl_to_policy" in r and "entropy" in r
+    assert "eval/greedy_acc" in rows[0] and "eval/pass@2" in rows[3]
+    assert (tmp_path / "r" / "curves.png").stat().st_size > 1000
+    ckpt = tmp_path / "r" / "checkpoints" / "step_000003"
+    ours = Transformer.from_pretrained(ckpt)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    x = torch.randint(0, 49152, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-4, rtol=0)
+
+
+def test_first_minibatch_ratio_is_one(tiny_chat_model, tmp_path, length_reward):
+    for algo in ("bupo", "grpo"):
+        rows = run(tiny_chat_model, tmp_path / algo, "--algo", algo, "--steps", "1", "--mini-batches", "1",
+                   "--eval-every", "0")
+        # one mini-batch: evaluated with the weights of the old pass, so log ratio 0 up to float noise
+        assert abs(rows[0]["kl"]) < 1e-6 and rows[0]["clip_ratio/low"] == rows[0]["clip_ratio/high"] == 0
+
+
+def test_bupo_at_layer_L_is_grpo(tiny_chat_model, tmp_path, length_reward):
+    a = run(tiny_chat_model, tmp_path / "a", "--algo", "grpo", "--steps", "2", "--eval-every", "0")
+    b = run(tiny_chat_model, tmp_path / "b", "--algo", "bupo", "--internal-layer", "3", "--steps", "2",
+            "--eval-every", "0")
+    keys = ("reward", "loss", "kl", "grad_norm", "entropy", "policy_layer", "clip_ratio/low", "clip_ratio/high")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+
+
+def test_resume_is_exact(tiny_chat_model, tmp_path, length_reward):
+    straight = run(tiny_chat_model, tmp_path / "s", "--steps", "4", "--internal-steps", "2", "--save-every", "2",
+                   "--eval-every", "2")
+    run(tiny_chat_model, tmp_path / "r", "--steps", "2", "--internal-steps", "2", "--save-every", "2",
+        "--eval-every", "2")
+    train.main(["--resume", str(tmp_path / "r"), "--steps", "4"])
+    resumed = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert strip_timing(resumed) == strip_timing(straight)
+    a = Transformer.from_pretrained(tmp_path / "s" / "checkpoints" / "step_000004").state_dict()
+    b = Transformer.from_pretrained(tmp_path / "r" / "checkpoints" / "step_000004").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_arguments(tiny_chat_model, tmp_path):
+    with pytest.raises(SystemExit, match="internal-layer must be auto or a layer 1..3"):
+        run(tiny_chat_model, tmp_path / "x", "--internal-layer", "7")
+    with pytest.raises(SystemExit, match="no checkpoints"):
+        train.main(["--resume", str(tmp_path)])
