@@ -28,7 +28,6 @@ import torch
 
 import bupo
 import tasks
-import weights
 from model import ModelLoadError
 
 
@@ -215,8 +214,9 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
 # -----------------------------------------------------------------------------
 
 def main():
+    from chat import add_model_args, load
     p = argparse.ArgumentParser(description="Entropy flow of a model's internal policies on its own responses.")
-    p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder (default: %(default)s)")
+    add_model_args(p)
     p.add_argument("--out", default="runs/analysis", help="output folder for entropy.json and the plots")
     p.add_argument("--task", default="word", choices=sorted(tasks.TASKS), help="problems the model answers")
     p.add_argument("-n", "--num-responses", type=int, default=16, help="how many problems the model answers")
@@ -226,8 +226,6 @@ def main():
                    help="none: softmax(W_U x), the paper's definition; final: the logit lens, W_U RMSNorm_final(x)")
     p.add_argument("--compare", default=None, help="another entropy.json to overlay on the plots")
     p.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampler")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype (entropies are fp32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = p.parse_args()
     try:
         other = None
@@ -236,7 +234,6 @@ def main():
                 other = json.loads(Path(args.compare).read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise InputError(f"{args.compare}: not a readable entropy.json ({e})") from None
-        from chat import load
         model, tok = load(args.model, getattr(torch, args.dtype), args.device)
         t0 = time.perf_counter()
         pairs = (read_responses(args.responses, tok) if args.responses else

@@ -117,21 +117,28 @@ def load(model_dir, dtype=None, device="cpu"):
     return Transformer.from_pretrained(model_dir, dtype=dtype or torch.float32, device=device), Tokenizer(model_dir)
 
 
+def add_model_args(p):
+    """The --model, --dtype and --device flags that every script shares."""
+    import torch
+
+    import weights
+    p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+
+
 # -----------------------------------------------------------------------------
 # the demo
 
 def main():
     import torch
 
-    import weights
     from model import generate_greedy
     p = argparse.ArgumentParser(description="Greedy chat answer from a model folder.")
-    p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder (default: %(default)s)")
+    add_model_args(p)
     p.add_argument("--prompt", default="What is the capital of France?", help="the user message")
     p.add_argument("--system", default=None, help="optional system message (default: the template's own)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = p.parse_args()
     try:
         model, tok = load(args.model, getattr(torch, args.dtype), args.device)

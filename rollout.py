@@ -185,11 +185,10 @@ def generate(model: Transformer, prompts: list[list[int]], group_size: int = 1, 
 # command line: sample a few answers
 
 def main():
-    import weights
-    from chat import load
+    from chat import add_model_args, load
     from model import ModelLoadError
     p = argparse.ArgumentParser(description="Sample G answers to one chat prompt with the hand-written sampler.")
-    p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder (default: %(default)s)")
+    add_model_args(p)
     p.add_argument("--prompt", default="What is 7 * 8? Put your final answer within \\boxed{}.", help="the user message")
     p.add_argument("-G", "--group-size", type=int, default=4, help="responses to sample")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop a response after this many tokens")
@@ -198,8 +197,6 @@ def main():
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = p.parse_args()
     try:
         model, tok = load(args.model, getattr(torch, args.dtype), args.device)

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# The main job on the default model: set up, then a greedy chat answer (arguments go to chat.py).
+# The main job on the default model, on a CPU in minutes: set up, analyse the entropy flow of the model's
+# internal policies, then a short BuPO training at the layer that analysis picks. Outputs under runs/quickstart/.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
 PY=${PYTHON:-$(command -v python || command -v python3)}
-"$PY" chat.py "$@"
+OUT=runs/quickstart
+"$PY" analyze.py --out "$OUT/analysis" --task add -n 8 --max-new-tokens 48
+"$PY" train.py --algo bupo --analysis "$OUT/analysis/entropy.json" --out "$OUT/bupo" --task add \
+  --steps 6 --internal-steps 2 --prompts-per-step 4 --group-size 8 --max-new-tokens 40 --lr 2e-5 \
+  --eval-every 3 --eval-problems 16 --eval-samples 4 --save-every 6 "$@"
+echo "analysis: $OUT/analysis/entropy.json flow.png dH.png heatmap.png"
+echo "training: $OUT/bupo/metrics.jsonl curves.png checkpoints/"

@@ -1,10 +1,14 @@
 """
 Tasks with exact answers, generated offline from a seed: prompts for the analysis and the RL training.
 
+    add         "What is 3 + 5?": one-digit sums, the task a 135M model can learn in tens of RL steps
     arithmetic  "What is 37 + 48?"-style problems, small numbers, one or two operations
     word        short grade-school word problems (shopping, sharing, rates) with integer answers
 
-Every problem is asked with the authors' system prompt (BUPO.md 3.1), so the answer is expected in \\boxed{},
+Every problem is asked with the authors' system prompt (BUPO.md 3.1), so the answer is expected in \\boxed{}.
+Departure: the user message also ends with FORMAT_HINT ("... for example \\boxed{5}."); without it the small
+offline models almost never write \\boxed{} (SmolLM2-135M: 0 of 64 answers), so every reward would be 0 and RL
+would have nothing to learn from. Answers are
 and scored by the authors' reward: 1 if the content of the LAST \\boxed{...} (or "\\boxed ...") of the response,
 after the Hendrycks MATH string normalisation, equals the normalised answer, else 0 (no box: 0). The reward
 functions are pure, never raise and never evaluate anything; their cost is linear in the response length.
@@ -16,6 +20,7 @@ import zlib
 from dataclasses import dataclass
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+FORMAT_HINT = "Put the final answer in \\boxed{}, for example \\boxed{5}."
 TEST_EVERY = 8  # about 1 question in 8 is held out
 
 
@@ -26,7 +31,12 @@ class Problem:
 
     def messages(self, system: bool = True) -> list[dict]:
         head = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
-        return head + [{"role": "user", "content": self.question}]
+        return head + [{"role": "user", "content": f"{self.question} {FORMAT_HINT}"}]
+
+
+def add(rng: random.Random) -> Problem:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return Problem(f"What is {a} + {b}?", str(a + b))
 
 
 def arithmetic(rng: random.Random) -> Problem:
@@ -66,7 +76,7 @@ def word(rng: random.Random) -> Problem:
                    "How many dollars of change does {n} get?".replace("{n}", n), str(100 - price * c))
 
 
-TASKS = {"arithmetic": arithmetic, "word": word}
+TASKS = {"add": add, "arithmetic": arithmetic, "word": word}
 
 
 def problems(task: str, n: int, seed: int = 0, split: str = "train") -> list[Problem]:

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+import analyze
 import bupo
 import tasks
 import weights
@@ -91,7 +92,7 @@ def old_logprobs(model, ids, mask, Tp, groups, policy_layer, stats_layer, temper
     """Old log-probs of pi^policy_layer [N, R] (no grad) and the per-token stats of bupo.rollout_stats, where
     stats_layer < L adds the internal policy pi^stats_layer to them."""
     L, R = model.config.num_layers, ids.shape[1] - Tp
-    logp, stats = torch.zeros(len(ids), R), {}
+    logp, stats = torch.zeros(len(ids), R, device=ids.device), {}
     for rows in (rows for mb in groups for rows in mb):
         i, m, tp = trim(ids, mask, Tp, rows)
         _, rec = model(i, attention_mask=m, return_residuals=True)
@@ -99,7 +100,7 @@ def old_logprobs(model, ids, mask, Tp, groups, policy_layer, stats_layer, temper
         pick = lambda h: h[:, tp - 1:-1][keep]  # noqa: E731  (response positions, flattened)
         low = pick(rec.resid[stats_layer]) if stats_layer < L else None
         s = bupo.rollout_stats(model, pick(rec.resid[L]), i[:, tp:][keep], low, stats_layer, temperature)
-        part = torch.zeros(keep.shape)
+        part = torch.zeros(keep.shape, device=ids.device)
         part[keep] = s["logp_layer"] if policy_layer < L else s["logp"]
         logp[rows, :keep.shape[1]] = part
         for k, v in s.items():
@@ -117,7 +118,8 @@ def rl_step(model, tok, opt, args, step, layer, ref=None):
     prompts = [tok.encode_chat(p.messages()) for p in problems]
     ro = generate(model, prompts, args.group_size, args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
                   pad_id=tok.pad_id, seed=(args.seed << 32) + step * len(prompts), tokenizer=tok)
-    rewards = torch.tensor([tasks.reward(text, problems[g].answer) for text, g in zip(ro.text, ro.group.tolist())])
+    rewards = torch.tensor([tasks.reward(text, problems[g].answer) for text, g in zip(ro.text, ro.group.tolist())],
+                           device=ro.response_ids.device)
     adv = bupo.group_advantages(rewards, args.group_size, args.advantage)
     ids, mask, Tp = batch_tensors(ro)
     internal = bupo.uses_internal_policy(args.algo, step, args.internal_steps)
@@ -200,12 +202,6 @@ def evaluate(model, tok, args) -> dict:
 # -----------------------------------------------------------------------------
 # checkpoints, metrics, plots
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(model, opt, args, step, layer):
     """OUT/checkpoints/step_N: an HF-layout folder (loadable by from_pretrained and transformers) plus
     trainer_state.pt (optimizer, step, arguments), written in a temporary folder and renamed into place."""
@@ -246,9 +242,7 @@ def plot_metrics(out: Path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(f"{out.name}")
-    tmp = out / ".curves.png.tmp"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, out / "curves.png")
+    analyze.write_atomic(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
 
 
@@ -267,7 +261,6 @@ def resolve_layer(value: str, model, tok, args) -> int:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{args.analysis}: not a readable entropy.json ({e})") from None
     else:
-        import analyze
         print("--internal-layer auto: analysing 8 responses to find the boundary layer ...", file=sys.stderr)
         pairs = analyze.sample_responses(model, tok, args.task, 8, min(args.max_new_tokens, 64), args.seed)
         result = analyze.summarize(Path(args.model).name, model, analyze.analyze(model, pairs)[0], 8, False)
@@ -349,9 +342,9 @@ def main(argv=None):
     if state:
         opt.load_state_dict(state["optimizer"])
         kept = [line for line in metrics_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start]
-        write_atomic(metrics_file, "".join(line + "\n" for line in kept))
+        analyze.write_atomic(metrics_file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
     else:
-        write_atomic(out / "args.json", json.dumps(vars(args), indent=1) + "\n")
+        analyze.write_atomic(out / "args.json", lambda tmp: tmp.write_text(json.dumps(vars(args), indent=1) + "\n"))
         metrics_file.write_text("")
 
     def log(row):

@@ -11,6 +11,7 @@ import torch
 
 import analyze
 import bupo
+import weights
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def test_cli_end_to_end_and_errors(tiny_dirs, tmp_path):
     d = tmp_path / "tiny"
     shutil.copytree(tiny_dirs["qwen2", True], d)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the tiny model borrows a tokenizer for the plots
-        (d / name).write_bytes((analyze.weights.DEFAULT_MODEL_DIR / name).read_bytes())
+        (d / name).write_bytes((weights.DEFAULT_MODEL_DIR / name).read_bytes())
     f = tmp_path / "r.jsonl"
     f.write_text("\n".join(json.dumps({"prompt_ids": p, "response_ids": r}) for p, r in pairs_for(1)) + "\n")
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(d), *a],  # noqa: E731
