@@ -128,8 +128,10 @@ def boundary_layer(dH_mlp: list) -> int | None:
 #
 # Why the loss is ~0 and the ratio is exactly 1 on the first mini-batch of a step: the old log-probs are
 # computed with the weights of the start of the step, and the first mini-batch is evaluated with those same
-# weights, so log_ratio = 0, r = 1, nothing is clipped and the loss is -mean(A) (0 up to the token weighting of
-# the aggregation); its gradient, A * grad log pi, is not 0. Later mini-batches see weights already moved.
+# weights, so log_ratio = 0 and r = 1 (up to float rounding: the old pass runs without autograd, which may pick
+# other kernels; train.py evaluates both on the same micro-batches), nothing is clipped and the loss is -mean(A)
+# (0 up to the token weighting of the aggregation); its gradient, A * grad log pi, is not 0. Later mini-batches
+# see weights already moved.
 #
 # What the phase-1 ratio means (BUPO.md 5.10): the tokens were sampled from pi_theta, but the ratio and the clip
 # use pi^l, so r is not an importance weight. It is a trust region on the internal distribution: the update is

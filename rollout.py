@@ -2,7 +2,7 @@
 The grouped sampler: P prompts x G responses from the full policy, written by hand.
 
     python rollout.py --prompt "What is 7 * 8?" -G 4    # sample G answers and print them
-    python rollout.py --bench                           # tokens/s against transformers' generate
+    python bench/bench_rollout.py                       # tokens/s against transformers' generate
 
 How one call works:
   1. prefill: the P prompts, left-padded, go through the model once; only the last position's logits are

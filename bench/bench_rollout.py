@@ -92,7 +92,6 @@ def main():
     from transformers import AutoModelForCausalLM
     bw = memory_bandwidth()
     print(f"threads {torch.get_num_threads()}, measured read bandwidth {bw / 1e9:.1f} GB/s")
-    rows = []
     for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
         model, tok = load(args.model, dtype)
         hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
@@ -114,8 +113,7 @@ def main():
             else:
                 bound = peak / flops_per_token(model, T + args.new_tokens // 2)
                 what = f"matmul bound {peak / 1e9:.0f} GFLOP/s / {flops_per_token(model, T + args.new_tokens // 2) / 1e9:.2f} GFLOP per token"
-            rows.append((str(dtype).removeprefix("torch."), f"{P}x{G}", made["ours"] / ours, made["theirs"] / theirs, bound, what))
-            r = rows[-1]
+            r = (str(dtype).removeprefix("torch."), f"{P}x{G}", made["ours"] / ours, made["theirs"] / theirs, bound, what)
             print(f"{r[0]:9s} {r[1]:5s} ours {r[2]:7.1f} tok/s  transformers {r[3]:7.1f} tok/s  ratio {r[2] / r[3]:4.2f}x  "
                   f"bound {r[4]:7.1f} tok/s ({r[5]}): ours at {100 * r[2] / r[4]:.0f}%"
                   + (f"  [tokens produced: ours {made['ours']}, transformers {made['theirs']}]" if args.stop else ""), flush=True)
