@@ -323,11 +323,11 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, mask, cache, record)
             if record is not None:
                 record.resid.append(h)
-        if upto_layer is not None:
-            return h
         if cache is not None:
             cache.len += T
             cache.pos += attention_mask.sum(-1)
+        if upto_layer is not None:
+            return h
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))

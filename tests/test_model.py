@@ -88,6 +88,11 @@ def test_kv_cache_equals_recompute(tiny_dirs, arch):
         parts += [model(x[:, t:t + 1], cache=cache) for t in range(20, 30)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
     assert cache.len == 30 and cache.pos.tolist() == [30, 30, 30]
+    # a truncated forward (upto_layer) keeps the cache consistent too
+    with torch.no_grad():
+        short = model.new_cache(3, 30)
+        model(x[:, :10], cache=short, upto_layer=1)
+        assert short.len == 10 and short.pos.tolist() == [10, 10, 10]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
