@@ -129,7 +129,7 @@ def rl_step(model, tok, opt, args, step, layer, ref=None):
     old, stats = old_logprobs(model, ids, mask, Tp, groups, policy_layer, stats_layer, args.temperature)
     # the KL penalty, when on, compares the policy being optimised (pi^l in phase 1) with the same policy of the
     # frozen initial model
-    ref_logp = old_logprobs(ref, ids, mask, Tp, groups, policy_layer, L, args.temperature)[0] if ref else None
+    ref_logp = old_logprobs(ref, ids, mask, Tp, groups, policy_layer, policy_layer, args.temperature)[0] if ref else None
 
     sums, grad_norms, losses = {}, [], []
     resp_mask = ro.response_mask

@@ -195,6 +195,13 @@ def test_resume_is_exact(tiny_chat_model, tmp_path, length_reward):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_kl_penalty_in_both_phases(tiny_chat_model, tmp_path, length_reward):
+    rows = run(tiny_chat_model, tmp_path / "kl", "--steps", "2", "--internal-steps", "1", "--kl-coef", "0.1",
+               "--eval-every", "0")
+    assert [r["phase"] for r in rows] == ["internal", "full"]
+    assert all(math.isfinite(r["kl_ref"]) and r["kl_ref"] >= 0 for r in rows)  # k3 is non-negative
+
+
 def test_bad_arguments(tiny_chat_model, tmp_path):
     with pytest.raises(SystemExit, match="internal-layer must be auto or a layer 1..3"):
         run(tiny_chat_model, tmp_path / "x", "--internal-layer", "7")
