@@ -31,7 +31,7 @@ Metrics (OUT/metrics.jsonl, one line per step, TRL's names where TRL has one): r
 frac_reward_zero_std, completions/mean_length, completions/clipped_ratio, clip_ratio/low|high|dual,
 kl (verl's ppo_kl: mean -log ratio, new vs. old policy, over the updates), kl_ref (with --kl-coef), entropy
 (the full policy, always), loss, grad_norm, step_time, tokens_per_s; for BuPO also internal/entropy,
-internal/kl_to_policy and internal/cos_to_top (pi^l against pi^L, h_l against h_L); eval/* when evaluated.
+internal/kl_to_policy and internal/cos_to_top (pi^l against pi^L, h_l against h_L); peak_memory_mb; eval/* when evaluated.
 """
 import argparse
 import json
@@ -111,6 +111,14 @@ def old_logprobs(model, ids, mask, Tp, groups, policy_layer, stats_layer, temper
 # -----------------------------------------------------------------------------
 # one RL step
 
+def peak_memory_mb(device) -> float:
+    """Peak memory so far, MiB: CUDA memory allocated by torch on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
+
+
 def rl_step(model, tok, opt, args, step, layer, ref=None):
     t0 = time.perf_counter()
     L = model.config.num_layers
@@ -168,7 +176,8 @@ def rl_step(model, tok, opt, args, step, layer, ref=None):
          "completions/clipped_ratio": sum(f == "length" for f in ro.finish_reason) / len(ids),
          **{k: v / n_tok for k, v in sums.items() if k != "ppo_kl"}, "kl": sums["ppo_kl"] / n_tok,
          "entropy": stats["entropy"].mean().item(), "loss": sum(losses) / len(losses),
-         "grad_norm": sum(grad_norms) / len(grad_norms), "step_time": dt, "tokens_per_s": n_tok / dt}
+         "grad_norm": sum(grad_norms) / len(grad_norms), "step_time": dt, "tokens_per_s": n_tok / dt,
+         "peak_memory_mb": peak_memory_mb(ids.device)}
     if "entropy_layer" in stats:
         m.update({"internal/entropy": stats["entropy_layer"].mean().item(),
                   "internal/kl_to_policy": stats["kl_layer"].mean().item(),

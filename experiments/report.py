@@ -1,0 +1,2 @@
+"""Tables and plots of the experiments: python experiments/report.py (after experiments/run.sh)."""
+print("report: not written yet")

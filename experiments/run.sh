@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The experiments of README's "Experiments" section, on the default model (SmolLM2-135M-Instruct) and the
+# Qwen2-architecture one, sized for a 2-core CPU. Each line of RUNS is one run; they go JOBS at a time, one thread
+# each, into runs/exp/NAME. Then `python experiments/report.py` writes the tables and plots of experiments/results/.
+#   bash experiments/run.sh                 # everything (about 1.5 h on 2 cores)
+#   bash experiments/run.sh grpo-s1 bupo-s1 # only the named runs
+#   JOBS=1 DEVICE=cuda bash experiments/run.sh   # one at a time, on a GPU
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash setup.sh > /dev/null
+PY=${PYTHON:-$(command -v python || command -v python3)}
+JOBS=${JOBS:-2}
+DEVICE=${DEVICE:-cpu}
+QWEN=models/qwen2.5-coder-0.5b-instruct
+# the shared budget of every training run: task add, 10 steps x 4 prompts x 8 responses, 32 tokens, 4 updates/step
+TRAIN="train.py --task add --steps 10 --prompts-per-step 4 --group-size 8 --max-new-tokens 32 --lr 3e-5"
+TRAIN="$TRAIN --eval-every 10 --eval-problems 32 --eval-samples 4 --save-every 10 --keep-checkpoints 1 --device $DEVICE"
+RUNS=(
+  "flow-smollm2 analyze.py --out runs/exp/flow-smollm2 --task add -n 16 --max-new-tokens 48 --device $DEVICE"
+  "flow-qwen2.5 analyze.py --model $QWEN --out runs/exp/flow-qwen2.5 --task add -n 8 --max-new-tokens 48 --device $DEVICE"
+)
+for seed in 0 1 2; do
+  RUNS+=("grpo-s$seed $TRAIN --algo grpo --seed $seed --out runs/exp/grpo-s$seed"
+         "bupo-s$seed $TRAIN --algo bupo --internal-layer auto --analysis runs/exp/flow-smollm2/entropy.json --internal-steps 3 --seed $seed --out runs/exp/bupo-s$seed")
+done
+RUNS+=("bupo-l15-s0 $TRAIN --algo bupo --internal-layer 15 --internal-steps 3 --seed 0 --out runs/exp/bupo-l15-s0"
+       "bupo-long-s0 $TRAIN --algo bupo --internal-layer auto --analysis runs/exp/flow-smollm2/entropy.json --internal-steps 10 --seed 0 --out runs/exp/bupo-long-s0")
+
+selected=("$@")
+run_one() {  # NAME ARGS...: one run, its log in runs/exp/NAME.log; an existing finished run is kept
+  local name=$1; shift
+  mkdir -p runs/exp
+  if [ -f "runs/exp/$name/.done" ]; then echo "$name: done already"; return; fi
+  echo "$name: started $(date +%T)"
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" "$@" > "runs/exp/$name.log" 2>&1 || { echo "$name: FAILED, see runs/exp/$name.log"; return 1; }
+  touch "runs/exp/$name/.done"; echo "$name: finished $(date +%T)"
+}
+export -f run_one; export PY
+"$PY" weights.py --model qwen2.5-coder-0.5b-instruct > /dev/null
+pick() {  # the lines of RUNS that were asked for (all by default) and match grep's arguments
+  for r in "${RUNS[@]}"; do
+    name=${r%% *}
+    if [ ${#selected[@]} -eq 0 ] || [[ " ${selected[*]} " == *" $name "* ]]; then printf '%s\n' "$r"; fi
+  done | { grep "$@" || true; }
+}
+# JOBS at a time: first the runs that need nothing, then those that read flow-smollm2's entropy.json
+NEEDS=runs/exp/flow-smollm2/entropy.json
+pick -v "$NEEDS" | xargs -P "$JOBS" -L 1 bash -c 'run_one "$0" "$@"'
+pick "$NEEDS" | xargs -P "$JOBS" -L 1 bash -c 'run_one "$0" "$@"'
+"$PY" experiments/report.py
