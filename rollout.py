@@ -15,7 +15,8 @@ How one call works:
   4. sampling: temperature, then top-k, top-p, min-p (the order of transformers and vLLM), then inverse-CDF
      sampling with one uniform number per row from the row's own seeded torch.Generator. A row's tokens
      therefore depend on its prompt and its seed only, not on the other rows of the batch: prompt i of a
-     call uses the seed `seed + i`, response j of it a generator seeded with that and j.
+     call uses the seed `seed + i` (or `seed[i]`, given a list), response j of it a generator seeded with that and
+     j, so a data-parallel rank that samples prompts 4..7 of a step gets the tokens one process would.
 The log-prob returned for each token is under the distribution it was sampled from (after temperature and
 the filters; for greedy decoding, temperature 0, under the model's own softmax). At T = 1 with no filter
 these are the "old policy" log-probs of GRPO.
@@ -127,7 +128,7 @@ def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, m
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], group_size: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, stop_ids=(),
-             pad_id: int = 0, seed: int = 0, tokenizer=None, progress: bool = False) -> Rollouts:
+             pad_id: int = 0, seed: int | list[int] = 0, tokenizer=None, progress: bool = False) -> Rollouts:
     """Sample `group_size` responses to each prompt (token id lists) from the model's full policy."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt, and every prompt needs at least one token")
@@ -141,7 +142,10 @@ def generate(model: Transformer, prompts: list[list[int]], group_size: int = 1, 
     cache = copy_to_groups(model, prompt_cache, G, prompt_ids.shape[1] + max_new_tokens)
     del prompt_cache
     logits = logits.repeat_interleave(G, 0)                                     # [N, V]
-    generators = [torch.Generator(device).manual_seed(((seed + i) << 20) + j) for i in range(P) for j in range(G)]
+    seeds = [seed + i for i in range(P)] if isinstance(seed, int) else list(seed)
+    if len(seeds) != P:
+        raise ValueError(f"generate() got {len(seeds)} seeds for {P} prompts; give one seed per prompt, or an int")
+    generators = [torch.Generator(device).manual_seed((s << 20) + j) for s in seeds for j in range(G)]
 
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, device=device)

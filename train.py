@@ -4,6 +4,7 @@ GRPO and BuPO training of a decoder on a task with a verifiable reward (BUPO.md 
     python train.py --algo bupo --out runs/bupo                # default model, arithmetic task, CPU-sized
     python train.py --algo grpo --out runs/grpo --seed 1
     python train.py --resume runs/bupo --steps 40              # continue exactly where it stopped
+    torchrun --standalone --nproc-per-node 8 train.py --device cuda --prompts-per-step 128 --out runs/dp
 
 One RL step (BUPO.md 3.8; steps count from 1, like the authors' global_steps):
   1. P prompts of the task (a fixed function of --seed and the step) and G responses to each, sampled from the
@@ -27,6 +28,12 @@ Departures from the authors' code, on purpose:
   3. The prompts are generated (tasks.py) instead of a 5k DeepMath file; the reward is the authors'.
   4. Sizes fit a CPU: 8 prompts x 8 responses per step instead of 128 x 8, short responses. The ratios of the
      authors' schedule (s_inter = 10% of the steps, 4 updates per step) are kept.
+Data parallelism (torchrun; gloo on a CPU, nccl with one GPU per rank): every rank holds the whole model and
+optimizer, samples a 1/W share of each mini-batch's prompts with the seeds one process would use, and the
+gradients are summed across ranks before every optimizer step (the loss is normalised by the token count of all
+ranks), so W ranks compute what one process computes, up to the order of float sums (tested). Metrics and
+evaluations are reduced across ranks; only rank 0 writes files. --prompts-per-step must be a multiple of
+--mini-batches x W. Under torchrun a Ctrl-C stops at once: resume from the last checkpoint.
 Metrics (OUT/metrics.jsonl, one line per step, TRL's names where TRL has one): reward, reward_std,
 frac_reward_zero_std, completions/mean_length, completions/clipped_ratio, clip_ratio/low|high|dual,
 kl (verl's ppo_kl: mean -log ratio, new vs. old policy, over the updates), kl_ref (with --kl-coef), entropy
@@ -44,6 +51,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import analyze
 import bupo
@@ -109,6 +117,49 @@ def old_logprobs(model, ids, mask, Tp, groups, policy_layer, stats_layer, temper
 
 
 # -----------------------------------------------------------------------------
+# data parallelism: torchrun starts one process (rank) per CPU process slot or GPU; every rank holds the whole
+# model, samples its share of the step's prompts and trains on its own responses; the gradients are summed
+# across ranks before each optimizer step, so every rank applies the same update and the weights stay equal.
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_sum(values: dict, device) -> dict:
+    """The sums over ranks of a dict of numbers (itself in a single process)."""
+    if world() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_grads(model):
+    """Sum the gradients over ranks: each rank's loss is already divided by the token count of the whole
+    mini-batch (all ranks), so the sum is the gradient of the one-process loss. Parameters without a gradient
+    (above l in phase 1) have none on every rank."""
+    if world() > 1:
+        work = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+        for w in work:
+            w.wait()
+
+
+def my_prompts(P: int, args) -> list[int]:
+    """The prompts of a step this rank samples and trains on. Mini-batch k of the step is the same set of prompts
+    as in one process (consecutive P/M); each rank takes a consecutive 1/W of every mini-batch."""
+    W = world()
+    if W == 1:
+        return list(range(P))
+    per = P // (args.mini_batches * W)
+    return [k * per * W + rank() * per + i for k in range(args.mini_batches) for i in range(per)]
+
+
+# -----------------------------------------------------------------------------
 # one RL step
 
 def peak_memory_mb(device) -> float:
@@ -121,14 +172,18 @@ def peak_memory_mb(device) -> float:
 
 def rl_step(model, tok, opt, args, step, layer, ref=None):
     t0 = time.perf_counter()
-    L = model.config.num_layers
+    L, G = model.config.num_layers, args.group_size
     problems = tasks.problems(args.task, args.prompts_per_step, seed=args.seed * 1_000_003 + step)
+    mine = my_prompts(len(problems), args)              # all of them in a single process
+    problems = [problems[g] for g in mine]
     prompts = [tok.encode_chat(p.messages()) for p in problems]
-    ro = generate(model, prompts, args.group_size, args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
-                  pad_id=tok.pad_id, seed=(args.seed << 32) + step * len(prompts), tokenizer=tok)
+    first_seed = (args.seed << 32) + step * args.prompts_per_step     # prompt g of the step: first_seed + g
+    ro = generate(model, prompts, G, args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
+                  pad_id=tok.pad_id, seed=[first_seed + g for g in mine], tokenizer=tok)
+    device = ro.response_ids.device
     rewards = torch.tensor([tasks.reward(text, problems[g].answer) for text, g in zip(ro.text, ro.group.tolist())],
-                           device=ro.response_ids.device)
-    adv = bupo.group_advantages(rewards, args.group_size, args.advantage)
+                           device=device)
+    adv = bupo.group_advantages(rewards, G, args.advantage)   # per group, and a rank holds whole groups
     ids, mask, Tp = batch_tensors(ro)
     internal = bupo.uses_internal_policy(args.algo, step, args.internal_steps)
     policy_layer = layer if internal else L              # the policy whose ratio is clipped this step
@@ -139,11 +194,13 @@ def rl_step(model, tok, opt, args, step, layer, ref=None):
     # frozen initial model
     ref_logp = old_logprobs(ref, ids, mask, Tp, groups, policy_layer, policy_layer, args.temperature)[0] if ref else None
 
-    sums, grad_norms, losses = {}, [], []
+    sums, grad_norms = {}, []
     resp_mask = ro.response_mask
-    for mb in groups:
+    for k, mb in enumerate(groups):
         rows_all = torch.cat(mb)
-        totals = dict(num_seqs=len(rows_all), num_tokens=int(resp_mask[rows_all].sum()), max_len=args.max_new_tokens)
+        # the loss is normalised by the whole mini-batch, all ranks together (exact token-mean, departure 2)
+        totals = all_sum({"num_seqs": len(rows_all), "num_tokens": int(resp_mask[rows_all].sum())}, device)
+        totals = {k_: int(v) for k_, v in totals.items()} | {"max_len": args.max_new_tokens}
         loss_total = 0.0
         for rows in mb:
             i, m, tp = trim(ids, mask, Tp, rows)
@@ -159,29 +216,39 @@ def rl_step(model, tok, opt, args, step, layer, ref=None):
             loss = bupo.aggregate(tok_loss, rm, args.loss_agg, **totals)
             loss.backward()
             loss_total += loss.item()
-            for k, v in s.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            for name, v in s.items():
+                sums[name] = sums.get(name, 0.0) + float(v)
+        all_reduce_grads(model)
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)))
         opt.step()
         opt.zero_grad(set_to_none=True)                     # None, not 0: AdamW skips params without a gradient
-        losses.append(loss_total)
+        sums[f"loss/{k}"] = loss_total                      # this rank's share of mini-batch k's loss
 
-    n_tok = int(resp_mask.sum())
-    groups = rewards.view(-1, args.group_size)
+    # metrics of the whole step: sums over the ranks' tokens and responses, then means
+    sums.update(n_tok=int(resp_mask.sum()), clipped=sum(f == "length" for f in ro.finish_reason),
+                **{f"stat/{name}": v.sum().item() for name, v in stats.items() if not name.startswith("logp")})
+    sums = all_sum(sums, device)
+    if world() > 1:
+        parts = [torch.empty_like(rewards) for _ in range(world())]
+        dist.all_gather(parts, rewards)
+        rewards = torch.cat(parts)
+    n_tok, n = sums["n_tok"], len(rewards)
+    per_group = rewards.view(-1, G)
     dt = time.perf_counter() - t0
     m = {"step": step, "phase": "internal" if internal else "full", "policy_layer": policy_layer,
-         "reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-         "frac_reward_zero_std": (groups.std(1) == 0).float().mean().item() if args.group_size > 1 else 1.0,
-         "completions/mean_length": n_tok / len(ids),
-         "completions/clipped_ratio": sum(f == "length" for f in ro.finish_reason) / len(ids),
-         **{k: v / n_tok for k, v in sums.items() if k != "ppo_kl"}, "kl": sums["ppo_kl"] / n_tok,
-         "entropy": stats["entropy"].mean().item(), "loss": sum(losses) / len(losses),
+         "reward": rewards.mean().item(), "reward_std": rewards.std().item() if n > 1 else 0.0,
+         "frac_reward_zero_std": (per_group.std(1) == 0).float().mean().item() if G > 1 else 1.0,
+         "completions/mean_length": n_tok / n, "completions/clipped_ratio": sums["clipped"] / n,
+         **{k: sums[k] / n_tok for k in ("clip_ratio/low", "clip_ratio/high", "clip_ratio/dual",
+                                         "kl_ref") if k in sums},
+         "kl": sums["ppo_kl"] / n_tok, "entropy": sums["stat/entropy"] / n_tok,
+         "loss": sum(sums[f"loss/{k}"] for k in range(len(groups))) / len(groups),
          "grad_norm": sum(grad_norms) / len(grad_norms), "step_time": dt, "tokens_per_s": n_tok / dt,
-         "peak_memory_mb": peak_memory_mb(ids.device)}
-    if "entropy_layer" in stats:
-        m.update({"internal/entropy": stats["entropy_layer"].mean().item(),
-                  "internal/kl_to_policy": stats["kl_layer"].mean().item(),
-                  "internal/cos_to_top": stats["cos_layer"].mean().item()})
+         "peak_memory_mb": peak_memory_mb(device)}
+    if "stat/entropy_layer" in sums:
+        m.update({"internal/entropy": sums["stat/entropy_layer"] / n_tok,
+                  "internal/kl_to_policy": sums["stat/kl_layer"] / n_tok,
+                  "internal/cos_to_top": sums["stat/cos_layer"] / n_tok})
     return m
 
 
@@ -196,16 +263,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 @torch.no_grad()
 def evaluate(model, tok, args) -> dict:
     problems = tasks.problems(args.task, args.eval_problems, seed=args.seed, split="test")
+    mine = list(range(rank(), len(problems), world()))  # a data-parallel rank answers every W-th problem
+    problems = [problems[g] for g in mine]
     prompts = [tok.encode_chat(p.messages()) for p in problems]
     common = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok)
     greedy = generate(model, prompts, 1, args.max_new_tokens, temperature=0.0, **common)
     n = args.eval_samples
-    sampled = generate(model, prompts, n, args.max_new_tokens, temperature=args.temperature, seed=12345, **common)
+    sampled = generate(model, prompts, n, args.max_new_tokens, temperature=args.temperature,
+                       seed=[12345 + g for g in mine], **common)
     correct = torch.tensor([tasks.reward(t, problems[g].answer) for t, g in zip(sampled.text, sampled.group.tolist())])
     c = correct.view(-1, n).sum(1).int().tolist()
-    return {"eval/greedy_acc": sum(tasks.reward(t, p.answer) for t, p in zip(greedy.text, problems)) / len(problems),
-            f"eval/avg@{n}": correct.mean().item(),
-            **{f"eval/pass@{k}": sum(pass_at_k(n, ci, k) for ci in c) / len(c) for k in sorted({1, n})}}
+    ks = sorted({1, n})
+    sums = all_sum({"greedy": sum(tasks.reward(t, p.answer) for t, p in zip(greedy.text, problems)),
+                    "correct": sum(c), **{f"pass@{k}": sum(pass_at_k(n, ci, k) for ci in c) for k in ks}},
+                   greedy.response_ids.device)
+    P = args.eval_problems
+    return {"eval/greedy_acc": sums["greedy"] / P, f"eval/avg@{n}": sums["correct"] / (P * n),
+            **{f"eval/pass@{k}": sums[f"pass@{k}"] / P for k in ks}}
 
 
 # -----------------------------------------------------------------------------
@@ -319,6 +393,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def init_distributed(args) -> str:
+    """Join the torchrun group when there is one (WORLD_SIZE > 1): gloo on a CPU, nccl with one GPU per rank.
+    Returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return args.device
+    cuda = args.device.startswith("cuda")
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else args.device
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    W = world()
+    if args.prompts_per_step % (args.mini_batches * W):
+        raise ValueError(f"--prompts-per-step ({args.prompts_per_step}) must be a multiple of --mini-batches x ranks "
+                         f"({args.mini_batches} x {W}) so that every rank holds whole groups of every mini-batch")
+    if args.eval_every and args.eval_problems < W:
+        raise ValueError(f"--eval-problems ({args.eval_problems}) must be at least the number of ranks ({W})")
+    return device
+
+
 def main(argv=None):
     args = parse_args(argv)
     start, state = 1, None
@@ -335,32 +428,42 @@ def main(argv=None):
         else:
             args.steps = args.steps or 20
             model_dir = args.model
-        if Path(model_dir).resolve() == weights.DEFAULT_MODEL_DIR.resolve():
+        device = init_distributed(args)
+        if Path(model_dir).resolve() == weights.DEFAULT_MODEL_DIR.resolve() and rank() == 0:
             weights.ensure()
-        model = Transformer.from_pretrained(model_dir, device=args.device)
+        if world() > 1:
+            dist.barrier()                                  # rank 0 has built the default model, if it was missing
+        model = Transformer.from_pretrained(model_dir, device=device)
         tok = Tokenizer(model_dir)
-        layer = state["internal_layer"] if state else (
-            resolve_layer(args.internal_layer, model, tok, args) if args.algo == "bupo" else model.config.num_layers)
-        ref = load(args.model, device=args.device)[0] if args.kl_coef > 0 else None
+        layer = model.config.num_layers
+        if state:
+            layer = state["internal_layer"]
+        elif args.algo == "bupo" and rank() == 0:
+            layer = resolve_layer(args.internal_layer, model, tok, args)
+        layer = int(all_sum({"layer": layer if rank() == 0 else 0}, device)["layer"])  # rank 0's choice, everywhere
+        ref = load(args.model, device=device)[0] if args.kl_coef > 0 else None
     except (ModelLoadError, ValueError) as e:
         sys.exit(f"error: {e}")
+    lead = rank() == 0                                      # only rank 0 writes files and prints progress
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     metrics_file = out / "metrics.jsonl"
     if state:
         opt.load_state_dict(state["optimizer"])
+    if lead and state:
         kept = [line for line in metrics_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start]
         analyze.write_atomic(metrics_file, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-    else:
+    elif lead:
+        out.mkdir(parents=True, exist_ok=True)
         analyze.write_atomic(out / "args.json", lambda tmp: tmp.write_text(json.dumps(vars(args), indent=1) + "\n"))
         metrics_file.write_text("")
 
     def log(row):
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if lead:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
     stop = []
 
@@ -374,20 +477,28 @@ def main(argv=None):
     with autocast:
         if start == 1 and args.eval_every:
             log({"step": 0, **evaluate(model, tok, args)})
-        bar = tqdm(range(start, args.steps + 1), initial=start - 1, total=args.steps, desc=args.algo)
-        step = start - 1
+        bar = tqdm(range(start, args.steps + 1), initial=start - 1, total=args.steps, desc=args.algo, disable=not lead)
+        step, stopping = start - 1, False
         for step in bar:
             row = rl_step(model, tok, opt, args, step, layer, ref)
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
                 row.update(evaluate(model, tok, args))
             log(row)
             bar.set_postfix(reward=f"{row['reward']:.2f}", phase=row["phase"], s_step=f"{row['step_time']:.0f}")
-            if step % args.save_every == 0 or step == args.steps or stop:
-                save_checkpoint(model, opt, args, step, layer)
-            if stop:
+            stopping = all_sum({"stop": len(stop)}, device)["stop"] > 0   # every rank stops after the same step
+            if step % args.save_every == 0 or step == args.steps or stopping:
+                if lead:
+                    save_checkpoint(model, opt, args, step, layer)
+                if world() > 1:
+                    dist.barrier()
+            if stopping:
                 break
-    plot_metrics(out)
-    print(f"{'stopped' if stop else 'done'} at step {step}: {metrics_file}, {out / 'curves.png'}, {out / 'checkpoints'}")
+    if lead:
+        plot_metrics(out)
+        print(f"{'stopped' if stopping else 'done'} at step {step}: {metrics_file}, {out / 'curves.png'}, "
+              f"{out / 'checkpoints'}")
+    if world() > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random HF checkpoints written by transformers, and the real default model."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -42,6 +43,19 @@ def tiny_dirs(tmp_path_factory):
             make_hf_model(arch, tied).save_pretrained(d)
             dirs[arch, tied] = d
     return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory, default_model_dir):
+    """A tiny random llama that speaks the default model's tokenizer, for train.py end to end."""
+    import transformers as tf
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-chat")
+    cfg = tf.LlamaConfig(**{**TINY, "vocab_size": 49152}, tie_word_embeddings=True, eos_token_id=2)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, d / name)
+    return d
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,10 @@ def test_batch_equals_each_prompt_alone(tiny, temperature):
             assert b["response_ids"] == a["response_ids"] and b["finish_reason"] == a["finish_reason"]
             assert b["logprobs"] == pytest.approx(a["logprobs"], abs=1e-5)
     assert len({tuple(r["response_ids"]) for r in batch}) > len(prompts) or temperature == 0.0
+    # a list of seeds: what a data-parallel rank passes for its share (prompts 1 and 3 of the call above)
+    share = generate(tiny, [prompts[1], prompts[3]], 3, 30, temperature=temperature, stop_ids=stop,
+                     seed=[101, 103]).records()
+    assert [r["response_ids"] for r in share] == [r["response_ids"] for r in batch[3:6] + batch[9:12]]
 
 
 def test_logprobs_equal_a_fresh_forward_pass(tiny):
@@ -146,3 +150,5 @@ def test_bad_arguments(tiny):
         generate(tiny, [[1, 2], []], 2, 5)
     with pytest.raises(ValueError, match="must be at least 1"):
         generate(tiny, [[1, 2]], 2, 0)
+    with pytest.raises(ValueError, match="give one seed per prompt"):
+        generate(tiny, [[1, 2], [3]], 2, 5, seed=[1])

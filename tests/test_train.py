@@ -1,7 +1,6 @@
 """GRPO/BuPO objective against hand-computed numbers; phase-1 gradients; train.py end to end and resume."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ import torch
 import bupo
 import tasks
 import train
-from conftest import TINY
 from model import Transformer
 
 
@@ -118,18 +116,6 @@ def test_internal_logprobs_at_L_are_the_policy(tiny_dirs):
 
 # -----------------------------------------------------------------------------
 # train.py end to end on a tiny random model that speaks the default model's tokenizer
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory, default_model_dir):
-    import transformers as tf
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-chat")
-    cfg = tf.LlamaConfig(**{**TINY, "vocab_size": 49152}, tie_word_embeddings=True, eos_token_id=2)
-    tf.LlamaForCausalLM(cfg).save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir / name, d / name)
-    return d
-
 
 @pytest.fixture
 def length_reward(monkeypatch):
