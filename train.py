@@ -33,7 +33,8 @@ optimizer, samples a 1/W share of each mini-batch's prompts with the seeds one p
 gradients are summed across ranks before every optimizer step (the loss is normalised by the token count of all
 ranks), so W ranks compute what one process computes, up to the order of float sums (tested). Metrics and
 evaluations are reduced across ranks; only rank 0 writes files. --prompts-per-step must be a multiple of
---mini-batches x W. Under torchrun a Ctrl-C stops at once: resume from the last checkpoint.
+--mini-batches x W. torchrun passes a Ctrl-C on to every rank, and they stop after the same step and save, but
+it kills them 30 s later: a longer step is lost, and --resume starts from the last checkpoint.
 Metrics (OUT/metrics.jsonl, one line per step, TRL's names where TRL has one): reward, reward_std,
 frac_reward_zero_std, completions/mean_length, completions/clipped_ratio, clip_ratio/low|high|dual,
 kl (verl's ppo_kl: mean -log ratio, new vs. old policy, over the updates), kl_ref (with --kl-coef), entropy
