@@ -71,10 +71,10 @@ def read_responses(path, tokenizer=None) -> list[tuple[list[int], list[int]]]:
     return pairs
 
 
-def sample_responses(model, tok, task: str, n: int, max_new_tokens: int, seed: int):
+def sample_responses(model, tok, task: str, n: int, max_new_tokens: int, seed: int, shots: int = 0):
     """The model's own answers to n problems of `task` (T = 1, one answer each)."""
     from rollout import generate
-    prompts = [tok.encode_chat(p.messages()) for p in tasks.problems(task, n, seed, split="test")]
+    prompts = [tok.encode_chat(tasks.chat(p, task, shots)) for p in tasks.problems(task, n, seed, split="test")]
     ro = generate(model, prompts, 1, max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                   seed=seed, progress=True)
     return [(r["prompt_ids"], r["response_ids"]) for r in ro.records()]
@@ -219,6 +219,7 @@ def main():
     add_model_args(p)
     p.add_argument("--out", default="runs/analysis", help="output folder for entropy.json and the plots")
     p.add_argument("--task", default="word", choices=sorted(tasks.TASKS), help="problems the model answers")
+    p.add_argument("--shots", type=int, default=0, choices=[0, 1], help="worked examples before each question")
     p.add_argument("-n", "--num-responses", type=int, default=16, help="how many problems the model answers")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest response to sample")
     p.add_argument("--responses", default=None, help="JSONL file of responses to analyse instead of sampling")
@@ -237,7 +238,8 @@ def main():
         model, tok = load(args.model, getattr(torch, args.dtype), args.device)
         t0 = time.perf_counter()
         pairs = (read_responses(args.responses, tok) if args.responses else
-                 sample_responses(model, tok, args.task, args.num_responses, args.max_new_tokens, args.seed))
+                 sample_responses(model, tok, args.task, args.num_responses, args.max_new_tokens, args.seed,
+                                  args.shots))
         flow, heat = analyze(model, pairs, norm=args.norm == "final")
     except (ModelLoadError, InputError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -8,8 +8,11 @@ Tasks with exact answers, generated offline from a seed: prompts for the analysi
 Every problem is asked with the authors' system prompt (BUPO.md 3.1), so the answer is expected in \\boxed{}.
 Departure: the user message also ends with FORMAT_HINT ("... for example \\boxed{5}."); without it the small
 offline models almost never write \\boxed{} (SmolLM2-135M: 0 of 64 answers), so every reward would be 0 and RL
-would have nothing to learn from. Answers are
-and scored by the authors' reward: 1 if the content of the LAST \\boxed{...} (or "\\boxed ...") of the response,
+would have nothing to learn from. With shots=1 (train.py and analyze.py --shots 1) one worked example of the
+task (DEMOS: a training-split question, a one-line solution ending in \\boxed{}) comes before the question as
+an earlier user / assistant turn; this raises SmolLM2-135M's base rate on `add` from about 1% to about 30%
+(T = 1, 128 samples), so that most groups of 8 hold both a right and a wrong answer. Answers are
+scored by the authors' reward: 1 if the content of the LAST \\boxed{...} (or "\\boxed ...") of the response,
 after the Hendrycks MATH string normalisation, equals the normalised answer, else 0 (no box: 0). The reward
 functions are pure, never raise and never evaluate anything; their cost is linear in the response length.
 Train and test are disjoint by construction: a question belongs to the test split when the CRC-32 of its
@@ -29,8 +32,12 @@ class Problem:
     question: str
     answer: str
 
-    def messages(self, system: bool = True) -> list[dict]:
+    def messages(self, system: bool = True, demo: tuple[str, str] | None = None) -> list[dict]:
+        """The chat of the problem: the authors' system prompt, then, given a demo (question, solution), that
+        worked example as an earlier turn, then the question with FORMAT_HINT."""
         head = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
+        if demo:
+            head += [{"role": "user", "content": f"{demo[0]} {FORMAT_HINT}"}, {"role": "assistant", "content": demo[1]}]
         return head + [{"role": "user", "content": f"{self.question} {FORMAT_HINT}"}]
 
 
@@ -77,6 +84,20 @@ def word(rng: random.Random) -> Problem:
 
 
 TASKS = {"add": add, "arithmetic": arithmetic, "word": word}
+# one worked example per task for --shots 1, each a training-split question (tested), never a test one
+DEMOS = {
+    "add": ("What is 2 + 3?", "2 + 3 = 5. The answer is \\boxed{5}."),
+    "arithmetic": ("What is 12 + 4 * 3?", "4 * 3 = 12, and 12 + 12 = 24. The answer is \\boxed{24}."),
+    "word": ("Mia has 7 shells. Sam gives Mia 5 more. How many shells does Mia have now?",
+             "Mia has 7 + 5 = 12 shells. The answer is \\boxed{12}."),
+}
+
+
+def chat(problem: Problem, task: str, shots: int = 0) -> list[dict]:
+    """The messages of a problem of `task` with `shots` (0 or 1) worked examples before it."""
+    if shots not in (0, 1):
+        raise ValueError(f"--shots must be 0 or 1, not {shots}")
+    return problem.messages(demo=DEMOS[task] if shots else None)
 
 
 def problems(task: str, n: int, seed: int = 0, split: str = "train") -> list[Problem]:

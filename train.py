@@ -177,7 +177,7 @@ def rl_step(model, tok, opt, args, step, layer, ref=None):
     problems = tasks.problems(args.task, args.prompts_per_step, seed=args.seed * 1_000_003 + step)
     mine = my_prompts(len(problems), args)              # all of them in a single process
     problems = [problems[g] for g in mine]
-    prompts = [tok.encode_chat(p.messages()) for p in problems]
+    prompts = [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems]
     first_seed = (args.seed << 32) + step * args.prompts_per_step     # prompt g of the step: first_seed + g
     ro = generate(model, prompts, G, args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
                   pad_id=tok.pad_id, seed=[first_seed + g for g in mine], tokenizer=tok)
@@ -266,7 +266,7 @@ def evaluate(model, tok, args) -> dict:
     problems = tasks.problems(args.task, args.eval_problems, seed=args.seed, split="test")
     mine = list(range(rank(), len(problems), world()))  # a data-parallel rank answers every W-th problem
     problems = [problems[g] for g in mine]
-    prompts = [tok.encode_chat(p.messages()) for p in problems]
+    prompts = [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems]
     common = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok)
     greedy = generate(model, prompts, 1, args.max_new_tokens, temperature=0.0, **common)
     n = args.eval_samples
@@ -346,7 +346,8 @@ def resolve_layer(value: str, model, tok, args) -> int:
             raise ValueError(f"{args.analysis}: not a readable entropy.json ({e})") from None
     else:
         print("--internal-layer auto: analysing 8 responses to find the boundary layer ...", file=sys.stderr)
-        pairs = analyze.sample_responses(model, tok, args.task, 8, min(args.max_new_tokens, 64), args.seed)
+        pairs = analyze.sample_responses(model, tok, args.task, 8, min(args.max_new_tokens, 64), args.seed,
+                                         args.shots)
         result = analyze.summarize(Path(args.model).name, model, analyze.analyze(model, pairs)[0], 8, False)
     layer = result["internal_layer"]
     why = ("the boundary layer (last layer with mean dH_mlp > 0)" if result["internal_layer_rule"] == "boundary" else
@@ -368,6 +369,7 @@ def parse_args(argv=None):
     a("--internal-steps", type=int, default=2, help="s_inter: steps 1..s_inter optimise pi^l (the authors: 30 of 300)")
     a("--steps", type=int, default=None, help="RL steps in total (default 20; with --resume, the saved run's)")
     a("--task", default="arithmetic", choices=sorted(tasks.TASKS), help="the training and evaluation task")
+    a("--shots", type=int, default=0, choices=[0, 1], help="1: a worked example of the task before each question")
     a("--prompts-per-step", type=int, default=8, help="P prompts per step (the authors: 128)")
     a("--group-size", type=int, default=8, help="G responses per prompt (the authors: 8)")
     a("--mini-batches", type=int, default=4, help="optimizer steps per RL step (the authors: 4)")
@@ -423,7 +425,7 @@ def main(argv=None):
                 raise ValueError(f"{args.resume}: no checkpoints/step_* to resume from")
             state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
             steps, out = args.steps, args.resume
-            args = argparse.Namespace(**state["args"])
+            args = argparse.Namespace(**{**vars(parse_args([])), **state["args"]})  # + flags added since
             args.steps, args.out, start = steps or args.steps, out, state["step"] + 1
             model_dir = ckpt
         else:

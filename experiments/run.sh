@@ -3,6 +3,7 @@
 # Qwen2-architecture one, sized for a 2-core CPU. Each line of RUNS is one run; they go JOBS at a time, one thread
 # each, into runs/exp/NAME. Then `python experiments/report.py` writes the tables and plots of experiments/results/.
 #   bash experiments/run.sh                 # everything (about 1.5 h on 2 cores)
+#   SEEDS="3 4" bash experiments/run.sh grpo-s3 bupo-s3 grpo-s4 bupo-s4   # more seeds
 #   bash experiments/run.sh grpo-s1 bupo-s1 # only the named runs
 #   JOBS=1 DEVICE=cuda bash experiments/run.sh   # one at a time, on a GPU
 set -euo pipefail
@@ -12,19 +13,22 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 JOBS=${JOBS:-2}
 DEVICE=${DEVICE:-cpu}
 QWEN=models/qwen2.5-coder-0.5b-instruct
-# the shared budget of every training run: task add, 10 steps x 4 prompts x 8 responses, 32 tokens, 4 updates/step
-TRAIN="train.py --task add --steps 10 --prompts-per-step 4 --group-size 8 --max-new-tokens 32 --lr 3e-5"
+# the shared budget of every training run: task add with one worked example (--shots 1), 10 steps x 8 prompts x
+# 8 responses of at most 32 tokens, 4 updates per step, lr 2e-5; held-out evaluation before and after
+TRAIN="train.py --task add --shots 1 --steps 10 --prompts-per-step 8 --group-size 8 --max-new-tokens 32 --lr 2e-5"
 TRAIN="$TRAIN --eval-every 10 --eval-problems 32 --eval-samples 4 --save-every 10 --keep-checkpoints 1 --device $DEVICE"
+AUTO="--internal-layer auto --analysis runs/exp/flow-smollm2/entropy.json"
 RUNS=(
-  "flow-smollm2 analyze.py --out runs/exp/flow-smollm2 --task add -n 16 --max-new-tokens 48 --device $DEVICE"
-  "flow-qwen2.5 analyze.py --model $QWEN --out runs/exp/flow-qwen2.5 --task add -n 8 --max-new-tokens 48 --device $DEVICE"
+  "flow-smollm2 analyze.py --out runs/exp/flow-smollm2 --task add --shots 1 -n 32 --max-new-tokens 32 --device $DEVICE"
+  "flow-qwen2.5 analyze.py --model $QWEN --out runs/exp/flow-qwen2.5 --task add --shots 1 -n 16 --max-new-tokens 32 --device $DEVICE"
 )
-for seed in 0 1 2; do
+for seed in ${SEEDS:-0 1 2}; do   # GRPO against BuPO at the auto layer, s_inter = 1 (the authors' 10% of the steps)
   RUNS+=("grpo-s$seed $TRAIN --algo grpo --seed $seed --out runs/exp/grpo-s$seed"
-         "bupo-s$seed $TRAIN --algo bupo --internal-layer auto --analysis runs/exp/flow-smollm2/entropy.json --internal-steps 3 --seed $seed --out runs/exp/bupo-s$seed")
+         "bupo-s$seed $TRAIN --algo bupo $AUTO --internal-steps 1 --seed $seed --out runs/exp/bupo-s$seed")
 done
-RUNS+=("bupo-l15-s0 $TRAIN --algo bupo --internal-layer 15 --internal-steps 3 --seed 0 --out runs/exp/bupo-l15-s0"
-       "bupo-long-s0 $TRAIN --algo bupo --internal-layer auto --analysis runs/exp/flow-smollm2/entropy.json --internal-steps 10 --seed 0 --out runs/exp/bupo-long-s0")
+RUNS+=("bupo-l15-s0 $TRAIN --algo bupo --internal-layer 15 --internal-steps 1 --seed 0 --out runs/exp/bupo-l15-s0"
+       "bupo-inter3-s0 $TRAIN --algo bupo $AUTO --internal-steps 3 --seed 0 --out runs/exp/bupo-inter3-s0"
+       "bupo-inter10-s0 $TRAIN --algo bupo $AUTO --internal-steps 10 --seed 0 --out runs/exp/bupo-inter10-s0")
 
 selected=("$@")
 run_one() {  # NAME ARGS...: one run, its log in runs/exp/NAME.log; an existing finished run is kept

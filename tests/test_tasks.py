@@ -17,6 +17,22 @@ def test_problems_are_reproducible_and_splits_disjoint(task):
         assert p.messages()[1]["content"] == f"{p.question} {tasks.FORMAT_HINT}"
 
 
+@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+def test_worked_examples_are_right_and_never_test_questions(task):
+    question, solution = tasks.DEMOS[task]
+    test = {p.question for p in tasks.problems(task, 10 if task == "add" else 500, seed=0, split="test")}
+    assert question not in test and tasks.zlib.crc32(question.encode()) % tasks.TEST_EVERY != 0
+    answer = solution.split("\\boxed{")[1].rstrip("}.")
+    assert tasks.reward(solution, answer) == 1.0
+    p = tasks.problems(task, 1, seed=0)[0]
+    chat = tasks.chat(p, task, shots=1)
+    assert [m["role"] for m in chat] == ["system", "user", "assistant", "user"]
+    assert chat[1]["content"] == f"{question} {tasks.FORMAT_HINT}" and chat[2]["content"] == solution
+    assert chat[3] == p.messages()[1] and tasks.chat(p, task) == p.messages()
+    with pytest.raises(ValueError, match="--shots must be 0 or 1"):
+        tasks.chat(p, task, shots=2)
+
+
 def test_answers_are_right():
     for p in tasks.problems("arithmetic", 200, seed=1) + tasks.problems("add", 50, seed=1):
         expr = p.question.removeprefix("What is ").removesuffix("?")

@@ -183,7 +183,7 @@ def test_resume_is_exact(tiny_chat_model, tmp_path, length_reward):
 
 def test_kl_penalty_in_both_phases(tiny_chat_model, tmp_path, length_reward):
     rows = run(tiny_chat_model, tmp_path / "kl", "--steps", "2", "--internal-steps", "1", "--kl-coef", "0.1",
-               "--eval-every", "0")
+               "--eval-every", "0", "--shots", "1")
     assert [r["phase"] for r in rows] == ["internal", "full"]
     assert all(math.isfinite(r["kl_ref"]) and r["kl_ref"] >= 0 for r in rows)  # k3 is non-negative
 
