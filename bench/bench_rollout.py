@@ -49,9 +49,10 @@ def memory_bandwidth() -> float:
     return x.numel() * 4 / timed(lambda: x.sum(), 3)
 
 
-def peak_flops(dtype) -> float:
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    return 2 * 2048**3 / timed(lambda: a @ b, 3)
+def peak_flops(dtype, device="cpu") -> float:
+    a, b = (torch.randn(2048, 2048, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    return 2 * 2048**3 / timed(lambda: (a @ b, sync()), 3)
 
 
 def weight_bytes(model) -> int:

@@ -3,6 +3,7 @@ Tables and plots of the experiments, from the runs that experiments/run.sh write
 
     python experiments/report.py                     # runs/exp -> experiments/results/
     python experiments/report.py --runs DIR --out DIR
+    python experiments/report.py --cost runs/cost      # the step costs that experiments/cost.sh measures
 
 Writes OUT/results.md (the tables of README's Experiments section), OUT/flow.png (entropy flow of both models
 against relative depth), OUT/training.png (reward and held-out accuracy, mean and spread over seeds, and the
@@ -148,7 +149,7 @@ def cost_table(configs: dict) -> str:
                 rows.append([cfg, phase, len(rs), mean_sd([r["step_time"] for r in rs], "{:.0f}"),
                              mean_sd([r["tokens_per_s"] for r in rs], "{:.1f}"),
                              f"{max(r['peak_memory_mb'] for r in rs):.0f}"])
-    return table(["config", "phase", "steps", "s/step", "response tokens/s", "peak RSS MiB"], rows)
+    return table(["config", "phase", "steps", "s/step", "response tokens/s", "peak memory MiB"], rows)
 
 
 def plot_training(configs: dict, out: Path, plt):
@@ -185,7 +186,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/exp", help="the folder experiments/run.sh writes into")
     p.add_argument("--out", default="experiments/results", help="where the tables, plots and copies go")
+    p.add_argument("--cost", default=None, help="a folder of experiments/cost.sh: write OUT/cost.md only")
     args = p.parse_args()
+    if args.cost:
+        runs = {k: [v] for k, v in read_runs(Path(args.cost)).items() if "rows" in v}
+        text = "### Cost of one step, measured alone\n\n" + cost_table(runs) + "\n"
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(args.out) / "cost.md", lambda tmp: tmp.write_text(text))
+        for name in runs:
+            (Path(args.out) / "cost" / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(args.cost) / name / "metrics.jsonl", Path(args.out) / "cost" / name / "metrics.jsonl")
+        print(text)
+        return
     root, out = Path(args.runs), Path(args.out)
     if not root.is_dir():
         sys.exit(f"error: {root} does not exist; run experiments/run.sh first")
