@@ -112,12 +112,16 @@ def eval_table(configs: dict) -> str:
         evals = [[r for r in run["rows"] if "eval/greedy_acc" in r] for run in runs]
         n = runs[0]["args"]["eval_samples"]
         cell = lambda i, k: mean_sd([e[i][k] for e in evals if len(e) > abs(i)])  # noqa: E731
-        train_first = mean_sd([statistics.mean(r["reward"] for r in run["rows"][1:3]) for run in runs])
-        train_last = mean_sd([statistics.mean(r["reward"] for r in run["rows"][-2:]) for run in runs])
-        rows.append([cfg, describe(runs[0]), len(runs), train_first, train_last,
+        train = [[r for r in run["rows"] if "reward" in r] for run in runs]
+        mean_reward = mean_sd([statistics.mean(r["reward"] for r in tr) for tr in train])
+        to_09 = [next((r["step"] for r in tr if r["reward"] >= 0.9), None) for tr in train]
+        reached = [s for s in to_09 if s is not None]
+        to_09 = (mean_sd(reached, "{:.1f}") if reached else "never") + (f" ({len(reached)} of {len(train)})"
+                                                                    if len(reached) < len(train) else "")
+        rows.append([cfg, describe(runs[0]), len(runs), mean_reward, to_09,
                      cell(0, "eval/greedy_acc"), cell(-1, "eval/greedy_acc"), cell(0, f"eval/avg@{n}"),
                      cell(-1, f"eval/avg@{n}"), cell(0, f"eval/pass@{n}"), cell(-1, f"eval/pass@{n}")])
-    return table(["config", "algorithm", "seeds", "train reward, steps 1-2", "train reward, last 2",
+    return table(["config", "algorithm", "seeds", "train reward, mean over the steps", "first step with reward ≥ 0.9",
                   "greedy acc before", "greedy acc after", "avg@4 before", "avg@4 after", "pass@4 before",
                   "pass@4 after"], rows)
 
@@ -125,7 +129,7 @@ def eval_table(configs: dict) -> str:
 def internal_table(configs: dict) -> str:
     rows = []
     for cfg, runs in configs.items():
-        for run in runs:
+        for run in (r for r in runs if r["args"]["algo"] == "bupo"):
             tr = [r for r in run["rows"] if "reward" in r]
             last = tr[-1]
             p1 = [r for r in tr if r["phase"] == "internal"]
