@@ -6,8 +6,8 @@ cd "$(dirname "$0")"
 bash setup.sh
 PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT=runs/quickstart
-"$PY" analyze.py --out "$OUT/analysis" --task add -n 8 --max-new-tokens 48
-"$PY" train.py --algo bupo --analysis "$OUT/analysis/entropy.json" --out "$OUT/bupo" --task add \
+"$PY" analyze.py --out "$OUT/analysis" --task add --shots 1 -n 8 --max-new-tokens 48
+"$PY" train.py --algo bupo --analysis "$OUT/analysis/entropy.json" --out "$OUT/bupo" --task add --shots 1 \
   --steps 6 --internal-steps 2 --prompts-per-step 4 --group-size 8 --max-new-tokens 40 --lr 2e-5 \
   --eval-every 3 --eval-problems 16 --eval-samples 4 --save-every 6 "$@"
 echo "analysis: $OUT/analysis/entropy.json flow.png dH.png heatmap.png"

@@ -156,28 +156,36 @@ def cost_table(configs: dict) -> str:
     return table(["config", "phase", "steps", "s/step", "response tokens/s", "peak memory MiB"], rows)
 
 
+def series(runs: list, key: str):
+    """(steps, mean, min, max) over seeds of a per-step metric."""
+    steps = sorted({r["step"] for run in runs for r in run["rows"] if key in r})
+    vals = [[r[key] for run in runs for r in run["rows"] if r["step"] == s and key in r] for s in steps]
+    return steps, [statistics.mean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
 def plot_training(configs: dict, out: Path, plt):
     fig, axes = plt.subplots(1, 3, figsize=(17, 3.8))
-    for cfg, runs in configs.items():
-        steps = sorted({r["step"] for run in runs for r in run["rows"] if "reward" in r})
-        for ax, key in ((axes[0], "reward"), (axes[2], "internal/entropy")):
-            vals = [[next((r[key] for r in run["rows"] if r["step"] == s and key in r), None) for run in runs] for s in steps]
-            pts = [(s, [v for v in vs if v is not None]) for s, vs in zip(steps, vals)]
-            pts = [(s, vs) for s, vs in pts if vs]
-            if not pts:
-                continue
-            xs, mu = [s for s, _ in pts], [statistics.mean(vs) for _, vs in pts]
-            line, = ax.plot(xs, mu, marker=".", label=f"{cfg} ({len(runs)} seeds)")
-            if len(runs) > 1:
-                lo = [min(vs) for _, vs in pts]
-                hi = [max(vs) for _, vs in pts]
-                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
-        evals = [[(r["step"], r["eval/greedy_acc"]) for r in run["rows"] if "eval/greedy_acc" in r] for run in runs]
-        for e in evals:
-            axes[1].plot(*zip(*e), marker="o", alpha=0.6, label=cfg if e is evals[0] else None)
+    width = 0.8 / len(configs)
+    for i, (cfg, runs) in enumerate(configs.items()):
+        steps, mu, lo, hi = series(runs, "reward")
+        line, = axes[0].plot(steps, mu, marker=".", label=f"{cfg} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        c = line.get_color()
+        if len(runs) > 1:
+            axes[0].fill_between(steps, lo, hi, color=c, alpha=0.12)
+        evals = [[r["eval/greedy_acc"] for r in run["rows"] if "eval/greedy_acc" in r] for run in runs]
+        for j in (0, 1):                                   # before and after, mean and spread over seeds
+            v = [e[0 if j == 0 else -1] for e in evals]
+            axes[1].bar(j + (i - (len(configs) - 1) / 2) * width, statistics.mean(v), width, color=c,
+                        yerr=statistics.stdev(v) if len(v) > 1 else 0, capsize=3, label=cfg if j else None)
+        for key, ls in (("entropy", "-"), ("internal/entropy", "--")):
+            steps, mu, _, _ = series(runs, key)
+            if steps:
+                axes[2].plot(steps, mu, ls=ls, color=c, label=f"{cfg}: {'H(π_θ)' if key == 'entropy' else 'H(π^l)'}")
     axes[0].set(xlabel="step", ylabel="train reward", title="train reward (mean, min-max over seeds)")
-    axes[1].set(xlabel="step", ylabel="greedy accuracy", title="held-out greedy accuracy, each seed")
-    axes[2].set(xlabel="step", ylabel="nats", title="H(π^l) of the BuPO runs")
+    axes[1].set(xticks=[0, 1], xticklabels=["before", "after"], ylabel="greedy accuracy",
+                title="held-out greedy accuracy (mean ± std over seeds)")
+    axes[2].set(xlabel="step", ylabel="nats", title="entropy of the policy and of π^l (mean over seeds)")
+    axes[2].set_yscale("log")
     for ax in axes:
         ax.legend(fontsize=7)
     write_atomic(out / "training.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
