@@ -228,6 +228,7 @@ def main():
     p.add_argument("--compare", default=None, help="another entropy.json to overlay on the plots")
     p.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampler")
     args = p.parse_args()
+    torch.set_flush_denormal(True)  # subnormal softmax tails of the un-normed policies are slow on CPUs (train.py)
     try:
         other = None
         if args.compare:

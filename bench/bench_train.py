@@ -10,8 +10,8 @@ random. Both sides run the same loss code (bupo.policy_loss, token-mean); ours t
 train.response_logprobs, transformers' side with a log-softmax of its full logits. `--dtype bfloat16` is bf16
 autocast over fp32 weights, as train.py runs on a GPU. Ours is also timed for BuPO's phase 1 at --layer, where
 the forward stops after block l. It prints, per case, response tokens/s, all tokens/s (prompt + response) and the
-model FLOPs utilisation, MFU = 3 x forward FLOPs per token x tokens/s / peak FLOP/s, where the forward FLOPs
-per token are counted as in bench_rollout.py (phase 1: the unembedding and l of the L blocks) and the peak is measured on a matmul here, or given with
+model FLOPs utilisation, MFU = 3 x useful forward FLOPs / step time / peak FLOP/s: the blocks (counted as in
+bench_rollout.py; phase 1: l of the L blocks) on every token, the unembedding on the response positions only and the peak is measured on a matmul here, or given with
 --peak-tflops (e.g. 989 for an H100 SXM in bf16, its dense peak).
 transformers is a test-only dependency of the project; this script needs it installed (bash setup.sh --test).
 """
@@ -66,6 +66,7 @@ def main():
     p.add_argument("--repeat", type=int, default=3, help="timed runs per case (the best is kept), after a warm-up")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for the MFU (default: measured)")
     args = p.parse_args()
+    torch.set_flush_denormal(True)  # as train.py does
     from transformers import AutoModelForCausalLM
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype)
@@ -93,9 +94,10 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         dt = timed(run, args.repeat)
         n_resp, n_all = int(mask[:, Tp:].sum()), int(mask.sum())
-        # forward FLOPs per token: the unembedding, plus the blocks that run (phase 1: l of L); x3 with backward
+        # the useful forward FLOPs: the blocks that run (phase 1: l of L) on every token, the unembedding on the
+        # response positions only (transformers computes it everywhere: its extra work is not counted); x3 with backward
         head = 2 * model.lm_head.weight.numel()
-        flops = 3 * (head + (flops_per_token(model, context) - head) * depth / L) * n_all
+        flops = 3 * ((flops_per_token(model, context) - head) * depth / L * n_all + head * n_resp)
         mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
         print(f"{name:28s} {dt * 1000:8.1f} ms/step  {n_resp / dt:9.1f} response tok/s  {n_all / dt:9.1f} tok/s  "
               f"MFU {100 * flops / dt / peak:5.1f}%{mem}", flush=True)
