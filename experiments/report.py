@@ -91,11 +91,15 @@ def plot_flow(flows: dict, out: Path, plt):
 # -----------------------------------------------------------------------------
 # training
 
+ORDER = ["grpo", "bupo", "bupo-l15", "bupo-inter3", "bupo-inter10"]  # experiments/run.sh's, others after
+
+
 def by_config(train: dict) -> dict:
     configs = {}
     for name, r in train.items():
         configs.setdefault(config_of(name), []).append(r)
-    return configs
+    rank = lambda c: (ORDER.index(c) if c in ORDER else len(ORDER), c)  # noqa: E731
+    return {c: configs[c] for c in sorted(configs, key=rank)}
 
 
 def describe(run: dict) -> str:
@@ -124,6 +128,21 @@ def eval_table(configs: dict) -> str:
     return table(["config", "algorithm", "seeds", "train reward, mean over the steps", "first step with reward ≥ 0.9",
                   "greedy acc before", "greedy acc after", "avg@4 before", "avg@4 after", "pass@4 before",
                   "pass@4 after"], rows)
+
+
+def seed_table(configs: dict, seed: int = 0) -> str:
+    """The ablations have one seed: every configuration's run of that seed, side by side."""
+    rows = []
+    for cfg, runs in configs.items():
+        for run in (r for r in runs if r["args"]["seed"] == seed):
+            tr = [r for r in run["rows"] if "reward" in r]
+            ev = [r for r in run["rows"] if "eval/greedy_acc" in r][-1]
+            n = run["args"]["eval_samples"]
+            rows.append([cfg, describe(run), f"{statistics.mean(r['reward'] for r in tr):.3f}",
+                         next((r["step"] for r in tr if r["reward"] >= 0.9), "never"), f"{tr[-1]['reward']:.3f}",
+                         f"{ev['eval/greedy_acc']:.3f}", f"{ev[f'eval/avg@{n}']:.3f}", f"{ev[f'eval/pass@{n}']:.3f}"])
+    return table(["config", "algorithm", "train reward, mean", "first step ≥ 0.9", "last step's reward",
+                  "greedy acc after", "avg@4 after", "pass@4 after"], rows)
 
 
 def internal_table(configs: dict) -> str:
@@ -229,6 +248,7 @@ def main():
         configs = by_config(train)
         plot_training(configs, out, plt)
         parts += ["### Held-out accuracy before and after training", eval_table(configs),
+                  "### Seed 0 of every configuration (the ablations have this seed only)", seed_table(configs),
                   "### The internal policy during training", internal_table(configs),
                   "### Cost", cost_table(configs)]
     if unfinished:
