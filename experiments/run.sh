@@ -49,6 +49,6 @@ pick() {  # the lines of RUNS that were asked for (all by default) and match gre
 }
 # JOBS at a time: first the runs that need nothing, then those that read flow-smollm2's entropy.json
 NEEDS=runs/exp/flow-smollm2/entropy.json
-pick -v "$NEEDS" | xargs -P "$JOBS" -L 1 bash -c 'run_one "$0" "$@"'
-pick "$NEEDS" | xargs -P "$JOBS" -L 1 bash -c 'run_one "$0" "$@"'
+pick -v "$NEEDS" | xargs -r -P "$JOBS" -L 1 bash -c 'run_one "$0" "$@"'
+pick "$NEEDS" | xargs -r -P "$JOBS" -L 1 bash -c 'run_one "$0" "$@"'
 "$PY" experiments/report.py
