@@ -1,0 +1,53 @@
+"""experiments/report.py on a small synthetic runs folder: tables, spreads over seeds, plots, copies."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_run(d: Path, algo: str, seed: int, rewards: list[float], layer: int = 29):
+    d.mkdir(parents=True)
+    (d / "args.json").write_text(json.dumps({"algo": algo, "seed": seed, "eval_samples": 4, "internal_steps": 1,
+                                             "internal_layer": "auto"}))
+    rows = [{"step": 0, "eval/greedy_acc": 0.5, "eval/avg@4": 0.25, "eval/pass@4": 0.5}]
+    for step, r in enumerate(rewards, 1):
+        internal = algo == "bupo" and step == 1
+        row = {"step": step, "phase": "internal" if internal else "full", "policy_layer": layer if internal else 30,
+               "reward": r, "frac_reward_zero_std": 0.5, "entropy": 0.5, "completions/mean_length": 20.0,
+               "step_time": 10.0, "tokens_per_s": 5.0, "peak_memory_mb": 100.0}
+        if algo == "bupo":
+            row.update({"internal/entropy": 0.1, "internal/kl_to_policy": 20.0, "internal/cos_to_top": 0.6})
+        rows.append(row)
+    rows[-1].update({"eval/greedy_acc": rewards[-1], "eval/avg@4": rewards[-1], "eval/pass@4": 1.0})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / ".done").touch()
+
+
+def test_report_tables(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    fake_run(runs / "grpo-s0", "grpo", 0, [0.2, 0.95])
+    fake_run(runs / "grpo-s1", "grpo", 1, [0.4, 0.8])
+    fake_run(runs / "bupo-s0", "bupo", 0, [0.3, 0.9])
+    fake_run(runs / "bupo-s1", "bupo", 1, [0.3, 0.7])
+    (runs / "unfinished-s0").mkdir()
+    (runs / "unfinished-s0" / "args.json").write_text("{}")
+    (runs / "unfinished-s0" / "metrics.jsonl").write_text("")
+    layers = [{"layer": l, "H_resid": 11.0 - l, "dH_mlp": 0.1 if l < 2 else -0.1, "dH_attn": 0.0} for l in (1, 2, 3, 4)]
+    (runs / "flow-x").mkdir()
+    (runs / "flow-x" / "entropy.json").write_text(json.dumps({
+        "model": "x", "num_layers": 4, "num_tokens": 10, "layers": layers, "H_policy": 7.0, "boundary_layer": 1,
+        "internal_layer": 1, "internal_layer_rule": "boundary"}))
+    done = subprocess.run([sys.executable, "experiments/report.py", "--runs", str(runs), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = (out / "results.md").read_text()
+    # grpo over 2 seeds: mean reward (0.575 and 0.6) -> 0.588 ± 0.018; first step >= 0.9 reached by 1 of 2
+    assert "| grpo | GRPO | 2 | 0.588 ± 0.018 | 2.0 (1 of 2) |" in text
+    assert "| bupo | BuPO l=29 (auto), s_inter=1 | 2 |" in text
+    assert "| flow-x | 4 | 10 | 10.00 |" in text and "1 (boundary)" in text
+    assert "Not finished, left out: unfinished-s0" in text
+    assert text.index("| grpo |") < text.index("| bupo |")            # the order of experiments/run.sh
+    for f in ("flow.png", "training.png", "runs/grpo-s1/metrics.jsonl", "runs/flow-x/entropy.json"):
+        assert (out / f).stat().st_size > 0
