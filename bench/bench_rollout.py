@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import weights  # noqa: E402
 from chat import load  # noqa: E402
-from rollout import generate  # noqa: E402
+from rollout import generate, left_pad  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 + 25?",
            "Explain photosynthesis to a child in two sentences.", "List three prime numbers larger than 50.",
@@ -100,9 +100,8 @@ def main():
         prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in PROMPTS[:args.prompts]]
         for P, G in ((1, 1), (args.prompts, args.group_size)):
             batch = prompts[:P]
-            T = max(len(x) for x in batch)
-            ids = torch.tensor([[0] * (T - len(x)) + x for x in batch])
-            mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in batch])
+            ids, mask = left_pad(batch, 0, "cpu")
+            T = ids.shape[1]
             stop = tok.stop_ids if args.stop else ()
             made = {}  # tokens produced by the timed run of each side
             ours = timed(lambda: made.update(ours=int(generate(model, batch, G, args.new_tokens, stop_ids=stop,

@@ -26,18 +26,17 @@ import bupo  # noqa: E402
 import weights  # noqa: E402
 from bench_rollout import PROMPTS, flops_per_token, peak_flops, timed  # noqa: E402
 from chat import load  # noqa: E402
+from rollout import left_pad  # noqa: E402
 from train import response_logprobs  # noqa: E402
 
 
 def batch(tok, rows: int, new_tokens: int, vocab: int, device):
     prompts = [tok.encode_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(rows)]
-    Tp = max(len(p) for p in prompts)
+    ids, mask = left_pad(prompts, 0, "cpu")
     g = torch.Generator().manual_seed(0)
-    ids = torch.tensor([[0] * (Tp - len(p)) + p for p in prompts])
     ids = torch.cat([ids, torch.randint(vocab, (rows, new_tokens), generator=g)], 1).to(device)
-    mask = torch.cat([torch.tensor([[0] * (Tp - len(p)) + [1] * len(p) for p in prompts]),
-                      torch.ones(rows, new_tokens, dtype=torch.long)], 1).to(device)
-    return ids, mask, Tp, torch.randn(rows, generator=g).to(device)
+    mask = torch.cat([mask, torch.ones(rows, new_tokens, dtype=torch.long)], 1).to(device)
+    return ids, mask, ids.shape[1] - new_tokens, torch.randn(rows, generator=g).to(device)
 
 
 def step(logp_fn, ids, mask, Tp, adv):
