@@ -17,9 +17,7 @@ Entropy flow of a model's internal policies on its own responses (paper section 
 `boundary_layer` is the last layer with mean dH_mlp > 0 (null when none); `internal_layer` is what
 `train.py --internal-layer auto` uses: the boundary layer when it is below L, else the penultimate layer.
 """
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,24 +25,26 @@ from pathlib import Path
 import torch
 
 import bupo
+import files
 import tasks
-from model import ModelLoadError
+from files import UserError
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """Bad user input; the message is one line naming the file (and line) and the problem."""
 
 
 # -----------------------------------------------------------------------------
 # responses
 
-def read_responses(path, tokenizer=None) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, response_ids) pairs from a JSONL file; a malformed line raises InputError with its number."""
+def read_responses(path, tokenizer=None, vocab_size: int | None = None, max_tokens: int | None = None):
+    """(prompt_ids, response_ids) pairs from a JSONL file. Every record is checked (ids are non-negative integers
+    below vocab_size, prompt + response at most max_tokens); a bad one raises InputError naming file:line."""
     pairs = []
     try:
         lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--responses {path}: cannot read ({getattr(e, 'strerror', None) or 'not UTF-8 text'})") from None
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -52,11 +52,11 @@ def read_responses(path, tokenizer=None) -> list[tuple[list[int], list[int]]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+            raise InputError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
         if isinstance(rec, dict) and "prompt_ids" in rec and "response_ids" in rec:
             p, r = rec["prompt_ids"], rec["response_ids"]
-            if not all(isinstance(x, list) and x and all(isinstance(t, int) and t >= 0 for t in x) for x in (p, r)):
-                raise InputError(f"{where}: prompt_ids and response_ids must be non-empty lists of token ids")
+            if not all(isinstance(x, list) and x and all(type(t) is int and t >= 0 for t in x) for x in (p, r)):
+                raise InputError(f"{where}: prompt_ids and response_ids must be non-empty lists of integer token ids")
         elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
             p = tokenizer.encode_chat([{"role": "user", "content": rec["prompt"]}])
             r = tokenizer.encode(rec["response"])
@@ -65,9 +65,14 @@ def read_responses(path, tokenizer=None) -> list[tuple[list[int], list[int]]]:
         else:
             raise InputError(f"{where}: expected {{\"prompt_ids\": [...], \"response_ids\": [...]}} or "
                              "{\"prompt\": \"...\", \"response\": \"...\"}")
+        if vocab_size is not None and max(p + r) >= vocab_size:
+            raise InputError(f"{where}: token id {max(p + r)} is out of range for this model (vocab {vocab_size})")
+        if max_tokens is not None and len(p) + len(r) > max_tokens:
+            raise InputError(f"{where}: prompt + response is {len(p) + len(r)} tokens, more than {max_tokens} "
+                             "(--max-tokens, at most the model's context); shorten it or raise --max-tokens")
         pairs.append((p, r))
     if not pairs:
-        raise InputError(f"{path}: no records")
+        raise InputError(f"--responses {path}: no records")
     return pairs
 
 
@@ -87,11 +92,7 @@ def sample_responses(model, tok, task: str, n: int, max_new_tokens: int, seed: i
 def analyze(model, pairs, norm: bool = False, heatmap_tokens: int = 48):
     """Token-level entropies of all internal policies over all responses -> (flow, heatmap of response 0)."""
     from tqdm import tqdm
-    V = model.config.vocab_size
     device = model.embed_tokens.weight.device
-    for p, r in pairs:
-        if max(p + r) >= V:
-            raise InputError(f"token id {max(p + r)} is out of range for this model (vocab {V})")
     flows, heat = [], None
     for i, (p, r) in enumerate(tqdm(pairs, desc="entropy flow")):
         ids = torch.tensor([p + r], device=device)
@@ -121,23 +122,28 @@ def summarize(model_name, model, flow, n_responses, norm) -> dict:
     means = bupo.entropy_changes(flow)
     keys = list(bupo.FLOW_KEYS) + ["dH_attn", "dH_mlp", "dH_layer"]
     boundary = bupo.boundary_layer(means["dH_mlp"])
-    internal = boundary if boundary is not None and boundary < L else L - 1
+    internal, rule = bupo.choose_internal_layer(means["dH_mlp"])
     return {"model": model_name, "num_layers": L, "vocab_size": model.config.vocab_size,
             "num_responses": n_responses, "num_tokens": int(flow["H_policy"].numel()),
             "layers": [{"layer": l + 1, **{k: means[k][l] for k in keys}} for l in range(L)],
             "H_policy": flow["H_policy"].mean().item(), "boundary_layer": boundary,
-            "internal_layer": internal, "internal_layer_rule": "boundary" if internal == boundary else "penultimate",
+            "internal_layer": internal, "internal_layer_rule": rule,
             "norm": "final" if norm else "none"}
 
 
 # -----------------------------------------------------------------------------
 # output: JSON, table, plots
 
-def write_atomic(path: Path, write):
-    """write(tmp_path), then rename over path: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def read_result(path, flag: str) -> dict:
+    """An entropy.json written by this tool, checked for the fields other tools read."""
+    try:
+        r = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{flag} {path}: not a readable entropy.json ({e}); pass the file analyze.py wrote") from None
+    ok = isinstance(r, dict) and isinstance(r.get("layers"), list) and type(r.get("num_layers")) is int
+    if not ok or type(r.get("internal_layer")) is not int or not 1 <= r["internal_layer"] <= r["num_layers"]:
+        raise InputError(f"{flag} {path}: not an entropy.json of analyze.py (layers, num_layers, internal_layer)")
+    return r
 
 
 def print_table(result: dict):
@@ -164,7 +170,7 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
         return [(r["layer"] - 1 + o) / (L if relative else 1) for r in run["layers"] for o in offsets]
 
     def save(fig, name):
-        write_atomic(out / name, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+        files.write_atomic(out / name, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
         plt.close(fig)
 
     # Fig. 2: the continuous entropy flow h_{l-1} -> a_l -> f_l -> h_l
@@ -213,46 +219,72 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
 
 # -----------------------------------------------------------------------------
 
-def main():
-    from chat import add_model_args, load
-    p = argparse.ArgumentParser(description="Entropy flow of a model's internal policies on its own responses.")
-    add_model_args(p)
-    p.add_argument("--out", default="runs/analysis", help="output folder for entropy.json and the plots")
-    p.add_argument("--task", default="word", choices=sorted(tasks.TASKS), help="problems the model answers")
-    p.add_argument("--shots", type=int, default=0, choices=[0, 1], help="worked examples before each question")
-    p.add_argument("-n", "--num-responses", type=int, default=16, help="how many problems the model answers")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="longest response to sample")
-    p.add_argument("--responses", default=None, help="JSONL file of responses to analyse instead of sampling")
-    p.add_argument("--norm", default="none", choices=["none", "final"],
+def parse_args(argv=None):
+    import cli
+    p = cli.Parser(description="Entropy flow of a model's internal policies on its own responses.")
+    cli.add_model_args(p)
+    g = p.add_argument_group("responses")
+    g.add_argument("--task", default="word", choices=sorted(tasks.TASKS), help=tasks.HELP)
+    g.add_argument("--shots", type=int, default=0, choices=[0, 1], help="worked examples before each question")
+    g.add_argument("-n", "--num-responses", type=int, default=16, help="how many problems the model answers")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="longest response to sample")
+    g.add_argument("--responses", default=None, help="JSONL file of responses to analyse instead of sampling")
+    g.add_argument("--max-tokens", type=int, default=4096, help="longest prompt + response analysed (the residual "
+                   "record of one sequence is held in memory); never more than the model's context")
+    g.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampler")
+    g = p.add_argument_group("analysis and output")
+    g.add_argument("--norm", default="none", choices=["none", "final"],
                    help="none: softmax(W_U x), the paper's definition; final: the logit lens, W_U RMSNorm_final(x)")
-    p.add_argument("--compare", default=None, help="another entropy.json to overlay on the plots")
-    p.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampler")
-    args = p.parse_args()
+    g.add_argument("--compare", default=None, help="another entropy.json to overlay on the plots")
+    g.add_argument("--out", default="runs/analysis", help="output folder for entropy.json and the plots")
+    g.add_argument("--overwrite", action="store_true", help="if --out holds an analysis, move it aside to "
+                   "OUT.old-<time>/ (never deleted)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every argument, before the model is loaded; the output folder is checked first, so a bad --out costs
+    seconds, not a whole analysis."""
+    import cli
+    cli.positive(args, "--num-responses", "--max-new-tokens", "--max-tokens")
+    cli.non_negative(args, "--seed")
+    cli.check_device(args.device)
+    if args.responses:
+        cli.existing_file(args.responses, "--responses")
+    other = read_result(cli.existing_file(args.compare, "--compare"), "--compare") if args.compare else None
+    if (Path(args.out) / "entropy.json").exists() and not args.overwrite:
+        raise UserError(f"--out {args.out}: already holds an analysis (entropy.json); pass --overwrite to move it "
+                        f"aside to {Path(args.out).name}.old-<time>/, or choose another --out")
+    files.check_writable_dir(args.out)
+    return other
+
+
+def main(argv=None):
+    import cli
+    args = parse_args(argv)
+    other = check_args(args)
     torch.set_flush_denormal(True)  # subnormal softmax tails of the un-normed policies are slow on CPUs (train.py)
-    try:
-        other = None
-        if args.compare:
-            try:
-                other = json.loads(Path(args.compare).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise InputError(f"{args.compare}: not a readable entropy.json ({e})") from None
-        model, tok = load(args.model, getattr(torch, args.dtype), args.device)
-        t0 = time.perf_counter()
-        pairs = (read_responses(args.responses, tok) if args.responses else
-                 sample_responses(model, tok, args.task, args.num_responses, args.max_new_tokens, args.seed,
-                                  args.shots))
-        flow, heat = analyze(model, pairs, norm=args.norm == "final")
-    except (ModelLoadError, InputError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    model, tok = cli.load(args.model, getattr(torch, args.dtype), args.device)
+    max_tokens = min(args.max_tokens, model.config.max_position_embeddings)
+    t0 = time.perf_counter()
+    if args.responses:
+        pairs = read_responses(args.responses, tok, model.config.vocab_size, max_tokens)
+    else:
+        pairs = sample_responses(model, tok, args.task, args.num_responses, args.max_new_tokens, args.seed,
+                                 args.shots)
+    flow, heat = analyze(model, pairs, norm=args.norm == "final")
     result = summarize(Path(args.model).name, model, flow, len(pairs), args.norm == "final")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "entropy.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+    moved = files.claim_dir(out, ("entropy.json",), args.overwrite)
+    if moved:
+        print(f"--overwrite: the earlier analysis in {out} was moved to {moved}", file=sys.stderr)
+    files.write_text(out / "entropy.json", json.dumps(result, indent=1) + "\n")
     plot(result, heat, out, tok, other)
     print_table(result)
     print(f"wrote {out / 'entropy.json'}, flow.png, dH.png, heatmap.png")
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+    cli.run(main, sys.argv[1:])

@@ -18,6 +18,8 @@ Departures from the authors' analysis code, on purpose:
      the position before the last response token). The authors' script is shifted by one (it drops the
      distribution of the first response token and keeps the one after the last token; BUPO.md 2.2).
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -113,9 +115,19 @@ def entropy_changes(flow: dict) -> dict:
 
 
 def boundary_layer(dH_mlp: list) -> int | None:
-    """The paper's boundary layer: the last layer (1-based) whose mean FFN entropy change is positive."""
+    """The paper's boundary layer (section 4.3): the last layer (1-based) whose mean FFN entropy change is positive."""
     positive = [l for l, d in enumerate(dH_mlp, start=1) if d > 0]
     return positive[-1] if positive else None
+
+
+def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:
+    """The layer of --internal-layer auto, and which rule chose it: the paper's boundary layer when it lies below
+    L; otherwise (no layer with dH_mlp > 0, or only the last one) the penultimate layer L-1, the authors' choice
+    for models that converge only at the top (their Llama runs; docs/method.md, "Choosing the layer")."""
+    L, boundary = len(dH_mlp), boundary_layer(dH_mlp)
+    if boundary is not None and boundary < L:
+        return boundary, "boundary"
+    return L - 1, "penultimate"
 
 
 # -----------------------------------------------------------------------------
@@ -213,35 +225,76 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, d
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-def uses_internal_policy(algo: str, step: int, internal_steps: int) -> bool:
-    """BuPO's phase switch (eq. 10): steps 1..internal_steps optimise pi^l, the rest the full policy."""
-    return algo == "bupo" and step <= internal_steps
-
-
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum p (log p - log q) over the last dim, p = softmax(logits_p), q = softmax(logits_q); fp32."""
     logp, logq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+# -----------------------------------------------------------------------------
+# BuPO's phase switch (eq. 10), and the log-probs of the responses under the policy of the phase
+
+@dataclass
+class Batch:
+    """Prompts (left-padded) and responses (right-padded) as one input [n, Tp + R]: position Tp-1+t predicts
+    response token t."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    Tp: int
+
+    @classmethod
+    def of(cls, ro) -> "Batch":
+        """The batch of a rollout.Rollouts."""
+        return cls(torch.cat([ro.prompt_ids, ro.response_ids], 1), torch.cat([ro.prompt_mask, ro.response_mask], 1),
+                   ro.prompt_ids.shape[1])
+
+    def rows(self, rows) -> "Batch":
+        """The rows of a micro-batch, without the columns that are padding in all of them."""
+        ids, mask = self.ids[rows], self.mask[rows]
+        first = int(mask[:, :self.Tp].any(0).nonzero()[0])
+        last = self.Tp + int(mask[:, self.Tp:].sum(1).max())
+        return Batch(ids[:, first:last], mask[:, first:last], self.Tp - first)
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        return self.mask[:, self.Tp:]
+
+
+def phase_layer(algo: str, step: int, internal_steps: int, layer: int, num_layers: int) -> int:
+    """BuPO's phase switch (eq. 10), the one place it is decided: the layer whose policy RL step `step` optimises.
+    BuPO: pi^layer for steps 1..internal_steps (J_IPA), then pi^L = pi_theta (J_GRPO); GRPO: pi^L always. The
+    old, the new and the reference log-probs of a step all use this layer; they are never mixed."""
+    return layer if algo == "bupo" and step <= internal_steps else num_layers
+
+
+def policy_logprobs(model: Transformer, batch: Batch, layer: int, temperature: float = 1.0) -> torch.Tensor:
+    """log pi^layer(o_t | prompt, o_<t) of every response token [n, R], 0 on padding; differentiable.
+    layer = L: the model's policy (final norm); layer < L: pi^l = softmax(W_U h_l / T), no norm (eq. 5). The
+    forward stops after block `layer`, so in phase 1 the blocks above l and the final norm get no gradient."""
+    h = model(batch.ids, attention_mask=batch.mask, upto_layer=layer)[:, batch.Tp - 1:-1]  # positions t-1
+    keep = batch.response_mask.bool()
+    logp = torch.zeros(keep.shape, device=h.device)
+    logp[keep] = token_logprobs(model, h[keep], batch.ids[:, batch.Tp:][keep], layer, temperature=temperature)
+    return logp
+
+
 @torch.no_grad()
-def rollout_stats(model: Transformer, h_top: torch.Tensor, tokens: torch.Tensor, h_layer: torch.Tensor | None = None,
-                  layer: int | None = None, temperature: float = 1.0, chunk: int | None = None) -> dict:
-    """Per-token statistics of a batch of response positions, in chunks: h_top = h_L [N, d] before the final norm,
-    tokens [N] the sampled tokens. Always: logp and entropy of the model's policy. With h_layer = h_l (l < L):
-    also logp and entropy of pi^l, KL(pi^l || pi^L) and cos(h_l, h_L), the paper's "feature refinement" (Fig. 5)."""
+def policy_stats(model: Transformer, batch: Batch, layer: int, temperature: float = 1.0,
+                 chunk: int | None = None) -> dict:
+    """Per-token diagnostics on the response tokens, flattened [N]: the entropy of the model's policy, and for
+    layer < L also H(pi^l), KL(pi^l || pi_theta) and cos(h_l, h_L), the paper's "feature refinement" (Fig. 5)."""
     chunk = chunk or chunk_rows(model)
     L = model.config.num_layers
-    out = {k: [] for k in ("logp", "entropy", "logp_layer", "entropy_layer", "kl_layer", "cos_layer")}
-    for i in range(0, len(tokens), chunk):
-        s = slice(i, i + chunk)
+    _, rec = model(batch.ids, attention_mask=batch.mask, return_residuals=True)
+    keep = batch.response_mask.bool()
+    h_top, h_low = (rec.resid[k][:, batch.Tp - 1:-1][keep] for k in (L, layer))
+    out = {k: [] for k in ("entropy", "entropy_layer", "kl_layer", "cos_layer")}
+    for s in (slice(i, i + chunk) for i in range(0, len(h_top), chunk)):
         top = layer_logits(model, h_top[s], L) / temperature
-        out["logp"].append(top.log_softmax(-1).gather(-1, tokens[s, None])[:, 0])
         out["entropy"].append(entropy(top))
-        if h_layer is not None:
-            low = layer_logits(model, h_layer[s], layer) / temperature
-            out["logp_layer"].append(low.log_softmax(-1).gather(-1, tokens[s, None])[:, 0])
+        if layer < L:
+            low = layer_logits(model, h_low[s], layer) / temperature
             out["entropy_layer"].append(entropy(low))
             out["kl_layer"].append(kl_divergence(low, top))
-            out["cos_layer"].append(F.cosine_similarity(h_layer[s].float(), h_top[s].float(), dim=-1))
+            out["cos_layer"].append(F.cosine_similarity(h_low[s].float(), h_top[s].float(), dim=-1))
     return {k: torch.cat(v) for k, v in out.items() if v}

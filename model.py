@@ -20,22 +20,19 @@ that a checkpoint gives the same logits here and there (tests/test_model.py chec
   - SwiGLU MLP; tied or untied unembedding.
 Checkpoints are HF-layout folders (config.json + model.safetensors or a sharded index), read lazily.
 """
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
+from checkpoint import ModelLoadError  # noqa: F401  (re-exported: the loader's one-line error)
+
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-
-
-class ModelLoadError(ValueError):
-    """A checkpoint folder that cannot be used; the message is one line that names the file and the fix."""
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 # -----------------------------------------------------------------------------
@@ -67,34 +64,48 @@ class Config:
     def from_hf(cls, d: dict, where: str = "config.json") -> "Config":
         """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters` style)."""
         mt = d.get("model_type")
-        if mt not in ARCHITECTURES:
+        if not isinstance(mt, str) or mt not in ARCHITECTURES:
             raise ModelLoadError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
         if d.get("use_sliding_window"):
             raise ModelLoadError(f"{where}: sliding-window attention is not supported; set use_sliding_window to false")
         if d.get("hidden_act", "silu") != "silu":
             raise ModelLoadError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; only silu (SwiGLU)")
-        try:
-            rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-            theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type not in ("default", "llama3"):
-                raise ModelLoadError(f"{where}: rope_type {rope_type!r} is not supported; supported: default, llama3")
-            attention_bias = bool(d.get("attention_bias", False))
-            return cls(
-                model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
-                num_heads=d["num_attention_heads"],
-                num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-                head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
-                rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-                rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None,
-                max_position_embeddings=d.get("max_position_embeddings", 8192),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                qkv_bias=(mt == "qwen2") or attention_bias,   # transformers' Qwen2 hard-codes q/k/v biases
-                o_bias=attention_bias and mt != "qwen2", mlp_bias=bool(d.get("mlp_bias", False)),
-                qk_norm=(mt == "qwen3"), bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
-        except KeyError as e:
-            raise ModelLoadError(f"{where}: required field {e.args[0]!r} is missing") from None
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = d.get(key)
+            if v is None and key in REQUIRED:
+                raise ModelLoadError(f"{where}: required field {key!r} is missing")
+            if v is not None and not (type(v) is int and v > 0):
+                raise ModelLoadError(f"{where}: {key} must be a positive integer, not {v!r}")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ModelLoadError(f"{where}: rope_scaling / rope_parameters must be an object, not {rope!r}")
+        theta, eps = d.get("rope_theta", rope.get("rope_theta", 10000.0)), d.get("rms_norm_eps", 1e-6)
+        for key, v in (("rope_theta", theta), ("rms_norm_eps", eps)):
+            if type(v) not in (int, float) or not 0 < v < math.inf:
+                raise ModelLoadError(f"{where}: {key} must be a positive number, not {v!r}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ModelLoadError(f"{where}: rope_type {rope_type!r} is not supported; supported: default, llama3")
+        if rope_type == "llama3" and not all(type(rope.get(k)) in (int, float) and rope[k] > 0 for k in LLAMA3_KEYS):
+            raise ModelLoadError(f"{where}: llama3 rope scaling needs positive numbers {', '.join(LLAMA3_KEYS)}")
+        heads, kv = d["num_attention_heads"], d.get("num_key_value_heads") or d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        if heads % kv or head_dim % 2 or (not d.get("head_dim") and d["hidden_size"] % heads):
+            raise ModelLoadError(f"{where}: num_attention_heads {heads} must be a multiple of num_key_value_heads "
+                                 f"{kv}, and head_dim {head_dim} even (hidden_size {d['hidden_size']} / heads "
+                                 "when head_dim is not given)")
+        attention_bias = bool(d.get("attention_bias", False))
+        return cls(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=kv, head_dim=head_dim, rms_norm_eps=float(eps), rope_theta=float(theta),
+            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None,
+            max_position_embeddings=d.get("max_position_embeddings") or 8192,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=(mt == "qwen2") or attention_bias,   # transformers' Qwen2 hard-codes q/k/v biases
+            o_bias=attention_bias and mt != "qwen2", mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=(mt == "qwen3"), bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
 
     def to_hf(self) -> dict:
         """The config.json that transformers (4.x and 5.x) reads back into the same architecture."""
@@ -348,39 +359,14 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        """Load an HF-layout folder; tensors are read one at a time, so the model is never twice in memory."""
-        from safetensors import safe_open
-        path = Path(path)
-        if not path.is_dir():
-            raise ModelLoadError(f"{path}: no such model folder; pass a folder with config.json and *.safetensors")
-        cfg = Config.from_hf(_read_json(path / "config.json"), where=str(path / "config.json"))
+        """Load an HF-layout folder (config.json + model.safetensors or a sharded index); tensors are read and
+        checked one at a time (checkpoint.py), so the model is never twice in memory."""
+        path = checkpoint.model_folder(path, device)
+        cfg = Config.from_hf(checkpoint.read_json(path / "config.json"), where=str(path / "config.json"))
         with torch.device("meta"):
             model = cls(cfg)
-        expected = {k: v.shape for k, v in model.hf_state_dict().items()}
-        state = {}
-        for file in _weight_files(path):
-            try:
-                with safe_open(file, framework="pt", device=str(device)) as f:
-                    for key in f.keys():
-                        if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and cfg.tie_word_embeddings):
-                            continue  # a derived buffer, or a stored copy of the tied embedding
-                        if key not in expected:
-                            raise ModelLoadError(f"{file}: unexpected tensor {key!r} for a {cfg.model_type} model; "
-                                                 "is config.json the one of these weights?")
-                        shape = tuple(f.get_slice(key).get_shape())
-                        if shape != tuple(expected[key]):
-                            raise ModelLoadError(f"{file}: tensor {key!r} has shape {list(shape)}, config.json "
-                                                 f"implies {list(expected[key])}")
-                        state[key] = f.get_tensor(key).to(dtype)
-            except ModelLoadError:
-                raise
-            except Exception as e:  # safetensors' own errors: truncated file, bad header, ...
-                raise ModelLoadError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); "
-                                     "the file is corrupt or truncated, copy or convert it again") from None
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise ModelLoadError(f"{path}: tensor {missing[0]!r}{more} missing from the checkpoint")
+        skip = ("lm_head.weight",) if cfg.tie_word_embeddings else ()  # a stored copy of the tied embedding
+        state = checkpoint.read_tensors(path, model.hf_state_dict(), skip, cfg.model_type, dtype, device)
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
@@ -388,73 +374,7 @@ class Transformer(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path, copy_from=None):
-        """Write config.json + model.safetensors (+ tokenizer files from `copy_from`) atomically: into a
-        temporary folder first, then renamed over `path`, so a crash never leaves a half-written checkpoint."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict().items()}
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        """Write config.json + model.safetensors (+ tokenizer files of `copy_from`) atomically, loadable by
+        transformers; non-finite weights are refused (checkpoint.write_folder)."""
         dtype = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps({**self.config.to_hf(), "torch_dtype": dtype}, indent=2) + "\n")
-        for name in TOKENIZER_FILES if copy_from else ():
-            if (Path(copy_from) / name).exists():
-                shutil.copy2(Path(copy_from) / name, tmp / name)
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
-                   "special_tokens_map.json")
-
-
-def _read_json(file: Path) -> dict:
-    if not file.exists():
-        raise ModelLoadError(f"{file}: missing; a model folder needs config.json next to its *.safetensors")
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{file}: not valid JSON ({e})") from None
-
-
-def _weight_files(path: Path) -> list[Path]:
-    if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        for s in shards:
-            if not (path / s).exists():
-                raise ModelLoadError(f"{path / s}: shard listed in {index.name} is missing")
-        if not shards:
-            raise ModelLoadError(f"{index}: weight_map is empty")
-        return [path / s for s in shards]
-    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
-        raise ModelLoadError(f"{path}: only a pickle checkpoint (.bin/.pt) is here; pickles can run code when "
-                             "loaded, so this project reads safetensors only: convert it with "
-                             "transformers' save_pretrained(safe_serialization=True)")
-    raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json in this folder")
-
-
-# -----------------------------------------------------------------------------
-# greedy decoding of one sequence (the batched sampler is rollout.py)
-
-@torch.no_grad()
-def generate_greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
-    """Argmax decoding with the KV cache; returns the new tokens, the stop token included."""
-    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
-    x = torch.tensor([prompt_ids], device=model.embed_tokens.weight.device)
-    out = []
-    for _ in range(max_new_tokens):
-        logits = model(x, cache=cache, last_only=True)
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok in stop_ids:
-            break
-        x = x.new_tensor([[tok]])
-    return out
+        checkpoint.write_folder(path, self.hf_state_dict(), {**self.config.to_hf(), "torch_dtype": dtype}, copy_from)

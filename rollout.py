@@ -21,7 +21,6 @@ The log-prob returned for each token is under the distribution it was sampled fr
 the filters; for greedy decoding, temperature 0, under the model's own softmax). At T = 1 with no filter
 these are the "old policy" log-probs of GRPO.
 """
-import argparse
 import sys
 import time
 from dataclasses import dataclass, field
@@ -188,25 +187,36 @@ def generate(model: Transformer, prompts: list[list[int]], group_size: int = 1, 
 # -----------------------------------------------------------------------------
 # command line: sample a few answers
 
-def main():
-    from chat import add_model_args, load
-    from model import ModelLoadError
-    p = argparse.ArgumentParser(description="Sample G answers to one chat prompt with the hand-written sampler.")
-    add_model_args(p)
-    p.add_argument("--prompt", default="What is 7 * 8? Put your final answer within \\boxed{}.", help="the user message")
-    p.add_argument("-G", "--group-size", type=int, default=4, help="responses to sample")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="stop a response after this many tokens")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability (0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
-    args = p.parse_args()
-    try:
-        model, tok = load(args.model, getattr(torch, args.dtype), args.device)
-        prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
-    except ModelLoadError as e:
-        sys.exit(f"error: {e}")
+def parse_args(argv=None):
+    import cli
+    p = cli.Parser(description="Sample G answers to one chat prompt with the hand-written sampler.")
+    cli.add_model_args(p)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompt", default="What is 7 * 8? Put your final answer within \\boxed{}.", help="the user message")
+    g.add_argument("-G", "--group-size", type=int, default=4, help="responses to sample")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="stop a response after this many tokens")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability (0 = off)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every argument, before the model is loaded."""
+    import cli
+    cli.positive(args, "--group-size", "--max-new-tokens")
+    cli.sampling(args, training=False)
+    cli.check_device(args.device)
+
+
+def main(argv=None):
+    import cli
+    args = parse_args(argv)
+    check_args(args)
+    model, tok = cli.load(args.model, getattr(torch, args.dtype), args.device)
+    prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
     t0 = time.perf_counter()
     ro = generate(model, [prompt], args.group_size, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                   args.min_p, tok.stop_ids, tok.pad_id, args.seed, tok, progress=True)
@@ -218,4 +228,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import cli
+    cli.run(main, sys.argv[1:])

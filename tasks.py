@@ -22,6 +22,8 @@ import random
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
+
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 FORMAT_HINT = "Put the final answer in \\boxed{}, for example \\boxed{5}."
 TEST_EVERY = 8  # about 1 question in 8 is held out
@@ -84,6 +86,8 @@ def word(rng: random.Random) -> Problem:
 
 
 TASKS = {"add": add, "arithmetic": arithmetic, "word": word}
+HELP = ("add: one-digit sums; arithmetic: +, -, * on numbers up to 50, one or two operations; word: short "
+        "word problems (shopping, sharing, change)")
 # one worked example per task for --shots 1, each a training-split question (tested), never a test one
 DEMOS = {
     "add": ("What is 2 + 3?", "2 + 3 = 5. The answer is \\boxed{5}."),
@@ -122,21 +126,28 @@ def problems(task: str, n: int, seed: int = 0, split: str = "train") -> list[Pro
 def last_boxed(text: str) -> str | None:
     """The last "\boxed{...}" (braces balanced) of text, or the text after the last "\boxed " up to a "$"."""
     if "\\boxed " in text:
-        return "\\boxed " + text.split("\\boxed ")[-1].split("$")[0]
+        tail = text[text.rfind("\\boxed ") + 7:]
+        return "\\boxed " + tail[:tail.find("$")] if "$" in tail else "\\boxed " + tail
     start = text.rfind("\\boxed")
     if start < 0:
         start = text.rfind("\\fbox")
         if start < 0:
             return None
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i + 1]
-    return None  # unbalanced braces: no answer
+    end = closing_brace(text, start)
+    return None if end is None else text[start:end + 1]  # unbalanced braces: no answer
+
+
+def closing_brace(text: str, start: int) -> int | None:
+    """The index of the first "}" after `start` at which the braces opened since `start` are all closed (depth
+    back to 0), or None. Vectorised with numpy on the UTF-8 bytes (a brace byte is never part of a multi-byte
+    character), so hostile output, a megabyte of braces, costs milliseconds instead of a Python loop."""
+    b = text[start:].encode("utf-8", "surrogatepass")
+    a = np.frombuffer(b, dtype=np.uint8)
+    opens, closes = a == ord("{"), a == ord("}")
+    depth = np.cumsum(opens.view(np.int8) - closes.view(np.int8), dtype=np.int32)
+    hit = closes & (depth == 0)
+    i = int(hit.argmax())
+    return start + len(b[:i].decode("utf-8", "surrogatepass")) if hit[i] else None
 
 
 def remove_boxed(s: str) -> str:
@@ -148,52 +159,95 @@ def remove_boxed(s: str) -> str:
     raise ValueError(f"not a boxed answer: {s[:30]!r}")
 
 
+# The two fixes below are the original per-"\\frac" / per-"\\sqrt" loops (split on the command, look at the first
+# characters of each part, wrap them in braces), done on the array of code points with numpy, so that their cost
+# stays linear and in C even on hostile output with a hundred thousand commands (tests/test_tasks.py checks them
+# against the loops). Neither command can overlap itself, so its occurrences are exactly the loop's split points.
+
+def _codes(s: str) -> np.ndarray:
+    return np.frombuffer(s.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _occurrences(c: np.ndarray, word: str) -> np.ndarray:
+    """Start indices of `word` in the code points c."""
+    n = len(c) - len(word) + 1
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    hit = np.ones(n, dtype=bool)
+    for k, ch in enumerate(word):
+        hit &= c[k:k + n] == ord(ch)
+    return np.flatnonzero(hit)
+
+
+def _insert(c: np.ndarray, where: list, chars: str) -> str:
+    """c with chars[i] inserted before index where[i] (equal indices keep their order), as a str."""
+    idx = np.concatenate(where) if where else np.zeros(0, dtype=np.int64)
+    vals = np.concatenate([np.full(len(w), ord(ch), dtype=np.uint32) for w, ch in zip(where, chars)]) if where else idx
+    return np.insert(c, idx, vals.astype(np.uint32)).tobytes().decode("utf-32-le", "surrogatepass")
+
+
 def _fix_fracs(s: str) -> str:  # \frac12 -> \frac{1}{2}, \frac1{b} -> \frac{1}{b}
-    parts = s.split("\\frac")
-    out = parts[0]
-    for part in parts[1:]:
-        out += "\\frac"
-        if part[0] == "{":  # IndexError on an empty part, as in the original
-            out += part
-        elif len(part) < 2:
-            return s
-        elif part[1] != "{":
-            out += "{" + part[0] + "}{" + part[1] + "}" + part[2:]
-        else:
-            out += "{" + part[0] + "}" + part[1:]
-    return out
+    if "\\" not in s:
+        return s
+    c = _codes(s)
+    m = _occurrences(c, "\\frac")
+    if not len(m):
+        return s
+    start, end = m + 5, np.append(m[1:], len(c))           # each part: c[start:end]
+    first = c[np.minimum(start, len(c) - 1)]
+    bad = np.flatnonzero((end == start) | ((end - start == 1) & (first != ord("{"))))
+    if len(bad):   # the loop stops at the first such part: IndexError on an empty one, s unchanged on a short one
+        if end[bad[0]] == start[bad[0]]:
+            raise IndexError("empty \\frac part")
+        return s
+    a = start[first != ord("{")]                            # parts of >= 2 chars that do not start with "{"
+    two, one = a[c[a + 1] != ord("{")], a[c[a + 1] == ord("{")]
+    return _insert(c, [two, two + 1, two + 1, two + 2, one, one + 1], "{}{}{}")
+
+
+def _fix_sqrt(s: str) -> str:  # \sqrt3 -> \sqrt{3}
+    if "\\" not in s:
+        return s
+    c = _codes(s)
+    m = _occurrences(c, "\\sqrt")
+    arg = m + 5
+    if len(arg) and (arg[-1] >= len(c) or (arg[:-1] == m[1:]).any()):
+        raise IndexError("empty \\sqrt part")             # as the loop does on an empty part
+    a = arg[c[arg] != ord("{")] if len(arg) else arg
+    return _insert(c, [a, a + 1], "{}")
 
 
 def _fix_a_slash_b(s: str) -> str:  # "3/4" -> \frac{3}{4}; int() of a non-number raises, as in the original
-    if len(s.split("/")) != 2:
+    if "/" not in s or s.count("/") != 1:
         return s
     a, b = (int(x) for x in s.split("/"))
     return "\\frac{" + str(a) + "}{" + str(b) + "}" if s == f"{a}/{b}" else s
 
 
-def _fix_sqrt(s: str) -> str:  # \sqrt3 -> \sqrt{3}
-    parts = s.split("\\sqrt")
-    return parts[0] + "".join("\\sqrt" + (p if p[0] == "{" else "{" + p[0] + "}" + p[1:]) for p in parts[1:])
+def _replace(s: str, old: str, new: str) -> str:
+    """s.replace(old, new), skipped when a character of `old` is absent (a fast memchr): a replace scans the
+    whole string even when nothing matches, and the normalisation below would scan a hostile answer 15 times."""
+    return s.replace(old, new) if all(ch in s for ch in set(old)) else s
 
 
 def strip_string(s: str) -> str:
     """The Hendrycks MATH normalisation, step for step; it may raise on malformed input (see is_equiv)."""
-    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
-    s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
-    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"), ("\\left", ""),
+                     ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
+        s = _replace(s, old, new)
     if "\\text{ " in s:  # units on the right
-        parts = s.split("\\text{ ")
-        if len(parts) != 2:
+        if s.count("\\text{ ") != 1:
             raise ValueError("several \\text{ } units")
-        s = parts[0]
-    s = s.replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+        s = s[:s.index("\\text{ ")]
+    for old, new in (("\\%", ""), (" .", " 0."), ("{.", "{0.")):
+        s = _replace(s, old, new)
     if not s:
         return s
     if s[0] == ".":
         s = "0" + s
-    if len(s.split("=")) == 2 and len(s.split("=")[0]) <= 2:  # "x = 5" -> " 5"
+    if "=" in s and s.count("=") == 1 and s.index("=") <= 2:  # "x = 5" -> " 5"
         s = s.split("=")[1]
-    s = _fix_sqrt(s).replace(" ", "")
+    s = _replace(_fix_sqrt(s), " ", "")
     s = _fix_fracs(s)
     if s == "0.5":
         s = "\\frac{1}{2}"

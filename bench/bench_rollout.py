@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import weights  # noqa: E402
-from chat import load  # noqa: E402
+from cli import load  # noqa: E402
 from rollout import generate, left_pad  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 + 25?",

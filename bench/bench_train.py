@@ -7,7 +7,7 @@ clipped surrogate, backward) with our model against the same step with transform
 
 The batch is --rows chat prompts (left-padded) followed by --new-tokens random response tokens, advantages
 random. Both sides run the same loss code (bupo.policy_loss, token-mean); ours takes the log-probs with
-train.response_logprobs, transformers' side with a log-softmax of its full logits. `--dtype bfloat16` is bf16
+bupo.policy_logprobs, transformers' side with a log-softmax of its full logits. `--dtype bfloat16` is bf16
 autocast over fp32 weights, as train.py runs on a GPU. Ours is also timed for BuPO's phase 1 at --layer, where
 the forward stops after block l. It prints, per case, response tokens/s, all tokens/s (prompt + response) and the
 model FLOPs utilisation, MFU = 3 x useful forward FLOPs / step time / peak FLOP/s: the blocks (counted as in
@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bupo  # noqa: E402
 import weights  # noqa: E402
 from bench_rollout import PROMPTS, flops_per_token, peak_flops, timed  # noqa: E402
-from chat import load  # noqa: E402
+from cli import load  # noqa: E402
 from rollout import left_pad  # noqa: E402
-from train import response_logprobs  # noqa: E402
 
 
 def batch(tok, rows: int, new_tokens: int, vocab: int, device):
@@ -79,8 +78,8 @@ def main():
     print(f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, peak {peak / 1e12:.2f} TFLOP/s "
           f"({'given' if args.peak_tflops else 'measured'}); batch {args.rows} x ({Tp} prompt + {args.new_tokens} "
           f"response) tokens")
-    cases = [("ours, full policy", model, lambda i, m, t: response_logprobs(model, i, m, t, L, 1.0), L),
-             (f"ours, phase 1 (pi^{layer})", model, lambda i, m, t: response_logprobs(model, i, m, t, layer, 1.0), layer),
+    cases = [("ours, full policy", model, lambda i, m, t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), L, 1.0), L),
+             (f"ours, phase 1 (pi^{layer})", model, lambda i, m, t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), layer, 1.0), layer),
              ("transformers, full policy", hf, hf_logprobs(hf), L)]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for name, net, fn, depth in cases:

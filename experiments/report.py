@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analyze import write_atomic  # noqa: E402
+from files import write_atomic  # noqa: E402
 
 COPY = ("metrics.jsonl", "args.json", "entropy.json")
 

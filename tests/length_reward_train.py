@@ -4,8 +4,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 
 tasks.reward = lambda text, answer: float(len(text) % 2)
-train.main(sys.argv[1:])
+cli.run(train.main, sys.argv[1:])

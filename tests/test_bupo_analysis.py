@@ -113,7 +113,7 @@ def test_entropy_json_matches_transformers_hidden_states(default_model_dir):
     """The paper's definitions computed from transformers' own tensors (hooks), not from our record."""
     from transformers import AutoModelForCausalLM
 
-    from chat import load
+    from cli import load
     model, tok = load(default_model_dir)
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     q = tok.encode_chat([{"role": "user", "content": "How many legs does a spider have?"}])
@@ -146,7 +146,7 @@ def test_entropy_json_matches_transformers_hidden_states(default_model_dir):
 
 
 def test_read_responses(tmp_path, default_model_dir):
-    from chat import Tokenizer
+    from tokenizer import Tokenizer
     tok = Tokenizer(default_model_dir)
     f = tmp_path / "r.jsonl"
     f.write_text('{"prompt_ids": [1, 2, 3], "response_ids": [4, 5]}\n\n{"prompt": "Hi", "response": "Hello!"}\n')

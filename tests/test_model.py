@@ -3,9 +3,15 @@ import pytest
 import torch
 
 from conftest import ARCHS, make_hf_model
-from model import Config, Transformer, generate_greedy, rope_inv_freq
+from model import Config, Transformer, rope_inv_freq
+from rollout import generate
 
 CASES = [(a, t) for a in ARCHS for t in (True, False)]
+
+
+def greedy(model, ids, n):
+    """n greedy tokens of our sampler (temperature 0), with no stop token."""
+    return generate(model, [ids], 1, n, temperature=0.0).response_ids[0].tolist()
 
 
 def hf_greedy(hf, ids, n):
@@ -33,7 +39,7 @@ def test_parity_tiny(tiny_dirs, arch, tied):
     torch.testing.assert_close(ours.norm(rec.resid[L]), ref.hidden_states[L], atol=1e-5, rtol=0)
     assert not torch.allclose(rec.resid[L], ref.hidden_states[L])
     prompt = x[0, :6].tolist()
-    assert generate_greedy(ours, prompt, 20) == hf_greedy(hf, prompt, 20)
+    assert greedy(ours, prompt, 20) == hf_greedy(hf, prompt, 20)
 
 
 def test_llama3_rope_scaling_is_applied():
@@ -48,7 +54,7 @@ def test_llama3_rope_scaling_is_applied():
 def test_parity_default_model(default_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from chat import Tokenizer
+    from tokenizer import Tokenizer
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     ours = Transformer.from_pretrained(default_model_dir)
     tok = Tokenizer(default_model_dir)
@@ -59,7 +65,7 @@ def test_parity_default_model(default_model_dir):
     torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=0)
     for l in range(ours.config.num_layers):
         torch.testing.assert_close(rec.resid[l], ref.hidden_states[l], atol=1e-4, rtol=1e-5)
-    assert generate_greedy(ours, ids, 20) == hf_greedy(hf, ids, 20)
+    assert greedy(ours, ids, 20) == hf_greedy(hf, ids, 20)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import model as model_module
-from chat import Tokenizer
+from tokenizer import Tokenizer
 from model import Transformer
 from rollout import filter_logits, generate, sample
 

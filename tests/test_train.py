@@ -12,7 +12,7 @@ from model import Transformer
 
 
 # -----------------------------------------------------------------------------
-# the objective, by hand (BUPO.md 6.6)
+# the objective, by hand (docs/method.md, "What the tests pin down")
 
 def test_grpo_advantages_by_hand():
     a = bupo.group_advantages(torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]), 8)
@@ -70,8 +70,10 @@ def test_kl_estimators():
 
 
 def test_phase_switch():
-    assert [bupo.uses_internal_policy("bupo", s, 2) for s in (1, 2, 3, 4)] == [True, True, False, False]
-    assert not any(bupo.uses_internal_policy("grpo", s, 2) for s in (1, 2, 3))
+    # BuPO optimises pi^l (here l = 5 of L = 30) for steps 1..s_inter, then the model's policy; GRPO never pi^l
+    assert [bupo.phase_layer("bupo", s, 2, 5, 30) for s in (1, 2, 3, 4)] == [5, 5, 30, 30]
+    assert [bupo.phase_layer("grpo", s, 2, 5, 30) for s in (1, 2, 3)] == [30, 30, 30]
+    assert bupo.phase_layer("bupo", 1, 0, 5, 30) == 30          # s_inter = 0 is GRPO
 
 
 def test_pass_at_k():
@@ -89,7 +91,7 @@ def test_phase1_gradients_stop_at_layer_k(tiny_dirs, arch, tied):
     ids = torch.randint(0, 128, (2, 10))
     mask = torch.ones_like(ids)
     k = 1  # pi^1: block 1 and W_U (and E) learn; blocks 2..3 and the final norm get no gradient at all
-    logp = train.response_logprobs(model, ids, mask, 4, k, 1.0)
+    logp = bupo.policy_logprobs(model, bupo.Batch(ids, mask, 4), k, 1.0)
     loss, _ = bupo.policy_loss(logp, logp.detach(), torch.tensor([1.0, -0.5]), mask[:, 4:])
     bupo.aggregate(loss, mask[:, 4:], "token-mean", 2, 12, 6).backward()
     for name, p in model.named_parameters():
@@ -109,7 +111,7 @@ def test_internal_logprobs_at_L_are_the_policy(tiny_dirs):
     model = Transformer.from_pretrained(tiny_dirs["qwen2", False])
     ids = torch.randint(0, 128, (2, 9))
     mask = torch.ones_like(ids)
-    got = train.response_logprobs(model, ids, mask, 3, model.config.num_layers, 1.0)
+    got = bupo.policy_logprobs(model, bupo.Batch(ids, mask, 3), model.config.num_layers, 1.0)
     want = model(ids).log_softmax(-1)[:, 2:-1].gather(-1, ids[:, 3:, None])[..., 0]
     torch.testing.assert_close(got, want)
 
@@ -189,7 +191,9 @@ def test_kl_penalty_in_both_phases(tiny_chat_model, tmp_path, length_reward):
 
 
 def test_bad_arguments(tiny_chat_model, tmp_path):
-    with pytest.raises(SystemExit, match="internal-layer must be auto or a layer 1..3"):
+    from files import UserError
+    with pytest.raises(UserError, match="--internal-layer 7: this model has layers 1..3"):
         run(tiny_chat_model, tmp_path / "x", "--internal-layer", "7")
-    with pytest.raises(SystemExit, match="no checkpoints"):
+    assert not (tmp_path / "x" / "args.json").exists()      # refused before the run folder was claimed
+    with pytest.raises(UserError, match="no complete checkpoint"):
         train.main(["--resume", str(tmp_path)])

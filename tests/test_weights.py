@@ -35,10 +35,10 @@ def test_ensure_is_idempotent(default_model_dir, monkeypatch):
 
 def test_default_model_knows_paris(default_model_dir):
     """A wrong Q/K permutation, tensor name or tokenizer would not survive this: the converted model must work."""
-    from chat import load
-    from model import generate_greedy
+    from cli import load
+    from rollout import generate
     model, tok = load(default_model_dir)
     assert model.config.num_layers == 30 and model.config.tie_word_embeddings
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    out = generate_greedy(model, ids, 24, tok.stop_ids)
+    out = generate(model, [ids], 1, 24, temperature=0.0, stop_ids=tok.stop_ids).response_ids[0].tolist()
     assert "Paris" in tok.decode(out) and out[-1] in tok.stop_ids

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from chat import Tokenizer
+from tokenizer import Tokenizer
 from model import ModelLoadError
 
 MESSAGES = [{"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},

@@ -1,0 +1,164 @@
+"""
+HF-layout checkpoint folders on disk: config.json + model.safetensors (or a sharded
+model.safetensors.index.json), read and written safely. model.py's from_pretrained / save_pretrained call these.
+
+Reading checks everything before a weight is used, and says what is wrong in one line naming the file: a folder
+that is missing, a file, a symbolic-link loop or unreadable; a device that is not there; a config.json or index
+that is not a JSON object; a shard that is missing; a truncated or corrupt safetensors file; an unexpected,
+misshapen, non-float (integer, bool) or non-finite tensor. Pickle checkpoints (.bin/.pt) are refused: loading a
+pickle can run code. Writing goes to a temporary folder that is renamed into place, and is removed on failure.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from files import UserError, replace_dir
+
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors dtype codes a weight may have
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+                   "special_tokens_map.json")
+
+
+class ModelLoadError(UserError):
+    """A checkpoint folder that cannot be used; the message is one line that names the file and the fix."""
+
+
+def model_folder(path, device="cpu") -> Path:
+    """The folder `path` resolved, after checking it and the device; else a ModelLoadError saying what is wrong."""
+    path = Path(path)
+    try:
+        path = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no such model folder; pass a folder with config.json and *.safetensors") from None
+    except (RuntimeError, OSError) as e:   # a symlink loop (RuntimeError before Python 3.13), permissions
+        why = "a symbolic link loop" if isinstance(e, RuntimeError) or e.errno == 40 else e.strerror
+        raise ModelLoadError(f"{path}: cannot open the model folder ({why})") from None
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: is a file, not a model folder; pass the folder that holds config.json")
+    try:
+        next(path.iterdir(), None)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot list the model folder ({e.strerror}); check its permissions") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ModelLoadError(f"device {str(device)!r} is not usable here ({str(e).splitlines()[0]}); "
+                             "use --device cpu") from None
+    return path
+
+
+def read_json(file: Path) -> dict:
+    if not file.exists():
+        raise ModelLoadError(f"{file}: missing; a model folder needs config.json next to its *.safetensors")
+    try:
+        d = json.loads(file.read_text())
+    except OSError as e:
+        raise ModelLoadError(f"{file}: cannot be read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{file}: must hold a JSON object, not a {type(d).__name__}")
+    return d
+
+
+def read_tensors(path: Path, expected: dict, skip: tuple, model_type: str, dtype, device) -> dict:
+    """{name: tensor} of every weight in `expected` ({name: tensor of the right shape}, e.g. on the meta
+    device), read from the folder's safetensors file(s), checked, and cast to dtype on device."""
+    from safetensors import safe_open
+    state = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq") or key in skip:
+                        continue  # a derived buffer, or a stored copy of a tied weight
+                    state[key] = _checked_tensor(f, key, file, expected, model_type).to(device=device, dtype=dtype)
+        except (ModelLoadError, OSError):
+            raise
+        except Exception as e:  # safetensors' own errors: truncated file, bad header, ...
+            raise ModelLoadError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); "
+                                 "the file is corrupt or truncated, copy or convert it again") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelLoadError(f"{path}: tensor {missing[0]!r}{more} missing from the checkpoint")
+    return state
+
+
+def _checked_tensor(f, key: str, file: Path, expected: dict, model_type: str) -> torch.Tensor:
+    """One tensor of a safetensors file, refused (one line, naming it) when it cannot be that weight."""
+    if key not in expected:
+        raise ModelLoadError(f"{file}: unexpected tensor {key!r} for a {model_type} model; "
+                             "is config.json the one of these weights?")
+    sl = f.get_slice(key)
+    shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+    if shape != tuple(expected[key].shape):
+        raise ModelLoadError(f"{file}: tensor {key!r} has shape {list(shape)}, config.json implies "
+                             f"{list(expected[key].shape)}")
+    if dtype not in FLOAT_DTYPES:
+        raise ModelLoadError(f"{file}: tensor {key!r} has dtype {dtype}; weights must be floating point "
+                             "(F32, BF16, F16), not integers or booleans (a quantised file needs dequantising)")
+    t = f.get_tensor(key)
+    if not torch.isfinite(t).all():
+        raise ModelLoadError(f"{file}: tensor {key!r} holds NaN or inf values; the checkpoint is damaged, "
+                             "use an earlier one")
+    return t
+
+
+def weight_files(path: Path) -> list[Path]:
+    if (path / "model.safetensors").exists():
+        return [_readable(path / "model.safetensors")]
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        wm = read_json(index).get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+            raise ModelLoadError(f"{index}: weight_map must be an object mapping tensor names to shard files")
+        shards = sorted(set(wm.values()))
+        if not shards:
+            raise ModelLoadError(f"{index}: weight_map is empty")
+        for s in shards:
+            if Path(s).name != s or not (path / s).is_file():
+                raise ModelLoadError(f"{path / s}: shard listed in {index.name} is missing")
+        return [_readable(path / s) for s in shards]
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        raise ModelLoadError(f"{path}: only a pickle checkpoint (.bin/.pt) is here; pickles can run code when "
+                             "loaded, so this project reads safetensors only: convert it with "
+                             "transformers' save_pretrained(safe_serialization=True)")
+    raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json in this folder")
+
+
+def _readable(file: Path) -> Path:
+    try:
+        with open(file, "rb") as f:
+            f.read(8)
+    except OSError as e:
+        raise ModelLoadError(f"{file}: cannot be read ({e.strerror}); check its permissions") from None
+    return file
+
+
+def write_folder(path, tensors: dict, config: dict, copy_from=None):
+    """config.json + model.safetensors (+ the tokenizer files of `copy_from`) into a temporary folder, renamed
+    over `path` once complete; the temporary folder is removed on any failure (disk full, Ctrl-C). Tensors that
+    are not all finite are refused: such a checkpoint would poison every run that starts from it."""
+    from safetensors.torch import save_file
+    bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
+    if bad:
+        raise UserError(f"not saving {path}: tensor {bad!r} holds NaN or inf (the weights diverged); resume from "
+                        "the last checkpoint with a lower --lr")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in TOKENIZER_FILES if copy_from else ():
+            if (Path(copy_from) / name).exists():
+                shutil.copy2(Path(copy_from) / name, tmp / name)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

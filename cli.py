@@ -1,0 +1,142 @@
+"""
+What the command-line tools share: a parser whose errors are one line, the argument checks, the model flags,
+loading a model folder (building the default model on first use), and the rule for ending a command.
+
+The rule, for every tool: expected bad input ends as `error: <what> <where> <what to do>` on one line and a
+non-zero exit code, checked before anything is written or loaded; Ctrl-C ends with one line; a traceback
+means a bug. Each tool checks its own arguments in one function next to its parser (`check_args`), with the
+helpers below.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from files import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with every default shown in --help and a one-line error instead of usage + error."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    def error(self, message):
+        sys.exit(f"error: {message} ({self.prog} --help lists the flags)")
+
+
+def run(main, argv=None):
+    """Call main(argv), ending a UserError with its one line (exit 1) and Ctrl-C with one line (exit 130)."""
+    try:
+        return main(argv)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
+        sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# argument checks: each raises UserError naming the flag, the value and the allowed range
+
+def positive(args, *names):
+    for name in names:
+        v = getattr(args, name.lstrip("-").replace("-", "_"))
+        if v is not None and v < 1:
+            raise UserError(f"{name} {v}: must be at least 1")
+
+
+def non_negative(args, *names):
+    for name in names:
+        v = getattr(args, name.lstrip("-").replace("-", "_"))
+        if v is not None and v < 0:
+            raise UserError(f"{name} {v}: must be 0 or more")
+
+
+def finite(args, name, low=None, high=None, low_open=False, high_open=False, why=""):
+    """A finite float within [low, high] (an end is excluded when *_open)."""
+    v = getattr(args, name.lstrip("-").replace("-", "_"))
+    bad_low = low is not None and (v <= low if low_open else v < low)
+    bad_high = high is not None and (v >= high if high_open else v > high)
+    if not math.isfinite(v) or bad_low or bad_high:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise UserError(f"{name} {v}: must be a finite number {' and '.join(x for x in (lo, hi) if x)}{why}")
+
+
+def sampling(args, training: bool):
+    """--temperature, --top-k, --top-p, --min-p (those the tool has)."""
+    if training:
+        finite(args, "--temperature", 0, low_open=True,
+               why=" (it divides the training logits; 0 would give NaN losses)")
+    else:
+        finite(args, "--temperature", 0, why=" (0 = greedy)")
+    if hasattr(args, "top_k"):
+        non_negative(args, "--top-k")
+        finite(args, "--top-p", 0, 1, low_open=True)
+        finite(args, "--min-p", 0, 1)
+
+
+def check_device(name: str) -> str:
+    """The torch device `name` if this machine has it, else a one-line UserError."""
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise UserError(f"--device {name}: torch {torch.__version__} ({build}) sees no CUDA GPU here; "
+                            "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; "
+                            f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: unsupported device type; use cpu or cuda")
+    return name
+
+
+def existing_file(path, flag: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{flag} {path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder, not a file")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# the model flags and loading
+
+def default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(p, dtype: bool = True):
+    """The --model, --dtype and --device flags that every tool shares."""
+    import weights
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR),
+                   help="HF-layout model folder (config.json + *.safetensors + tokenizer.json); the default model "
+                        "is built on first use")
+    if dtype:
+        g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    g.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N")
+    return g
+
+
+def load(model_dir, dtype=None, device="cpu"):
+    """(model, tokenizer) of an HF-layout folder; the default offline model is built on first use."""
+    import torch
+
+    import weights
+    from model import Transformer
+    from tokenizer import Tokenizer
+    weights.ensure_if_default(model_dir)
+    return (Transformer.from_pretrained(model_dir, dtype=dtype or torch.float32, device=device),
+            Tokenizer(model_dir))

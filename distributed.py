@@ -1,0 +1,97 @@
+"""
+Data parallelism for train.py under torchrun: one process (rank) per CPU process slot or GPU.
+
+Every rank holds the whole model and optimizer, samples its share of each step's prompts with the seeds one
+process would use, and trains on its own responses. Each rank divides its loss by the token count of the whole
+mini-batch (all ranks), and the gradients are summed over the ranks before every optimizer step, so W ranks
+compute what one process computes, up to the order of float sums (tests/test_distributed.py). Metrics and
+evaluations are reduced across ranks; only rank 0 writes files. In a single process every helper here is the
+identity, so train.py reads the same either way.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+from files import UserError
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: int, evaluates: bool) -> str:
+    """Join the torchrun group when there is one (WORLD_SIZE > 1): gloo on a CPU, nccl with one GPU per rank.
+    Returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    cuda = device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    W = world()
+    if prompts_per_step % (mini_batches * W):
+        raise UserError(f"--prompts-per-step ({prompts_per_step}) must be a multiple of --mini-batches x ranks "
+                        f"({mini_batches} x {W}) so that every rank holds whole groups of every mini-batch")
+    if evaluates and eval_problems < W:
+        raise UserError(f"--eval-problems ({eval_problems}) must be at least the number of ranks ({W})")
+    return device
+
+
+def all_sum(values: dict, device) -> dict:
+    """The sums over ranks of a dict of numbers (itself in a single process)."""
+    if world() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """The ranks' tensors of equal shape, concatenated in rank order (t itself in a single process)."""
+    if world() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
+def all_reduce_grads(model):
+    """Sum the gradients over ranks: each rank's loss is already divided by the token count of the whole
+    mini-batch (all ranks), so the sum is the gradient of the one-process loss. Parameters without a gradient
+    (above l in phase 1) have none on every rank."""
+    if world() > 1:
+        work = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+        for w in work:
+            w.wait()
+
+
+def my_prompts(P: int, mini_batches: int) -> list[int]:
+    """The prompts of a step this rank samples and trains on. Mini-batch k of the step is the same set of prompts
+    as in one process (consecutive P/M); each rank takes a consecutive 1/W of every mini-batch."""
+    W = world()
+    if W == 1:
+        return list(range(P))
+    per = P // (mini_batches * W)
+    return [k * per * W + rank() * per + i for k in range(mini_batches) for i in range(per)]
+
+
+def my_share(n: int) -> list[int]:
+    """Every W-th item, from this rank's index (how the evaluation problems are split)."""
+    return list(range(rank(), n, world()))
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+def teardown():
+    if world() > 1:
+        dist.destroy_process_group()

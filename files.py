@@ -1,0 +1,100 @@
+"""
+Writing files so that nothing a user already has is lost, and nothing is ever half-written.
+
+Every file the project writes goes through `write_atomic` (a temporary file in the same folder, renamed over
+the target) and every folder through `replace_dir`; an output folder is claimed with `claim_dir`, which refuses
+a folder that already holds results, or with overwrite=True moves them aside. Nothing here deletes a user's file.
+`UserError` is the one exception for expected bad input: its message is one line, "what, where, what to do",
+and the command-line tools print it as `error: <message>` and exit non-zero (cli.py).
+"""
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+
+
+class UserError(Exception):
+    """Bad input or a bad environment (not a bug): the message is one line naming the problem and the fix."""
+
+
+def describe_os_error(e: OSError) -> str:
+    """A short reason for an OSError, with the fix where there is a usual one."""
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device; free some disk space"
+    if e.errno == errno.EDQUOT:
+        return "disk quota exceeded; free some space"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied or read-only; choose a folder you can write to"
+    return e.strerror or str(e)
+
+
+def write_atomic(path, write):
+    """write(tmp_path) into a temporary file beside `path`, then rename it over `path`: a reader sees the old
+    file or the new one, never a mix. On any failure the temporary file is removed and the error re-raised."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path, text: str):
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def replace_dir(tmp, final):
+    """Move the complete folder `tmp` to `final`; an older `final` is replaced only once `tmp` is in place."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_partial(folder):
+    """Remove a temporary folder this project was writing when it failed (never a user's folder)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_writable_dir(path, flag: str = "--out") -> Path:
+    """Create `path` (and its parents) if needed and check that files can be written there, so that a bad
+    output path costs a second, not a whole run."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a folder; pass a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({describe_os_error(e)})") from None
+    return path
+
+
+def claim_dir(path, markers: tuple, overwrite: bool, flag: str = "--out", hint: str = "") -> Path | None:
+    """Make `path` a fresh, writable output folder. If it already holds any of `markers` (earlier results):
+    refuse with one line, or with overwrite=True move the whole folder aside to `<path>.old-<time>` (never
+    deleted) and return where it went."""
+    path = Path(path)
+    moved = None
+    found = [m for m in markers if (path / m).exists()] if path.is_dir() else []
+    if found:
+        if not overwrite:
+            raise UserError(f"{flag} {path}: already holds earlier results ({', '.join(found)}); {hint}"
+                            f"pass --overwrite to move them aside to {path.name}.old-<time>/, or choose another "
+                            f"{flag}")
+        moved = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while moved.exists():
+            n += 1
+            moved = moved.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        os.replace(path, moved)
+    check_writable_dir(path, flag)
+    return moved

@@ -1,0 +1,187 @@
+"""
+A training run's folder, and the rules that keep it safe:
+
+    OUT/args.json                    the run's arguments (written once, when the run starts)
+    OUT/metrics.jsonl                one JSON line per step (step 0: the evaluation before training)
+    OUT/curves.png                   the curves of metrics.jsonl
+    OUT/checkpoints/step_N/          an HF-layout folder (transformers loads it) + trainer_state.pt
+
+- A fresh run never reuses a folder that holds a run: it is refused (use --resume), or with --overwrite the
+  old run is moved aside to OUT.old-<time>/, never deleted.
+- Every file is written atomically, every checkpoint in a temporary folder renamed into place; a failed write
+  (disk full, Ctrl-C) removes its temporary folder and leaves the earlier checkpoints as they were.
+- Resuming takes the newest complete checkpoint; an incomplete or damaged newer one is skipped with a warning.
+  metrics.jsonl is cut back to the steps that checkpoint covers, which also repairs a line cut mid-write.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from files import UserError, check_writable_dir, claim_dir, describe_os_error, remove_partial, replace_dir, write_atomic, write_text
+
+MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
+
+
+def check_new(out, overwrite: bool):
+    """Refuse (one line) a --out that already holds a run, unless overwrite; check that it can be written."""
+    found = [m for m in MARKERS if (Path(out) / m).exists()]
+    if found and not overwrite:
+        raise UserError(f"--out {out}: already holds a run ({', '.join(found)}); to continue it use --resume {out}, "
+                        f"to start over pass --overwrite (the old run is moved to {Path(out).name}.old-<time>/, "
+                        "not deleted), or choose another --out")
+    if not found:
+        check_writable_dir(out)
+
+
+def start(out, args, overwrite: bool):
+    """Claim OUT for a new run and write args.json and an empty metrics.jsonl."""
+    moved = claim_dir(out, MARKERS, overwrite, hint=f"to continue that run use --resume {out}; ")
+    if moved:
+        print(f"--overwrite: the earlier run in {out} was moved to {moved}", file=sys.stderr)
+    write_text(Path(out) / "args.json", json.dumps(vars(args), indent=1) + "\n")
+    write_text(Path(out) / "metrics.jsonl", "")
+
+
+def log(out, row: dict):
+    """Append one line to metrics.jsonl and make it durable before the next step starts."""
+    with open(Path(out) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(out) -> list[dict]:
+    """The well-formed lines of metrics.jsonl (a line cut mid-write by a crash is skipped)."""
+    rows = []
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def repair_metrics(out, start_step: int):
+    """Keep exactly the metrics of steps before `start_step` (those the resumed checkpoint covers)."""
+    file = Path(out) / "metrics.jsonl"
+    lines = file.read_text().splitlines() if file.exists() else []
+    kept = [json.dumps(r) for r in read_metrics(out) if r["step"] < start_step] if lines else []
+    if len(kept) != len([x for x in lines if x.strip()]):
+        print(f"resume: metrics.jsonl cut back to the {len(kept)} lines before step {start_step} "
+              f"({len(lines) - len(kept)} later or broken lines dropped)", file=sys.stderr)
+    write_text(file, "".join(line + "\n" for line in kept))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(model, opt, args, step: int, layer: int) -> Path:
+    """OUT/checkpoints/step_N: the model (HF layout, loadable by transformers) and trainer_state.pt (optimizer,
+    step, arguments, internal layer), written into a temporary folder and renamed into place; then all but the
+    newest --keep-checkpoints of this run are removed."""
+    root = Path(args.out) / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
+    try:
+        model.save_pretrained(tmp, copy_from=args.model)
+        torch.save({"step": step, "optimizer": opt.state_dict(), "args": vars(args), "internal_layer": layer},
+                   tmp / "trainer_state.pt")
+        replace_dir(tmp, final)
+    except OSError as e:
+        remove_partial(tmp)
+        last = newest(root)
+        raise UserError(f"writing checkpoint {final} failed ({describe_os_error(e)}); "
+                        + (f"the last complete one is {last.name}: --resume {args.out} continues from it"
+                           if last else "no checkpoint was written yet")) from None
+    except BaseException:
+        remove_partial(tmp)
+        raise
+    for old in sorted(p for p in root.glob("step_*") if _step(p) <= step)[:-args.keep_checkpoints]:
+        remove_partial(old)
+    return final
+
+
+def _step(p: Path) -> int:
+    try:
+        return int(p.name.removeprefix("step_"))
+    except ValueError:
+        return -1
+
+
+def newest(root: Path) -> Path | None:
+    found = sorted((p for p in Path(root).glob("step_*") if _step(p) >= 0), key=_step)
+    return found[-1] if found else None
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    """trainer_state.pt of a checkpoint (weights_only: no pickle code runs), checked for what resume needs."""
+    file = ckpt / "trainer_state.pt"
+    if not file.exists():
+        raise ValueError("no trainer_state.pt (the write did not finish)")
+    try:
+        state = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"trainer_state.pt is unreadable ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or not {"step", "optimizer", "args", "internal_layer"} <= set(state):
+        raise ValueError("trainer_state.pt lacks step / optimizer / args / internal_layer")
+    return state
+
+
+def resumable(out, load_model) -> tuple:
+    """(checkpoint folder, trainer state, model) of the newest checkpoint of OUT that loads completely. Newer
+    ones that are incomplete or damaged are skipped with a warning, never deleted."""
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"--resume {out}: no such run folder")
+    for leftover in (out / "checkpoints").glob(".step_*.tmp"):       # a write interrupted by a crash
+        print(f"resume: removing the unfinished checkpoint write {leftover}", file=sys.stderr)
+        remove_partial(leftover)
+    found = sorted((p for p in (out / "checkpoints").glob("step_*") if _step(p) >= 0), key=_step, reverse=True)
+    for ckpt in found:
+        try:
+            state = load_trainer_state(ckpt)
+            return ckpt, state, load_model(ckpt)
+        except (ValueError, UserError) as e:   # ModelLoadError is a UserError
+            print(f"warning: skipping {ckpt}: {str(e).splitlines()[0]}; trying an earlier checkpoint",
+                  file=sys.stderr)
+    raise UserError(f"--resume {out}: no complete checkpoint in {out / 'checkpoints'}; start a new run with --out")
+
+
+# -----------------------------------------------------------------------------
+# the curves
+
+def plot_curves(out, title: str):
+    """curves.png: reward and held-out accuracy, entropies, response length, and (BuPO) how far pi^l is from
+    the policy; one panel per quantity, each with its own labelled axis, phase 1 shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(out)
+    train = [r for r in rows if "reward" in r]
+    panels = [("reward / accuracy (fraction)", ["reward", "eval/greedy_acc"] + sorted({k for r in rows for k in r
+                                                                                       if k.startswith("eval/avg@")})),
+              ("entropy (nats)", ["entropy", "internal/entropy"]),
+              ("response length (tokens)", ["completions/mean_length"]),
+              ("KL(pi^l || pi_theta) (nats)", ["internal/kl_to_policy"]),
+              ("cos(h_l, h_L)", ["internal/cos_to_top"])]
+    panels = [(label, keys) for label, keys in panels if any(k in r for r in rows for k in keys)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    internal = [r["step"] for r in train if r.get("phase") == "internal"]
+    for ax, (label, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=k)
+        if internal:
+            ax.axvspan(min(internal) - 0.5, max(internal) + 0.5, color="orange", alpha=0.15, label="phase 1 (pi^l)")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    write_atomic(Path(out) / "curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
