@@ -89,7 +89,7 @@ def sample_responses(model, tok, task: str, n: int, max_new_tokens: int, seed: i
 # the analysis
 
 @torch.no_grad()
-def analyze(model, pairs, norm: bool = False, heatmap_tokens: int = 48):
+def analyze(model, pairs, norm: bool = False, heatmap_tokens: int = 24):
     """Token-level entropies of all internal policies over all responses -> (flow, heatmap of response 0)."""
     from tqdm import tqdm
     device = model.embed_tokens.weight.device
@@ -101,12 +101,12 @@ def analyze(model, pairs, norm: bool = False, heatmap_tokens: int = 48):
         where[0, len(p) - 1:len(p) + len(r) - 1] = True   # position t-1 predicts response token t
         flows.append(bupo.entropy_flow(model, rec, where, norm))
         if i == 0:
-            heat = heatmap(model, rec, where, r, norm, heatmap_tokens)
+            heat = heatmap(model, rec, where, p, r, norm, heatmap_tokens)
     flow = {k: torch.cat([f[k] for f in flows], dim=-1) for k in flows[0]}
     return flow, heat
 
 
-def heatmap(model, rec, where, response, norm, n_tokens):
+def heatmap(model, rec, where, prompt, response, norm, n_tokens):
     """H(W_U h_l) and the top-1 token id for l = 0..L at the first n_tokens positions of one response."""
     L = model.config.num_layers
     H, top = [], []
@@ -114,7 +114,7 @@ def heatmap(model, rec, where, response, norm, n_tokens):
         logits = bupo.layer_logits(model, rec.resid[l][where][:n_tokens], l, norm)
         H.append(bupo.entropy(logits).tolist())
         top.append(logits.argmax(-1).tolist())
-    return dict(entropy=H, top1=top, targets=response[:n_tokens])
+    return dict(entropy=H, top1=top, targets=response[:n_tokens], prompt=prompt)
 
 
 def summarize(model_name, model, flow, n_responses, norm) -> dict:
@@ -159,29 +159,36 @@ def print_table(result: dict):
 
 
 def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | None = None):
+    import warnings
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    warnings.filterwarnings("ignore", message="Glyph .* missing from")   # tokens in scripts the font lacks
     runs = [result] + ([other] if other else [])
     relative = other is not None and other["num_layers"] != result["num_layers"]  # align depths of different models
 
-    def xs(run, offsets):
+    def xs(run, offset=0.0):
         L = run["num_layers"]
-        return [(r["layer"] - 1 + o) / (L if relative else 1) for r in run["layers"] for o in offsets]
+        return [(r["layer"] - 1 + offset) / (L if relative else 1) for r in run["layers"]]
 
     def save(fig, name):
         files.write_atomic(out / name, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
         plt.close(fig)
 
-    # Fig. 2: the continuous entropy flow h_{l-1} -> a_l -> f_l -> h_l
-    fig, ax = plt.subplots(figsize=(11, 4))
-    for run in runs:
-        ys = [r[k] for r in run["layers"] for k in ("H_resid_in", "H_attn", "H_mlp", "H_resid")]
-        ax.plot(xs(run, (0, 1 / 3, 2 / 3, 1)), ys, marker=".", lw=1, label=f"{run['model']} (norm={run['norm']})")
-    ax.set_xlabel("relative depth" if relative else "layer (h_{l-1}, a_l, f_l, h_l)")
-    ax.set_ylabel("entropy (nats)")
-    ax.set_title("Continuous entropy flow of the internal policies")
-    ax.legend(fontsize=8)
+    # Fig. 2: the entropy of each internal policy along the depth, one line per kind of policy
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    policies = (("H_attn", 1 / 3, "s", "attention write a_l"), ("H_mlp", 2 / 3, "^", "FFN write f_l"),
+                ("H_resid", 1.0, "o", "layer output h_l"))
+    for color, run in zip(("C0", "C3"), runs):
+        for key, offset, marker, name in policies:
+            ax.plot(xs(run, offset), [r[key] for r in run["layers"]], marker=marker, ms=4, color=color,
+                    lw=1.8 if key == "H_resid" else 0.8, ls="-" if key == "H_resid" else ":",
+                    label=f"{name} ({run['model']})")
+    ax.set_xlabel("relative depth" if relative else "layer l (attention, then FFN, then the layer's output)")
+    ax.set_ylabel("entropy of softmax(W_U x) (nats)")
+    ax.set_title(f"Entropy flow of the internal policies (norm={result['norm']}; layer L is the model's policy)")
+    ax.legend(fontsize=7, ncol=len(runs))
     save(fig, "flow.png")
 
     # Fig. 3: mean entropy change of attention (eq. 12) and FFN (eq. 13) per layer
@@ -189,31 +196,33 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         for ax, key, name in ((axes[0], "dH_attn", "attention"), (axes[1], "dH_mlp", "FFN")):
-            x = [v + (i - (len(runs) - 1) / 2) * width / (run["num_layers"] if relative else 1)
-                 for v in xs(run, (1,))]
+            x = [v + (i - (len(runs) - 1) / 2) * width / (run["num_layers"] if relative else 1) for v in xs(run, 1)]
             ax.bar(x, [r[key] for r in run["layers"]], width=width / (run["num_layers"] if relative else 1),
                    label=run["model"])
             ax.axhline(0, color="k", lw=0.5)
             ax.set_ylabel(f"dH {name} (nats)")
     axes[0].legend(fontsize=8)
-    axes[1].set_xlabel("relative depth" if relative else "layer")
-    fig.suptitle("Mean entropy change per layer")
+    axes[1].set_xlabel("relative depth" if relative else "layer l")
+    fig.suptitle("Mean entropy change per layer: > 0 widens the distribution, < 0 sharpens it")
     save(fig, "dH.png")
 
     if heat:  # layers x positions of one response, with the top-1 token of each cell
+        show = lambda ids: tokenizer.decode(ids, skip_special_tokens=False).strip().replace("\n", "\\n")  # noqa: E731
         H = torch.tensor(heat["entropy"])
-        fig, ax = plt.subplots(figsize=(max(8, 0.45 * H.shape[1]), max(5, 0.3 * H.shape[0])))
+        fig, ax = plt.subplots(figsize=(max(8, 0.62 * H.shape[1]), max(5, 0.27 * H.shape[0])))
         im = ax.imshow(H, aspect="auto", origin="lower", cmap="viridis")
         for l, row in enumerate(heat["top1"]):
             for t, tok_id in enumerate(row):
-                ax.text(t, l, tokenizer.decode([tok_id], skip_special_tokens=False).strip()[:6], ha="center",
-                        va="center", fontsize=4.5, color="w")
+                ax.text(t, l, show([tok_id])[:5], ha="center", va="center", fontsize=6.5,
+                        color="w" if H[l, t] < H.max() * 0.6 else "k")
         ax.set_xticks(range(len(heat["targets"])))
-        ax.set_xticklabels([tokenizer.decode([t], skip_special_tokens=False).strip()[:8] for t in heat["targets"]],
-                           rotation=90, fontsize=6)
-        ax.set_xlabel("next response token (what each position predicts)")
-        ax.set_ylabel("layer l (h_l; L = the model's policy)")
-        fig.colorbar(im, label="entropy of W_U h_l (nats)")
+        ax.set_xticklabels([show([t])[:8] for t in heat["targets"]], rotation=90, fontsize=8)
+        ax.set_xlabel("the response token each position predicts (cell text: the layer's top-1 token)")
+        ax.set_ylabel("layer l (h_l; the top row is the model's policy)")
+        question = " ".join(tokenizer.decode(heat.get("prompt", [])).split())[-90:]  # the end of the user turn
+        ax.set_title(f"Entropy of softmax(W_U h_l) on response 0, first {H.shape[1]} tokens\nprompt: ...{question!r}",
+                     fontsize=9)
+        fig.colorbar(im, label="entropy (nats)")
         save(fig, "heatmap.png")
 
 

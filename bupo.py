@@ -13,10 +13,10 @@ whatever it projects; it is an option, never the default (the paper's Table 5 fi
 
 Departures from the authors' analysis code, on purpose:
   1. Layer L is the model's policy, through the final norm (their plot script meant to do this, but an
-     off-by-one left h_L un-normed; BUPO.md 5.2).
+     off-by-one left h_L un-normed; docs/method.md section 8).
   2. Entropies are taken at the positions that predict the response tokens (the last prompt position through
      the position before the last response token). The authors' script is shifted by one (it drops the
-     distribution of the first response token and keeps the one after the last token; BUPO.md 2.2).
+     distribution of the first response token and keeps the one after the last token; docs/method.md 8).
 """
 from dataclasses import dataclass
 
@@ -123,7 +123,8 @@ def boundary_layer(dH_mlp: list) -> int | None:
 def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:
     """The layer of --internal-layer auto, and which rule chose it: the paper's boundary layer when it lies below
     L; otherwise (no layer with dH_mlp > 0, or only the last one) the penultimate layer L-1, the authors' choice
-    for models that converge only at the top (their Llama runs; docs/method.md, "Choosing the layer")."""
+    for models that converge only at the top (their Llama runs). The fallback is this project's reading of that
+    choice, not a rule of the paper (docs/method.md 5)."""
     L, boundary = len(dH_mlp), boundary_layer(dH_mlp)
     if boundary is not None and boundary < L:
         return boundary, "boundary"
@@ -131,7 +132,7 @@ def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:
 
 
 # -----------------------------------------------------------------------------
-# the training objective: GRPO, and BuPO's bottom-up phase (paper section 3, eqs. 9-10; BUPO.md 3.3-3.5)
+# the training objective: GRPO, and BuPO's bottom-up phase (paper section 3, eqs. 9-10; docs/method.md 6-7)
 #
 # BuPO is GRPO with one change. For RL steps 1..internal_steps (steps count from 1, as the authors'
 # global_steps do) both the "old" log-probs and the current ones come from the internal layer policy
@@ -141,12 +142,12 @@ def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:
 # Why the loss is ~0 and the ratio is exactly 1 on the first mini-batch of a step: the old log-probs are
 # computed with the weights of the start of the step, and the first mini-batch is evaluated with those same
 # weights, so log_ratio = 0 and r = 1 (up to float rounding: the old pass runs without autograd, which may pick
-# other kernels; train.py evaluates both on the same micro-batches), nothing is clipped and the loss is -mean(A)
+# other kernels; train.py evaluates both with policy_logprobs on the same micro-batches), nothing is clipped and the loss is -mean(A)
 # (0 up to the token weighting of the aggregation); its gradient, A * grad log pi, is not 0. Later mini-batches
 # see weights already moved.
 #
-# What the phase-1 ratio means (BUPO.md 5.10): the tokens were sampled from pi_theta, but the ratio and the clip
-# use pi^l, so r is not an importance weight. It is a trust region on the internal distribution: the update is
+# What the phase-1 ratio means (eq. 9; docs/method.md 7): the tokens were sampled from pi_theta, but the
+# ratio and the clip use pi^l, so r is not an importance weight. It is a trust region on the internal distribution: the update is
 # A * grad log pi^l(o_t) while pi^l / pi^l_old stays inside [1 - clip_low, 1 + clip_high]. Only blocks 1..l and
 # W_U (and the embedding) receive gradient; the blocks above l and the final norm get none (grad stays None).
 #
@@ -206,7 +207,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=10.0):
-    """The clipped surrogate per token (BUPO.md 3.5), and its diagnostics as masked sums (divide by the token count).
+    """The clipped surrogate per token (docs/method.md 6), and its diagnostics as masked sums (divide by the token count).
     logp, old_logp, mask [n, T]; advantages [n]. dual_clip None or <= 1 turns the dual clip off."""
     A = advantages[:, None]
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)

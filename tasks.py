@@ -5,7 +5,7 @@ Tasks with exact answers, generated offline from a seed: prompts for the analysi
     arithmetic  "What is 37 + 48?"-style problems, small numbers, one or two operations
     word        short grade-school word problems (shopping, sharing, rates) with integer answers
 
-Every problem is asked with the authors' system prompt (BUPO.md 3.1), so the answer is expected in \\boxed{}.
+Every problem is asked with the authors' system prompt, so the answer is expected in \\boxed{}.
 Departure: the user message also ends with FORMAT_HINT ("... for example \\boxed{5}."); without it the small
 offline models almost never write \\boxed{} (SmolLM2-135M: 0 of 64 answers), so every reward would be 0 and RL
 would have nothing to learn from. With shots=1 (train.py and analyze.py --shots 1) one worked example of the
@@ -119,7 +119,7 @@ def problems(task: str, n: int, seed: int = 0, split: str = "train") -> list[Pro
 
 
 # -----------------------------------------------------------------------------
-# the reward: verl/utils/reward_score/math.py as the authors use it (BUPO.md 3.1), quirks included:
+# the reward: verl/utils/reward_score/math.py as the authors use it (docs/method.md 8), quirks included:
 # "\boxed " anywhere wins over a later "\boxed{}", a normalisation step that raises falls back to comparing the
 # raw strings, and any other failure scores 0.
 

@@ -1,7 +1,7 @@
 """
 GRPO and BuPO training of a decoder on a task with a verifiable reward (paper section 3; docs/method.md).
 
-    python train.py --algo bupo --out runs/bupo                # default model, arithmetic task, CPU-sized
+    python train.py --algo bupo --out runs/bupo                # default model, one-digit sums, CPU-sized
     python train.py --algo grpo --out runs/grpo --seed 1
     python train.py --resume runs/bupo --steps 40              # continue exactly where it stopped
     torchrun --standalone --nproc-per-node 8 train.py --device cuda --prompts-per-step 128 --out runs/dp
@@ -9,13 +9,13 @@ GRPO and BuPO training of a decoder on a task with a verifiable reward (paper se
 One RL step (steps count from 1, like the authors' global_steps), in the order rl_step runs it:
   1. sample: P prompts of the task (a fixed function of --seed and the step) and G responses to each, from the
      FULL policy at temperature T (rollout.py), in both phases.
-  2. score: 1/0 from the last \\boxed{} (tasks.reward); group advantages (bupo.group_advantages, eq. 3).
+  2. score: 1/0 from the last \\boxed{} (tasks.reward); group advantages (bupo.group_advantages).
   3. the policy of the step: bupo.phase_layer, pi^l while step <= --internal-steps in BuPO (phase 1), pi_theta
      after (eq. 10). Its "old" log-probs, no grad, with the weights of the start of the step
      (bupo.policy_logprobs), and diagnostics: H(pi_theta) always, H(pi^l), KL(pi^l || pi_theta), cos(h_l, h_L)
      for BuPO in both phases (bupo.policy_stats).
   4. update: --mini-batches AdamW updates on consecutive slices of the P*G responses (1 epoch, no shuffle), each
-     the clipped surrogate of the same policy (bupo.policy_loss, eq. 9), token-mean, grad-norm clip 1.0, and
+     the clipped surrogate of the same policy (bupo.policy_loss; on pi^l it is eq. 9), token-mean, grad-norm clip 1.0, and
      zero_grad(set_to_none=True), so that in phase 1 the blocks above l and the final norm stay untouched. An
      update whose loss or gradient norm is not finite is skipped and counted (metric skipped_steps).
   5. log one line of metrics.jsonl; evaluate every --eval-every steps; save every --save-every steps.
@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     g.add_argument("--seed", type=int, default=0, help="seed of the prompts, the sampler and the held-out draws")
     g = p.add_argument_group("task and rollout")
-    g.add_argument("--task", default="arithmetic", choices=sorted(tasks.TASKS), help=tasks.HELP)
-    g.add_argument("--shots", type=int, default=0, choices=[0, 1], help="1: a worked example before each question")
+    g.add_argument("--task", default="add", choices=sorted(tasks.TASKS), help=tasks.HELP)
+    g.add_argument("--shots", type=int, default=1, choices=[0, 1], help="1: a worked example of the task before each "
+                   "question (tasks.py; 0: the authors' zero-shot prompt, which a 135M model rarely answers in a box)")
     g.add_argument("--prompts-per-step", type=int, default=8, help="P prompts per step (the authors: 128)")
     g.add_argument("--group-size", type=int, default=8, help="G responses per prompt (the authors: 8)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="longest response")

@@ -1,5 +1,9 @@
-"""Every bad checkpoint folder gives one clear line naming the file and the problem."""
+"""Bad input never costs a traceback or data: every row of the table ends as one line `error: ...` and a non-zero
+exit, and a refused run leaves the earlier run byte for byte as it was."""
+import errno
+import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,106 +13,364 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import cli
+import tasks
 from model import ModelLoadError, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def folder(tiny_dirs, tmp_path):
-    d = tmp_path / "m"
-    shutil.copytree(tiny_dirs["qwen2", False], d)
+def fails(tool: str, argv: list, *fragments):
+    """Run `tool`.main through cli.run, as `python tool.py ARGV` does, and check the one-line error."""
+    main = importlib.import_module(tool).main
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, [str(a) for a in argv])
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# -----------------------------------------------------------------------------
+# the table: (tool, arguments, what the line must say); {tmp} is a scratch folder, {model} the tiny chat model
+
+ROWS = [
+    # train.py: counts, ranges, choices, paths, devices
+    ("train", ["--steps", "0"], "--steps 0: must be at least 1"),
+    ("train", ["--steps", "x"], "argument --steps: invalid int value"),
+    ("train", ["--group-size", "0"], "--group-size 0"),
+    ("train", ["--mini-batches", "0"], "--mini-batches 0"),
+    ("train", ["--micro-batch-size", "0"], "--micro-batch-size 0"),
+    ("train", ["--prompts-per-step", "-1"], "--prompts-per-step -1"),
+    ("train", ["--save-every", "0"], "--save-every 0"),
+    ("train", ["--keep-checkpoints", "0"], "--keep-checkpoints 0"),
+    ("train", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    ("train", ["--eval-problems", "0"], "--eval-problems 0"),
+    ("train", ["--eval-samples", "0"], "--eval-samples 0"),
+    ("train", ["--eval-every", "-1"], "--eval-every -1: must be 0 or more"),
+    ("train", ["--internal-steps", "-2"], "--internal-steps -2"),
+    ("train", ["--seed", "-1"], "--seed -1"),
+    ("train", ["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
+    ("train", ["--lr", "nan"], "--lr nan"),
+    ("train", ["--lr=-1e-5"], "--lr -1e-05"),
+    ("train", ["--temperature", "0"], "--temperature 0.0", "NaN"),
+    ("train", ["--temperature", "inf"], "--temperature inf"),
+    ("train", ["--clip-low", "1.5"], "--clip-low 1.5"),
+    ("train", ["--clip-high", "-0.1"], "--clip-high -0.1"),
+    ("train", ["--dual-clip", "0.5"], "--dual-clip 0.5: must be 0 (off) or a finite number > 1"),
+    ("train", ["--grad-clip", "0"], "--grad-clip 0.0"),
+    ("train", ["--weight-decay", "nan"], "--weight-decay nan"),
+    ("train", ["--kl-coef", "-0.1"], "--kl-coef -0.1"),
+    ("train", ["--prompts-per-step", "6", "--mini-batches", "4"], "multiple of --mini-batches 4"),
+    ("train", ["--internal-layer", "top"], "--internal-layer 'top': must be auto or a layer number"),
+    ("train", ["--group-size", "1", "--advantage", "rloo"], "--group-size 1 with --advantage rloo"),
+    ("train", ["--algo", "ppo"], "argument --algo: invalid choice"),
+    ("train", ["--task", "calculus"], "argument --task: invalid choice"),
+    ("train", ["--device", "banana"], "--device 'banana': not a device name"),
+    ("train", ["--device", "cuda:7"], "--device cuda:7"),
+    ("train", ["--analysis", "{tmp}/none.json"], "--analysis", "no such file"),
+    ("train", ["--model", "{tmp}/no-model", "--out", "{tmp}/o1"], "no-model: no such model folder"),
+    ("train", ["--model", "{model}", "--out", "{tmp}/file.txt"], "file.txt: exists and is not a folder"),
+    ("train", ["--model", "{model}", "--out", "{tmp}/o2", "--internal-layer", "9"], "--internal-layer 9: this model "
+     "has layers 1..3"),
+    ("train", ["--model", "{model}", "--out", "{tmp}/o3", "--analysis", "{tmp}/file.txt"], "not a readable entropy.json"),
+    ("train", ["--resume", "{tmp}/no-run"], "--resume", "no such run folder"),
+    ("train", ["--resume", "{tmp}"], "no complete checkpoint"),
+    # analyze.py
+    ("analyze", ["-n", "0"], "--num-responses 0"),
+    ("analyze", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    ("analyze", ["--max-tokens", "0"], "--max-tokens 0"),
+    ("analyze", ["--responses", "{tmp}/none.jsonl"], "--responses", "no such file"),
+    ("analyze", ["--compare", "{tmp}/file.txt"], "--compare", "not a readable entropy.json"),
+    ("analyze", ["--device", "cuda:9"], "--device cuda:9"),
+    ("analyze", ["--out", "{tmp}/file.txt"], "file.txt: exists and is not a folder"),
+    ("analyze", ["--norm", "layer"], "argument --norm: invalid choice"),
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a1", "--responses", "{tmp}/bool.jsonl"], "bool.jsonl:2:",
+     "integer token ids"),
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a2", "--responses", "{tmp}/float.jsonl"], "float.jsonl:1:"),
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a3", "--responses", "{tmp}/vocab.jsonl"], "vocab.jsonl:1:",
+     "out of range"),
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a4", "--responses", "{tmp}/long.jsonl", "--max-tokens", "64"],
+     "long.jsonl:1:", "more than 64"),
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a5", "--responses", "{tmp}/file.txt"], "file.txt:1: not valid JSON"),
+    # rollout.py
+    ("rollout", ["-G", "0"], "--group-size 0"),
+    ("rollout", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    ("rollout", ["--temperature", "-1"], "--temperature -1.0"),
+    ("rollout", ["--top-k", "-1"], "--top-k -1"),
+    ("rollout", ["--top-p", "0"], "--top-p 0.0: must be a finite number > 0 and <= 1"),
+    ("rollout", ["--top-p", "1.5"], "--top-p 1.5"),
+    ("rollout", ["--min-p", "-0.1"], "--min-p -0.1"),
+    ("rollout", ["--min-p", "2"], "--min-p 2.0"),
+    ("rollout", ["--dtype", "int8"], "argument --dtype: invalid choice"),
+    ("rollout", ["--model", "{tmp}/file.txt"], "file.txt: is a file, not a model folder"),
+    # chat.py
+    ("chat", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    ("chat", ["--temperature", "nan"], "--temperature nan"),
+    ("chat", ["--prompt", ""], "--prompt is empty"),
+    ("chat", ["--model", "{tmp}/no-model"], "no-model: no such model folder"),
+    ("chat", ["--model", "{model}", "--max-new-tokens", "100000"], "exceed the model's context"),
+]
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, tiny_chat_model):
+    d = tmp_path_factory.mktemp("bad-inputs")
+    (d / "file.txt").write_text("not json\n")
+    (d / "bool.jsonl").write_text('{"prompt_ids": [1, 2], "response_ids": [3]}\n'
+                                  '{"prompt_ids": [1, true], "response_ids": [3]}\n')
+    (d / "float.jsonl").write_text('{"prompt_ids": [1, 2.5], "response_ids": [3]}\n')
+    (d / "vocab.jsonl").write_text('{"prompt_ids": [1, 2], "response_ids": [49152]}\n')
+    (d / "long.jsonl").write_text(json.dumps({"prompt_ids": [1] * 40, "response_ids": [2] * 40}) + "\n")
     return d
 
 
-def rewrite(folder, fn):
-    sd = load_file(folder / "model.safetensors")
-    fn(sd)
-    save_file(sd, folder / "model.safetensors")
+@pytest.mark.parametrize("tool,argv,fragments", [(r[0], r[1], r[2:]) for r in ROWS],
+                         ids=[f"{r[0]} {' '.join(r[1])}"[:60] for r in ROWS])
+def test_bad_input_is_one_line(scratch, tiny_chat_model, tool, argv, fragments):
+    if "cuda" in " ".join(argv) and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the device")
+    argv = [a.replace("{tmp}", str(scratch)).replace("{model}", str(tiny_chat_model)) for a in argv]
+    fails(tool, argv, *fragments)
+
+
+def test_enough_rows():
+    assert len(ROWS) >= 40 and {r[0] for r in ROWS} == {"train", "analyze", "rollout", "chat"}
+
+
+def test_missing_gpu_is_not_called_a_corrupt_file(tiny_chat_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    fails("chat", ["--model", tiny_chat_model, "--device", "cuda"], "sees no CUDA GPU", "--device cpu")
+    with pytest.raises(ModelLoadError, match="not usable here"):   # the loader alone says the same
+        Transformer.from_pretrained(tiny_chat_model, device="cuda")
+
+
+@pytest.mark.parametrize("tool,arg", [("train.py", "--steps=0"), ("analyze.py", "-n=0"), ("rollout.py", "--top-p=2"),
+                                      ("chat.py", "--max-new-tokens=-3")])
+def test_real_command_lines(tool, arg):
+    """The scripts themselves, in a process of their own: exit code 1 or 2, one line on stderr, no traceback."""
+    r = subprocess.run([sys.executable, str(ROOT / tool), arg], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode in (1, 2) and r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_ctrl_c_is_one_line(capsys):
+    def main(argv):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, [])
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "interrupted" in err
+
+
+# -----------------------------------------------------------------------------
+# model folders: what is wrong is said, in one line naming the file
+
+@pytest.fixture
+def folder(tiny_dirs, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llama", False], d)
+    return d
+
+
+def edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
 
 
 def expect(folder, *fragments):
     with pytest.raises(ModelLoadError) as e:
         Transformer.from_pretrained(folder)
-    msg = str(e.value)
-    assert "\n" not in msg
+    assert "\n" not in str(e.value)
     for f in fragments:
-        assert f in msg, msg
+        assert f in str(e.value), str(e.value)
 
 
-def test_missing_folder(tmp_path):
-    expect(tmp_path / "nope", "no such model folder")
+@pytest.mark.parametrize("changes,fragment", [
+    ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
+    ({"vocab_size": "big"}, "vocab_size must be a positive integer"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+    ({"hidden_size": True}, "hidden_size must be a positive integer"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps must be a positive number"),
+    ({"head_dim": 15}, "head_dim 15 even"),
+    ({"model_type": ["llama"]}, "is not supported"),
+    ({"rope_parameters": None, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 rope scaling needs")])
+def test_bad_config_values(folder, changes, fragment):
+    edit_config(folder, **changes)
+    expect(folder, "config.json", fragment)
 
 
-def test_missing_config(folder):
-    (folder / "config.json").unlink()
-    expect(folder, "config.json", "missing")
+def test_config_not_an_object(folder):
+    (folder / "config.json").write_text("[1, 2]")
+    expect(folder, "config.json", "must hold a JSON object")
 
 
-def test_bad_json(folder):
-    (folder / "config.json").write_text("{not json")
-    expect(folder, "config.json", "not valid JSON")
+def test_index_weight_map_shape(folder):
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model-00001-of-00001.safetensors"]}))
+    expect(folder, "model.safetensors.index.json", "weight_map must be an object")
 
 
-def test_unsupported_model_type(folder):
-    cfg = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    expect(folder, "'gpt2' is not supported", "llama, qwen2, qwen3")
+def test_integer_and_bool_tensors_are_refused(folder):
+    for dtype in (torch.int32, torch.bool):
+        sd = load_file(folder / "model.safetensors")
+        sd["model.norm.weight"] = sd["model.norm.weight"].to(dtype)
+        save_file(sd, folder / "model.safetensors")
+        expect(folder, "'model.norm.weight'", "must be floating point")
 
 
-def test_unsupported_rope(folder):
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.pop("rope_parameters", None)
-    (folder / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
-    expect(folder, "rope_type 'yarn' is not supported")
+def test_non_finite_weights_are_refused(folder):
+    sd = load_file(folder / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(sd, folder / "model.safetensors")
+    expect(folder, "'model.layers.1.mlp.up_proj.weight'", "NaN or inf")
 
 
-def test_missing_tensor(folder):
-    rewrite(folder, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
-    expect(folder, "'model.layers.1.mlp.up_proj.weight'", "missing")
+def test_path_problems_have_their_own_messages(folder, tmp_path):
+    expect(folder / "config.json", "is a file, not a model folder")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    expect(loop, "symbolic link loop")
+    if os.geteuid() != 0:   # root reads everything, so permissions cannot be tested as root
+        (folder / "model.safetensors").chmod(0)
+        expect(folder, "model.safetensors", "cannot be read")
 
 
-def test_unexpected_tensor(folder):
-    rewrite(folder, lambda sd: sd.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(2)}))
-    expect(folder, "model.safetensors", "unexpected tensor 'model.layers.9.mlp.up_proj.weight'")
+def test_chat_template_errors_name_the_folder(tiny_chat_model, tmp_path):
+    from tokenizer import Tokenizer
+    d = tmp_path / "t"
+    shutil.copytree(tiny_chat_model, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "{% for m in messages %}{{ m"}))
+    with pytest.raises(ModelLoadError, match=f"{d}: the chat template is not valid Jinja"):
+        Tokenizer(d)
+    for template, fragment in (("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+                               ("{{ messages.__class__.__mro__ }}", "chat template failed"),
+                               ("{{ messages[0].content.upper(1, 2, 3) }}", "chat template failed")):
+        (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+        with pytest.raises(ModelLoadError) as e:
+            Tokenizer(d).encode_chat([{"role": "user", "content": "hi"}])
+        assert str(d) in str(e.value) and fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_wrong_shape(folder):
-    rewrite(folder, lambda sd: sd.update({"model.norm.weight": torch.ones(65)}))
-    expect(folder, "model.safetensors", "'model.norm.weight' has shape [65]", "[64]")
+# -----------------------------------------------------------------------------
+# the run folder: nothing of an earlier run is ever lost
+
+@pytest.fixture
+def length_reward(monkeypatch):
+    monkeypatch.setattr(tasks, "reward", lambda text, answer: float(len(text) % 2))
 
 
-def test_truncated_file(folder):
-    data = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    expect(folder, "model.safetensors", "corrupt or truncated")
+TINY_RUN = ["--prompts-per-step", "2", "--group-size", "4", "--mini-batches", "2", "--micro-batch-size", "2",
+            "--max-new-tokens", "6", "--eval-problems", "2", "--eval-samples", "2", "--lr", "1e-3",
+            "--internal-layer", "2", "--internal-steps", "1", "--eval-every", "0"]
 
 
-def test_garbage_file(folder):
-    (folder / "model.safetensors").write_bytes(b"this is not a safetensors file at all")
-    expect(folder, "model.safetensors", "corrupt or truncated")
+def train_run(model, out, *extra):
+    import train
+    train.main(["--model", str(model), "--out", str(out), *TINY_RUN, *extra])
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_no_weights(folder):
-    (folder / "model.safetensors").unlink()
-    expect(folder, "no model.safetensors")
+@pytest.fixture
+def earlier_run(tiny_chat_model, tmp_path, length_reward):
+    out = tmp_path / "run"
+    train_run(tiny_chat_model, out, "--steps", "2", "--save-every", "1")
+    return out
 
 
-def test_pickle_checkpoint_is_refused(folder):
-    (folder / "model.safetensors").unlink()
-    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 pretend pickle")
-    expect(folder, "pickle", "safetensors only")
+def test_fresh_run_into_a_run_folder_is_refused(tiny_chat_model, earlier_run):
+    before = snapshot(earlier_run)
+    fails("train", ["--model", tiny_chat_model, "--out", earlier_run, *TINY_RUN, "--steps", "3"],
+          "already holds a run", f"--resume {earlier_run}", "--overwrite")
+    assert snapshot(earlier_run) == before
 
 
-def test_missing_shard(folder):
-    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
-    expect(folder, "model-00002-of-00002.safetensors", "missing")
+def test_overwrite_moves_the_earlier_run_aside(tiny_chat_model, earlier_run):
+    before = snapshot(earlier_run)
+    rows = train_run(tiny_chat_model, earlier_run, "--steps", "1", "--overwrite")
+    assert [r["step"] for r in rows] == [1]
+    aside = [p for p in earlier_run.parent.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and snapshot(aside[0]) == before
 
 
-def test_cli_prints_one_line_and_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(tmp_path / "nope")],
-                       capture_output=True, text=True)
-    assert r.returncode != 0
-    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+@pytest.mark.parametrize("flags,fragment", [(["--lr", "0.5"], "--lr 0.5 differs from the resumed run's 0.001"),
+                                            (["--algo", "grpo"], "--algo grpo differs"),
+                                            (["--out", "elsewhere"], "a resumed run writes into its own folder"),
+                                            (["--steps", "2"], "already at step 2 of 2")])
+def test_resume_refuses_flags_it_would_ignore(earlier_run, flags, fragment):
+    before = snapshot(earlier_run)
+    fails("train", ["--resume", earlier_run, *flags], fragment)
+    assert snapshot(earlier_run) == before
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_repairs_metrics(earlier_run, capsys):
+    ckpt = earlier_run / "checkpoints"
+    data = (ckpt / "step_000002" / "model.safetensors").read_bytes()
+    (ckpt / "step_000002" / "model.safetensors").write_bytes(data[: len(data) // 2])   # damaged
+    (ckpt / ".step_000003.tmp").mkdir()                                                  # a write cut by a crash
+    with open(earlier_run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')                                                      # a line cut mid-write
+    import train
+    train.main(["--resume", str(earlier_run), "--steps", "3"])
+    err = capsys.readouterr().err
+    assert "skipping" in err and "step_000002" in err and "resuming" in err and "step_000001" in err
+    rows = [json.loads(x) for x in (earlier_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert not (ckpt / ".step_000003.tmp").exists() and (ckpt / "step_000003").is_dir()
+
+
+def test_disk_full_during_a_checkpoint(tiny_chat_model, tmp_path, length_reward, monkeypatch):
+    import safetensors.torch
+    out = tmp_path / "full"
+    real = safetensors.torch.save_file
+    calls = []
+
+    def full_on_second(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_on_second)
+    msg = fails("train", ["--model", tiny_chat_model, "--out", out, *TINY_RUN, "--steps", "2", "--save-every", "1"],
+                "step_000002 failed", "no space left", "step_000001", "--resume")
+    assert "free some disk space" in msg
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step_000001"]                                      # no temporary folder left behind
+
+
+def test_non_finite_update_is_skipped_and_never_saved(tiny_chat_model, tmp_path, length_reward, monkeypatch):
+    import bupo
+    real = bupo.aggregate
+    n = []
+
+    def poisoned(*a, **k):   # the first mini-batch of every step has a NaN loss
+        n.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(n) % 2 == 1 else loss
+    monkeypatch.setattr(bupo, "aggregate", poisoned)
+    rows = train_run(tiny_chat_model, tmp_path / "nan", "--steps", "2", "--micro-batch-size", "4")
+    assert [r["skipped_steps"] for r in rows] == [1, 1]
+    w = load_file(tmp_path / "nan" / "checkpoints" / "step_000002" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in w.values())
+    w0 = load_file(Path(tiny_chat_model) / "model.safetensors")
+    assert any(not torch.equal(w[k], w0[k]) for k in w0)                 # the finite updates were applied
+
+
+def test_non_finite_weights_are_never_written(tiny_dirs, tmp_path):
+    from files import UserError
+    model = Transformer.from_pretrained(tiny_dirs["qwen3", True])
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match="holds NaN or inf"):
+        model.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.tmp").exists()

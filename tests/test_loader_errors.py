@@ -1,0 +1,114 @@
+"""Every bad checkpoint folder gives one clear line naming the file and the problem (see also test_errors.py)."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import ModelLoadError, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def folder(tiny_dirs, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dirs["qwen2", False], d)
+    return d
+
+
+def rewrite(folder, fn):
+    sd = load_file(folder / "model.safetensors")
+    fn(sd)
+    save_file(sd, folder / "model.safetensors")
+
+
+def expect(folder, *fragments):
+    with pytest.raises(ModelLoadError) as e:
+        Transformer.from_pretrained(folder)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for f in fragments:
+        assert f in msg, msg
+
+
+def test_missing_folder(tmp_path):
+    expect(tmp_path / "nope", "no such model folder")
+
+
+def test_missing_config(folder):
+    (folder / "config.json").unlink()
+    expect(folder, "config.json", "missing")
+
+
+def test_bad_json(folder):
+    (folder / "config.json").write_text("{not json")
+    expect(folder, "config.json", "not valid JSON")
+
+
+def test_unsupported_model_type(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    expect(folder, "'gpt2' is not supported", "llama, qwen2, qwen3")
+
+
+def test_unsupported_rope(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    (folder / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    expect(folder, "rope_type 'yarn' is not supported")
+
+
+def test_missing_tensor(folder):
+    rewrite(folder, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    expect(folder, "'model.layers.1.mlp.up_proj.weight'", "missing")
+
+
+def test_unexpected_tensor(folder):
+    rewrite(folder, lambda sd: sd.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(2)}))
+    expect(folder, "model.safetensors", "unexpected tensor 'model.layers.9.mlp.up_proj.weight'")
+
+
+def test_wrong_shape(folder):
+    rewrite(folder, lambda sd: sd.update({"model.norm.weight": torch.ones(65)}))
+    expect(folder, "model.safetensors", "'model.norm.weight' has shape [65]", "[64]")
+
+
+def test_truncated_file(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    expect(folder, "model.safetensors", "corrupt or truncated")
+
+
+def test_garbage_file(folder):
+    (folder / "model.safetensors").write_bytes(b"this is not a safetensors file at all")
+    expect(folder, "model.safetensors", "corrupt or truncated")
+
+
+def test_no_weights(folder):
+    (folder / "model.safetensors").unlink()
+    expect(folder, "no model.safetensors")
+
+
+def test_pickle_checkpoint_is_refused(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 pretend pickle")
+    expect(folder, "pickle", "safetensors only")
+
+
+def test_missing_shard(folder):
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    expect(folder, "model-00002-of-00002.safetensors", "missing")
+
+
+def test_cli_prints_one_line_and_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(tmp_path / "nope")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
