@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import bupo
+import cli
 import files
 import tasks
 from files import UserError
@@ -180,8 +181,9 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
     fig, ax = plt.subplots(figsize=(11, 4.5))
     policies = (("H_attn", 1 / 3, "s", "attention write a_l"), ("H_mlp", 2 / 3, "^", "FFN write f_l"),
                 ("H_resid", 1.0, "o", "layer output h_l"))
-    for color, run in zip(("C0", "C3"), runs):
-        for key, offset, marker, name in policies:
+    for i, run in enumerate(runs):
+        for j, (key, offset, marker, name) in enumerate(policies):   # one colour per policy, or per model
+            color = f"C{j}" if len(runs) == 1 else ("C0", "C3")[i]
             ax.plot(xs(run, offset), [r[key] for r in run["layers"]], marker=marker, ms=4, color=color,
                     lw=1.8 if key == "H_resid" else 0.8, ls="-" if key == "H_resid" else ":",
                     label=f"{name} ({run['model']})")
@@ -220,7 +222,7 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
         ax.set_xlabel("the response token each position predicts (cell text: the layer's top-1 token)")
         ax.set_ylabel("layer l (h_l; the top row is the model's policy)")
         question = " ".join(tokenizer.decode(heat.get("prompt", [])).split())[-90:]  # the end of the user turn
-        ax.set_title(f"Entropy of softmax(W_U h_l) on response 0, first {H.shape[1]} tokens\nprompt: ...{question!r}",
+        ax.set_title(f"Entropy of softmax(W_U h_l) on response 0, first {H.shape[1]} tokens\nprompt: '...{question}'",
                      fontsize=9)
         fig.colorbar(im, label="entropy (nats)")
         save(fig, "heatmap.png")
@@ -229,7 +231,6 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    import cli
     p = cli.Parser(description="Entropy flow of a model's internal policies on its own responses.")
     cli.add_model_args(p)
     g = p.add_argument_group("responses")
@@ -254,7 +255,6 @@ def parse_args(argv=None):
 def check_args(args):
     """Every argument, before the model is loaded; the output folder is checked first, so a bad --out costs
     seconds, not a whole analysis."""
-    import cli
     cli.positive(args, "--num-responses", "--max-new-tokens", "--max-tokens")
     cli.non_negative(args, "--seed")
     cli.check_device(args.device)
@@ -269,7 +269,6 @@ def check_args(args):
 
 
 def main(argv=None):
-    import cli
     args = parse_args(argv)
     other = check_args(args)
     torch.set_flush_denormal(True)  # subnormal softmax tails of the un-normed policies are slow on CPUs (train.py)
@@ -295,5 +294,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main, sys.argv[1:])

@@ -15,11 +15,21 @@ from pathlib import Path
 from files import UserError
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Append "(default: X)" to a flag's help, unless there is no default worth showing (None, off switches)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with every default shown in --help and a one-line error instead of usage + error."""
 
     def __init__(self, **kw):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+        super().__init__(formatter_class=_ShowDefaults, **kw)
 
     def error(self, message):
         sys.exit(f"error: {message} ({self.prog} --help lists the flags)")

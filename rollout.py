@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import cli
 from model import KVCache, Transformer
 
 
@@ -188,7 +189,6 @@ def generate(model: Transformer, prompts: list[list[int]], group_size: int = 1, 
 # command line: sample a few answers
 
 def parse_args(argv=None):
-    import cli
     p = cli.Parser(description="Sample G answers to one chat prompt with the hand-written sampler.")
     cli.add_model_args(p)
     g = p.add_argument_group("sampling")
@@ -205,14 +205,12 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every argument, before the model is loaded."""
-    import cli
     cli.positive(args, "--group-size", "--max-new-tokens")
     cli.sampling(args, training=False)
     cli.check_device(args.device)
 
 
 def main(argv=None):
-    import cli
     args = parse_args(argv)
     check_args(args)
     model, tok = cli.load(args.model, getattr(torch, args.dtype), args.device)
@@ -228,5 +226,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main, sys.argv[1:])

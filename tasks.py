@@ -4,6 +4,7 @@ Tasks with exact answers, generated offline from a seed: prompts for the analysi
     add         "What is 3 + 5?": one-digit sums, the task a 135M model can learn in tens of RL steps
     arithmetic  "What is 37 + 48?"-style problems, small numbers, one or two operations
     word        short grade-school word problems (shopping, sharing, rates) with integer answers
+    sum2 .. sum4, sum2x3   sums of two 2- to 4-digit numbers, or of three 2-digit ones: a difficulty knob
 
 Every problem is asked with the authors' system prompt, so the answer is expected in \\boxed{}.
 Departure: the user message also ends with FORMAT_HINT ("... for example \\boxed{5}."); without it the small
@@ -85,15 +86,31 @@ def word(rng: random.Random) -> Problem:
                    "How many dollars of change does {n} get?".replace("{n}", n), str(100 - price * c))
 
 
-TASKS = {"add": add, "arithmetic": arithmetic, "word": word}
-HELP = ("add: one-digit sums; arithmetic: +, -, * on numbers up to 50, one or two operations; word: short "
-        "word problems (shopping, sharing, change)")
+def sums(digits: int, operands: int = 2):
+    """The `sum*` tasks: sums of `operands` numbers of exactly `digits` digits. Digits and operands are the
+    difficulty knob (README, "Calibration"); the question space is large enough for a held-out set of thousands."""
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+
+    def task(rng: random.Random) -> Problem:
+        xs = [rng.randint(lo, hi) for _ in range(operands)]
+        return Problem(f"What is {' + '.join(map(str, xs))}?", str(sum(xs)))
+    return task
+
+
+TASKS = {"add": add, "arithmetic": arithmetic, "word": word,
+         "sum2": sums(2), "sum3": sums(3), "sum4": sums(4), "sum2x3": sums(2, 3)}
+HELP = ("add: one-digit sums; sum2 / sum3 / sum4: sums of two 2- / 3- / 4-digit numbers; sum2x3: three 2-digit "
+        "numbers; arithmetic: +, -, * on numbers up to 50, one or two operations; word: short word problems")
 # one worked example per task for --shots 1, each a training-split question (tested), never a test one
 DEMOS = {
     "add": ("What is 2 + 3?", "2 + 3 = 5. The answer is \\boxed{5}."),
     "arithmetic": ("What is 12 + 4 * 3?", "4 * 3 = 12, and 12 + 12 = 24. The answer is \\boxed{24}."),
     "word": ("Mia has 7 shells. Sam gives Mia 5 more. How many shells does Mia have now?",
              "Mia has 7 + 5 = 12 shells. The answer is \\boxed{12}."),
+    "sum2": ("What is 47 + 38?", "47 + 38 = 85. The answer is \\boxed{85}."),
+    "sum3": ("What is 472 + 356?", "472 + 356 = 828. The answer is \\boxed{828}."),
+    "sum4": ("What is 4721 + 3568?", "4721 + 3568 = 8289. The answer is \\boxed{8289}."),
+    "sum2x3": ("What is 47 + 38 + 16?", "47 + 38 = 85, and 85 + 16 = 101. The answer is \\boxed{101}."),
 }
 
 

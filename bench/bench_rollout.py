@@ -1,8 +1,9 @@
 """
 Sampler throughput: rollout.generate against transformers' generate, on the same prompts, in the same run.
 
-    python bench/bench_rollout.py                        # default model, fp32 and bf16, batch 1 and 8 x G=8
-    python bench/bench_rollout.py --dtypes float32 --new-tokens 64
+    python bench/bench_rollout.py                        # default model, fp32, CPU, batch 1 and 8 x G=8
+    python bench/bench_rollout.py --stop --new-tokens 64
+    python bench/bench_rollout.py --device cuda --dtype bfloat16 --stop
 
 Both sides sample at T = 1 with no top-k / top-p and produce exactly --new-tokens tokens per response (stop
 tokens are ignored), so the work is identical. Timings include the prefill. With --stop, both stop at the
@@ -34,18 +35,25 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Wh
            "Give me a short recipe for pancakes with exact quantities, step by step."]
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeat: int):
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def memory_bandwidth() -> float:
-    x = torch.ones(256 * 2**20)  # 1 GiB of fp32
+def memory_bandwidth(device="cpu") -> float:
+    x = torch.ones(256 * 2**20, device=device)  # 1 GiB of fp32
     return x.numel() * 4 / timed(lambda: x.sum(), 3)
 
 
@@ -75,7 +83,7 @@ def hf_generate(hf, ids, mask, G, n, stop_ids):
     new = out[:, ids.shape[1]:]
     if not stop_ids:
         return new.numel()
-    is_stop = torch.isin(new, torch.tensor(sorted(stop_ids)))
+    is_stop = torch.isin(new, torch.tensor(sorted(stop_ids), device=new.device))
     first = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, new.shape[1])  # tokens up to the first stop
     return int(first.sum())
 
@@ -83,7 +91,8 @@ def hf_generate(hf, ids, mask, G, n, stop_ids):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes to run")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", help="weights dtype, or several comma-separated (float32,bfloat16)")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per response")
     p.add_argument("--prompts", type=int, default=8, help="prompts of the large case")
     p.add_argument("--group-size", type=int, default=8, help="responses per prompt of the large case")
@@ -91,16 +100,16 @@ def main():
     p.add_argument("--stop", action="store_true", help="stop at the model's stop tokens (RL-style) instead of forcing the length")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
-    bw = memory_bandwidth()
+    bw = memory_bandwidth(args.device)
     print(f"threads {torch.get_num_threads()}, measured read bandwidth {bw / 1e9:.1f} GB/s")
-    for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
-        model, tok = load(args.model, dtype)
-        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
-        peak = peak_flops(dtype)
+    for dtype in [getattr(torch, d) for d in args.dtype.split(",")]:
+        model, tok = load(args.model, dtype, args.device)
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+        peak = peak_flops(dtype, args.device)
         prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in PROMPTS[:args.prompts]]
         for P, G in ((1, 1), (args.prompts, args.group_size)):
             batch = prompts[:P]
-            ids, mask = left_pad(batch, 0, "cpu")
+            ids, mask = left_pad(batch, 0, args.device)
             T = ids.shape[1]
             stop = tok.stop_ids if args.stop else ()
             made = {}  # tokens produced by the timed run of each side

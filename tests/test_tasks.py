@@ -75,3 +75,13 @@ def test_reward(response, answer, expected):
 ])
 def test_reward_never_raises(response):
     assert tasks.reward(response, "9") in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("task,digits,operands", [("sum2", 2, 2), ("sum3", 3, 2), ("sum4", 4, 2), ("sum2x3", 2, 3)])
+def test_sum_levels(task, digits, operands):
+    probs = tasks.problems(task, 300, seed=5)
+    for p in probs:
+        xs = [int(x) for x in p.question.removeprefix("What is ").removesuffix("?").split(" + ")]
+        assert len(xs) == operands and all(len(str(x)) == digits for x in xs) and p.answer == str(sum(xs))
+    # the held-out split is large: hundreds of distinct questions, so 5-point differences are measurable
+    assert len({p.question for p in tasks.problems(task, 400, seed=0, split="test")}) > 300
