@@ -27,7 +27,7 @@ COPY = ("metrics.jsonl", "args.json", "entropy.json")
 def read_runs(root: Path) -> dict:
     """{name: {"rows": metrics rows, "args": args.json} or {"flow": entropy.json}} of the finished runs."""
     runs = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and ".old-" not in p.name):  # not the moved-aside
         if (d / "entropy.json").exists():
             runs[d.name] = {"flow": json.loads((d / "entropy.json").read_text())}
         elif (d / "metrics.jsonl").exists():

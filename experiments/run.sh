@@ -35,8 +35,10 @@ run_one() {  # NAME ARGS...: one run, its log in runs/exp/NAME.log; an existing 
   local name=$1; shift
   mkdir -p runs/exp
   if [ -f "runs/exp/$name/.done" ]; then echo "$name: done already"; return; fi
+  local again=()
+  if [ -d "runs/exp/$name" ]; then again=(--overwrite); fi   # an unfinished earlier attempt is moved aside, not lost
   echo "$name: started $(date +%T)"
-  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" "$@" > "runs/exp/$name.log" 2>&1 || { echo "$name: FAILED, see runs/exp/$name.log"; return 1; }
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" "$@" "${again[@]}" > "runs/exp/$name.log" 2>&1 || { echo "$name: FAILED, see runs/exp/$name.log"; return 1; }
   touch "runs/exp/$name/.done"; echo "$name: finished $(date +%T)"
 }
 export -f run_one; export PY
