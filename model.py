@@ -201,6 +201,31 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class SharedPromptCache(KVCache):
+    """A cache that autograd can go through, for training on G responses that share one prompt: each distinct
+    prompt runs once, `keep` hands its keys/values to every row that answers it (rows may repeat), and the
+    responses attend to them. Keys/values are concatenated per layer rather than written in place into a
+    pre-allocated buffer: an in-place write would change tensors the backward pass has saved."""
+
+    def __init__(self, batch: int, max_len: int, device="cpu"):
+        self.k, self.v = [], []  # per layer [B, nkv, S, hd]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.len, self.max_len = 0, max_len
+
+    def keep(self, rows: torch.Tensor):
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        self.valid, self.pos = self.valid[rows], self.pos[rows]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if layer < len(self.k):
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+            self.k[layer], self.v[layer] = k, v
+        else:
+            self.k.append(k), self.v.append(v)
+        return k, v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -299,7 +324,8 @@ class Transformer(nn.Module):
         attention_mask [B, T]: 1 for real tokens, 0 for (left) padding. Positions count real tokens only, so
         position 0 is each row's first real token. With a cache, the T tokens are appended after its slots.
         With return_residuals, also returns the Residuals record. With upto_layer = l, only blocks 1..l run
-        and the result is h_l [B, T, d] (no norm, no logits): all that an internal policy pi^l needs.
+        and the result is h_l [B, T, d] (no norm, no logits; the record too, if asked): all that an internal
+        policy pi^l needs.
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -338,7 +364,7 @@ class Transformer(nn.Module):
             cache.len += T
             cache.pos += attention_mask.sum(-1)
         if upto_layer is not None:
-            return h
+            return (h, record) if return_residuals else h
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))

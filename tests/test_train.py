@@ -197,3 +197,37 @@ def test_bad_arguments(tiny_chat_model, tmp_path):
     assert not (tmp_path / "x" / "args.json").exists()      # refused before the run folder was claimed
     with pytest.raises(UserError, match="no complete checkpoint"):
         train.main(["--resume", str(tmp_path)])
+
+
+@pytest.mark.parametrize("layer", [1, 3])
+def test_shared_prompt_pass_is_the_per_row_pass(tiny_dirs, layer):
+    """bupo.response_states runs each distinct prompt once for all the rows that answer it: its log-probs and
+    their gradients must be those of one plain pass over [prompt; response] per row (prompts of different
+    lengths, left-padded; groups out of order; a response that is all padding after its first token)."""
+    model = Transformer.from_pretrained(tiny_dirs["qwen2", False])
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 128, (n,), generator=g) for n in (5, 3)]
+    Tp, R, rows = 5, 4, [0, 1, 0, 1, 1]                        # row i answers prompt rows[i]
+    ids, mask = torch.zeros(len(rows), Tp + R, dtype=torch.long), torch.zeros(len(rows), Tp + R, dtype=torch.long)
+    for i, p in enumerate(rows):
+        ids[i, Tp - len(prompts[p]):Tp], mask[i, Tp - len(prompts[p]):Tp] = prompts[p], 1
+        n = 1 if i == 3 else R
+        ids[i, Tp:Tp + n], mask[i, Tp:Tp + n] = torch.randint(1, 128, (n,), generator=g), 1
+    batch = bupo.Batch(ids, mask, Tp)
+    got = bupo.policy_logprobs(model, batch, layer)
+    got.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    want = torch.zeros_like(got)
+    for i in range(len(rows)):                                 # one row at a time, no sharing, no padding on the right
+        n = int(mask[i, Tp:].sum())
+        row_ids, row_mask = ids[i:i + 1, :Tp + n], mask[i:i + 1, :Tp + n]
+        h = model(row_ids, attention_mask=row_mask, upto_layer=layer)[0, Tp - 1:-1]
+        want[i, :n] = bupo.token_logprobs(model, h, row_ids[0, Tp:], layer)
+    want.sum().backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got[3, 1:].eq(0).all()
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (name not in grads), name
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
