@@ -283,7 +283,7 @@ def response_states(model: Transformer, batch: Batch, layers) -> dict:
     cache.keep(inverse)                                          # row i attends to its prompt's keys and values
     _, after = model(batch.ids[:, Tp:], attention_mask=batch.mask[:, Tp:], cache=cache, upto_layer=top,
                      return_residuals=True)
-    return {l: torch.cat([before.resid[l][inverse, -1:], after.resid[l][:, :-1]], 1) for l in layers}
+    return {l: torch.cat([before.resid[l][:, -1:].index_select(0, inverse), after.resid[l][:, :-1]], 1) for l in layers}
 
 
 def policy_logprobs(model: Transformer, batch: Batch, layer: int, temperature: float = 1.0) -> torch.Tensor:

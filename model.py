@@ -214,7 +214,9 @@ class SharedPromptCache(KVCache):
         self.len, self.max_len = 0, max_len
 
     def keep(self, rows: torch.Tensor):
-        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
+        # index_select, not k[rows]: the backward of advanced indexing with repeated rows accumulates in a
+        # thread-dependent order on the CPU (runs stop being bit-for-bit reproducible); index_select's does not
+        self.k, self.v = [k.index_select(0, rows) for k in self.k], [v.index_select(0, rows) for v in self.v]
         self.valid, self.pos = self.valid[rows], self.pos[rows]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):

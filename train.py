@@ -284,6 +284,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @torch.no_grad()
 def evaluate(model, tok, args) -> dict:
+    t0 = time.perf_counter()
     problems = tasks.problems(args.task, args.eval_problems, seed=args.seed, split="test")
     mine = dp.my_share(len(problems))                   # a data-parallel rank answers every W-th problem
     problems = [problems[g] for g in mine]
@@ -301,7 +302,7 @@ def evaluate(model, tok, args) -> dict:
                       greedy.response_ids.device)
     P = args.eval_problems
     return {"eval/greedy_acc": sums["greedy"] / P, f"eval/avg@{n}": sums["correct"] / (P * n),
-            **{f"eval/pass@{k}": sums[f"pass@{k}"] / P for k in ks}}
+            **{f"eval/pass@{k}": sums[f"pass@{k}"] / P for k in ks}, "eval_time": time.perf_counter() - t0}
 
 
 # -----------------------------------------------------------------------------

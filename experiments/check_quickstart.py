@@ -4,7 +4,7 @@ Does a quick-start run reproduce the numbers README quotes?
     bash run.sh && python experiments/check_quickstart.py runs/quickstart/<date-time>
 
 The run is deterministic on a given machine (same seeds, same thread count): every metric except the timings
-(step_time, tokens_per_s, peak_memory_mb) must equal the reference experiments/results/quickstart/metrics.jsonl,
+(step_time, tokens_per_s, peak_memory_mb, eval_time) must equal the reference experiments/results/quickstart/metrics.jsonl,
 from which README's quick-start figures are copied. It prints the first difference and exits 1 when they drift
 apart (a change of the code, or another CPU's float rounding), 0 when they agree. A full run takes minutes, so
 this is a script to run by hand before a release, not a test.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "experiments" / "results" / "quickstart" / "metrics.jsonl"
-TIMINGS = {"step_time", "tokens_per_s", "peak_memory_mb"}
+TIMINGS = {"step_time", "tokens_per_s", "peak_memory_mb", "eval_time"}
 
 
 def rows(file: Path) -> list[dict]:

@@ -13,6 +13,7 @@ A run named NAME-sK is seed K of the configuration NAME; spreads are over seeds 
 """
 import argparse
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -38,14 +39,6 @@ def read_runs(root: Path) -> dict:
 
 def config_of(name: str) -> str:
     return name.rsplit("-s", 1)[0] if name.rsplit("-s", 1)[-1].isdigit() else name
-
-
-def mean_sd(xs: list[float], fmt="{:.3f}") -> str:
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return fmt.format(xs[0])
-    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs))}"
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -89,125 +82,189 @@ def plot_flow(flows: dict, out: Path, plt):
 
 
 # -----------------------------------------------------------------------------
+# statistics over seeds
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}  # t_{0.975, df}
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with df degrees of freedom (1.96 as df grows)."""
+    return T95.get(df) or next((T95[d] for d in sorted(T95) if d >= df), 1.96)
+
+
+def mean_se(xs: list[float], fmt="{:.3f}") -> str:
+    """mean ± standard error over seeds (sample std / sqrt(n)); one seed: the value alone."""
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs) / len(xs) ** 0.5)}"
+
+
+def paired(xs: list[float], fmt="{:+.3f}") -> str:
+    """The mean of paired differences and its 95% t interval."""
+    if len(xs) < 2:
+        return fmt.format(xs[0]) + " (one seed)" if xs else "-"
+    m, h = statistics.mean(xs), t95(len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5
+    return f"{fmt.format(m)} [{fmt.format(m - h)}, {fmt.format(m + h)}]"
+
+
+# -----------------------------------------------------------------------------
 # training
 
-ORDER = ["grpo", "bupo", "bupo-l15", "bupo-inter3", "bupo-inter10"]  # experiments/run.sh's, others after
-
-
 def by_config(train: dict) -> dict:
+    """{config: {seed: run}}: GRPO, then the main BuPO arm, then the others by name (numbers in order)."""
     configs = {}
     for name, r in train.items():
-        configs.setdefault(config_of(name), []).append(r)
-    rank = lambda c: (ORDER.index(c) if c in ORDER else len(ORDER), c)  # noqa: E731
-    return {c: configs[c] for c in sorted(configs, key=rank)}
+        configs.setdefault(config_of(name), {})[r["args"]["seed"]] = r
+    key = lambda c: ({"grpo": 0, "bupo": 1}.get(c, 2),  # noqa: E731
+                     [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", c)])
+    return {c: dict(sorted(configs[c].items())) for c in sorted(configs, key=key)}
 
 
 def describe(run: dict) -> str:
     args = run["args"]
     if args["algo"] == "grpo":
         return "GRPO"
-    layer = next(r["policy_layer"] for r in run["rows"] if r.get("phase") == "internal")
+    layer = next((r["policy_layer"] for r in run["rows"] if r.get("phase") == "internal"), args["internal_layer"])
     return f"BuPO l={layer}{' (auto)' if args['internal_layer'] == 'auto' else ''}, s_inter={args['internal_steps']}"
+
+
+def evals(run: dict) -> list[dict]:
+    return [r for r in run["rows"] if "eval/greedy_acc" in r]
+
+
+def steps(run: dict) -> list[dict]:
+    return [r for r in run["rows"] if "reward" in r]
+
+
+def avg_key(run: dict) -> str:
+    return f"eval/avg@{run['args']['eval_samples']}"
 
 
 def eval_table(configs: dict) -> str:
     rows = []
     for cfg, runs in configs.items():
-        evals = [[r for r in run["rows"] if "eval/greedy_acc" in r] for run in runs]
-        n = runs[0]["args"]["eval_samples"]
-        cell = lambda i, k: mean_sd([e[i][k] for e in evals if len(e) > abs(i)])  # noqa: E731
-        train = [[r for r in run["rows"] if "reward" in r] for run in runs]
-        mean_reward = mean_sd([statistics.mean(r["reward"] for r in tr) for tr in train])
-        to_09 = [next((r["step"] for r in tr if r["reward"] >= 0.9), None) for tr in train]
-        reached = [s for s in to_09 if s is not None]
-        to_09 = (mean_sd(reached, "{:.1f}") if reached else "never") + (f" ({len(reached)} of {len(train)})"
-                                                                    if len(reached) < len(train) else "")
-        rows.append([cfg, describe(runs[0]), len(runs), mean_reward, to_09,
-                     cell(0, "eval/greedy_acc"), cell(-1, "eval/greedy_acc"), cell(0, f"eval/avg@{n}"),
-                     cell(-1, f"eval/avg@{n}"), cell(0, f"eval/pass@{n}"), cell(-1, f"eval/pass@{n}")])
-    return table(["config", "algorithm", "seeds", "train reward, mean over the steps", "first step with reward ≥ 0.9",
-                  "greedy acc before", "greedy acc after", "avg@4 before", "avg@4 after", "pass@4 before",
-                  "pass@4 after"], rows)
+        rs = list(runs.values())
+        first, last = [evals(r)[0] for r in rs], [evals(r)[-1] for r in rs]
+        k = avg_key(rs[0])
+        wall = [(sum(r["step_time"] for r in steps(run)) + sum(e.get("eval_time", 0) for e in evals(run))) / 60
+                for run in rs]
+        rows.append([cfg, describe(rs[0]), len(rs), mean_se([e["eval/greedy_acc"] for e in first]),
+                     mean_se([e["eval/greedy_acc"] for e in last]), mean_se([e[k] for e in first]),
+                     mean_se([e[k] for e in last]), mean_se([statistics.mean(r["reward"] for r in steps(run))
+                                                             for run in rs]),
+                     mean_se(wall, "{:.0f}"), f"{max(r['peak_memory_mb'] for run in rs for r in steps(run)) / 1024:.1f}"])
+    k = avg_key(next(iter(next(iter(configs.values())).values())))
+    return table(["config", "algorithm", "seeds", "greedy before", "greedy after", f"{k[5:]} before",
+                  f"{k[5:]} after", "train reward, mean over steps", "minutes per run", "peak memory GiB"], rows)
 
 
-def seed_table(configs: dict, seed: int = 0) -> str:
-    """The ablations have one seed: every configuration's run of that seed, side by side."""
+def paired_table(configs: dict, base: str) -> str:
+    """Each configuration against `base` on the seeds both have: the difference of the final held-out accuracies
+    (the same start and the same held-out problems within a seed, so it is also the difference of the gains)."""
     rows = []
     for cfg, runs in configs.items():
-        for run in (r for r in runs if r["args"]["seed"] == seed):
-            tr = [r for r in run["rows"] if "reward" in r]
-            ev = [r for r in run["rows"] if "eval/greedy_acc" in r][-1]
-            n = run["args"]["eval_samples"]
-            rows.append([cfg, describe(run), f"{statistics.mean(r['reward'] for r in tr):.3f}",
-                         next((r["step"] for r in tr if r["reward"] >= 0.9), "never"), f"{tr[-1]['reward']:.3f}",
-                         f"{ev['eval/greedy_acc']:.3f}", f"{ev[f'eval/avg@{n}']:.3f}", f"{ev[f'eval/pass@{n}']:.3f}"])
-    return table(["config", "algorithm", "train reward, mean", "first step ≥ 0.9", "last step's reward",
-                  "greedy acc after", "avg@4 after", "pass@4 after"], rows)
+        seeds = sorted(set(runs) & set(configs.get(base, {})))
+        if cfg == base or not seeds:
+            continue
+        k = avg_key(runs[seeds[0]])
+        d = {m: [evals(runs[s])[-1][m] - evals(configs[base][s])[-1][m] for s in seeds] for m in ("eval/greedy_acc", k)}
+        wins = sum(x > 0 for x in d["eval/greedy_acc"]), sum(x < 0 for x in d["eval/greedy_acc"])
+        rows.append([f"{cfg} − {base}", ", ".join(map(str, seeds)), paired(d["eval/greedy_acc"]), paired(d[k]),
+                     f"{wins[0]} / {wins[1]}"])
+    return table(["difference", "seeds", "greedy accuracy after, 95% interval", "avg@n after, 95% interval",
+                  "seeds better / worse"], rows)
 
 
 def internal_table(configs: dict) -> str:
+    """Phase 1 of the BuPO configurations: the entropies and the KL of the last phase-1 step and the step after."""
     rows = []
     for cfg, runs in configs.items():
-        for run in (r for r in runs if r["args"]["algo"] == "bupo"):
-            tr = [r for r in run["rows"] if "reward" in r]
-            last = tr[-1]
-            p1 = [r for r in tr if r["phase"] == "internal"]
-            rows.append([f"{cfg} seed {run['args']['seed']}", describe(run), len(p1),
-                         f"{sum(r['frac_reward_zero_std'] < 1 for r in p1)} of {len(p1)}" if p1 else "-",
-                         f"{tr[0]['entropy']:.2f} → {last['entropy']:.2f}",
-                         f"{tr[0]['internal/entropy']:.2f} → {last['internal/entropy']:.2f}" if "internal/entropy" in last else "-",
-                         f"{tr[0]['internal/kl_to_policy']:.1f} → {last['internal/kl_to_policy']:.1f}" if "internal/kl_to_policy" in last else "-",
-                         f"{tr[0]['completions/mean_length']:.1f} → {last['completions/mean_length']:.1f}"])
-    return table(["run", "algorithm", "phase-1 steps", "phase-1 steps with a reward signal", "H(π_θ) first → last",
-                  "H(π^l) first → last", "KL(π^l‖π_θ) first → last", "mean length first → last"], rows)
+        rs = [r for r in runs.values() if r["args"]["algo"] == "bupo"]
+        if not rs:
+            continue
+        s = rs[0]["args"]["internal_steps"]
+        at = lambda step, key: mean_se([r[key] for run in rs for r in steps(run) if r["step"] == step], "{:.2f}")  # noqa: E731
+        rows.append([cfg, describe(rs[0]), len(rs), at(1, "entropy"), at(s, "entropy"), at(s + 1, "entropy"),
+                     at(1, "internal/entropy"), at(s, "internal/entropy"), at(1, "internal/kl_to_policy"),
+                     at(s, "internal/kl_to_policy"), at(s + 1, "internal/kl_to_policy")])
+    return table(["config", "algorithm", "seeds", "H(π_θ) step 1", "H(π_θ) step s_inter", "H(π_θ) step s_inter+1",
+                  "H(π^l) step 1", "H(π^l) step s_inter", "KL(π^l‖π_θ) step 1", "KL step s_inter",
+                  "KL step s_inter+1"], rows)
 
 
 def cost_table(configs: dict) -> str:
     rows = []
     for cfg, runs in configs.items():
-        tr = [r for run in runs for r in run["rows"] if "reward" in r]
+        tr = [r for run in runs.values() for r in steps(run)]
         for phase in ("internal", "full"):
             rs = [r for r in tr if r["phase"] == phase]
             if rs:
-                rows.append([cfg, phase, len(rs), mean_sd([r["step_time"] for r in rs], "{:.0f}"),
-                             mean_sd([r["tokens_per_s"] for r in rs], "{:.1f}"),
+                rows.append([cfg, phase, len(rs), mean_se([r["step_time"] for r in rs], "{:.0f}"),
+                             mean_se([r["tokens_per_s"] for r in rs], "{:.1f}"),
                              f"{max(r['peak_memory_mb'] for r in rs):.0f}"])
     return table(["config", "phase", "steps", "s/step", "response tokens/s", "peak memory MiB"], rows)
 
 
-def series(runs: list, key: str):
-    """(steps, mean, min, max) over seeds of a per-step metric."""
-    steps = sorted({r["step"] for run in runs for r in run["rows"] if key in r})
-    vals = [[r[key] for run in runs for r in run["rows"] if r["step"] == s and key in r] for s in steps]
-    return steps, [statistics.mean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+def series(runs: dict, key: str):
+    """(steps, mean, standard error) over seeds of a per-step metric."""
+    at = {}
+    for run in runs.values():
+        for r in run["rows"]:
+            if key in r:
+                at.setdefault(r["step"], []).append(r[key])
+    xs = sorted(at)
+    se = [statistics.stdev(at[x]) / len(at[x]) ** 0.5 if len(at[x]) > 1 else 0.0 for x in xs]
+    return xs, [statistics.mean(at[x]) for x in xs], se
 
 
-def plot_training(configs: dict, out: Path, plt):
-    fig, axes = plt.subplots(1, 3, figsize=(17, 3.8))
-    width = 0.8 / len(configs)
-    for i, (cfg, runs) in enumerate(configs.items()):
-        steps, mu, lo, hi = series(runs, "reward")
-        line, = axes[0].plot(steps, mu, marker=".", label=f"{cfg} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-        c = line.get_color()
-        if len(runs) > 1:
-            axes[0].fill_between(steps, lo, hi, color=c, alpha=0.12)
-        evals = [[r["eval/greedy_acc"] for r in run["rows"] if "eval/greedy_acc" in r] for run in runs]
-        for j in (0, 1):                                   # before and after, mean and spread over seeds
-            v = [e[0 if j == 0 else -1] for e in evals]
-            axes[1].bar(j + (i - (len(configs) - 1) / 2) * width, statistics.mean(v), width, color=c,
-                        yerr=statistics.stdev(v) if len(v) > 1 else 0, capsize=3, label=cfg if j else None)
-        for key, ls in (("entropy", "-"), ("internal/entropy", "--")):
-            steps, mu, _, _ = series(runs, key)
-            if steps:
-                axes[2].plot(steps, mu, ls=ls, color=c, label=f"{cfg}: {'H(π_θ)' if key == 'entropy' else 'H(π^l)'}")
-    axes[0].set(xlabel="step", ylabel="train reward", title="train reward (mean, min-max over seeds)")
-    axes[1].set(xticks=[0, 1], xticklabels=["before", "after"], ylabel="greedy accuracy",
-                title="held-out greedy accuracy (mean ± std over seeds)")
-    axes[2].set(xlabel="step", ylabel="nats", title="entropy of the policy and of π^l (mean over seeds)")
-    axes[2].set_yscale("log")
+def band(ax, runs, key, label, **kw):
+    """A mean line with a ±1 standard-error band over seeds."""
+    xs, mu, se = series(runs, key)
+    if not xs:
+        return None
+    line, = ax.plot(xs, mu, label=f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})", **kw)
+    ax.fill_between(xs, [m - e for m, e in zip(mu, se)], [m + e for m, e in zip(mu, se)], color=line.get_color(),
+                    alpha=0.15, lw=0)
+    return line
+
+
+def plot_training(configs: dict, names: list, out: Path, plt, file: str):
+    """Train reward and held-out greedy accuracy of the named configurations, mean ± standard error over seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for cfg in (c for c in names if c in configs):
+        label = f"{cfg}: {describe(next(iter(configs[cfg].values())))}"
+        line = band(axes[0], configs[cfg], "reward", label, lw=1)
+        band(axes[1], configs[cfg], "eval/greedy_acc", label, marker="o", color=line.get_color())
+    axes[0].set(xlabel="RL step", ylabel="train reward (fraction correct, T = 1)",
+                title="train reward, mean ± SE over seeds")
+    axes[1].set(xlabel="RL step", ylabel="held-out greedy accuracy", title="held-out greedy accuracy, mean ± SE")
     for ax in axes:
         ax.legend(fontsize=7)
-    write_atomic(out / "training.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    write_atomic(out / file, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def plot_dynamics(configs: dict, names: list, out: Path, plt):
+    """Paper Fig. 7: H(pi_theta), H(pi^l) and KL(pi^l || pi_theta) per step, across the switch at s_inter."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 3.8))
+    for cfg in (c for c in names if c in configs):
+        run0 = next(iter(configs[cfg].values()))
+        line = band(axes[0], configs[cfg], "entropy", f"{cfg}: {describe(run0)}")
+        if run0["args"]["algo"] == "bupo":
+            c = line.get_color()
+            band(axes[1], configs[cfg], "internal/entropy", cfg, color=c)
+            band(axes[2], configs[cfg], "internal/kl_to_policy", cfg, color=c)
+            for ax in axes:
+                ax.axvline(run0["args"]["internal_steps"] + 0.5, color=c, ls=":", lw=0.8)
+    axes[0].set(xlabel="RL step", ylabel="nats", title="H(π_θ), the policy's entropy on its samples")
+    axes[1].set(xlabel="RL step", ylabel="nats", title="H(π^l), the internal policy's entropy")
+    axes[2].set(xlabel="RL step", ylabel="nats", title="KL(π^l ‖ π_θ)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    write_atomic(out / "dynamics.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
 
 
@@ -234,7 +291,7 @@ def main():
         sys.exit(f"error: {root} does not exist; run experiments/run.sh first")
     runs = read_runs(root)
     flows = {k: v["flow"] for k, v in runs.items() if "flow" in v}
-    train = {k: v for k, v in runs.items() if "rows" in v and v["done"]}
+    train = {k: v for k, v in runs.items() if "rows" in v and v["done"] and evals(v)}
     unfinished = sorted(k for k, v in runs.items() if "rows" in v and not v["done"])
     out.mkdir(parents=True, exist_ok=True)
     import matplotlib
@@ -246,11 +303,20 @@ def main():
         parts += ["### Entropy flow", flow_table(flows)]
     if train:
         configs = by_config(train)
-        plot_training(configs, out, plt)
-        parts += ["### Held-out accuracy before and after training", eval_table(configs),
-                  "### Seed 0 of every configuration (the ablations have this seed only)", seed_table(configs),
-                  "### The internal policy during training", internal_table(configs),
-                  "### Cost", cost_table(configs)]
+        main_arms = ["grpo", "bupo"]
+        layers = sorted((c for c in configs if re.fullmatch(r"bupo-l\d+", c)), key=lambda c: int(c[6:]))
+        inter = [c for c in configs if "-inter" in c]
+        plot_training(configs, main_arms, out, plt, "training.png")
+        plot_training(configs, main_arms + layers, out, plt, "layers.png")
+        plot_training(configs, ["grpo"] + inter, out, plt, "inter.png")
+        plot_dynamics(configs, main_arms + layers + inter, out, plt)
+        parts += ["### Held-out accuracy before and after training (mean ± standard error over seeds)",
+                  eval_table(configs),
+                  "### Against GRPO, paired by seed (mean difference and its 95% t interval)",
+                  paired_table(configs, "grpo"),
+                  "### Against the main BuPO arm (the penultimate layer), paired by seed", paired_table(configs, "bupo"),
+                  "### Phase 1 and the switch (paper Fig. 7), mean ± standard error", internal_table(configs),
+                  "### Cost (one thread per run, two runs at a time)", cost_table(configs)]
     if unfinished:
         parts.append(f"Not finished, left out: {', '.join(unfinished)}")
     text = "\n\n".join(parts) + "\n"
@@ -261,7 +327,7 @@ def main():
             if (root / name / f).exists():
                 shutil.copy(root / name / f, out / "runs" / name / f)
     print(text)
-    print(f"wrote {out / 'results.md'}, {out / 'flow.png'}, {out / 'training.png'}, {out / 'runs'}/")
+    print(f"wrote {out / 'results.md'}, the plots and {out / 'runs'}/")
 
 
 if __name__ == "__main__":

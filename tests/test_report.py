@@ -27,10 +27,10 @@ def fake_run(d: Path, algo: str, seed: int, rewards: list[float], layer: int = 2
 
 def test_report_tables(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
-    fake_run(runs / "grpo-s0", "grpo", 0, [0.2, 0.95])
-    fake_run(runs / "grpo-s1", "grpo", 1, [0.4, 0.8])
-    fake_run(runs / "bupo-s0", "bupo", 0, [0.3, 0.9])
-    fake_run(runs / "bupo-s1", "bupo", 1, [0.3, 0.7])
+    for seed, (g, b, l8) in enumerate([(0.5, 0.6, 0.5), (0.6, 0.6, 0.7), (0.7, 0.9, 0.8)]):
+        fake_run(runs / f"grpo-s{seed}", "grpo", seed, [0.2, g])
+        fake_run(runs / f"bupo-s{seed}", "bupo", seed, [0.3, b])
+        fake_run(runs / f"bupo-l8-s{seed}", "bupo", seed, [0.3, l8], layer=8)
     (runs / "unfinished-s0").mkdir()
     (runs / "unfinished-s0" / "args.json").write_text("{}")
     (runs / "unfinished-s0" / "metrics.jsonl").write_text("")
@@ -43,11 +43,15 @@ def test_report_tables(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = (out / "results.md").read_text()
-    # grpo over 2 seeds: mean reward (0.575 and 0.6) -> 0.588 ± 0.018; first step >= 0.9 reached by 1 of 2
-    assert "| grpo | GRPO | 2 | 0.588 ± 0.018 | 2.0 (1 of 2) |" in text
-    assert "| bupo | BuPO l=29 (auto), s_inter=1 | 2 |" in text
+    # grpo's final greedy accuracies 0.5, 0.6, 0.7: mean 0.6, SE 0.1 / sqrt(3) = 0.058; 2 steps of 10 s = 0.33 min
+    assert "| grpo | GRPO | 3 | 0.500 ± 0.000 | 0.600 ± 0.058 | 0.250 ± 0.000 | 0.600 ± 0.058 |" in text
+    assert "| bupo | BuPO l=29 (auto), s_inter=1 | 3 |" in text and "| bupo-l8 | BuPO l=8 (auto), s_inter=1 | 3 |" in text
+    # bupo - grpo per seed: 0.1, 0.0, 0.2 -> mean 0.1, SE 0.0577, t(2) = 4.303: [-0.148, +0.348]; 2 better, 0 worse
+    assert "| bupo − grpo | 0, 1, 2 | +0.100 [-0.148, +0.348] |" in text and "| 2 / 0 |" in text
+    assert "| bupo-l8 − bupo | 0, 1, 2 | -0.033 [" in text
     assert "| flow-x | 4 | 10 | 10.00 |" in text and "1 (boundary)" in text
     assert "Not finished, left out: unfinished-s0" in text
-    assert text.index("| grpo |") < text.index("| bupo |")            # the order of experiments/run.sh
-    for f in ("flow.png", "training.png", "runs/grpo-s1/metrics.jsonl", "runs/flow-x/entropy.json"):
+    assert text.index("| grpo |") < text.index("| bupo |") < text.index("| bupo-l8 |")
+    for f in ("flow.png", "training.png", "layers.png", "inter.png", "dynamics.png", "runs/grpo-s1/metrics.jsonl",
+              "runs/flow-x/entropy.json"):
         assert (out / f).stat().st_size > 0
