@@ -133,7 +133,7 @@ def run(model_dir, out, *extra):
 
 
 def strip_timing(rows):
-    return [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_s", "peak_memory_mb")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("step_time", "tokens_per_s", "peak_memory_mb", "eval_time")} for r in rows]
 
 
 def test_three_steps_end_to_end(tiny_chat_model, tmp_path, length_reward):
