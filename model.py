@@ -200,6 +200,48 @@ class KVCache:
         self.v[layer, :, :, self.len:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def extend(self, mask: torch.Tensor):
+        """Before a forward pass of T tokens (mask [B, T], 1 = real token): mark their slots, and return the slot
+        of each query [T], the slot of each key [S] and which key slots hold real tokens [B, S]."""
+        start, T = self.len, mask.shape[1]
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache is full: {start} + {T} tokens > max_len {self.max_len}")
+        self.valid[:, start:start + T] = mask
+        slots = torch.arange(start + T, device=mask.device)
+        return slots[start:], slots, self.valid[:, :start + T]
+
+    def advance(self, mask: torch.Tensor):
+        """After the forward pass: the T slots are used, and each row's next position moves past its real tokens."""
+        self.len += mask.shape[1]
+        self.pos += mask.sum(-1)
+
+
+class StaticKVCache(KVCache):
+    """The same cache with shapes that never change, for a compiled one-token decode step (rollout.py; on CUDA
+    with CUDA graphs): every step attends over all max_len slots, the unused ones masked, and the current slot
+    is a tensor, so no Python number changes from one step to the next and nothing is recompiled."""
+
+    def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
+        super().__init__(cfg, batch, max_len, dtype, device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the slot the next token goes to
+
+    def keep(self, rows: torch.Tensor):
+        self.len = int(self.slot)
+        super().keep(rows)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer].index_copy_(2, self.slot, k)   # one token: k [B, n_kv, 1, hd]
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def extend(self, mask: torch.Tensor):
+        self.valid.index_copy_(1, self.slot, mask)
+        return self.slot, torch.arange(self.max_len, device=mask.device), self.valid
+
+    def advance(self, mask: torch.Tensor):
+        self.slot += 1
+        self.pos += mask.sum(-1)
+
 
 class SharedPromptCache(KVCache):
     """A cache that autograd can go through, for training on G responses that share one prompt: each distinct
@@ -336,19 +378,15 @@ class Transformer(nn.Module):
         positions = attention_mask.long().cumsum(-1) - 1                 # [B, T]
         start = 0
         if cache is not None:
-            start = cache.len
-            if start + T > cache.max_len:
-                raise ValueError(f"KV cache is full: {start} + {T} tokens > max_len {cache.max_len}")
             positions = positions + cache.pos[:, None]
-            cache.valid[:, start:start + T] = attention_mask
-            key_valid = cache.valid[:, :start + T]                       # [B, S]
+            q_slot, k_slot, key_valid = cache.extend(attention_mask)   # [T], [S], [B, S]
         else:
+            q_slot = k_slot = torch.arange(T, device=input_ids.device)
             key_valid = attention_mask
         positions = positions.clamp(min=0)
         mask = None  # None: plain causal attention, the fast path
         if cache is not None or not attention_mask.all():
-            q_slot = torch.arange(start, start + T, device=input_ids.device)[:, None]   # [T, 1]
-            k_slot = torch.arange(start + T, device=input_ids.device)[None, :]          # [1, S]
+            q_slot, k_slot = q_slot[:, None], k_slot[None, :]                           # [T, 1], [1, S]
             # causal and not padding; a query always sees itself, so a padding row is never all -inf (NaN)
             mask = ((k_slot <= q_slot) & key_valid[:, None, :]) | (k_slot == q_slot)   # [B, T, S]
             mask = mask[:, None]                                                        # [B, 1, T, S]
@@ -363,8 +401,7 @@ class Transformer(nn.Module):
             if record is not None:
                 record.resid.append(h)
         if cache is not None:
-            cache.len += T
-            cache.pos += attention_mask.sum(-1)
+            cache.advance(attention_mask)
         if upto_layer is not None:
             return (h, record) if return_residuals else h
         if last_only:
@@ -372,9 +409,9 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(h))
         return (logits, record) if return_residuals else logits
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, static: bool = False) -> KVCache:
         p = self.embed_tokens.weight
-        return KVCache(self.config, batch, max_len, dtype=p.dtype, device=p.device)
+        return (StaticKVCache if static else KVCache)(self.config, batch, max_len, dtype=p.dtype, device=p.device)
 
     # -------------------------------------------------------------------------
     # HF-layout checkpoints: our parameter names are transformers' without the "model." prefix

@@ -113,22 +113,53 @@ def prefill(model: Transformer, ids: torch.Tensor, mask: torch.Tensor) -> tuple[
     return logits[:, -1].float(), cache
 
 
-def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, max_len: int) -> KVCache:
+def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, max_len: int,
+                   static: bool = False) -> KVCache:
     """A cache for P * G rows and max_len slots, whose rows g*G .. g*G+G-1 start as copies of prompt g."""
     L, P, H, T, D = prompt_cache.k.shape
-    cache = model.new_cache(P * group_size, max_len)
+    cache = model.new_cache(P * group_size, max_len, static)
     for dst, src in ((cache.k, prompt_cache.k), (cache.v, prompt_cache.v)):
         dst[:, :, :, :T].view(L, P, group_size, H, T, D).copy_(src[:, :, None])  # broadcast: no temporary copy
     cache.valid[:, :T] = prompt_cache.valid.repeat_interleave(group_size, 0)
     cache.pos = prompt_cache.pos.repeat_interleave(group_size, 0)
     cache.len = T
+    if static:
+        cache.slot.fill_(T)
     return cache
+
+
+def compiled_decode(model: Transformer):
+    """The model's forward compiled for the one-token decode step over a StaticKVCache (torch.compile), the way
+    gpt-fast decodes. Compiled on its first call (about 100 s for the default model on 2 CPU cores) and reused by
+    every later step and call; a new cache shape (another max_len or P x G, the cache compaction) compiles again
+    once, after which torch makes that dimension dynamic. Measured on a CPU it is slower than eager decoding
+    (README, "Speed"), hence off by default. Where torch cannot compile (no C++ compiler), one line says so and
+    decoding stays eager."""
+    slot = model.__dict__       # kept beside the model's attributes, not registered as a submodule
+    if "compiled_decode" not in slot:
+        compiled = torch.compile(model)
+
+        def first_call(*args, **kwargs):
+            if "compiled_decode" in slot:                # decided by an earlier step of the same call
+                return slot["compiled_decode"](*args, **kwargs)
+            try:
+                out = compiled(*args, **kwargs)
+                slot["compiled_decode"] = compiled
+                return out
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                print(f"warning: torch.compile is not available here ({str(e).splitlines()[0][:120]}); "
+                      "decoding without it", file=sys.stderr)
+                slot["compiled_decode"] = model
+                return model(*args, **kwargs)
+        return first_call
+    return slot["compiled_decode"]
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], group_size: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, stop_ids=(),
-             pad_id: int = 0, seed: int | list[int] = 0, tokenizer=None, progress: bool = False) -> Rollouts:
+             pad_id: int = 0, seed: int | list[int] = 0, tokenizer=None, progress: bool = False,
+             compile: bool = False) -> Rollouts:
     """Sample `group_size` responses to each prompt (token id lists) from the model's full policy."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt, and every prompt needs at least one token")
@@ -139,7 +170,11 @@ def generate(model: Transformer, prompts: list[list[int]], group_size: int = 1, 
     N = P * G
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     logits, prompt_cache = prefill(model, prompt_ids, prompt_mask)
-    cache = copy_to_groups(model, prompt_cache, G, prompt_ids.shape[1] + max_new_tokens)
+    max_len = prompt_ids.shape[1] + max_new_tokens
+    if compile:                                    # fewer distinct shapes, fewer compilations
+        max_len = -(-max_len // 64) * 64
+    cache = copy_to_groups(model, prompt_cache, G, max_len, static=compile)
+    decode = compiled_decode(model) if compile else model
     del prompt_cache
     logits = logits.repeat_interleave(G, 0)                                     # [N, V]
     seeds = [seed + i for i in range(P)] if isinstance(seed, int) else list(seed)
@@ -173,7 +208,7 @@ def generate(model: Transformer, prompts: list[list[int]], group_size: int = 1, 
             keep = running.nonzero()[:, 0]
             cache.keep(keep)
             row, running, next_tok = row[keep], running[keep], next_tok[keep]
-        logits = model(next_tok[:, None], cache=cache, last_only=True)[:, -1].float()
+        logits = decode(next_tok[:, None], cache=cache, last_only=True)[:, -1].float()
 
     R = int(length.max())
     response_mask = (torch.arange(R, device=device)[None, :] < length[:, None]).long()
@@ -200,6 +235,7 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    g.add_argument("--compile", action="store_true", help="compile the decode step (slower on a CPU; README 'Speed')")
     return p.parse_args(argv)
 
 
@@ -217,7 +253,7 @@ def main(argv=None):
     prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
     t0 = time.perf_counter()
     ro = generate(model, [prompt], args.group_size, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                  args.min_p, tok.stop_ids, tok.pad_id, args.seed, tok, progress=True)
+                  args.min_p, tok.stop_ids, tok.pad_id, args.seed, tok, progress=True, compile=args.compile)
     dt = time.perf_counter() - t0
     for i, r in enumerate(ro.records()):
         print(f"--- {i} ({len(r['response_ids'])} tokens, {r['finish_reason']}, "

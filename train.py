@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
     g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, > 0 (also divides the "
                    "training logits)")
+    g.add_argument("--compile", action="store_true", help="sample with the compiled decode step (torch.compile; slower "
+                   "than eager on a CPU, see README 'Speed')")
     g = p.add_argument_group("objective")
     g.add_argument("--algo", default="bupo", choices=["bupo", "grpo"], help="bupo: phase 1 on pi^l, then GRPO")
     g.add_argument("--advantage", default="grpo", choices=bupo.ADVANTAGES, help="group baseline: grpo z-score, "
@@ -188,7 +190,7 @@ def rl_step(model, tok, opt, args, step, layer, ref=None):
     first_seed = (args.seed << 32) + step * args.prompts_per_step     # prompt g of the step: first_seed + g
     ro = generate(model, [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems], G,
                   args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                  seed=[first_seed + g for g in mine], tokenizer=tok)
+                  seed=[first_seed + g for g in mine], tokenizer=tok, compile=args.compile)
     device, batch = ro.response_ids.device, bupo.Batch.of(ro)
     # 2. score, and the advantages of each group (a rank holds whole groups)
     rewards = torch.tensor([tasks.reward(t, problems[g].answer) for t, g in zip(ro.text, ro.group.tolist())],
@@ -289,7 +291,8 @@ def evaluate(model, tok, args) -> dict:
     mine = dp.my_share(len(problems))                   # a data-parallel rank answers every W-th problem
     problems = [problems[g] for g in mine]
     prompts = [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems]
-    common = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok, progress=dp.rank() == 0)
+    common = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok, progress=dp.rank() == 0,
+                  compile=args.compile)
     greedy = generate(model, prompts, 1, args.max_new_tokens, temperature=0.0, **common)
     n = args.eval_samples
     sampled = generate(model, prompts, n, args.max_new_tokens, temperature=args.temperature,

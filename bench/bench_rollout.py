@@ -4,6 +4,7 @@ Sampler throughput: rollout.generate against transformers' generate, on the same
     python bench/bench_rollout.py                        # default model, fp32, CPU, batch 1 and 8 x G=8
     python bench/bench_rollout.py --stop --new-tokens 64
     python bench/bench_rollout.py --device cuda --dtype bfloat16 --stop
+    python bench/bench_rollout.py --stop --compile       # and the compiled decode step (generate(compile=True))
 
 Both sides sample at T = 1 with no top-k / top-p and produce exactly --new-tokens tokens per response (stop
 tokens are ignored), so the work is identical. Timings include the prefill. With --stop, both stop at the
@@ -98,6 +99,8 @@ def main():
     p.add_argument("--group-size", type=int, default=8, help="responses per prompt of the large case")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per case (the best is kept), after a warm-up")
     p.add_argument("--stop", action="store_true", help="stop at the model's stop tokens (RL-style) instead of forcing the length")
+    p.add_argument("--compile", action="store_true", help="also time generate(compile=True): the compiled decode step, "
+                   "its first call (compilation) reported apart")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
     bw = memory_bandwidth(args.device)
@@ -115,6 +118,16 @@ def main():
             made = {}  # tokens produced by the timed run of each side
             ours = timed(lambda: made.update(ours=int(generate(model, batch, G, args.new_tokens, stop_ids=stop,
                                                                  seed=len(made)).response_mask.sum())), args.repeat)
+            compiled = ""
+            if args.compile:
+                run = lambda: made.update(compiled=int(generate(model, batch, G, args.new_tokens, stop_ids=stop,  # noqa: E731
+                                                                 seed=len(made), compile=True).response_mask.sum()))
+                t0 = time.perf_counter()
+                run()                                     # compiles (again for a new shape), then decodes
+                first = time.perf_counter() - t0
+                steady = timed(run, args.repeat)
+                compiled = (f"  compiled {made['compiled'] / steady:7.1f} tok/s ({made['compiled'] / steady / (made['ours'] / ours):4.2f}x "
+                            f"eager; first call {first:.0f} s)")
             with torch.no_grad():
                 theirs = timed(lambda: made.update(theirs=hf_generate(hf, ids, mask, G, args.new_tokens, stop)), args.repeat)
             if P * G == 1:
@@ -124,7 +137,7 @@ def main():
                 what = f"matmul bound {peak / 1e9:.0f} GFLOP/s / {flops_per_token(model, T + args.new_tokens // 2) / 1e9:.2f} GFLOP per token"
             r = (str(dtype).removeprefix("torch."), f"{P}x{G}", made["ours"] / ours, made["theirs"] / theirs, bound, what)
             print(f"{r[0]:9s} {r[1]:5s} ours {r[2]:7.1f} tok/s  transformers {r[3]:7.1f} tok/s  ratio {r[2] / r[3]:4.2f}x  "
-                  f"bound {r[4]:7.1f} tok/s ({r[5]}): ours at {100 * r[2] / r[4]:.0f}%"
+                  f"bound {r[4]:7.1f} tok/s ({r[5]}): ours at {100 * r[2] / r[4]:.0f}%" + compiled
                   + (f"  [tokens produced: ours {made['ours']}, transformers {made['theirs']}]" if args.stop else ""), flush=True)
 
 

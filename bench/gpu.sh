@@ -17,7 +17,7 @@ QWEN=models/qwen2.5-coder-0.5b-instruct
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 "$PY" bench/gpu_check.py --device cuda --dtype bfloat16 2>&1 | tee "$OUT/1-correctness.txt"
 for M in models/smollm2-135m-instruct "$QWEN"; do
-  "$PY" bench/bench_rollout.py --model "$M" --device cuda --dtype bfloat16 --stop --repeat 3 2>&1 | tee -a "$OUT/2-rollout.txt"
+  "$PY" bench/bench_rollout.py --model "$M" --device cuda --dtype bfloat16 --stop --compile --repeat 3 2>&1 | tee -a "$OUT/2-rollout.txt"
   "$PY" bench/bench_train.py --model "$M" --device cuda --dtype bfloat16 --rows 32 --new-tokens 512 \
     --peak-tflops "$PEAK_TFLOPS" 2>&1 | tee -a "$OUT/2-train.txt"
 done

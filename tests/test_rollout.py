@@ -152,3 +152,32 @@ def test_bad_arguments(tiny):
         generate(tiny, [[1, 2]], 2, 0)
     with pytest.raises(ValueError, match="give one seed per prompt"):
         generate(tiny, [[1, 2], [3]], 2, 5, seed=[1])
+
+
+def test_static_cache_decodes_like_the_dynamic_one(tiny, monkeypatch):
+    """generate(compile=True) decodes over a StaticKVCache (all slots attended, masked; the slot a tensor). With
+    torch.compile replaced by the identity, that path runs eagerly: it must give the tokens of the usual cache,
+    through stops and cache compactions (a quarter of the rows stopping), greedy and sampled."""
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
+    stop = set(range(0, 128, 4))
+    for temperature in (0.0, 1.0):
+        kw = dict(group_size=4, max_new_tokens=40, temperature=temperature, stop_ids=stop, pad_id=0, seed=5)
+        want = generate(tiny, tiny_prompts(3, seed=4), **kw)
+        got = generate(tiny, tiny_prompts(3, seed=4), compile=True, **kw)
+        assert want.finish_reason.count("stop") >= 3            # compaction happened
+        assert torch.equal(got.response_ids, want.response_ids) and got.finish_reason == want.finish_reason
+        torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_unavailable_is_one_line_and_eager(tiny_dirs, monkeypatch, capsys):
+    import torch._dynamo.exc
+    model = Transformer.from_pretrained(tiny_dirs["qwen3", True])       # a model of its own: nothing cached yet
+
+    def broken(*a, **k):
+        raise torch._dynamo.exc.BackendCompilerFailed(broken, RuntimeError("no C++ compiler found\nmore"), None)
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: broken)
+    got = generate(model, tiny_prompts(2), 2, 12, stop_ids={3}, seed=1, compile=True)
+    want = generate(model, tiny_prompts(2), 2, 12, stop_ids={3}, seed=1)
+    assert torch.equal(got.response_ids, want.response_ids)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: torch.compile is not available here") and "Traceback" not in err
