@@ -217,9 +217,10 @@ class KVCache:
 
 
 class StaticKVCache(KVCache):
-    """The same cache with shapes that never change, for a compiled one-token decode step (rollout.py; on CUDA
-    with CUDA graphs): every step attends over all max_len slots, the unused ones masked, and the current slot
-    is a tensor, so no Python number changes from one step to the next and nothing is recompiled."""
+    """The same cache with shapes that do not change while decoding, for a compiled one-token decode step
+    (rollout.compiled_decode): every step attends over all max_len slots, the unused ones masked, and the current
+    slot is a tensor, so no Python number changes from one step to the next and the step is not recompiled
+    (only a compaction, which changes the batch, is a new shape)."""
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
         super().__init__(cfg, batch, max_len, dtype, device)
@@ -376,7 +377,6 @@ class Transformer(nn.Module):
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
         attention_mask = attention_mask.bool()
         positions = attention_mask.long().cumsum(-1) - 1                 # [B, T]
-        start = 0
         if cache is not None:
             positions = positions + cache.pos[:, None]
             q_slot, k_slot, key_valid = cache.extend(attention_mask)   # [T], [S], [B, S]

@@ -130,10 +130,10 @@ def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, m
 
 def compiled_decode(model: Transformer):
     """The model's forward compiled for the one-token decode step over a StaticKVCache (torch.compile), the way
-    gpt-fast decodes. Compiled on its first call (about 100 s for the default model on 2 CPU cores) and reused by
-    every later step and call; a new cache shape (another max_len or P x G, the cache compaction) compiles again
+    gpt-fast decodes. Compiled on its first call (62 s for the default model at batch 1 on 2 CPU cores) and reused
+    by every later step and call; a new cache shape (another max_len or P x G, the cache compaction) compiles again
     once, after which torch makes that dimension dynamic. Measured on a CPU it is slower than eager decoding
-    (README, "Speed"), hence off by default. Where torch cannot compile (no C++ compiler), one line says so and
+    (README, "Sampling"), hence off by default. Where torch cannot compile (no C++ compiler), one line says so and
     decoding stays eager."""
     slot = model.__dict__       # kept beside the model's attributes, not registered as a submodule
     if "compiled_decode" not in slot:
@@ -235,7 +235,7 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
-    g.add_argument("--compile", action="store_true", help="compile the decode step (slower on a CPU; README 'Speed')")
+    g.add_argument("--compile", action="store_true", help="compile the decode step (slower on a CPU; README, 'Sampling')")
     return p.parse_args(argv)
 
 
