@@ -277,7 +277,7 @@ def main():
     p.add_argument("--cost", default=None, help="a folder of experiments/cost.sh: write OUT/cost.md only")
     args = p.parse_args()
     if args.cost:
-        runs = {k: [v] for k, v in read_runs(Path(args.cost)).items() if "rows" in v}
+        runs = {k: {v["args"]["seed"]: v} for k, v in read_runs(Path(args.cost)).items() if "rows" in v}
         text = "### Cost of one step, measured alone\n\n" + cost_table(runs) + "\n"
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.out) / "cost.md", lambda tmp: tmp.write_text(text))

@@ -55,3 +55,16 @@ def test_report_tables(tmp_path):
     for f in ("flow.png", "training.png", "layers.png", "inter.png", "dynamics.png", "runs/grpo-s1/metrics.jsonl",
               "runs/flow-x/entropy.json"):
         assert (out / f).stat().st_size > 0
+
+
+def test_report_cost(tmp_path):
+    """--cost: one table of s/step per configuration and phase, from the runs of experiments/cost.sh."""
+    runs, out = tmp_path / "cost", tmp_path / "out"
+    fake_run(runs / "grpo", "grpo", 0, [0.2, 0.5, 0.7])
+    fake_run(runs / "bupo", "bupo", 0, [0.2, 0.5, 0.7])
+    done = subprocess.run([sys.executable, "experiments/report.py", "--cost", str(runs), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = (out / "cost.md").read_text()
+    assert "| bupo | internal | 1 | 10 | 5.0 | 100 |" in text and "| grpo | full | 3 | 10 ± 0 | 5.0 ± 0.0 | 100 |" in text
+    assert (out / "cost" / "grpo" / "metrics.jsonl").exists()
