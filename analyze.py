@@ -14,8 +14,10 @@ Entropy flow of a model's internal policies on its own responses (paper section 
 3. Means pooled over all tokens of all responses, as the authors do, go to OUT/entropy.json; the plots
    flow.png (Fig. 2), dH.png (Fig. 3) and heatmap.png (one response, layers x positions, top-1 token per cell)
    go beside it, and a table is printed.
+Each layer also gets KL_resid, the mean KL(pi^l || pi_theta) of its policy to the model's (bupo.kl_flow).
 `boundary_layer` is the last layer with mean dH_mlp > 0 (null when none); `internal_layer` is what
-`train.py --internal-layer auto` uses: the boundary layer when it is below L, else the penultimate layer.
+`train.py --internal-layer auto` uses: the boundary layer when it is below L, else the project's "closest" layer,
+the one below L with the smallest KL_resid (bupo.choose_internal_layer; docs/method.md 5).
 """
 import json
 import sys
@@ -121,9 +123,9 @@ def heatmap(model, rec, where, prompt, response, norm, n_tokens):
 def summarize(model_name, model, flow, n_responses, norm) -> dict:
     L = model.config.num_layers
     means = bupo.entropy_changes(flow)
-    keys = list(bupo.FLOW_KEYS) + ["dH_attn", "dH_mlp", "dH_layer"]
+    keys = list(bupo.FLOW_KEYS) + ["dH_attn", "dH_mlp", "dH_layer", "KL_resid"]
     boundary = bupo.boundary_layer(means["dH_mlp"])
-    internal, rule = bupo.choose_internal_layer(means["dH_mlp"])
+    internal, rule = bupo.choose_internal_layer(means["dH_mlp"], means["KL_resid"])
     return {"model": model_name, "num_layers": L, "vocab_size": model.config.vocab_size,
             "num_responses": n_responses, "num_tokens": int(flow["H_policy"].numel()),
             "layers": [{"layer": l + 1, **{k: means[k][l] for k in keys}} for l in range(L)],
@@ -150,10 +152,11 @@ def read_result(path, flag: str) -> dict:
 def print_table(result: dict):
     print(f"{result['model']}: {result['num_responses']} responses, {result['num_tokens']} tokens, norm={result['norm']}")
     print(f"{'layer':>5} {'H(h_in)':>8} {'H(a_in)':>8} {'H(a)':>7} {'H(f_in)':>8} {'H(f)':>7} {'H(h)':>7} "
-          f"{'dH_attn':>8} {'dH_mlp':>8} {'dH_layer':>8}")
+          f"{'dH_attn':>8} {'dH_mlp':>8} {'dH_layer':>8} {'KL(h||pi)':>9}")
     for r in result["layers"]:
         print(f"{r['layer']:>5} {r['H_resid_in']:8.3f} {r['H_attn_in']:8.3f} {r['H_attn']:7.3f} {r['H_mlp_in']:8.3f} "
-              f"{r['H_mlp']:7.3f} {r['H_resid']:7.3f} {r['dH_attn']:8.3f} {r['dH_mlp']:8.3f} {r['dH_layer']:8.3f}")
+              f"{r['H_mlp']:7.3f} {r['H_resid']:7.3f} {r['dH_attn']:8.3f} {r['dH_mlp']:8.3f} {r['dH_layer']:8.3f} "
+              f"{r.get('KL_resid', float('nan')):9.3f}")
     print(f"H_policy {result['H_policy']:.3f} nats (max ln V = {torch.log(torch.tensor(float(result['vocab_size']))):.2f}); "
           f"boundary layer: {result['boundary_layer']}; internal layer for BuPO: {result['internal_layer']} "
           f"({result['internal_layer_rule']})")

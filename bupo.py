@@ -88,7 +88,8 @@ def entropy_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: 
                  chunk: int | None = None) -> dict:
     """Token-level entropies of every internal policy at the positions `where` ([B, T] bool) of a record.
 
-    Returns {key: [L, N] tensor} for the FLOW_KEYS (row l-1 is layer l) and "H_policy": [N]. Per layer l:
+    Returns {key: [L, N] tensor} for the FLOW_KEYS (row l-1 is layer l), "KL_resid" = KL(pi^l || pi_theta)
+    [L, N] (kl_flow) and "H_policy": [N]. Per layer l:
       H_resid_in = H(W_U h_{l-1}),  H_attn_in = H(W_U RMSNorm_in_l(h_{l-1})),  H_attn = H(W_U a_l),
       H_mlp_in = H(W_U RMSNorm_post_l(m_l)),  H_mlp = H(W_U f_l),  H_resid = H(W_U h_l)
     where the layer-L output is the model's policy (final norm). The entropy changes are differences of these:
@@ -101,12 +102,30 @@ def entropy_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: 
     H = policy_entropy(model, x, norm, chunk).view(5, L, -1)                      # [5, L, N]
     H_policy = policy_entropy(model, rec.resid[L][where], norm=True, chunk=chunk)  # pi^L: the model's policy
     return dict(H_resid_in=H[0], H_resid=torch.cat([H[0, 1:], H_policy[None]]), H_policy=H_policy,
-                H_attn_in=H[1], H_attn=H[2], H_mlp_in=H[3], H_mlp=H[4])
+                H_attn_in=H[1], H_attn=H[2], H_mlp_in=H[3], H_mlp=H[4], KL_resid=kl_flow(model, rec, where, norm, chunk))
+
+
+@torch.no_grad()
+def kl_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: bool = False,
+            chunk: int | None = None) -> torch.Tensor:
+    """KL(pi^l || pi_theta) at the positions `where` of a record -> [L, N], row l-1 is layer l (row L-1, the policy
+    itself, is 0): how far each layer policy is from the model's policy on the same states. The project's layer
+    rule takes the layer below L where its mean is smallest (choose_internal_layer; docs/method.md 5)."""
+    chunk = chunk or max(1, chunk_rows(model) // 2)   # the policy's and one layer's logits at once
+    L = model.config.num_layers
+    top, hs = rec.resid[L][where], [rec.resid[l][where] for l in range(1, L)]
+    out = torch.zeros(L, len(top), device=top.device)
+    for i in range(0, len(top), chunk):
+        policy = layer_logits(model, top[i:i + chunk], L)
+        for l, h in enumerate(hs, start=1):
+            out[l - 1, i:i + chunk] = kl_divergence(layer_logits(model, h[i:i + chunk], l, norm), policy)
+    return out
 
 
 def entropy_changes(flow: dict) -> dict:
-    """Mean entropies per layer, pooled over all tokens, and their changes (eqs. 11-13). Lists of L floats."""
-    mean = {k: flow[k].mean(-1) for k in FLOW_KEYS}
+    """Mean entropies per layer, pooled over all tokens, and their changes (eqs. 11-13). Lists of L floats.
+    With "KL_resid" in the flow (kl_flow), its mean per layer too."""
+    mean = {k: flow[k].mean(-1) for k in FLOW_KEYS + ("KL_resid",) if k in flow}
     out = {k: v.tolist() for k, v in mean.items()}
     out["dH_attn"] = (mean["H_attn"] - mean["H_attn_in"]).tolist()        # eq. 12
     out["dH_mlp"] = (mean["H_mlp"] - mean["H_mlp_in"]).tolist()           # eq. 13
@@ -120,14 +139,22 @@ def boundary_layer(dH_mlp: list) -> int | None:
     return positive[-1] if positive else None
 
 
-def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:
+def closest_layer(kl: list) -> int:
+    """The project's rule (not the paper's): the layer l < L whose policy pi^l is closest to the model's policy,
+    argmin of the mean KL(pi^l || pi_theta) on the model's own answers (kl_flow; docs/method.md 5)."""
+    return min(range(1, len(kl)), key=lambda l: kl[l - 1], default=len(kl))  # a 1-layer model: L
+
+
+def choose_internal_layer(dH_mlp: list, kl: list | None = None) -> tuple[int, str]:
     """The layer of --internal-layer auto, and which rule chose it: the paper's boundary layer when it lies below
-    L; otherwise (no layer with dH_mlp > 0, or only the last one) the penultimate layer L-1, the authors' choice
-    for models that converge only at the top (their Llama runs). The fallback is this project's reading of that
-    choice, not a rule of the paper (docs/method.md 5)."""
+    L; when it does not (no layer with dH_mlp > 0, or only the last one), the project's closest layer (given the
+    KL per layer), else the penultimate layer L-1, the authors' choice for their late-converging Llama runs.
+    Neither fallback is a rule of the paper (docs/method.md 5)."""
     L, boundary = len(dH_mlp), boundary_layer(dH_mlp)
     if boundary is not None and boundary < L:
         return boundary, "boundary"
+    if kl is not None:
+        return closest_layer(kl), "closest"
     return L - 1, "penultimate"
 
 

@@ -322,6 +322,9 @@ def resolve_layer(value: str, model, tok, args) -> int:
         return int(value)
     if args.analysis:
         result = analyze.read_result(args.analysis, "--analysis")
+        if result.get("norm") == "final":
+            raise UserError(f"--analysis {args.analysis}: made with --norm final, but phase 1 trains the un-normed "
+                            f"pi^l; analyse again without --norm")
         if result["num_layers"] != L:
             raise UserError(f"--analysis {args.analysis}: made for a model of {result['num_layers']} layers, this "
                             f"one has {L}; analyse this model with analyze.py")
@@ -331,8 +334,11 @@ def resolve_layer(value: str, model, tok, args) -> int:
                                          args.shots)
         result = analyze.summarize(Path(args.model).name, model, analyze.analyze(model, pairs)[0], 8, False)
     layer = result["internal_layer"]
-    why = ("the boundary layer (last layer with mean dH_mlp > 0)" if result["internal_layer_rule"] == "boundary" else
-           "no boundary layer below L, so the penultimate layer (the authors' choice for late-converging models)")
+    why = {"boundary": "the boundary layer (last layer with mean dH_mlp > 0)",
+           "closest": "no boundary layer below L, so the layer whose policy is closest to the model's (least mean "
+                      "KL(pi^l || pi_theta); the project's rule, docs/method.md 5)",
+           }.get(result["internal_layer_rule"], "no boundary layer below L, so the penultimate layer (the authors' "
+                                                "choice for late-converging models)")
     print(f"internal layer: {layer} of {L}, {why}", file=sys.stderr)
     return layer
 

@@ -56,15 +56,18 @@ def flow_table(flows: dict) -> str:
         H = [x["H_resid"] for x in layers]                 # H(pi^l), l = 1..L (layer L through the final norm)
         at = lambda frac: H[max(0, round(frac * L) - 1)]  # noqa: E731
         up = [x["layer"] for x in layers if x["dH_mlp"] > 0]
+        kl = [x.get("KL_resid") for x in layers]
+        closest = min(range(1, L), key=lambda l: kl[l - 1]) if None not in kl[:-1] and L > 1 else None
         rows.append([name, L, f["num_tokens"], f"{H[0]:.2f}", f"{at(.25):.2f}", f"{at(.5):.2f}", f"{at(.75):.2f}",
                      f"{f['H_policy']:.2f}", f"{len(up)} of {L}", f["boundary_layer"] or "none",
-                     f"{f['internal_layer']} ({f['internal_layer_rule']})"])
+                     f"{kl[closest - 1]:.1f} at l = {closest}" if closest else "-",
+                     f"{kl[L - 2]:.1f}" if closest else "-", f"{f['internal_layer']} ({f['internal_layer_rule']})"])
     return table(["run", "L", "tokens", "H(π^1)", "H at L/4", "H at L/2", "H at 3L/4", "H(π_θ)",
-                  "layers with ΔH_FFN > 0", "boundary", "auto layer"], rows)
+                  "layers with ΔH_FFN > 0", "boundary", "least KL(π^l‖π_θ), l < L", "KL at L-1", "auto layer"], rows)
 
 
 def plot_flow(flows: dict, out: Path, plt):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 3.8))
     for name, f in flows.items():
         L = f["num_layers"]
         x = [x["layer"] / L for x in f["layers"]]
@@ -72,8 +75,14 @@ def plot_flow(flows: dict, out: Path, plt):
         c = line.get_color()
         axes[1].plot(x, [v["dH_mlp"] for v in f["layers"]], marker=".", color=c, label=f"ΔH_FFN {f['model']}")
         axes[1].plot(x, [v["dH_attn"] for v in f["layers"]], ls=":", color=c, label=f"ΔH_ATTN {f['model']}")
+        if all("KL_resid" in v for v in f["layers"]):
+            axes[2].plot(x[:-1], [v["KL_resid"] for v in f["layers"][:-1]], marker=".", color=c, label=f["model"])
+            if f["internal_layer_rule"] == "closest":
+                axes[2].axvline(f["internal_layer"] / L, color=c, ls=":", lw=0.8)
     axes[0].set(xlabel="relative depth l / L", ylabel="H(π^l), nats", title="entropy of the layer policies")
-    axes[1].set(xlabel="relative depth l / L", ylabel="nats", title="entropy change inside each layer (eq. 11-12)")
+    axes[1].set(xlabel="relative depth l / L", ylabel="nats", title="entropy change inside each layer (eq. 12-13)")
+    axes[2].set(xlabel="relative depth l / L", ylabel="nats",
+                title="KL(π^l ‖ π_θ), l < L (dotted: the closest layer)")
     axes[1].axhline(0, color="grey", lw=0.5)
     for ax in axes:
         ax.legend(fontsize=7)

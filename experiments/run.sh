@@ -9,8 +9,8 @@
 # evaluation (256 test problems, greedy and 2 samples each) at steps 0, 20 and 40. Seed K fixes the training
 # prompts, the sampler and the held-out draw, so the runs of one seed are paired across configurations.
 #
-#   bash experiments/run.sh                       # everything, in the order below (many hours on 2 cores)
-#   bash experiments/run.sh main                  # one group: flow, main, layers or inter
+#   bash experiments/run.sh                       # everything but inter, in the order below (many hours)
+#   bash experiments/run.sh main                  # one group: flow, main, layers, rule or inter
 #   bash experiments/run.sh grpo-s0 bupo-s0       # only the named runs
 #   BEST_LAYER=15 bash experiments/run.sh inter   # the s_inter sweep at the layer the layer sweep found best
 #   JOBS=1 DEVICE=cuda bash experiments/run.sh    # one at a time, on a GPU
@@ -24,24 +24,30 @@ bash setup.sh > /dev/null
 PY=${PYTHON:-$(command -v python || command -v python3)}
 JOBS=${JOBS:-2}
 DEVICE=${DEVICE:-cpu}
-BEST_LAYER=${BEST_LAYER:-29}
+BEST_LAYER=${BEST_LAYER:-}
 TRAIN="train.py --task sum2 --shots 1 --steps 40 --prompts-per-step 8 --group-size 8 --max-new-tokens 48 --lr 2e-5"
 TRAIN="$TRAIN --eval-every 20 --eval-problems 256 --eval-samples 2 --save-every 5 --keep-checkpoints 1 --device $DEVICE"
 RUNS=("flow flow analyze.py --out runs/exp/flow --task sum2 --shots 1 -n 64 --max-new-tokens 48 --device $DEVICE")
-# main: GRPO against BuPO at the penultimate layer (what --internal-layer auto picks on this model) with
+# main: GRPO against BuPO at the penultimate layer (the authors' choice for models without a boundary layer) with
 # s_inter = 4, the authors' 10% of the steps (30 of 300)
 for seed in 0 1 2 3 4; do
   RUNS+=("main grpo-s$seed $TRAIN --algo grpo --seed $seed --out runs/exp/grpo-s$seed"
          "main bupo-s$seed $TRAIN --algo bupo --internal-layer 29 --internal-steps 4 --seed $seed --out runs/exp/bupo-s$seed")
 done
-# layers: l = L/4, L/2, 3L/4 (l = L-1 = 29 is the main BuPO arm), s_inter = 4
-for seed in 0 1 2; do for l in 8 15 23; do
+# layers: l = L/4, L/2, 3L/4, and 24, the layer the project's rule picks on this model (the layer policy closest to
+# the model's, docs/method.md 5); l = L-1 = 29 is the main BuPO arm. s_inter = 4
+for seed in 0 1 2; do for l in 8 15 23 24; do
   RUNS+=("layers bupo-l$l-s$seed $TRAIN --algo bupo --internal-layer $l --internal-steps 4 --seed $seed --out runs/exp/bupo-l$l-s$seed")
 done; done
-# inter: s_inter = 8 and 16 (20% and 40% of the steps) at BEST_LAYER; 0 is GRPO and 4 the layer sweep
-for seed in 0 1 2; do for s in 8 16; do
+# rule: seeds 3 and 4 of l = 24, so that the project's rule and the penultimate layer are paired on all five seeds
+for seed in 3 4; do
+  RUNS+=("rule bupo-l24-s$seed $TRAIN --algo bupo --internal-layer 24 --internal-steps 4 --seed $seed --out runs/exp/bupo-l24-s$seed")
+done
+# inter: s_inter = 8 and 16 (20% and 40% of the steps) at BEST_LAYER, the layer the sweep above found best (set it
+# after reading the layer table of report.py); 0 is GRPO and 4 the layer sweep. Without BEST_LAYER they are left out.
+if [ -n "$BEST_LAYER" ]; then for seed in 0 1 2; do for s in 8 16; do
   RUNS+=("inter bupo-l$BEST_LAYER-inter$s-s$seed $TRAIN --algo bupo --internal-layer $BEST_LAYER --internal-steps $s --seed $seed --out runs/exp/bupo-l$BEST_LAYER-inter$s-s$seed")
-done; done
+done; done; else echo "inter: left out; set BEST_LAYER (the best layer of the sweep) to run the s_inter sweep"; fi
 
 run_one() {  # GROUP NAME TOOL ARGS...: one run, its log appended to runs/exp/NAME.log
   local name=$2 dir=runs/exp/$2; shift 2

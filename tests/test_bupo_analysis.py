@@ -75,6 +75,16 @@ def test_boundary_layer():
     assert bupo.boundary_layer([0.1, 0.2, 0.3]) == 3
 
 
+def test_choose_internal_layer_rules():
+    kl = [9.0, 3.0, 5.0, 0.0]                      # layer L (the policy itself) is 0 and never chosen
+    assert bupo.choose_internal_layer([0.1, 0.2, -0.1, -0.3], kl) == (2, "boundary")   # the paper's rule first
+    assert bupo.choose_internal_layer([-0.1, -0.2, -0.1, -0.3], kl) == (2, "closest")  # none: least KL below L
+    assert bupo.choose_internal_layer([0.1, 0.2, 0.1, 0.3], kl) == (2, "closest")      # only L: the same
+    assert bupo.choose_internal_layer([-0.1, -0.2, -0.1, -0.3]) == (3, "penultimate")  # no KL: L - 1
+    assert bupo.closest_layer([4.0, 1.0, 1.0, 0.0]) == 2                               # ties: the lower layer
+    assert bupo.closest_layer([0.0]) == 1                                              # one layer: nothing below
+
+
 @pytest.mark.parametrize("norm", [False, True])
 def test_entropy_json_equals_direct_computation(tiny, norm):
     pairs = pairs_for()
@@ -82,7 +92,7 @@ def test_entropy_json_equals_direct_computation(tiny, norm):
     result = analyze.summarize("tiny", tiny, flow, len(pairs), norm)
     L, W = tiny.config.num_layers, tiny.lm_head.weight.double()
     proj = lambda x: (tiny.norm(x) if norm else x).double() @ W.T  # noqa: E731
-    acc = {k: [[] for _ in range(L)] for k in bupo.FLOW_KEYS}
+    acc = {k: [[] for _ in range(L)] for k in bupo.FLOW_KEYS + ("KL_resid",)}
     policy = []
     for p, r in pairs:  # unchunked, fp64, straight from the residual record
         with torch.no_grad():
@@ -94,18 +104,23 @@ def test_entropy_json_equals_direct_computation(tiny, norm):
                            ("H_attn", proj(rec.attn_out[l - 1][0, s])), ("H_mlp_in", proj(rec.mlp_in[l - 1][0, s])),
                            ("H_mlp", proj(rec.mlp_out[l - 1][0, s])), ("H_resid", out)):
                 acc[key][l - 1].append(direct_entropy(x))
+            p, q = out.double().log_softmax(-1), logits[0, s].double().log_softmax(-1)   # KL(pi^l || pi_theta)
+            acc["KL_resid"][l - 1].append((p.exp() * (p - q)).sum(-1))
         policy.append(direct_entropy(logits[0, s]))
     assert result["num_tokens"] == sum(len(r) for _, r in pairs) and result["num_responses"] == 3
     mean = {k: [torch.cat(v).mean().item() for v in acc[k]] for k in acc}
     for l, row in enumerate(result["layers"]):
         assert row["layer"] == l + 1
-        for k in bupo.FLOW_KEYS:
+        for k in bupo.FLOW_KEYS + ("KL_resid",):
             assert row[k] == pytest.approx(mean[k][l], abs=2e-5), (k, l)
         assert row["dH_attn"] == pytest.approx(mean["H_attn"][l] - mean["H_attn_in"][l], abs=5e-5)
         assert row["dH_mlp"] == pytest.approx(mean["H_mlp"][l] - mean["H_mlp_in"][l], abs=5e-5)
         assert row["dH_layer"] == pytest.approx(mean["H_resid"][l] - mean["H_resid_in"][l], abs=5e-5)
     assert result["H_policy"] == pytest.approx(torch.cat(policy).mean().item(), abs=2e-5)
     assert result["boundary_layer"] == bupo.boundary_layer([row["dH_mlp"] for row in result["layers"]])
+    assert (result["internal_layer"], result["internal_layer_rule"]) == bupo.choose_internal_layer(
+        [row["dH_mlp"] for row in result["layers"]], [row["KL_resid"] for row in result["layers"]])
+    assert result["layers"][-1]["KL_resid"] == 0 and min(r["KL_resid"] for r in result["layers"][:-1]) > 0
     assert len(heat["entropy"]) == L + 1 and heat["targets"] == pairs[0][1]
 
 
@@ -140,6 +155,9 @@ def test_entropy_json_matches_transformers_hidden_states(default_model_dir):
         assert row["H_attn"] == pytest.approx(H(seen["attn", l - 1]), abs=1e-3)
         assert row["H_mlp_in"] == pytest.approx(H(seen["mlp_in", l - 1]), abs=1e-3)
         assert row["H_mlp"] == pytest.approx(H(seen["mlp", l - 1]), abs=1e-3)
+        if l < L:   # KL(pi^l || pi_theta), pi_theta from transformers' logits; a relative tolerance (tens of nats)
+            p, q = (out.hidden_states[l][0, s] @ W.T).double().log_softmax(-1), out.logits[0, s].double().log_softmax(-1)
+            assert row["KL_resid"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-4, abs=1e-3)
     # hidden_states[L] is transformers' normed last state, i.e. the model's policy
     assert result["layers"][-1]["H_resid"] == pytest.approx(H(out.hidden_states[L]), abs=1e-3)
     assert result["H_policy"] == pytest.approx(direct_entropy(out.logits[0, s]).mean().item(), abs=1e-3)

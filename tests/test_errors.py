@@ -79,6 +79,8 @@ ROWS = [
     ("train", ["--model", "{model}", "--out", "{tmp}/o2", "--internal-layer", "9"], "--internal-layer 9: this model "
      "has layers 1..3"),
     ("train", ["--model", "{model}", "--out", "{tmp}/o3", "--analysis", "{tmp}/file.txt"], "not a readable entropy.json"),
+    ("train", ["--model", "{model}", "--out", "{tmp}/o4", "--analysis", "{tmp}/normed.json"], "--norm final",
+     "analyse again without --norm"),
     ("train", ["--resume", "{tmp}/no-run"], "--resume", "no such run folder"),
     ("train", ["--resume", "{tmp}"], "no complete checkpoint"),
     # analyze.py
@@ -126,6 +128,7 @@ def scratch(tmp_path_factory, tiny_chat_model):
                                   '{"prompt_ids": [1, true], "response_ids": [3]}\n')
     (d / "float.jsonl").write_text('{"prompt_ids": [1, 2.5], "response_ids": [3]}\n')
     (d / "vocab.jsonl").write_text('{"prompt_ids": [1, 2], "response_ids": [49152]}\n')
+    (d / "normed.json").write_text(json.dumps({"num_layers": 3, "layers": [], "internal_layer": 2, "norm": "final"}))
     (d / "long.jsonl").write_text(json.dumps({"prompt_ids": [1] * 40, "response_ids": [2] * 40}) + "\n")
     return d
 

@@ -39,6 +39,12 @@ def test_report_tables(tmp_path):
     (runs / "flow-x" / "entropy.json").write_text(json.dumps({
         "model": "x", "num_layers": 4, "num_tokens": 10, "layers": layers, "H_policy": 7.0, "boundary_layer": 1,
         "internal_layer": 1, "internal_layer_rule": "boundary"}))
+    kl = [{"layer": l, "H_resid": 1.0, "dH_mlp": -0.1, "dH_attn": 0.0, "KL_resid": k} for l, k in ((1, 9.0), (2, 3.5),
+                                                                                                (3, 6.0), (4, 0.0))]
+    (runs / "flow-y").mkdir()
+    (runs / "flow-y" / "entropy.json").write_text(json.dumps({
+        "model": "y", "num_layers": 4, "num_tokens": 10, "layers": kl, "H_policy": 1.0, "boundary_layer": None,
+        "internal_layer": 2, "internal_layer_rule": "closest"}))
     done = subprocess.run([sys.executable, "experiments/report.py", "--runs", str(runs), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -50,6 +56,7 @@ def test_report_tables(tmp_path):
     assert "| bupo − grpo | 0, 1, 2 | +0.100 [-0.148, +0.348] |" in text and "| 2 / 0 |" in text
     assert "| bupo-l8 − bupo | 0, 1, 2 | -0.033 [" in text
     assert "| flow-x | 4 | 10 | 10.00 |" in text and "1 (boundary)" in text
+    assert "| none | 3.5 at l = 2 | 6.0 | 2 (closest) |" in text   # flow-y: its KL column and the project's rule
     assert "Not finished, left out: unfinished-s0" in text
     assert text.index("| grpo |") < text.index("| bupo |") < text.index("| bupo-l8 |")
     for f in ("flow.png", "training.png", "layers.png", "inter.png", "dynamics.png", "runs/grpo-s1/metrics.jsonl",
