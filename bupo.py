@@ -139,10 +139,17 @@ def boundary_layer(dH_mlp: list) -> int | None:
     return positive[-1] if positive else None
 
 
-def closest_layer(kl: list) -> int:
-    """The project's rule (not the paper's): the layer l < L whose policy pi^l is closest to the model's policy,
-    argmin of the mean KL(pi^l || pi_theta) on the model's own answers (kl_flow; docs/method.md 5)."""
-    return min(range(1, len(kl)), key=lambda l: kl[l - 1], default=len(kl))  # a 1-layer model: L
+CLOSEST_TOLERANCE = 0.10   # layers within 10% of the least KL count as equally close (docs/method.md 5)
+
+
+def closest_layer(kl: list, tolerance: float = CLOSEST_TOLERANCE) -> int:
+    """The project's rule (not the paper's): the lowest layer l < L whose policy pi^l is about as close to the
+    model's policy as any, mean KL(pi^l || pi_theta) <= (1 + tolerance) * the least of them, on the model's own
+    answers (kl_flow; docs/method.md 5). The tolerance keeps the pick from hopping between layers of a plateau."""
+    below = kl[:-1]
+    if not below:
+        return len(kl)   # a 1-layer model has no layer below L
+    return next(l for l, d in enumerate(below, start=1) if d <= (1 + tolerance) * min(below))
 
 
 def choose_internal_layer(dH_mlp: list, kl: list | None = None) -> tuple[int, str]:

@@ -82,6 +82,9 @@ def test_choose_internal_layer_rules():
     assert bupo.choose_internal_layer([0.1, 0.2, 0.1, 0.3], kl) == (2, "closest")      # only L: the same
     assert bupo.choose_internal_layer([-0.1, -0.2, -0.1, -0.3]) == (3, "penultimate")  # no KL: L - 1
     assert bupo.closest_layer([4.0, 1.0, 1.0, 0.0]) == 2                               # ties: the lower layer
+    assert bupo.closest_layer([29.0, 17.46, 18.0, 17.44, 0.0]) == 2   # within 10% of the least: the lowest such
+    assert bupo.closest_layer([29.0, 17.46, 18.0, 17.44, 0.0], tolerance=0) == 4
+    assert bupo.closest_layer([5.0, 2.0, 1.0, 0.0]) == 3                               # a falling KL: L - 1
     assert bupo.closest_layer([0.0]) == 1                                              # one layer: nothing below
 
 
