@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bupo  # noqa: E402
 from files import write_atomic  # noqa: E402
 
 COPY = ("metrics.jsonl", "args.json", "entropy.json")
@@ -57,13 +58,16 @@ def flow_table(flows: dict) -> str:
         at = lambda frac: H[max(0, round(frac * L) - 1)]  # noqa: E731
         up = [x["layer"] for x in layers if x["dH_mlp"] > 0]
         kl = [x.get("KL_resid") for x in layers]
-        closest = min(range(1, L), key=lambda l: kl[l - 1]) if None not in kl[:-1] and L > 1 else None
+        has_kl = None not in kl[:-1] and L > 1
+        closest = bupo.closest_layer(kl, tolerance=0.0) if has_kl else None
+        # the layer the current rule picks from these means (the file keeps the pick of the code that wrote it)
+        auto = bupo.choose_internal_layer([x["dH_mlp"] for x in layers], kl if has_kl else None)
         rows.append([name, L, f["num_tokens"], f"{H[0]:.2f}", f"{at(.25):.2f}", f"{at(.5):.2f}", f"{at(.75):.2f}",
                      f"{f['H_policy']:.2f}", f"{len(up)} of {L}", f["boundary_layer"] or "none",
                      f"{kl[closest - 1]:.1f} at l = {closest}" if closest else "-",
-                     f"{kl[L - 2]:.1f}" if closest else "-", f"{f['internal_layer']} ({f['internal_layer_rule']})"])
+                     f"{kl[L - 2]:.1f}" if closest else "-", f"{auto[0]} ({auto[1]})"])
     return table(["run", "L", "tokens", "H(π^1)", "H at L/4", "H at L/2", "H at 3L/4", "H(π_θ)",
-                  "layers with ΔH_FFN > 0", "boundary", "least KL(π^l‖π_θ), l < L", "KL at L-1", "auto layer"], rows)
+                  "layers with ΔH_FFN > 0", "boundary", "least KL(π^l‖π_θ), l < L", "KL at L-1", "auto layer (current rule)"], rows)
 
 
 def plot_flow(flows: dict, out: Path, plt):
@@ -77,12 +81,11 @@ def plot_flow(flows: dict, out: Path, plt):
         axes[1].plot(x, [v["dH_attn"] for v in f["layers"]], ls=":", color=c, label=f"ΔH_ATTN {f['model']}")
         if all("KL_resid" in v for v in f["layers"]):
             axes[2].plot(x[:-1], [v["KL_resid"] for v in f["layers"][:-1]], marker=".", color=c, label=f["model"])
-            if f["internal_layer_rule"] == "closest":
-                axes[2].axvline(f["internal_layer"] / L, color=c, ls=":", lw=0.8)
+            axes[2].axvline(bupo.closest_layer([v["KL_resid"] for v in f["layers"]]) / L, color=c, ls=":", lw=0.8)
     axes[0].set(xlabel="relative depth l / L", ylabel="H(π^l), nats", title="entropy of the layer policies")
     axes[1].set(xlabel="relative depth l / L", ylabel="nats", title="entropy change inside each layer (eq. 12-13)")
     axes[2].set(xlabel="relative depth l / L", ylabel="nats",
-                title="KL(π^l ‖ π_θ), l < L (dotted: the closest layer)")
+                title="KL(π^l ‖ π_θ), l < L (dotted: the project's closest layer)")
     axes[1].axhline(0, color="grey", lw=0.5)
     for ax in axes:
         ax.legend(fontsize=7)
