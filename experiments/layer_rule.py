@@ -32,6 +32,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default=None, help="a JSON file for the per-layer KL of every seed")
     args = p.parse_args(argv)
+    cli.positive(args, "--num-responses", "--max-new-tokens")
+    cli.non_negative(args, "--shots")
     torch.set_flush_denormal(True)
     model, tok = cli.load(args.model, device=cli.check_device(args.device))
     L, rows = model.config.num_layers, []

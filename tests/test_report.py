@@ -75,3 +75,24 @@ def test_report_cost(tmp_path):
     text = (out / "cost.md").read_text()
     assert "| bupo | internal | 1 | 10 | 5.0 | 100 |" in text and "| grpo | full | 3 | 10 ± 0 | 5.0 ± 0.0 | 100 |" in text
     assert (out / "cost" / "grpo" / "metrics.jsonl").exists()
+
+
+def test_layer_rule_script(tmp_path, tiny_chat_model):
+    """experiments/layer_rule.py: train.py's quick analysis per seed, and the rule applied to its KL."""
+    out = tmp_path / "rule.json"
+    done = subprocess.run([sys.executable, "experiments/layer_rule.py", "--model", str(tiny_chat_model), "-n", "2",
+                           "--max-new-tokens", "4", "--seeds", "0", "1", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    sys.path.insert(0, str(ROOT))
+    import bupo
+    assert [r["seed"] for r in result["seeds"]] == [0, 1] and result["command"].endswith(str(out))
+    for r in result["seeds"]:
+        kl = r["KL_resid"]
+        assert len(kl) == result["num_layers"] and kl[-1] == 0 and r["closest_layer"] == bupo.closest_layer(kl)
+        assert r["least_kl_layer"] == 1 + min(range(len(kl) - 1), key=kl.__getitem__)
+        assert f"seed {r['seed']}: " in done.stdout
+    bad = subprocess.run([sys.executable, "experiments/layer_rule.py", "--model", str(tmp_path / "none")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
