@@ -335,8 +335,8 @@ def resolve_layer(value: str, model, tok, args) -> int:
         result = analyze.summarize(Path(args.model).name, model, analyze.analyze(model, pairs)[0], 8, False)
     layer = result["internal_layer"]
     why = {"boundary": "the boundary layer (last layer with mean dH_mlp > 0)",
-           "closest": "no boundary layer below L, so the layer whose policy is closest to the model's (least mean "
-                      "KL(pi^l || pi_theta); the project's rule, docs/method.md 5)",
+           "closest": "no boundary layer below L, so the lowest layer whose mean KL(pi^l || pi_theta) is within 10% "
+                      "of the least (the project's closest-layer rule, docs/method.md 5)",
            }.get(result["internal_layer_rule"], "no boundary layer below L, so the penultimate layer (the authors' "
                                                 "choice for late-converging models)")
     print(f"internal layer: {layer} of {L}, {why}", file=sys.stderr)
