@@ -17,7 +17,7 @@ Entropy flow of a model's internal policies on its own responses (paper section 
 Each layer also gets KL_resid, the mean KL(pi^l || pi_theta) of its policy to the model's (bupo.kl_flow).
 `boundary_layer` is the last layer with mean dH_mlp > 0 (null when none); `internal_layer` is what
 `train.py --internal-layer auto` uses: the boundary layer when it is below L, else the project's "closest" layer,
-the one below L with the smallest KL_resid (bupo.choose_internal_layer; docs/method.md 5).
+the lowest layer below L whose KL_resid is within 10% of the least (bupo.choose_internal_layer; docs/method.md 5).
 """
 import json
 import sys

@@ -18,6 +18,7 @@ Departures from the authors' analysis code, on purpose:
      the position before the last response token). The authors' script is shifted by one (it drops the
      distribution of the first response token and keeps the one after the last token; docs/method.md 8).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +111,7 @@ def kl_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: bool 
             chunk: int | None = None) -> torch.Tensor:
     """KL(pi^l || pi_theta) at the positions `where` of a record -> [L, N], row l-1 is layer l (row L-1, the policy
     itself, is 0): how far each layer policy is from the model's policy on the same states. The project's layer
-    rule takes the layer below L where its mean is smallest (choose_internal_layer; docs/method.md 5)."""
+    rule takes the lowest layer below L whose mean is within 10% of the least (closest_layer; docs/method.md 5)."""
     chunk = chunk or max(1, chunk_rows(model) // 2)   # the policy's and one layer's logits at once
     L = model.config.num_layers
     top, hs = rec.resid[L][where], [rec.resid[l][where] for l in range(1, L)]
@@ -146,9 +147,9 @@ def closest_layer(kl: list, tolerance: float = CLOSEST_TOLERANCE) -> int:
     """The project's rule (not the paper's): the lowest layer l < L whose policy pi^l is about as close to the
     model's policy as any, mean KL(pi^l || pi_theta) <= (1 + tolerance) * the least of them, on the model's own
     answers (kl_flow; docs/method.md 5). The tolerance keeps the pick from hopping between layers of a plateau."""
-    below = kl[:-1]
-    if not below:
-        return len(kl)   # a 1-layer model has no layer below L
+    below = [d if math.isfinite(d) else math.inf for d in kl[:-1]]   # a NaN (overflow) never counts as close
+    if not below or min(below) == math.inf:
+        return max(1, len(kl) - 1)   # no layer below L (a 1-layer model), or none measurable: the penultimate
     return next(l for l, d in enumerate(below, start=1) if d <= (1 + tolerance) * min(below))
 
 

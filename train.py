@@ -337,7 +337,7 @@ def resolve_layer(value: str, model, tok, args) -> int:
     why = {"boundary": "the boundary layer (last layer with mean dH_mlp > 0)",
            "closest": "no boundary layer below L, so the lowest layer whose mean KL(pi^l || pi_theta) is within 10% "
                       "of the least (the project's closest-layer rule, docs/method.md 5)",
-           }.get(result["internal_layer_rule"], "no boundary layer below L, so the penultimate layer (the authors' "
+           }.get(result.get("internal_layer_rule"), "no boundary layer below L, so the penultimate layer (the authors' "
                                                 "choice for late-converging models)")
     print(f"internal layer: {layer} of {L}, {why}", file=sys.stderr)
     return layer

@@ -86,6 +86,8 @@ def test_choose_internal_layer_rules():
     assert bupo.closest_layer([29.0, 17.46, 18.0, 17.44, 0.0], tolerance=0) == 4
     assert bupo.closest_layer([5.0, 2.0, 1.0, 0.0]) == 3                               # a falling KL: L - 1
     assert bupo.closest_layer([0.0]) == 1                                              # one layer: nothing below
+    assert bupo.closest_layer([math.nan, 2.0, math.inf, 0.0]) == 2                     # NaN / inf never closest
+    assert bupo.closest_layer([math.nan, math.nan, 0.0]) == 2                          # none measurable: L - 1
 
 
 @pytest.mark.parametrize("norm", [False, True])
