@@ -5,11 +5,13 @@ Tables and plots of the experiments, from the runs that experiments/run.sh write
     python experiments/report.py --runs DIR --out DIR
     python experiments/report.py --cost runs/cost      # the step costs that experiments/cost.sh measures
 
-Writes OUT/results.md (the tables of README's Experiments section), OUT/flow.png (entropy flow of both models
-against relative depth), OUT/training.png (reward and held-out accuracy, mean and spread over seeds, and the
-internal policy of the BuPO runs), and a copy of every run's small outputs (metrics.jsonl, args.json,
-entropy.json) under OUT/runs/, so that each number in the tables can be traced to the run that produced it.
-A run named NAME-sK is seed K of the configuration NAME; spreads are over seeds (sample std, n-1).
+Writes OUT/results.md (the tables of README's Experiments section), OUT/flow.png (the entropy flow and the KL of
+each layer policy to the model's), OUT/training.png, layers.png and inter.png (train reward and held-out accuracy
+of the main arms, the layer sweep and the s_inter sweep), OUT/dynamics.png (the entropies and the KL across the
+switch, the paper's Fig. 7), and a copy of every run's small outputs (metrics.jsonl, args.json, entropy.json) under
+OUT/runs/, so that each number in the tables can be traced to the run that produced it. A run named NAME-sK is
+seed K of the configuration NAME; every ± is a standard error over seeds (sample std / sqrt(n)), and every paired
+interval a 95% t interval over the seeds both configurations have.
 """
 import argparse
 import json
@@ -33,7 +35,14 @@ def read_runs(root: Path) -> dict:
         if (d / "entropy.json").exists():
             runs[d.name] = {"flow": json.loads((d / "entropy.json").read_text())}
         elif (d / "metrics.jsonl").exists():
-            rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            if not (d / "args.json").exists():
+                continue                                     # started too briefly to have written its arguments
+            rows = []
+            for x in (d / "metrics.jsonl").read_text().splitlines():
+                try:
+                    rows.append(json.loads(x))
+                except json.JSONDecodeError:                 # the half-written last line of a run still going
+                    pass
             runs[d.name] = {"rows": rows, "args": json.loads((d / "args.json").read_text()), "done": (d / ".done").exists()}
     return runs
 
@@ -289,6 +298,8 @@ def main():
     p.add_argument("--cost", default=None, help="a folder of experiments/cost.sh: write OUT/cost.md only")
     args = p.parse_args()
     if args.cost:
+        if not Path(args.cost).is_dir():
+            sys.exit(f"error: --cost {args.cost} does not exist; run bash experiments/cost.sh first")
         runs = {k: {v["args"]["seed"]: v} for k, v in read_runs(Path(args.cost)).items() if "rows" in v}
         text = "### Cost of one step, measured alone\n\n" + cost_table(runs) + "\n"
         Path(args.out).mkdir(parents=True, exist_ok=True)

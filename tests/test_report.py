@@ -33,7 +33,9 @@ def test_report_tables(tmp_path):
         fake_run(runs / f"bupo-l8-s{seed}", "bupo", seed, [0.3, l8], layer=8)
     (runs / "unfinished-s0").mkdir()
     (runs / "unfinished-s0" / "args.json").write_text("{}")
-    (runs / "unfinished-s0" / "metrics.jsonl").write_text("")
+    (runs / "unfinished-s0" / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "rew')   # a run mid-write
+    (runs / "started-s0").mkdir()                                  # killed before it wrote its arguments
+    (runs / "started-s0" / "metrics.jsonl").write_text("")
     layers = [{"layer": l, "H_resid": 11.0 - l, "dH_mlp": 0.1 if l < 2 else -0.1, "dH_attn": 0.0} for l in (1, 2, 3, 4)]
     (runs / "flow-x").mkdir()
     (runs / "flow-x" / "entropy.json").write_text(json.dumps({
@@ -75,6 +77,9 @@ def test_report_cost(tmp_path):
     text = (out / "cost.md").read_text()
     assert "| bupo | internal | 1 | 10 | 5.0 | 100 |" in text and "| grpo | full | 3 | 10 ± 0 | 5.0 ± 0.0 | 100 |" in text
     assert (out / "cost" / "grpo" / "metrics.jsonl").exists()
+    missing = subprocess.run([sys.executable, "experiments/report.py", "--cost", str(tmp_path / "nope"), "--out",
+                              str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and missing.stderr.startswith("error: --cost") and "Traceback" not in missing.stderr
 
 
 def test_layer_rule_script(tmp_path, tiny_chat_model):
