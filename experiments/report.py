@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bupo  # noqa: E402
 from files import write_atomic  # noqa: E402
+from runs import read_metrics  # noqa: E402
 
 COPY = ("metrics.jsonl", "args.json", "entropy.json")
 
@@ -37,12 +38,7 @@ def read_runs(root: Path) -> dict:
         elif (d / "metrics.jsonl").exists():
             if not (d / "args.json").exists():
                 continue                                     # started too briefly to have written its arguments
-            rows = []
-            for x in (d / "metrics.jsonl").read_text().splitlines():
-                try:
-                    rows.append(json.loads(x))
-                except json.JSONDecodeError:                 # the half-written last line of a run still going
-                    pass
+            rows = read_metrics(d)                           # skips the half-written last line of a run still going
             runs[d.name] = {"rows": rows, "args": json.loads((d / "args.json").read_text()), "done": (d / ".done").exists()}
     return runs
 
