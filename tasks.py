@@ -274,15 +274,15 @@ def strip_string(s: str) -> str:
 def is_equiv(a: str, b: str) -> bool:
     try:
         return strip_string(a) == strip_string(b)
-    except Exception:  # the original compares the raw strings when the normalisation fails
+    except (ValueError, IndexError):  # the original compares the raw strings when the normalisation fails
         return a == b
 
 
 def reward(response: str, answer: str) -> float:
     """1.0 if the last boxed answer of the response equals the ground truth after normalisation, else 0.0.
     Pure: never raises, never evaluates anything."""
+    boxed = last_boxed(response)
     try:
-        boxed = last_boxed(response)
         return float(boxed is not None and is_equiv(remove_boxed(boxed), answer))
-    except Exception:
+    except ValueError:   # remove_boxed: last_boxed found a "\fbox{...}", which is no boxed answer
         return 0.0

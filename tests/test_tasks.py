@@ -59,6 +59,8 @@ def test_answers_are_right():
     ("\\boxed 7$ and later \\boxed{8}", "7", 1.0),                # the authors' "\boxed " rule wins
     ("\\boxed{x/2}", "x/2", 1.0),                                 # a failing normalisation compares raw strings
     ("\\boxed{__import__('os').system('echo hi')}", "0", 0.0),    # never evaluated
+    ("\\fbox{7}", "7", 0.0),                                     # found, but no boxed answer
+    ("\\boxed{9/" + "9" * 5000 + "}", "1", 0.0),                   # int() over its digit limit: raw strings compared
 ])
 def test_reward(response, answer, expected):
     assert tasks.reward(response, answer) == expected
