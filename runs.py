@@ -11,7 +11,8 @@ A training run's folder, and the rules that keep it safe:
 - Every file is written atomically, every checkpoint in a temporary folder renamed into place; a failed write
   (disk full, Ctrl-C) removes its temporary folder and leaves the earlier checkpoints as they were.
 - Resuming takes the newest complete checkpoint; an incomplete or damaged newer one is skipped with a warning.
-  metrics.jsonl is cut back to the steps that checkpoint covers, which also repairs a line cut mid-write.
+  metrics.jsonl is cut back to the steps that checkpoint covers, which also repairs a line cut mid-write; the
+  lines cut are appended to OUT/metrics.dropped.jsonl, not deleted.
 """
 import json
 import os
@@ -55,26 +56,34 @@ def log(out, row: dict):
 
 def read_metrics(out) -> list[dict]:
     """The well-formed lines of metrics.jsonl (a line cut mid-write by a crash is skipped)."""
-    rows = []
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if _step_of(line) is not None]
+
+
+def _step_of(line: str):
+    """The step of one metrics line, or None for a line that is not a whole metrics record."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row["step"] if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def repair_metrics(out, start_step: int):
-    """Keep exactly the metrics of steps before `start_step` (those the resumed checkpoint covers)."""
-    file = Path(out) / "metrics.jsonl"
-    lines = file.read_text().splitlines() if file.exists() else []
-    kept = [json.dumps(r) for r in read_metrics(out) if r["step"] < start_step] if lines else []
-    if len(kept) != len([x for x in lines if x.strip()]):
-        print(f"resume: metrics.jsonl cut back to the {len(kept)} lines before step {start_step} "
-              f"({len(lines) - len(kept)} later or broken lines dropped)", file=sys.stderr)
-    write_text(file, "".join(line + "\n" for line in kept))
+    """Keep exactly the metrics of steps before `start_step` (those the resumed checkpoint covers); the other lines
+    (later steps, a line cut mid-write) are appended to metrics.dropped.jsonl."""
+    file, aside = Path(out) / "metrics.jsonl", Path(out) / "metrics.dropped.jsonl"
+    kept, dropped = [], []
+    for line in (file.read_text().splitlines() if file.exists() else []):
+        step = _step_of(line)
+        if line.strip():
+            (kept if step is not None and step < start_step else dropped).append(line)
+    if dropped:
+        old = aside.read_text() if aside.exists() else ""
+        write_text(aside, old + "".join(x + "\n" for x in dropped))
+        print(f"resume: metrics.jsonl cut back to the {len(kept)} lines before step {start_step}; "
+              f"{len(dropped)} later or broken lines moved to {aside}", file=sys.stderr)
+    write_text(file, "".join(x + "\n" for x in kept))
 
 
 # -----------------------------------------------------------------------------

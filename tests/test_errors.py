@@ -329,6 +329,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_repairs_metrics(earlier_ru
     rows = [json.loads(x) for x in (earlier_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert not (ckpt / ".step_000003.tmp").exists() and (ckpt / "step_000003").is_dir()
+    dropped = (earlier_run / "metrics.dropped.jsonl").read_text().splitlines()   # cut from metrics.jsonl, not lost
+    assert json.loads(dropped[0])["step"] == 2 and dropped[1] == '{"step": 3, "rew'
 
 
 def test_disk_full_during_a_checkpoint(tiny_chat_model, tmp_path, length_reward, monkeypatch):
