@@ -78,6 +78,15 @@ def check_writable_dir(path, flag: str = "--out") -> Path:
     return path
 
 
+def check_writable_file(path, flag: str = "--out") -> Path:
+    """Check, before the work that fills it, that the file `path` can be written (its folder is created)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; pass a file path")
+    check_writable_dir(path.parent, flag=f"{flag} {path}: its folder")
+    return path
+
+
 def claim_dir(path, markers: tuple, overwrite: bool, flag: str = "--out", hint: str = "") -> Path | None:
     """Make `path` a fresh, writable output folder. If it already holds any of `markers` (earlier results):
     refuse with one line, or with overwrite=True move the whole folder aside to `<path>.old-<time>` (never

@@ -18,7 +18,6 @@ of both, their ratio, and the physical bound the case is compared with:
     2048^3 matmul in the same dtype.
 transformers is a test-only dependency of the project; this script needs it installed (bash setup.sh --test).
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import weights  # noqa: E402
 from cli import load  # noqa: E402
+from files import UserError  # noqa: E402
 from rollout import generate, left_pad  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 + 25?",
@@ -90,8 +91,18 @@ def hf_generate(hf, ids, mask, G, n, stop_ids):
     return int(first.sum())
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def need_transformers():
+    """transformers' AutoModelForCausalLM, or a one-line error saying how to install it (it is test-only)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise UserError("this benchmark compares with transformers, a test-only dependency that is not installed; "
+                        "install it with: bash setup.sh --test") from None
+    return AutoModelForCausalLM
+
+
+def main(argv=None):
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="weights dtype, or several comma-separated (float32,bfloat16)")
@@ -102,11 +113,19 @@ def main():
     p.add_argument("--stop", action="store_true", help="stop at the model's stop tokens (RL-style) instead of forcing the length")
     p.add_argument("--compile", action="store_true", help="also time generate(compile=True): the compiled decode step, "
                    "its first call (compilation) reported apart")
-    args = p.parse_args()
-    from transformers import AutoModelForCausalLM
+    args = p.parse_args(argv)
+    cli.positive(args, "--new-tokens", "--prompts", "--group-size", "--repeat")
+    if args.prompts > len(PROMPTS):
+        raise UserError(f"--prompts {args.prompts}: this benchmark has {len(PROMPTS)} prompts; pass at most {len(PROMPTS)}")
+    dtypes = args.dtype.split(",")
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype {d!r}: not a dtype here; use float32, bfloat16 or float16 (comma-separated)")
+    cli.check_device(args.device)
+    AutoModelForCausalLM = need_transformers()
     bw = memory_bandwidth(args.device)
     print(f"threads {torch.get_num_threads()}, measured read bandwidth {bw / 1e9:.1f} GB/s")
-    for dtype in [getattr(torch, d) for d in args.dtype.split(",")]:
+    for dtype in [getattr(torch, d) for d in dtypes]:
         model, tok = load(args.model, dtype, args.device)
         hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
         peak = peak_flops(dtype, args.device)
@@ -143,4 +162,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, sys.argv[1:])

@@ -15,7 +15,6 @@ bench_rollout.py; phase 1: l of the L blocks) on every token, the unembedding on
 --peak-tflops (e.g. 989 for an H100 SXM in bf16, its dense peak).
 transformers is a test-only dependency of the project; this script needs it installed (bash setup.sh --test).
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,9 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bupo  # noqa: E402
+import cli  # noqa: E402
 import weights  # noqa: E402
-from bench_rollout import PROMPTS, flops_per_token, peak_flops, timed  # noqa: E402
+from bench_rollout import PROMPTS, flops_per_token, need_transformers, peak_flops, timed  # noqa: E402
 from cli import load  # noqa: E402
+from files import UserError  # noqa: E402
 from rollout import left_pad  # noqa: E402
 
 
@@ -53,8 +54,8 @@ def hf_logprobs(hf):
     return fn
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
@@ -63,15 +64,21 @@ def main():
     p.add_argument("--layer", type=int, default=None, help="BuPO phase-1 layer l (default: L // 4)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per case (the best is kept), after a warm-up")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for the MFU (default: measured)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    cli.positive(args, "--rows", "--new-tokens", "--layer", "--repeat")
+    if args.peak_tflops is not None:
+        cli.finite(args, "--peak-tflops", 0, low_open=True)
+    cli.check_device(args.device)
+    AutoModelForCausalLM = need_transformers()
     torch.set_flush_denormal(True)  # as train.py does
-    from transformers import AutoModelForCausalLM
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype)
     model, tok = load(args.model, device=args.device)
-    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
     L = model.config.num_layers
     layer = args.layer or L // 4
+    if layer >= L:
+        raise UserError(f"--layer {layer}: the model has {L} layers; phase 1 needs 1 <= l <= {L - 1}")
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
     ids, mask, Tp, adv = batch(tok, args.rows, args.new_tokens, model.config.vocab_size, device)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(dtype, device)
     context = Tp + args.new_tokens // 2
@@ -102,4 +109,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, sys.argv[1:])

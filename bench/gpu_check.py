@@ -11,7 +11,6 @@ flip a near-tie, so a mismatch is reported with the top-2 margin at the first di
 record exactly additive (h_l == h_{l-1} + a_l + f_l, bit for bit, in any dtype). Exit 1 if any check fails.
 transformers is a test-only dependency; this script needs it (bash setup.sh --test).
 """
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import weights  # noqa: E402
+from bench_rollout import need_transformers  # noqa: E402
 from model import Transformer  # noqa: E402
 from rollout import generate  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -65,11 +66,13 @@ def check(name, folder, device, dtype, prompts) -> bool:
     return ok
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    cli.check_device(args.device)
+    need_transformers()
     dtype = getattr(torch, args.dtype)
     weights.ensure()
     tok = Tokenizer(weights.DEFAULT_MODEL_DIR)
@@ -80,8 +83,8 @@ def main():
         g = torch.Generator().manual_seed(1)
         ok &= check("tiny qwen3", d, args.device, dtype, [torch.randint(0, 128, (12,), generator=g).tolist()
                                                          for _ in range(3)])
-    sys.exit(0 if ok else 1)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, sys.argv[1:]))

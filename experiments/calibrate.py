@@ -38,6 +38,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "calibration.md"), help="the table")
     args = p.parse_args(argv)
     cli.positive(args, "--problems", "--samples", "--max-new-tokens")
+    files.check_writable_file(args.out)
     torch.set_flush_denormal(True)
     model, tok = cli.load(args.model)
     rows = ["| task | held-out problems (distinct) | greedy accuracy | SE | avg@%d (T = 1) | seconds |" % args.samples,

@@ -20,8 +20,11 @@ TIMINGS = {"step_time", "tokens_per_s", "peak_memory_mb", "eval_time"}
 
 
 def rows(file: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
-            for line in file.read_text().splitlines() if line.strip()]
+    try:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+                for line in file.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, AttributeError):
+        sys.exit(f"error: {file}: a line is not a JSON record (a run cut mid-write?); resume or re-run it first")
 
 
 def main(argv):

@@ -7,7 +7,6 @@ closest layer (bupo.closest_layer: the lowest layer within 10% of the least KL; 
     python experiments/layer_rule.py                                   # default model, sum2, 8 answers, seeds 0-4
     python experiments/layer_rule.py --task sum2 --shots 1 -n 8 --seeds 0 1 2 3 4 --out experiments/results/layer_rule.json
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,11 +18,11 @@ import analyze  # noqa: E402
 import bupo  # noqa: E402
 import cli  # noqa: E402
 import tasks  # noqa: E402
-from files import write_atomic  # noqa: E402
+from files import UserError, check_writable_file, write_atomic  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    p = cli.Parser(description=__doc__.split("\n\n")[1])
     cli.add_model_args(p, dtype=False)
     p.add_argument("--task", default="sum2", choices=sorted(tasks.TASKS))
     p.add_argument("--shots", type=int, default=1)
@@ -34,6 +33,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     cli.positive(args, "--num-responses", "--max-new-tokens")
     cli.non_negative(args, "--shots")
+    if min(args.seeds) < 0:
+        raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: seeds must be 0 or more")
+    if args.out:
+        check_writable_file(args.out)
     torch.set_flush_denormal(True)
     model, tok = cli.load(args.model, device=cli.check_device(args.device))
     L, rows = model.config.num_layers, []

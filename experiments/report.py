@@ -13,7 +13,6 @@ OUT/runs/, so that each number in the tables can be traced to the run that produ
 seed K of the configuration NAME; every ± is a standard error over seeds (sample std / sqrt(n)), and every paired
 interval a 95% t interval over the seeds both configurations have.
 """
-import argparse
 import json
 import re
 import shutil
@@ -23,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bupo  # noqa: E402
-from files import write_atomic  # noqa: E402
+import cli  # noqa: E402
+from files import UserError, check_writable_dir, write_atomic  # noqa: E402
 from runs import read_metrics  # noqa: E402
 
 COPY = ("metrics.jsonl", "args.json", "entropy.json")
@@ -287,18 +287,20 @@ def plot_dynamics(configs: dict, names: list, out: Path, plt):
 
 # -----------------------------------------------------------------------------
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/exp", help="the folder experiments/run.sh writes into")
     p.add_argument("--out", default="experiments/results", help="where the tables, plots and copies go")
     p.add_argument("--cost", default=None, help="a folder of experiments/cost.sh: write OUT/cost.md only")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.cost and not Path(args.cost).is_dir():
+        raise UserError(f"--cost {args.cost}: no such folder; run bash experiments/cost.sh first, or pass its folder")
+    if not args.cost and not Path(args.runs).is_dir():
+        raise UserError(f"--runs {args.runs}: no such folder; run bash experiments/run.sh first, or pass its folder")
+    check_writable_dir(args.out)
     if args.cost:
-        if not Path(args.cost).is_dir():
-            sys.exit(f"error: --cost {args.cost} does not exist; run bash experiments/cost.sh first")
         runs = {k: {v["args"]["seed"]: v} for k, v in read_runs(Path(args.cost)).items() if "rows" in v}
         text = "### Cost of one step, measured alone\n\n" + cost_table(runs) + "\n"
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.out) / "cost.md", lambda tmp: tmp.write_text(text))
         for name in runs:
             (Path(args.out) / "cost" / name).mkdir(parents=True, exist_ok=True)
@@ -306,13 +308,10 @@ def main():
         print(text)
         return
     root, out = Path(args.runs), Path(args.out)
-    if not root.is_dir():
-        sys.exit(f"error: {root} does not exist; run experiments/run.sh first")
     runs = read_runs(root)
     flows = {k: v["flow"] for k, v in runs.items() if "flow" in v}
     train = {k: v for k, v in runs.items() if "rows" in v and v["done"] and evals(v)}
     unfinished = sorted(k for k, v in runs.items() if "rows" in v and not v["done"])
-    out.mkdir(parents=True, exist_ok=True)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -350,4 +349,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, sys.argv[1:])

@@ -2,6 +2,7 @@
 exit, and a refused run leaves the earlier run byte for byte as it was."""
 import errno
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fails(tool: str, argv: list, *fragments):
     """Run `tool`.main through cli.run, as `python tool.py ARGV` does, and check the one-line error."""
-    main = importlib.import_module(tool).main
+    main = main_of(tool)
     with pytest.raises(SystemExit) as e:
         cli.run(main, [str(a) for a in argv])
     msg = e.value.code
@@ -30,6 +31,19 @@ def fails(tool: str, argv: list, *fragments):
     for f in fragments:
         assert f in msg, msg
     return msg
+
+
+def main_of(tool: str):
+    """The main() of a tool at the root ("train") or of a script in a folder ("experiments/report")."""
+    if "/" not in tool:
+        return importlib.import_module(tool).main
+    path = Path(__file__).resolve().parents[1] / f"{tool}.py"
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))                # bench_train imports bench_rollout by name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def snapshot(folder: Path) -> dict:
@@ -117,6 +131,20 @@ ROWS = [
     ("chat", ["--prompt", ""], "--prompt is empty"),
     ("chat", ["--model", "{tmp}/no-model"], "no-model: no such model folder"),
     ("chat", ["--model", "{model}", "--max-new-tokens", "100000"], "exceed the model's context"),
+    # the experiment and benchmark scripts
+    ("experiments/report", ["--runs", "{tmp}/none"], "--runs", "no such folder", "experiments/run.sh"),
+    ("experiments/report", ["--runs", "{tmp}", "--out", "{tmp}/file.txt"], "--out", "file.txt: exists and is not a folder"),
+    ("experiments/report", ["--cost", "{tmp}/none"], "--cost", "no such folder", "experiments/cost.sh"),
+    ("experiments/layer_rule", ["--seeds", "-1"], "--seeds -1: seeds must be 0 or more"),
+    ("experiments/layer_rule", ["--seeds", "x"], "argument --seeds: invalid int value"),
+    ("experiments/layer_rule", ["--model", "{model}", "--out", "{tmp}"], "--out", "is a folder; pass a file path"),
+    ("experiments/calibrate", ["--problems", "0"], "--problems 0: must be at least 1"),
+    ("experiments/calibrate", ["--model", "{model}", "--out", "{tmp}/file.txt/c.md"], "its folder", "not a folder"),
+    ("bench/bench_rollout", ["--prompts", "9"], "--prompts 9", "at most 8"),
+    ("bench/bench_rollout", ["--dtype", "float32,fp8"], "--dtype 'fp8': not a dtype"),
+    ("bench/bench_train", ["--rows", "0"], "--rows 0: must be at least 1"),
+    ("bench/bench_train", ["--peak-tflops", "-1"], "--peak-tflops -1.0"),
+    ("bench/gpu_check", ["--device", "tpu9"], "--device 'tpu9'"),
 ]
 
 
@@ -143,7 +171,8 @@ def test_bad_input_is_one_line(scratch, tiny_chat_model, tool, argv, fragments):
 
 
 def test_enough_rows():
-    assert len(ROWS) >= 40 and {r[0] for r in ROWS} == {"train", "analyze", "rollout", "chat"}
+    assert len(ROWS) >= 40 and {r[0] for r in ROWS} >= {"train", "analyze", "rollout", "chat", "experiments/report",
+                                                          "bench/bench_train"}
 
 
 def test_missing_gpu_is_not_called_a_corrupt_file(tiny_chat_model):
