@@ -195,8 +195,15 @@ def paired_table(configs: dict, base: str) -> str:
                   "seeds better / worse"], rows)
 
 
+def window_reward(runs: list, first: int, last: int) -> list[float]:
+    """Per run, the mean train reward of steps first..last."""
+    return [statistics.mean(r["reward"] for r in steps(run) if first <= r["step"] <= last) for run in runs]
+
+
 def internal_table(configs: dict) -> str:
-    """Phase 1 of the BuPO configurations: the entropies and the KL of the last phase-1 step and the step after."""
+    """Phase 1 of the BuPO configurations: the entropies and the KL of the last phase-1 step and the step after,
+    and the train reward during phase 1 and over the 5 steps after the switch, next to GRPO's on the same steps
+    and seeds (a phase 1 that harms the policy shows as a reward that falls behind GRPO's and stays behind)."""
     rows = []
     for cfg, runs in configs.items():
         rs = [r for r in runs.values() if r["args"]["algo"] == "bupo"]
@@ -204,12 +211,18 @@ def internal_table(configs: dict) -> str:
             continue
         s = rs[0]["args"]["internal_steps"]
         at = lambda step, key: mean_se([r[key] for run in rs for r in steps(run) if r["step"] == step], "{:.2f}")  # noqa: E731
+        grpo = [configs["grpo"][seed] for seed in runs if seed in configs.get("grpo", {})]
+
+        def reward(first, last):
+            text = mean_se(window_reward(rs, first, last), "{:.2f}")
+            return text + (f" (GRPO {statistics.mean(window_reward(grpo, first, last)):.2f})" if grpo else "")
         rows.append([cfg, describe(rs[0]), len(rs), at(1, "entropy"), at(s, "entropy"), at(s + 1, "entropy"),
                      at(1, "internal/entropy"), at(s, "internal/entropy"), at(1, "internal/kl_to_policy"),
-                     at(s, "internal/kl_to_policy"), at(s + 1, "internal/kl_to_policy")])
+                     at(s, "internal/kl_to_policy"), at(s + 1, "internal/kl_to_policy"), reward(1, s),
+                     reward(s + 1, s + 5)])
     return table(["config", "algorithm", "seeds", "H(π_θ) step 1", "H(π_θ) step s_inter", "H(π_θ) step s_inter+1",
                   "H(π^l) step 1", "H(π^l) step s_inter", "KL(π^l‖π_θ) step 1", "KL step s_inter",
-                  "KL step s_inter+1"], rows)
+                  "KL step s_inter+1", "train reward, phase 1", "train reward, 5 steps after"], rows)
 
 
 def cost_table(configs: dict) -> str:
