@@ -166,8 +166,7 @@ def eval_table(configs: dict) -> str:
         rs = list(runs.values())
         first, last = [evals(r)[0] for r in rs], [evals(r)[-1] for r in rs]
         k = avg_key(rs[0])
-        wall = [(sum(r["step_time"] for r in steps(run)) + sum(e.get("eval_time", 0) for e in evals(run))) / 60
-                for run in rs]
+        wall = [wall_minutes(run) for run in rs]
         rows.append([cfg, describe(rs[0]), len(rs), mean_se([e["eval/greedy_acc"] for e in first]),
                      mean_se([e["eval/greedy_acc"] for e in last]), mean_se([e[k] for e in first]),
                      mean_se([e[k] for e in last]), mean_se([statistics.mean(r["reward"] for r in steps(run))
@@ -176,6 +175,25 @@ def eval_table(configs: dict) -> str:
     k = avg_key(next(iter(next(iter(configs.values())).values())))
     return table(["config", "algorithm", "seeds", "greedy before", "greedy after", f"{k[5:]} before",
                   f"{k[5:]} after", "train reward, mean over steps", "minutes per run", "peak memory GiB"], rows)
+
+
+def wall_minutes(run: dict) -> float:
+    """A run's wall time: its steps and its evaluations (what it cost, pauses and CPU sharing included)."""
+    return (sum(r["step_time"] for r in steps(run)) + sum(e.get("eval_time", 0) for e in evals(run))) / 60
+
+
+def runs_table(configs: dict) -> str:
+    """Every run on its own line: held-out accuracy at each evaluation, wall time and peak memory."""
+    rows = []
+    for cfg, runs in configs.items():
+        for seed, run in runs.items():
+            ev, k = evals(run), avg_key(run)
+            rows.append([f"{cfg}-s{seed}", describe(run), seed, " / ".join(f"{e['eval/greedy_acc']:.3f}" for e in ev),
+                         " / ".join(f"{e[k]:.3f}" for e in ev), " / ".join(str(e["step"]) for e in ev),
+                         f"{statistics.mean(r['reward'] for r in steps(run)):.3f}", f"{wall_minutes(run):.0f}",
+                         f"{max(r['peak_memory_mb'] for r in steps(run)) / 1024:.1f}"])
+    return table(["run", "algorithm", "seed", "greedy accuracy", "avg@n", "at steps", "train reward, mean",
+                  "wall minutes", "peak memory GiB"], rows)
 
 
 def paired_table(configs: dict, base: str) -> str:
@@ -347,7 +365,9 @@ def main(argv=None):
                   paired_table(configs, "grpo"),
                   "### Against the main BuPO arm (the penultimate layer), paired by seed", paired_table(configs, "bupo"),
                   "### Phase 1 and the switch (paper Fig. 7), mean ± standard error", internal_table(configs),
-                  "### Cost (one thread per run, two runs at a time)", cost_table(configs)]
+                  "### Cost (one thread per run, two runs at a time)", cost_table(configs),
+                  "### Every run (wall time: its steps and evaluations, CPU sharing included; peak memory: the "
+                  "process's peak RSS)", runs_table(configs)]
     if unfinished:
         parts.append(f"Not finished, left out: {', '.join(unfinished)}")
     text = "\n\n".join(parts) + "\n"

@@ -60,6 +60,10 @@ def test_report_tables(tmp_path):
     assert "| flow-x | 4 | 10 | 10.00 |" in text and "1 (boundary)" in text
     assert "| none | 3.5 at l = 2 | 6.0 | 2 (closest) |" in text   # flow-y: its KL column and the project's rule
     assert "Not finished, left out: unfinished-s0" in text
+    # every run on its own line: accuracies at each evaluation, mean train reward, wall minutes, peak GiB
+    assert "| grpo-s1 | GRPO | 1 | 0.500 / 0.600 | 0.250 / 0.600 | 0 / 2 | 0.400 | 0 | 0.1 |" in text
+    # phase 1 (step 1) and the 5 steps after (step 2), next to GRPO on the same steps and seeds
+    assert "| 0.30 ± 0.00 (GRPO 0.20) | 0.70 ± 0.10 (GRPO 0.60) |" in text
     assert text.index("| grpo |") < text.index("| bupo |") < text.index("| bupo-l8 |")
     for f in ("flow.png", "training.png", "layers.png", "inter.png", "dynamics.png", "runs/grpo-s1/metrics.jsonl",
               "runs/flow-x/entropy.json"):
