@@ -57,7 +57,7 @@ from files import UserError
 from rollout import generate
 
 # flags that may differ from the saved run's when resuming: they change where or how often, not what is computed
-RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size")
+RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size", "eval_batch")
 
 
 # -----------------------------------------------------------------------------
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps, before and after (0 = never)")
     g.add_argument("--eval-problems", type=int, default=32, help="held-out problems per evaluation")
     g.add_argument("--eval-samples", type=int, default=4, help="n samples per problem for avg@n and pass@k")
+    g.add_argument("--eval-batch", type=int, default=0, help="problems sampled together (memory only: the KV cache "
+                   "grows with problems x samples; 0 = all at once)")
     return p
 
 
@@ -128,7 +130,7 @@ def check_args(args):
     """Every argument, before anything is loaded or written."""
     cli.positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches", "--micro-batch-size",
                  "--max-new-tokens", "--eval-problems", "--eval-samples", "--save-every", "--keep-checkpoints")
-    cli.non_negative(args, "--internal-steps", "--eval-every", "--seed")
+    cli.non_negative(args, "--internal-steps", "--eval-every", "--seed", "--eval-batch")
     cli.finite(args, "--lr", 0, low_open=True)
     cli.finite(args, "--weight-decay", 0)
     cli.finite(args, "--grad-clip", 0, low_open=True)
@@ -293,16 +295,22 @@ def evaluate(model, tok, args) -> dict:
     prompts = [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems]
     common = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok, progress=dp.rank() == 0,
                   compile=args.compile)
-    greedy = generate(model, prompts, 1, args.max_new_tokens, temperature=0.0, **common)
-    n = args.eval_samples
-    sampled = generate(model, prompts, n, args.max_new_tokens, temperature=args.temperature,
-                       seed=[12345 + g for g in mine], **common)
-    correct = torch.tensor([tasks.reward(t, problems[g].answer) for t, g in zip(sampled.text, sampled.group.tolist())])
-    c = correct.view(-1, n).sum(1).int().tolist()
+    n, size = args.eval_samples, getattr(args, "eval_batch", 0) or len(prompts)
+    greedy_right, c = 0, []                              # c: right samples per problem, of n
+    for i in range(0, len(prompts), size):              # a chunk of problems at a time (--eval-batch)
+        part = prompts[i:i + size]
+        greedy = generate(model, part, 1, args.max_new_tokens, temperature=0.0, **common)
+        greedy_right += sum(tasks.reward(t, p.answer) for t, p in zip(greedy.text, problems[i:i + size]))
+        sampled = generate(model, part, n, args.max_new_tokens, temperature=args.temperature,
+                           seed=[12345 + g for g in mine[i:i + size]], **common)   # a seed per problem: any
+        right = [0] * len(part)                                                    # chunking samples the same
+        for t, g in zip(sampled.text, sampled.group.tolist()):
+            right[g] += int(tasks.reward(t, problems[i + g].answer))
+        c += right
     ks = sorted({1, n})
-    sums = dp.all_sum({"greedy": sum(tasks.reward(t, p.answer) for t, p in zip(greedy.text, problems)),
-                       "correct": sum(c), **{f"pass@{k}": sum(pass_at_k(n, ci, k) for ci in c) for k in ks}},
-                      greedy.response_ids.device)
+    sums = dp.all_sum({"greedy": greedy_right, "correct": sum(c),
+                       **{f"pass@{k}": sum(pass_at_k(n, ci, k) for ci in c) for k in ks}},
+                      next(model.parameters()).device)
     P = args.eval_problems
     return {"eval/greedy_acc": sums["greedy"] / P, f"eval/avg@{n}": sums["correct"] / (P * n),
             **{f"eval/pass@{k}": sums[f"pass@{k}"] / P for k in ks}, "eval_time": time.perf_counter() - t0}

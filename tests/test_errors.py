@@ -59,6 +59,7 @@ ROWS = [
     ("train", ["--steps", "x"], "argument --steps: invalid int value"),
     ("train", ["--group-size", "0"], "--group-size 0"),
     ("train", ["--mini-batches", "0"], "--mini-batches 0"),
+    ("train", ["--eval-batch", "-1"], "--eval-batch -1: must be 0 or more"),
     ("train", ["--micro-batch-size", "0"], "--micro-batch-size 0"),
     ("train", ["--prompts-per-step", "-1"], "--prompts-per-step -1"),
     ("train", ["--save-every", "0"], "--save-every 0"),

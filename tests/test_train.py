@@ -125,6 +125,26 @@ def length_reward(monkeypatch):
     monkeypatch.setattr(tasks, "reward", lambda text, answer: float(len(text) % 2))
 
 
+def test_evaluate_in_chunks_gives_the_same_numbers(tiny_chat_model, length_reward, monkeypatch):
+    """--eval-batch bounds how many problems are sampled together (memory only): same seeds per problem, same
+    metrics as all at once."""
+    import argparse
+    model, tok = train.cli.load(str(tiny_chat_model))
+    sizes = []
+    real = train.generate
+    monkeypatch.setattr(train, "generate", lambda m, prompts, *a, **k: sizes.append(len(prompts)) or real(m, prompts, *a, **k))
+    ns = dict(task="add", eval_problems=7, eval_samples=3, seed=0, shots=1, max_new_tokens=5, temperature=1.0,
+              compile=False)
+    whole = train.evaluate(model, tok, argparse.Namespace(**ns, eval_batch=0))
+    assert sizes == [7, 7]
+    sizes.clear()
+    chunked = train.evaluate(model, tok, argparse.Namespace(**ns, eval_batch=3))
+    assert sizes == [3, 3, 3, 3, 1, 1]                     # greedy and sampled, per chunk of 3, 3 and 1 problems
+    whole.pop("eval_time"), chunked.pop("eval_time")
+    assert chunked == pytest.approx(whole) and 0 < whole["eval/avg@3"] < 1 and set(whole) == {
+        "eval/greedy_acc", "eval/avg@3", "eval/pass@1", "eval/pass@3"}
+
+
 def run(model_dir, out, *extra):
     train.main(["--model", str(model_dir), "--out", str(out), "--prompts-per-step", "2", "--group-size", "4",
                 "--mini-batches", "2", "--micro-batch-size", "2", "--max-new-tokens", "6", "--eval-problems", "2",
