@@ -34,6 +34,7 @@ def write_atomic(path, write):
     file or the new one, never a mix. On any failure the temporary file is removed and the error re-raised."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -63,14 +64,19 @@ def remove_partial(folder):
 
 
 def check_writable_dir(path, flag: str = "--out") -> Path:
-    """Create `path` (and its parents) if needed and check that files can be written there, so that a bad
-    output path costs a second, not a whole run."""
+    """Check that the folder `path` can be written, or created and written, so that a bad output path costs a
+    second, not a whole run. It leaves no trace: a folder that does not exist yet is not created here (the
+    writer creates it, `make_dir` or `write_atomic`), so a run refused by a later check leaves nothing behind."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: exists and is not a folder; pass a folder path")
+    parent = path
+    while not parent.exists():              # the deepest folder that exists; writing there is what mkdir needs
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: cannot write there ({parent} is a file, not a folder); pass a folder path")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
+        probe = parent / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -78,8 +84,18 @@ def check_writable_dir(path, flag: str = "--out") -> Path:
     return path
 
 
+def make_dir(path, flag: str = "--out") -> Path:
+    """Create the folder `path` (and its parents), after check_writable_dir's checks."""
+    path = check_writable_dir(path, flag)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({describe_os_error(e)})") from None
+    return path
+
+
 def check_writable_file(path, flag: str = "--out") -> Path:
-    """Check, before the work that fills it, that the file `path` can be written (its folder is created)."""
+    """Check, before the work that fills it, that the file `path` can be written (a missing folder is created by the writer)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; pass a file path")
@@ -105,5 +121,5 @@ def claim_dir(path, markers: tuple, overwrite: bool, flag: str = "--out", hint: 
             n += 1
             moved = moved.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
         os.replace(path, moved)
-    check_writable_dir(path, flag)
+    make_dir(path, flag)
     return moved

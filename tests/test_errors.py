@@ -91,6 +91,7 @@ ROWS = [
     ("train", ["--analysis", "{tmp}/none.json"], "--analysis", "no such file"),
     ("train", ["--model", "{tmp}/no-model", "--out", "{tmp}/o1"], "no-model: no such model folder"),
     ("train", ["--model", "{model}", "--out", "{tmp}/file.txt"], "file.txt: exists and is not a folder"),
+    ("train", ["--model", "{model}", "--out", "{tmp}/file.txt/run"], "cannot write there", "file.txt is a file"),
     ("train", ["--model", "{model}", "--out", "{tmp}/o2", "--internal-layer", "9"], "--internal-layer 9: this model "
      "has layers 1..3"),
     ("train", ["--model", "{model}", "--out", "{tmp}/o3", "--analysis", "{tmp}/file.txt"], "not a readable entropy.json"),
@@ -168,7 +169,9 @@ def test_bad_input_is_one_line(scratch, tiny_chat_model, tool, argv, fragments):
     if "cuda" in " ".join(argv) and torch.cuda.device_count() > 7:
         pytest.skip("this machine has the device")
     argv = [a.replace("{tmp}", str(scratch)).replace("{model}", str(tiny_chat_model)) for a in argv]
+    before = sorted(scratch.rglob("*"))
     fails(tool, argv, *fragments)
+    assert sorted(scratch.rglob("*")) == before     # refused before anything was written: not even an empty folder
 
 
 def test_enough_rows():

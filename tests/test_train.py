@@ -251,3 +251,11 @@ def test_shared_prompt_pass_is_the_per_row_pass(tiny_dirs, layer):
         assert (p.grad is None) == (name not in grads), name
         if p.grad is not None:
             torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("argv,warned", [(["--algo", "bupo", "--steps", "4", "--internal-steps", "4"], True),
+                                         (["--algo", "bupo", "--steps", "5", "--internal-steps", "4"], False),
+                                         (["--algo", "grpo", "--steps", "4", "--internal-steps", "4"], False)])
+def test_a_run_that_is_all_phase_1_is_warned_about(argv, warned, capsys):
+    train.check_args(train.build_parser().parse_args(argv))
+    assert ("every step is phase 1" in capsys.readouterr().err) == warned
