@@ -279,16 +279,29 @@ def band(ax, runs, key, label, **kw):
     return line
 
 
+def on_shared_seeds(configs: dict, names: list) -> tuple[dict, str]:
+    """The named configurations, each cut to the seeds they all have, so that their curves average the same
+    prompts and held-out draws (paired), and a note of those seeds; when they share none, each keeps its own."""
+    shown = [c for c in names if c in configs]
+    common = set.intersection(*(set(configs[c]) for c in shown)) if shown else set()
+    if not common:
+        return {c: configs[c] for c in shown}, "unpaired: each over its own seeds"
+    return ({c: {k: v for k, v in configs[c].items() if k in common} for c in shown},
+            f"seed{'s' * (len(common) > 1)} {', '.join(map(str, sorted(common)))}")
+
+
 def plot_training(configs: dict, names: list, out: Path, plt, file: str):
-    """Train reward and held-out greedy accuracy of the named configurations, mean ± standard error over seeds."""
+    """Train reward and held-out greedy accuracy of the named configurations, mean ± standard error over the seeds
+    they all have (on_shared_seeds)."""
+    shown, seeds = on_shared_seeds(configs, names)
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
-    for cfg in (c for c in names if c in configs):
-        label = f"{cfg}: {describe(next(iter(configs[cfg].values())))}"
-        line = band(axes[0], configs[cfg], "reward", label, lw=1)
-        band(axes[1], configs[cfg], "eval/greedy_acc", label, marker="o", color=line.get_color())
+    for cfg, runs in shown.items():
+        label = f"{cfg}: {describe(next(iter(runs.values())))}"
+        line = band(axes[0], runs, "reward", label, lw=1)
+        band(axes[1], runs, "eval/greedy_acc", label, marker="o", color=line.get_color())
     axes[0].set(xlabel="RL step", ylabel="train reward (fraction correct, T = 1)",
-                title="train reward, mean ± SE over seeds")
-    axes[1].set(xlabel="RL step", ylabel="held-out greedy accuracy", title="held-out greedy accuracy, mean ± SE")
+                title=f"train reward, mean ± SE ({seeds})")
+    axes[1].set(xlabel="RL step", ylabel="held-out greedy accuracy", title=f"held-out greedy accuracy ({seeds})")
     for ax in axes:
         ax.legend(fontsize=7)
     write_atomic(out / file, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))

@@ -105,3 +105,18 @@ def test_layer_rule_script(tmp_path, tiny_chat_model):
     bad = subprocess.run([sys.executable, "experiments/layer_rule.py", "--model", str(tmp_path / "none")], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_curves_of_a_sweep_average_the_same_seeds():
+    """layers.png and inter.png: GRPO's 5 seeds are cut to the 3 a sweep has, so the curves are paired."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+    configs = {"grpo": {k: f"g{k}" for k in range(5)}, "bupo-l8": {k: f"b{k}" for k in range(3)},
+               "bupo-l15": {1: "c1", 2: "c2", 7: "c7"}}
+    shown, note = report.on_shared_seeds(configs, ["grpo", "bupo-l8", "missing"])
+    assert shown == {"grpo": {0: "g0", 1: "g1", 2: "g2"}, "bupo-l8": {0: "b0", 1: "b1", 2: "b2"}}
+    assert note == "seeds 0, 1, 2"
+    shown, note = report.on_shared_seeds(configs, ["grpo", "bupo-l8", "bupo-l15"])
+    assert {c: list(r) for c, r in shown.items()} == {"grpo": [1, 2], "bupo-l8": [1, 2], "bupo-l15": [1, 2]}
+    shown, note = report.on_shared_seeds({"a": {0: 1}, "b": {1: 2}}, ["a", "b"])
+    assert shown == {"a": {0: 1}, "b": {1: 2}} and note.startswith("unpaired")
