@@ -95,7 +95,8 @@ def make_dir(path, flag: str = "--out") -> Path:
 
 
 def check_writable_file(path, flag: str = "--out") -> Path:
-    """Check, before the work that fills it, that the file `path` can be written (a missing folder is created by the writer)."""
+    """Check, before the work that fills it, that the file `path` can be written (a missing folder is created
+    by the writer, write_atomic)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; pass a file path")
