@@ -39,7 +39,10 @@ def read_runs(root: Path) -> dict:
             if not (d / "args.json").exists():
                 continue                                     # started too briefly to have written its arguments
             rows = read_metrics(d)                           # skips the half-written last line of a run still going
-            runs[d.name] = {"rows": rows, "args": json.loads((d / "args.json").read_text()), "done": (d / ".done").exists()}
+            args = json.loads((d / "args.json").read_text())
+            # finished: run.sh's marker, or (in the copies under experiments/results/runs) every step logged
+            done = (d / ".done").exists() or bool(rows and args.get("steps") and rows[-1]["step"] >= args["steps"])
+            runs[d.name] = {"rows": rows, "args": args, "done": done}
     return runs
 
 
@@ -388,8 +391,9 @@ def main(argv=None):
     for name in list(flows) + list(train):
         (out / "runs" / name).mkdir(parents=True, exist_ok=True)
         for f in COPY:
-            if (root / name / f).exists():
-                shutil.copy(root / name / f, out / "runs" / name / f)
+            src, dst = root / name / f, out / "runs" / name / f
+            if src.exists() and not (dst.exists() and src.samefile(dst)):   # --runs may be OUT/runs itself
+                shutil.copy(src, dst)
     print(text)
     print(f"wrote {out / 'results.md'}, the plots and {out / 'runs'}/")
 

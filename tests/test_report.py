@@ -120,3 +120,23 @@ def test_curves_of_a_sweep_average_the_same_seeds():
     assert {c: list(r) for c, r in shown.items()} == {"grpo": [1, 2], "bupo-l8": [1, 2], "bupo-l15": [1, 2]}
     shown, note = report.on_shared_seeds({"a": {0: 1}, "b": {1: 2}}, ["a", "b"])
     assert shown == {"a": {0: 1}, "b": {1: 2}} and note.startswith("unpaired")
+
+
+def test_report_from_its_own_copies(tmp_path):
+    """The copies under OUT/runs carry no .done marker: a run whose last step is its --steps counts as finished,
+    so `--runs OUT/runs --out OUT` rebuilds the same tables (and copies nothing onto itself)."""
+    out = tmp_path / "results"
+    for seed in (0, 1):
+        fake_run(out / "runs" / f"grpo-s{seed}", "grpo", seed, [0.2, 0.5 + 0.1 * seed])
+        args = json.loads((out / "runs" / f"grpo-s{seed}" / "args.json").read_text())
+        (out / "runs" / f"grpo-s{seed}" / "args.json").write_text(json.dumps({**args, "steps": 2}))
+        (out / "runs" / f"grpo-s{seed}" / ".done").unlink()
+    fake_run(out / "runs" / "grpo-s2", "grpo", 2, [0.2, 0.9])                 # stopped at step 2 of 5
+    args = json.loads((out / "runs" / "grpo-s2" / "args.json").read_text())
+    (out / "runs" / "grpo-s2" / "args.json").write_text(json.dumps({**args, "steps": 5}))
+    (out / "runs" / "grpo-s2" / ".done").unlink()
+    done = subprocess.run([sys.executable, "experiments/report.py", "--runs", str(out / "runs"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = (out / "results.md").read_text()
+    assert "| grpo | GRPO | 2 |" in text and "Not finished, left out: grpo-s2" in text
