@@ -152,8 +152,7 @@ def check_args(args):
               "groups of one), so this is REINFORCE, not GRPO", file=sys.stderr)
     if args.algo == "bupo" and args.internal_steps >= args.steps:
         print(f"warning: --internal-steps {args.internal_steps} >= --steps {args.steps}: every step is phase 1, so "
-              "only pi^l is optimized and the layers above l and the final norm never are (the paper trains "
-              "pi^l for a small part of the run)", file=sys.stderr)
+              "the layers above l and the final norm are never trained (the paper: ~10% of steps)", file=sys.stderr)
     if args.analysis:
         cli.existing_file(args.analysis, "--analysis")
     cli.check_device(args.device)
