@@ -7,10 +7,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fake_run(d: Path, algo: str, seed: int, rewards: list[float], layer: int = 29):
+def fake_run(d: Path, algo: str, seed: int, rewards: list[float], layer: int = 29, steps: int | None = None,
+             marker: bool = True):
+    """A finished run of len(rewards) steps; `steps` sets its --steps, `marker` writes run.sh's .done."""
     d.mkdir(parents=True)
-    (d / "args.json").write_text(json.dumps({"algo": algo, "seed": seed, "eval_samples": 4, "internal_steps": 1,
-                                             "internal_layer": "auto"}))
+    args = {"algo": algo, "seed": seed, "eval_samples": 4, "internal_steps": 1, "internal_layer": "auto"}
+    (d / "args.json").write_text(json.dumps({**args, **({"steps": steps} if steps else {})}))
     rows = [{"step": 0, "eval/greedy_acc": 0.5, "eval/avg@4": 0.25, "eval/pass@4": 0.5}]
     for step, r in enumerate(rewards, 1):
         internal = algo == "bupo" and step == 1
@@ -22,7 +24,8 @@ def fake_run(d: Path, algo: str, seed: int, rewards: list[float], layer: int = 2
         rows.append(row)
     rows[-1].update({"eval/greedy_acc": rewards[-1], "eval/avg@4": rewards[-1], "eval/pass@4": 1.0})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / ".done").touch()
+    if marker:
+        (d / ".done").touch()
 
 
 def test_report_tables(tmp_path):
@@ -127,14 +130,8 @@ def test_report_from_its_own_copies(tmp_path):
     so `--runs OUT/runs --out OUT` rebuilds the same tables (and copies nothing onto itself)."""
     out = tmp_path / "results"
     for seed in (0, 1):
-        fake_run(out / "runs" / f"grpo-s{seed}", "grpo", seed, [0.2, 0.5 + 0.1 * seed])
-        args = json.loads((out / "runs" / f"grpo-s{seed}" / "args.json").read_text())
-        (out / "runs" / f"grpo-s{seed}" / "args.json").write_text(json.dumps({**args, "steps": 2}))
-        (out / "runs" / f"grpo-s{seed}" / ".done").unlink()
-    fake_run(out / "runs" / "grpo-s2", "grpo", 2, [0.2, 0.9])                 # stopped at step 2 of 5
-    args = json.loads((out / "runs" / "grpo-s2" / "args.json").read_text())
-    (out / "runs" / "grpo-s2" / "args.json").write_text(json.dumps({**args, "steps": 5}))
-    (out / "runs" / "grpo-s2" / ".done").unlink()
+        fake_run(out / "runs" / f"grpo-s{seed}", "grpo", seed, [0.2, 0.5 + 0.1 * seed], steps=2, marker=False)
+    fake_run(out / "runs" / "grpo-s2", "grpo", 2, [0.2, 0.9], steps=5, marker=False)   # stopped at step 2 of 5
     done = subprocess.run([sys.executable, "experiments/report.py", "--runs", str(out / "runs"), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
