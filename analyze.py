@@ -79,10 +79,15 @@ def read_responses(path, tokenizer=None, vocab_size: int | None = None, max_toke
     return pairs
 
 
-def sample_responses(model, tok, task: str, n: int, max_new_tokens: int, seed: int, shots: int = 0):
-    """The model's own answers to n problems of `task` (T = 1, one answer each)."""
+def sample_responses(model, tok, task: str, n: int, max_new_tokens: int, seed: int, shots: int = 0,
+                     max_tokens: int | None = None):
+    """The model's own answers to n problems of `task` (T = 1, one answer each), each at most max_tokens long
+    (prompt + response; the model's context by default)."""
     from rollout import generate
     prompts = [tok.encode_chat(tasks.chat(p, task, shots)) for p in tasks.problems(task, n, seed, split="test")]
+    cli.fits_context(max(map(len, prompts)), max_new_tokens, max_tokens or model.config.max_position_embeddings,
+                     f"the longest {task} prompt",
+                     "--max-tokens (at most the model's context)" if max_tokens else "the model's context")
     ro = generate(model, prompts, 1, max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
                   seed=seed, progress=True)
     return [(r["prompt_ids"], r["response_ids"]) for r in ro.records()]
@@ -282,7 +287,7 @@ def main(argv=None):
         pairs = read_responses(args.responses, tok, model.config.vocab_size, max_tokens)
     else:
         pairs = sample_responses(model, tok, args.task, args.num_responses, args.max_new_tokens, args.seed,
-                                 args.shots)
+                                 args.shots, max_tokens)
     flow, heat = analyze(model, pairs, norm=args.norm == "final")
     result = summarize(Path(args.model).name, model, flow, len(pairs), args.norm == "final")
     result["seconds"] = round(time.perf_counter() - t0, 1)

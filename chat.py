@@ -44,9 +44,7 @@ def main(argv=None):
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": args.prompt}]
     ids = tok.encode_chat(messages)
-    if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
-        raise UserError(f"the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceed the model's "
-                        f"context of {model.config.max_position_embeddings} tokens; shorten one of them")
+    cli.fits_context(len(ids), args.max_new_tokens, model.config.max_position_embeddings)
     ro = generate(model, [ids], 1, args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
                   pad_id=tok.pad_id, seed=args.seed, tokenizer=tok)
     print(ro.text[0])

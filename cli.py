@@ -44,6 +44,14 @@ def run(main, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:     # torch.OutOfMemoryError on a GPU; the CPU allocator raises a plain RuntimeError
+        if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
+            raise
+        detail = " ".join(str(e).split())[:160]
+        sys.exit(f"error: out of memory ({detail}); make the work smaller (fewer or shorter responses, a smaller "
+                 "--micro-batch-size or --eval-batch where the tool has them) or use a device with more memory; "
+                 "files written before stay whole, and a train.py run continues from its newest checkpoint "
+                 "with --resume")
 
 
 # -----------------------------------------------------------------------------
@@ -117,6 +125,18 @@ def existing_file(path, flag: str) -> Path:
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder, not a file")
     return path
+
+
+def fits_context(prompt_tokens: int, max_new_tokens: int, limit: int, what: str = "the prompt",
+                 limit_name: str = "the model's context"):
+    """Refuse prompt + --max-new-tokens longer than `limit`: the sampler allocates the KV cache for the whole length
+    before the first token (a typo such as 100000 would run out of memory after minutes of work), and past its
+    context a model was never trained."""
+    if prompt_tokens + max_new_tokens > limit:
+        room = limit - prompt_tokens
+        fix = f"lower --max-new-tokens to at most {room}" if room >= 1 else "shorten the prompt"
+        raise UserError(f"{what} ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceed {limit_name} "
+                        f"of {limit} tokens; {fix}")
 
 
 # -----------------------------------------------------------------------------

@@ -251,6 +251,7 @@ def main(argv=None):
     check_args(args)
     model, tok = cli.load(args.model, getattr(torch, args.dtype), args.device)
     prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    cli.fits_context(len(prompt), args.max_new_tokens, model.config.max_position_embeddings)
     t0 = time.perf_counter()
     ro = generate(model, [prompt], args.group_size, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                   args.min_p, tok.stop_ids, tok.pad_id, args.seed, tok, progress=True, compile=args.compile)

@@ -319,6 +319,14 @@ def evaluate(model, tok, args) -> dict:
             **{f"eval/pass@{k}": sums[f"pass@{k}"] / P for k in ks}, "eval_time": time.perf_counter() - t0}
 
 
+def check_room(model, tok, args):
+    """A task's prompts + --max-new-tokens fit in the model's context (the longest of 64 prompts of each split)."""
+    longest = max(len(tok.encode_chat(tasks.chat(p, args.task, args.shots)))
+                  for split in ("train", "test") for p in tasks.problems(args.task, 64, args.seed, split))
+    cli.fits_context(longest, args.max_new_tokens, model.config.max_position_embeddings,
+                     f"the longest {args.task} prompt")
+
+
 # -----------------------------------------------------------------------------
 # the internal layer
 
@@ -387,6 +395,7 @@ def main(argv=None):
         model = Transformer.from_pretrained(model_dir, device=device)
     model = model.to(device)
     tok = Tokenizer(model_dir)
+    check_room(model, tok, args)
     layer = state["internal_layer"] if state else model.config.num_layers
     if not state and args.algo == "bupo" and lead:
         layer = resolve_layer(args.internal_layer, model, tok, args)

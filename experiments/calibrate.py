@@ -41,6 +41,9 @@ def main(argv=None):
     files.check_writable_file(args.out)
     torch.set_flush_denormal(True)
     model, tok = cli.load(args.model)
+    for task in args.tasks:
+        train.check_room(model, tok, argparse.Namespace(task=task, shots=args.shots, seed=args.seed,
+                                                        max_new_tokens=args.max_new_tokens))
     rows = ["| task | held-out problems (distinct) | greedy accuracy | SE | avg@%d (T = 1) | seconds |" % args.samples,
             "|---|---|---|---|---|---|"]
     for task in args.tasks:

@@ -97,6 +97,8 @@ ROWS = [
     ("train", ["--model", "{model}", "--out", "{tmp}/o3", "--analysis", "{tmp}/file.txt"], "not a readable entropy.json"),
     ("train", ["--model", "{model}", "--out", "{tmp}/o4", "--analysis", "{tmp}/normed.json"], "--norm final",
      "analyse again without --norm"),
+    ("train", ["--model", "{model}", "--out", "{tmp}/o5", "--max-new-tokens", "300"], "the longest add prompt (",
+     "exceed the model's context of 256 tokens; lower --max-new-tokens to at most"),
     ("train", ["--resume", "{tmp}/no-run"], "--resume", "no such run folder"),
     ("train", ["--resume", "{tmp}"], "no complete checkpoint"),
     # analyze.py
@@ -108,6 +110,8 @@ ROWS = [
     ("analyze", ["--device", "cuda:9"], "--device cuda:9"),
     ("analyze", ["--out", "{tmp}/file.txt"], "file.txt: exists and is not a folder"),
     ("analyze", ["--norm", "layer"], "argument --norm: invalid choice"),
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a6", "--max-new-tokens", "300"], "the longest word prompt (",
+     "exceed --max-tokens (at most the model's context) of 256 tokens"),
     ("analyze", ["--model", "{model}", "--out", "{tmp}/a1", "--responses", "{tmp}/bool.jsonl"], "bool.jsonl:2:",
      "integer token ids"),
     ("analyze", ["--model", "{model}", "--out", "{tmp}/a2", "--responses", "{tmp}/float.jsonl"], "float.jsonl:1:"),
@@ -118,6 +122,7 @@ ROWS = [
     ("analyze", ["--model", "{model}", "--out", "{tmp}/a5", "--responses", "{tmp}/file.txt"], "file.txt:1: not valid JSON"),
     # rollout.py
     ("rollout", ["-G", "0"], "--group-size 0"),
+    ("rollout", ["--model", "{model}", "--max-new-tokens", "300"], "exceed the model's context of 256 tokens"),
     ("rollout", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
     ("rollout", ["--temperature", "-1"], "--temperature -1.0"),
     ("rollout", ["--top-k", "-1"], "--top-k -1"),
@@ -141,6 +146,8 @@ ROWS = [
     ("experiments/layer_rule", ["--seeds", "x"], "argument --seeds: invalid int value"),
     ("experiments/layer_rule", ["--model", "{model}", "--out", "{tmp}"], "--out", "is a folder; pass a file path"),
     ("experiments/calibrate", ["--problems", "0"], "--problems 0: must be at least 1"),
+    ("experiments/calibrate", ["--model", "{model}", "--out", "{tmp}/c.md", "--max-new-tokens", "300"],
+     "the longest add prompt (", "exceed the model's context of 256 tokens"),
     ("experiments/calibrate", ["--model", "{model}", "--out", "{tmp}/file.txt/c.md"], "its folder", "not a folder"),
     ("bench/bench_rollout", ["--prompts", "9"], "--prompts 9", "at most 8"),
     ("bench/bench_rollout", ["--dtype", "float32,fp8"], "--dtype 'fp8': not a dtype"),
@@ -204,6 +211,25 @@ def test_ctrl_c_is_one_line(capsys):
     assert e.value.code == 130
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "interrupted" in err
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 31457280000 bytes.")])
+def test_out_of_memory_is_one_line(capsys, error):
+    def main(argv):
+        raise error
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, [])
+    assert str(e.value.code).startswith("error: out of memory (") and "\n" not in str(e.value.code)
+    assert "--resume" in str(e.value.code)
+
+
+def test_other_runtime_errors_are_not_hidden():
+    def main(argv):
+        raise RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.run(main, [])
 
 
 # -----------------------------------------------------------------------------
