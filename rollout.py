@@ -106,11 +106,25 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
-def prefill(model: Transformer, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
-    """One forward pass over the P prompts; returns the next-token logits [P, V] (fp32) and their cache."""
+@dataclass
+class Prefilled:
+    """P prompts after their prefill. generate() only reads it, so calls on the same prompts can share one prefill
+    (the evaluation samples greedily and at T = 1 from the same prompts; the prefill is most of a greedy call)."""
+    ids: torch.Tensor             # [P, Tp] left-padded
+    mask: torch.Tensor            # [P, Tp] 1 = prompt token
+    logits: torch.Tensor          # [P, V] fp32, the next-token logits after each prompt
+    cache: KVCache                # the prompts' keys and values
+
+
+@torch.no_grad()
+def prefill(model: Transformer, prompts: list[list[int]], pad_id: int = 0) -> Prefilled:
+    """One forward pass over the P prompts (token id lists), left-padded."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate() needs at least one prompt, and every prompt needs at least one token")
+    ids, mask = left_pad(prompts, pad_id, model.embed_tokens.weight.device)
     cache = model.new_cache(ids.shape[0], ids.shape[1])
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)
-    return logits[:, -1].float(), cache
+    return Prefilled(ids, mask, logits[:, -1].float(), cache)
 
 
 def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, max_len: int,
@@ -156,27 +170,26 @@ def compiled_decode(model: Transformer):
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], group_size: int = 1, max_new_tokens: int = 256,
+def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_size: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, stop_ids=(),
              pad_id: int = 0, seed: int | list[int] = 0, tokenizer=None, progress: bool = False,
              compile: bool = False) -> Rollouts:
-    """Sample `group_size` responses to each prompt (token id lists) from the model's full policy."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate() needs at least one prompt, and every prompt needs at least one token")
+    """Sample `group_size` responses to each prompt (token id lists, or their prefill) from the model's full
+    policy."""
     if max_new_tokens < 1 or group_size < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and group_size ({group_size}) must be at least 1")
     device = model.embed_tokens.weight.device
-    P, G = len(prompts), group_size
+    pre = prompts if isinstance(prompts, Prefilled) else prefill(model, prompts, pad_id)
+    prompt_ids, prompt_mask = pre.ids, pre.mask
+    P, G = len(prompt_ids), group_size
     N = P * G
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
-    logits, prompt_cache = prefill(model, prompt_ids, prompt_mask)
     max_len = prompt_ids.shape[1] + max_new_tokens
     if compile:                                    # fewer distinct shapes, fewer compilations
         max_len = -(-max_len // 64) * 64
-    cache = copy_to_groups(model, prompt_cache, G, max_len, static=compile)
+    cache = copy_to_groups(model, pre.cache, G, max_len, static=compile)
     decode = compiled_decode(model) if compile else model
-    del prompt_cache
-    logits = logits.repeat_interleave(G, 0)                                     # [N, V]
+    logits = pre.logits.repeat_interleave(G, 0)                                 # [N, V], a copy
+    del pre, prompts                               # a prefill of this call alone is freed here
     seeds = [seed + i for i in range(P)] if isinstance(seed, int) else list(seed)
     if len(seeds) != P:
         raise ValueError(f"generate() got {len(seeds)} seeds for {P} prompts; give one seed per prompt, or an int")

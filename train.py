@@ -54,7 +54,7 @@ import runs
 import tasks
 import weights
 from files import UserError
-from rollout import generate
+from rollout import generate, prefill
 
 # flags that may differ from the saved run's when resuming: they change where or how often, not what is computed
 RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size", "eval_batch")
@@ -301,12 +301,12 @@ def evaluate(model, tok, args) -> dict:
     n, size = args.eval_samples, getattr(args, "eval_batch", 0) or len(prompts)
     greedy_right, c = 0, []                              # c: right samples per problem, of n
     for i in range(0, len(prompts), size):              # a chunk of problems at a time (--eval-batch)
-        part = prompts[i:i + size]
+        part = prefill(model, prompts[i:i + size], tok.pad_id)      # one prefill for both calls below
         greedy = generate(model, part, 1, args.max_new_tokens, temperature=0.0, **common)
         greedy_right += sum(tasks.reward(t, p.answer) for t, p in zip(greedy.text, problems[i:i + size]))
         sampled = generate(model, part, n, args.max_new_tokens, temperature=args.temperature,
                            seed=[12345 + g for g in mine[i:i + size]], **common)   # a seed per problem: any
-        right = [0] * len(part)                                                    # chunking samples the same
+        right = [0] * len(part.ids)                                                # chunking samples the same
         for t, g in zip(sampled.text, sampled.group.tolist()):
             right[g] += int(tasks.reward(t, problems[i + g].answer))
         c += right

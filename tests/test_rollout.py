@@ -5,7 +5,7 @@ import torch
 import model as model_module
 from tokenizer import Tokenizer
 from model import Transformer
-from rollout import filter_logits, generate, sample
+from rollout import filter_logits, generate, prefill, sample
 
 QUESTIONS = ["What is the capital of France?", "Name a prime number larger than 10.", "Say hello in French."]
 
@@ -143,6 +143,21 @@ def test_seeds_reproduce(tiny):
     a, b = generate(tiny, p, 2, 15, seed=5), generate(tiny, p, 2, 15, seed=5)
     c = generate(tiny, p, 2, 15, seed=6)
     assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_a_shared_prefill_gives_the_same_rollouts(tiny):
+    """evaluate() prefills its prompts once for a greedy and a sampled call: each must equal the call that prefills
+    alone, bit for bit, and neither may change the prefill it was given."""
+    p = tiny_prompts(3, seed=2)
+    pre = prefill(tiny, p, pad_id=0)
+    kept = [t.clone() for t in (pre.logits, pre.cache.k, pre.cache.v, pre.cache.valid, pre.cache.pos)]
+    for kw in (dict(group_size=1, temperature=0.0), dict(group_size=4, temperature=1.0, seed=7),
+               dict(group_size=1, temperature=0.0)):
+        shared, alone = generate(tiny, pre, max_new_tokens=12, **kw), generate(tiny, p, max_new_tokens=12, **kw)
+        for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs", "group"):
+            assert torch.equal(getattr(shared, name), getattr(alone, name)), name
+    after = (pre.logits, pre.cache.k, pre.cache.v, pre.cache.valid, pre.cache.pos)
+    assert all(torch.equal(a, b) for a, b in zip(kept, after))
 
 
 def test_bad_arguments(tiny):
