@@ -114,6 +114,7 @@ class Prefilled:
     mask: torch.Tensor            # [P, Tp] 1 = prompt token
     logits: torch.Tensor          # [P, V] fp32, the next-token logits after each prompt
     cache: KVCache                # the prompts' keys and values
+    release: bool = False         # set before the last call: it frees the cache once copied, before decoding
 
 
 @torch.no_grad()
@@ -187,6 +188,8 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
     if compile:                                    # fewer distinct shapes, fewer compilations
         max_len = -(-max_len // 64) * 64
     cache = copy_to_groups(model, pre.cache, G, max_len, static=compile)
+    if pre.release:                                # the caller's last use: not held through the decode
+        pre.cache = None
     decode = compiled_decode(model) if compile else model
     logits = pre.logits.repeat_interleave(G, 0)                                 # [N, V], a copy
     del pre, prompts                               # a prefill of this call alone is freed here

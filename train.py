@@ -304,6 +304,7 @@ def evaluate(model, tok, args) -> dict:
         part = prefill(model, prompts[i:i + size], tok.pad_id)      # one prefill for both calls below
         greedy = generate(model, part, 1, args.max_new_tokens, temperature=0.0, **common)
         greedy_right += sum(tasks.reward(t, p.answer) for t, p in zip(greedy.text, problems[i:i + size]))
+        part.release = True                                         # the last use: freed before decoding
         sampled = generate(model, part, n, args.max_new_tokens, temperature=args.temperature,
                            seed=[12345 + g for g in mine[i:i + size]], **common)   # a seed per problem: any
         right = [0] * len(part.ids)                                                # chunking samples the same

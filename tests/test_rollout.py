@@ -158,6 +158,10 @@ def test_a_shared_prefill_gives_the_same_rollouts(tiny):
             assert torch.equal(getattr(shared, name), getattr(alone, name)), name
     after = (pre.logits, pre.cache.k, pre.cache.v, pre.cache.valid, pre.cache.pos)
     assert all(torch.equal(a, b) for a, b in zip(kept, after))
+    pre.release = True                         # the last call frees the prefill's cache, and samples the same
+    last = generate(tiny, pre, max_new_tokens=12, group_size=4, temperature=1.0, seed=7)
+    assert pre.cache is None
+    assert torch.equal(last.response_ids, generate(tiny, p, 4, 12, seed=7).response_ids)
 
 
 def test_bad_arguments(tiny):
