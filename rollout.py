@@ -116,6 +116,9 @@ class Prefilled:
     cache: KVCache                # the prompts' keys and values
     release: bool = False         # set before the last call: it frees the cache once copied, before decoding
 
+    def __len__(self):
+        return len(self.ids)
+
 
 @torch.no_grad()
 def prefill(model: Transformer, prompts: list[list[int]], pad_id: int = 0) -> Prefilled:

@@ -307,7 +307,7 @@ def evaluate(model, tok, args) -> dict:
         part.release = True                                         # the last use: freed before decoding
         sampled = generate(model, part, n, args.max_new_tokens, temperature=args.temperature,
                            seed=[12345 + g for g in mine[i:i + size]], **common)   # a seed per problem: any
-        right = [0] * len(part.ids)                                                # chunking samples the same
+        right = [0] * len(part)                                                    # chunking samples the same
         for t, g in zip(sampled.text, sampled.group.tolist()):
             right[g] += int(tasks.reward(t, problems[i + g].answer))
         c += right
