@@ -140,6 +140,40 @@ def summarize(model_name, model, flow, n_responses, norm) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# the layer train.py trains in phase 1
+
+def resolve_layer(value: str, model, tok, args) -> int:
+    """train.py's --internal-layer: a paper (1-based) layer l, where pi^l = softmax(W_U h_l) (the authors'
+    k = l - 1), or auto: bupo.choose_internal_layer on --analysis, or on a quick analysis of 8 of the model's own
+    answers."""
+    L = model.config.num_layers
+    if value != "auto":
+        if not 1 <= int(value) <= L:
+            raise UserError(f"--internal-layer {value}: this model has layers 1..{L} (1-based, h_l)")
+        return int(value)
+    if args.analysis:
+        result = read_result(args.analysis, "--analysis")
+        if result.get("norm") == "final":
+            raise UserError(f"--analysis {args.analysis}: made with --norm final, but phase 1 trains the un-normed "
+                            f"pi^l; analyse again without --norm")
+        if result["num_layers"] != L:
+            raise UserError(f"--analysis {args.analysis}: made for a model of {result['num_layers']} layers, this "
+                            f"one has {L}; analyse this model with analyze.py")
+    else:
+        print("--internal-layer auto: analysing 8 of the model's answers to choose the layer ...", file=sys.stderr)
+        pairs = sample_responses(model, tok, args.task, 8, min(args.max_new_tokens, 64), args.seed, args.shots)
+        result = summarize(Path(args.model).name, model, analyze(model, pairs)[0], 8, False)
+    layer = result["internal_layer"]
+    why = {"boundary": "the boundary layer (last layer with mean dH_mlp > 0)",
+           "closest": "no boundary layer below L, so the lowest layer whose mean KL(pi^l || pi_theta) is within 10% "
+                      "of the least (the project's closest-layer rule, docs/method.md 5)",
+           }.get(result.get("internal_layer_rule"), "no boundary layer below L, so the penultimate layer (the authors' "
+                                                "choice for late-converging models)")
+    print(f"internal layer: {layer} of {L}, {why}", file=sys.stderr)
+    return layer
+
+
+# -----------------------------------------------------------------------------
 # output: JSON, table, plots
 
 def read_result(path, flag: str) -> dict:

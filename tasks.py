@@ -135,6 +135,13 @@ def problems(task: str, n: int, seed: int = 0, split: str = "train") -> list[Pro
     return out
 
 
+def longest_prompt(tok, task: str, shots: int = 0, seed: int = 0, n: int = 64) -> int:
+    """Tokens in the longest chat prompt of n problems of each split: what prompt + response must fit in a
+    context, checked before any sampling (cli.fits_context)."""
+    return max(len(tok.encode_chat(chat(p, task, shots))) for split in ("train", "test")
+               for p in problems(task, n, seed, split))
+
+
 # -----------------------------------------------------------------------------
 # the reward: verl/utils/reward_score/math.py as the authors use it (docs/method.md 8), quirks included:
 # "\boxed " anywhere wins over a later "\boxed{}", a normalisation step that raises falls back to comparing the

@@ -38,7 +38,6 @@ peak_memory_mb; for BuPO also internal/entropy, internal/kl_to_policy, internal/
 The run folder (args.json, metrics.jsonl, curves.png, checkpoints/) and its safety rules: runs.py.
 """
 import argparse
-import json
 import math
 import signal
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+import analyze
 import bupo
 import cli
 import distributed as dp
@@ -320,49 +320,6 @@ def evaluate(model, tok, args) -> dict:
             **{f"eval/pass@{k}": sums[f"pass@{k}"] / P for k in ks}, "eval_time": time.perf_counter() - t0}
 
 
-def check_room(model, tok, args):
-    """A task's prompts + --max-new-tokens fit in the model's context (the longest of 64 prompts of each split)."""
-    longest = max(len(tok.encode_chat(tasks.chat(p, args.task, args.shots)))
-                  for split in ("train", "test") for p in tasks.problems(args.task, 64, args.seed, split))
-    cli.fits_context(longest, args.max_new_tokens, model.config.max_position_embeddings,
-                     f"the longest {args.task} prompt")
-
-
-# -----------------------------------------------------------------------------
-# the internal layer
-
-def resolve_layer(value: str, model, tok, args) -> int:
-    """--internal-layer: a paper (1-based) layer l, where pi^l = softmax(W_U h_l) (the authors' k = l - 1), or
-    auto: bupo.choose_internal_layer on --analysis, or on a quick analysis of 8 of the model's own answers."""
-    import analyze
-    L = model.config.num_layers
-    if value != "auto":
-        if not 1 <= int(value) <= L:
-            raise UserError(f"--internal-layer {value}: this model has layers 1..{L} (1-based, h_l)")
-        return int(value)
-    if args.analysis:
-        result = analyze.read_result(args.analysis, "--analysis")
-        if result.get("norm") == "final":
-            raise UserError(f"--analysis {args.analysis}: made with --norm final, but phase 1 trains the un-normed "
-                            f"pi^l; analyse again without --norm")
-        if result["num_layers"] != L:
-            raise UserError(f"--analysis {args.analysis}: made for a model of {result['num_layers']} layers, this "
-                            f"one has {L}; analyse this model with analyze.py")
-    else:
-        print("--internal-layer auto: analysing 8 of the model's answers to choose the layer ...", file=sys.stderr)
-        pairs = analyze.sample_responses(model, tok, args.task, 8, min(args.max_new_tokens, 64), args.seed,
-                                         args.shots)
-        result = analyze.summarize(Path(args.model).name, model, analyze.analyze(model, pairs)[0], 8, False)
-    layer = result["internal_layer"]
-    why = {"boundary": "the boundary layer (last layer with mean dH_mlp > 0)",
-           "closest": "no boundary layer below L, so the lowest layer whose mean KL(pi^l || pi_theta) is within 10% "
-                      "of the least (the project's closest-layer rule, docs/method.md 5)",
-           }.get(result.get("internal_layer_rule"), "no boundary layer below L, so the penultimate layer (the authors' "
-                                                "choice for late-converging models)")
-    print(f"internal layer: {layer} of {L}, {why}", file=sys.stderr)
-    return layer
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -396,10 +353,11 @@ def main(argv=None):
         model = Transformer.from_pretrained(model_dir, device=device)
     model = model.to(device)
     tok = Tokenizer(model_dir)
-    check_room(model, tok, args)
+    cli.fits_context(tasks.longest_prompt(tok, args.task, args.shots, args.seed), args.max_new_tokens,
+                     model.config.max_position_embeddings, f"the longest {args.task} prompt")
     layer = state["internal_layer"] if state else model.config.num_layers
     if not state and args.algo == "bupo" and lead:
-        layer = resolve_layer(args.internal_layer, model, tok, args)
+        layer = analyze.resolve_layer(args.internal_layer, model, tok, args)
     layer = int(dp.all_sum({"layer": layer if lead else 0}, device)["layer"])   # rank 0's choice, everywhere
     if not state and lead:
         runs.start(args.out, args, args.overwrite)          # args.json, metrics.jsonl; an old run moved aside

@@ -42,8 +42,8 @@ def main(argv=None):
     torch.set_flush_denormal(True)
     model, tok = cli.load(args.model)
     for task in args.tasks:
-        train.check_room(model, tok, argparse.Namespace(task=task, shots=args.shots, seed=args.seed,
-                                                        max_new_tokens=args.max_new_tokens))
+        cli.fits_context(tasks.longest_prompt(tok, task, args.shots, args.seed), args.max_new_tokens,
+                         model.config.max_position_embeddings, f"the longest {task} prompt")
     rows = ["| task | held-out problems (distinct) | greedy accuracy | SE | avg@%d (T = 1) | seconds |" % args.samples,
             "|---|---|---|---|---|---|"]
     for task in args.tasks:
