@@ -137,3 +137,37 @@ def test_report_from_its_own_copies(tmp_path):
     assert done.returncode == 0, done.stderr
     text = (out / "results.md").read_text()
     assert "| grpo | GRPO | 2 |" in text and "Not finished, left out: grpo-s2" in text
+
+
+def check_quickstart(run: Path):
+    return subprocess.run([sys.executable, "experiments/check_quickstart.py", str(run)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_check_quickstart(tmp_path):
+    """The quick-start check matches records by step: the reference itself agrees, a changed metric is named with
+    its step, and a shorter run with other arguments is compared on the steps both have, with a note."""
+    ref = ROOT / "experiments" / "results" / "quickstart"
+    rows = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    args = json.loads((ref / "args.json").read_text())
+    run = tmp_path / "run" / "bupo"
+    run.mkdir(parents=True)
+
+    def write(rows, **changed):
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "args.json").write_text(json.dumps({**args, **changed, "out": "elsewhere"}))
+
+    write([{**r, "step_time": 1.0} if "step_time" in r else r for r in rows])   # timings never count
+    done = check_quickstart(tmp_path / "run")
+    assert done.returncode == 0 and f"all {len(rows)} steps equal" in done.stdout, done.stdout
+    write([{**r, "reward": 0.5} if r["step"] == 2 else r for r in rows])
+    done = check_quickstart(tmp_path / "run")
+    assert done.returncode == 1 and "step 2: reward = 0.5" in done.stdout, done.stdout
+    short = [r for r in rows if 1 <= r["step"] <= 2]                            # --steps 2 --eval-every 0
+    write(short, steps=2, eval_every=0)
+    done = check_quickstart(tmp_path / "run")
+    assert done.returncode == 1 and "--steps 2 (reference 6)" in done.stdout, done.stdout
+    assert "the 2 steps both have agree" in done.stdout, done.stdout
+    (run / "metrics.jsonl").write_text('{"step": 1, "rew')
+    done = check_quickstart(tmp_path / "run")
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
