@@ -159,6 +159,18 @@ def steps(run: dict) -> list[dict]:
     return [r for r in run["rows"] if "reward" in r]
 
 
+STALL = 3   # steps in a row at zero train reward: every group all wrong, so GRPO's advantages (and update) are 0
+
+
+def zero_stretch(run: dict) -> int:
+    """The longest stretch of consecutive steps whose train reward is 0."""
+    longest = current = 0
+    for r in steps(run):
+        current = current + 1 if r["reward"] == 0 else 0
+        longest = max(longest, current)
+    return longest
+
+
 def avg_key(run: dict) -> str:
     return f"eval/avg@{run['args']['eval_samples']}"
 
@@ -174,10 +186,12 @@ def eval_table(configs: dict) -> str:
                      mean_se([e["eval/greedy_acc"] for e in last]), mean_se([e[k] for e in first]),
                      mean_se([e[k] for e in last]), mean_se([statistics.mean(r["reward"] for r in steps(run))
                                                              for run in rs]),
+                     sum(zero_stretch(run) >= STALL for run in rs),
                      mean_se(wall, "{:.0f}"), f"{max(r['peak_memory_mb'] for run in rs for r in steps(run)) / 1024:.1f}"])
     k = avg_key(next(iter(next(iter(configs.values())).values())))
     return table(["config", "algorithm", "seeds", "greedy before", "greedy after", f"{k[5:]} before",
-                  f"{k[5:]} after", "train reward, mean over steps", "minutes per run", "peak memory GiB"], rows)
+                  f"{k[5:]} after", "train reward, mean over steps", f"runs stalled ({STALL}+ steps at reward 0)",
+                  "minutes per run", "peak memory GiB"], rows)
 
 
 def wall_minutes(run: dict) -> float:
@@ -193,10 +207,10 @@ def runs_table(configs: dict) -> str:
             ev, k = evals(run), avg_key(run)
             rows.append([f"{cfg}-s{seed}", describe(run), seed, " / ".join(f"{e['eval/greedy_acc']:.3f}" for e in ev),
                          " / ".join(f"{e[k]:.3f}" for e in ev), " / ".join(str(e["step"]) for e in ev),
-                         f"{statistics.mean(r['reward'] for r in steps(run)):.3f}", f"{wall_minutes(run):.0f}",
-                         f"{max(r['peak_memory_mb'] for r in steps(run)) / 1024:.1f}"])
+                         f"{statistics.mean(r['reward'] for r in steps(run)):.3f}", zero_stretch(run),
+                         f"{wall_minutes(run):.0f}", f"{max(r['peak_memory_mb'] for r in steps(run)) / 1024:.1f}"])
     return table(["run", "algorithm", "seed", "greedy accuracy", "avg@n", "at steps", "train reward, mean",
-                  "wall minutes", "peak memory GiB"], rows)
+                  "longest stretch at reward 0 (steps)", "wall minutes", "peak memory GiB"], rows)
 
 
 def paired_table(configs: dict, base: str) -> str:

@@ -34,6 +34,7 @@ def test_report_tables(tmp_path):
         fake_run(runs / f"grpo-s{seed}", "grpo", seed, [0.2, g])
         fake_run(runs / f"bupo-s{seed}", "bupo", seed, [0.3, b])
         fake_run(runs / f"bupo-l8-s{seed}", "bupo", seed, [0.3, l8], layer=8)
+    fake_run(runs / "bupo-l4-s0", "bupo", 0, [0.1, 0.0, 0.0, 0.0, 0.4, 0.0], layer=4)   # stalls at steps 2-4
     (runs / "unfinished-s0").mkdir()
     (runs / "unfinished-s0" / "args.json").write_text("{}")
     (runs / "unfinished-s0" / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "rew')   # a run mid-write
@@ -64,7 +65,11 @@ def test_report_tables(tmp_path):
     assert "| none | 3.5 at l = 2 | 6.0 | 2 (closest) |" in text   # flow-y: its KL column and the project's rule
     assert "Not finished, left out: unfinished-s0" in text
     # every run on its own line: accuracies at each evaluation, mean train reward, wall minutes, peak GiB
-    assert "| grpo-s1 | GRPO | 1 | 0.500 / 0.600 | 0.250 / 0.600 | 0 / 2 | 0.400 | 0 | 0.1 |" in text
+    assert "| grpo-s1 | GRPO | 1 | 0.500 / 0.600 | 0.250 / 0.600 | 0 / 2 | 0.400 | 0 | 0 | 0.1 |" in text
+    # a stall (3+ steps in a row at reward 0, where GRPO has no gradient): its longest stretch, and the count per
+    # configuration
+    assert "| 0 / 6 | 0.083 | 3 | 1 | 0.1 |" in text and "| 0.000 | 0.083 | 1 | 1 | 0.1 |" in text
+    assert "| 0.600 ± 0.058 | 0.400 ± 0.029 | 0 | 0 ± 0 | 0.1 |" in text        # grpo: no stall
     # phase 1 (step 1) and the 5 steps after (step 2), next to GRPO on the same steps and seeds
     assert "| 0.30 ± 0.00 (GRPO 0.20) | 0.70 ± 0.10 (GRPO 0.60) |" in text
     assert text.index("| grpo |") < text.index("| bupo |") < text.index("| bupo-l8 |")
