@@ -16,8 +16,9 @@ Entropy flow of a model's internal policies on its own responses (paper section 
    go beside it, and a table is printed.
 Each layer also gets KL_resid, the mean KL(pi^l || pi_theta) of its policy to the model's (bupo.kl_flow).
 `boundary_layer` is the last layer with mean dH_mlp > 0 (null when none); `internal_layer` is what
-`train.py --internal-layer auto` uses: the boundary layer when it is below L, else the project's "closest" layer,
-the lowest layer below L whose KL_resid is within 10% of the least (bupo.choose_internal_layer; docs/method.md 5).
+`train.py --internal-layer auto` uses: the boundary layer when it is below L, else the penultimate layer
+(bupo.choose_internal_layer). `closest_layer` is the lowest layer below L whose KL_resid is within 10% of the least:
+the project's closest-layer rule, measured and reported but not used by auto (docs/method.md 5).
 """
 import json
 import sys
@@ -130,12 +131,13 @@ def summarize(model_name, model, flow, n_responses, norm) -> dict:
     means = bupo.entropy_changes(flow)
     keys = list(bupo.FLOW_KEYS) + ["dH_attn", "dH_mlp", "dH_layer", "KL_resid"]
     boundary = bupo.boundary_layer(means["dH_mlp"])
-    internal, rule = bupo.choose_internal_layer(means["dH_mlp"], means["KL_resid"])
+    internal, rule = bupo.choose_internal_layer(means["dH_mlp"])
     return {"model": model_name, "num_layers": L, "vocab_size": model.config.vocab_size,
             "num_responses": n_responses, "num_tokens": int(flow["H_policy"].numel()),
             "layers": [{"layer": l + 1, **{k: means[k][l] for k in keys}} for l in range(L)],
             "H_policy": flow["H_policy"].mean().item(), "boundary_layer": boundary,
             "internal_layer": internal, "internal_layer_rule": rule,
+            "closest_layer": bupo.closest_layer(means["KL_resid"]),
             "norm": "final" if norm else "none"}
 
 
@@ -144,8 +146,8 @@ def summarize(model_name, model, flow, n_responses, norm) -> dict:
 
 def resolve_layer(value: str, model, tok, args) -> int:
     """train.py's --internal-layer: a paper (1-based) layer l, where pi^l = softmax(W_U h_l) (the authors'
-    k = l - 1), or auto: bupo.choose_internal_layer on --analysis, or on a quick analysis of 8 of the model's own
-    answers."""
+    k = l - 1), or auto: bupo.choose_internal_layer on the dH_mlp of --analysis (the current rule, whatever the
+    file's own internal_layer says), or on a quick analysis of 8 of the model's own answers."""
     L = model.config.num_layers
     if value != "auto":
         if not 1 <= int(value) <= L:
@@ -163,12 +165,10 @@ def resolve_layer(value: str, model, tok, args) -> int:
         print("--internal-layer auto: analysing 8 of the model's answers to choose the layer ...", file=sys.stderr)
         pairs = sample_responses(model, tok, args.task, 8, min(args.max_new_tokens, 64), args.seed, args.shots)
         result = summarize(Path(args.model).name, model, analyze(model, pairs)[0], 8, False)
-    layer = result["internal_layer"]
+    layer, rule = bupo.choose_internal_layer([r["dH_mlp"] for r in result["layers"]])
     why = {"boundary": "the boundary layer (last layer with mean dH_mlp > 0)",
-           "closest": "no boundary layer below L, so the lowest layer whose mean KL(pi^l || pi_theta) is within 10% "
-                      "of the least (the project's closest-layer rule, docs/method.md 5)",
-           }.get(result.get("internal_layer_rule"), "no boundary layer below L, so the penultimate layer (the authors' "
-                                                "choice for late-converging models)")
+           "penultimate": "no boundary layer below L, so the penultimate layer (the authors' choice for "
+                          "late-converging models; docs/method.md 5)"}[rule]
     print(f"internal layer: {layer} of {L}, {why}", file=sys.stderr)
     return layer
 
@@ -183,8 +183,11 @@ def read_result(path, flag: str) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{flag} {path}: not a readable entropy.json ({e}); pass the file analyze.py wrote") from None
     ok = isinstance(r, dict) and isinstance(r.get("layers"), list) and type(r.get("num_layers")) is int
+    ok = ok and len(r["layers"]) == r["num_layers"] >= 1 and all(
+        isinstance(x, dict) and type(x.get("dH_mlp")) in (int, float) for x in r["layers"])
     if not ok or type(r.get("internal_layer")) is not int or not 1 <= r["internal_layer"] <= r["num_layers"]:
-        raise InputError(f"{flag} {path}: not an entropy.json of analyze.py (layers, num_layers, internal_layer)")
+        raise InputError(f"{flag} {path}: not an entropy.json of analyze.py (num_layers, a dH_mlp for each of its "
+                         f"layers, internal_layer)")
     return r
 
 
@@ -198,7 +201,7 @@ def print_table(result: dict):
               f"{r.get('KL_resid', float('nan')):9.3f}")
     print(f"H_policy {result['H_policy']:.3f} nats (max ln V = {torch.log(torch.tensor(float(result['vocab_size']))):.2f}); "
           f"boundary layer: {result['boundary_layer']}; internal layer for BuPO: {result['internal_layer']} "
-          f"({result['internal_layer_rule']})")
+          f"({result['internal_layer_rule']}); closest layer (KL rule, not used by auto): {result['closest_layer']}")
 
 
 def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | None = None):

@@ -110,8 +110,8 @@ def entropy_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: 
 def kl_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: bool = False,
             chunk: int | None = None) -> torch.Tensor:
     """KL(pi^l || pi_theta) at the positions `where` of a record -> [L, N], row l-1 is layer l (row L-1, the policy
-    itself, is 0): how far each layer policy is from the model's policy on the same states. The project's layer
-    rule takes the lowest layer below L whose mean is within 10% of the least (closest_layer; docs/method.md 5)."""
+    itself, is 0): how far each layer policy is from the model's policy on the same states (closest_layer reads
+    its mean per layer; docs/method.md 5)."""
     chunk = chunk or max(1, chunk_rows(model) // 2)   # the policy's and one layer's logits at once
     L = model.config.num_layers
     top, hs = rec.resid[L][where], [rec.resid[l][where] for l in range(1, L)]
@@ -144,26 +144,26 @@ CLOSEST_TOLERANCE = 0.10   # layers within 10% of the least KL count as equally 
 
 
 def closest_layer(kl: list, tolerance: float = CLOSEST_TOLERANCE) -> int:
-    """The project's rule (not the paper's): the lowest layer l < L whose policy pi^l is about as close to the
-    model's policy as any, mean KL(pi^l || pi_theta) <= (1 + tolerance) * the least of them, on the model's own
-    answers (kl_flow; docs/method.md 5). The tolerance keeps the pick from hopping between layers of a plateau."""
+    """The project's closest-layer rule (not the paper's), tested and not adopted for --internal-layer auto: the
+    lowest layer l < L whose policy pi^l is about as close to the model's policy as any, mean KL(pi^l || pi_theta)
+    <= (1 + tolerance) * the least of them, on the model's own answers (kl_flow). The tolerance keeps the pick from
+    hopping between layers of a plateau. On SmolLM2-135M it picks layer 24, which trained worse than the
+    penultimate layer on 4 of 5 seeds (docs/method.md 5); analyze.py still reports it."""
     below = [d if math.isfinite(d) else math.inf for d in kl[:-1]]   # a NaN (overflow) never counts as close
     if not below or min(below) == math.inf:
         return max(1, len(kl) - 1)   # no layer below L (a 1-layer model), or none measurable: the penultimate
     return next(l for l, d in enumerate(below, start=1) if d <= (1 + tolerance) * min(below))
 
 
-def choose_internal_layer(dH_mlp: list, kl: list | None = None) -> tuple[int, str]:
+def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:
     """The layer of --internal-layer auto, and which rule chose it: the paper's boundary layer when it lies below
-    L; when it does not (no layer with dH_mlp > 0, or only the last one), the project's closest layer (given the
-    KL per layer), else the penultimate layer L-1, the authors' choice for their late-converging Llama runs.
-    Neither fallback is a rule of the paper (docs/method.md 5)."""
+    L; when it does not (no layer with dH_mlp > 0, or only the last one), the penultimate layer L-1, the authors'
+    choice for their late-converging Llama runs and, on the project's layer sweep, as good as any layer tried
+    (docs/method.md 5). max(1, .): a 1-layer model has only its own layer."""
     L, boundary = len(dH_mlp), boundary_layer(dH_mlp)
     if boundary is not None and boundary < L:
         return boundary, "boundary"
-    if kl is not None:
-        return closest_layer(kl), "closest"
-    return L - 1, "penultimate"
+    return max(1, L - 1), "penultimate"
 
 
 # -----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """
-How stable is the layer `train.py --internal-layer auto` picks? It repeats train.py's own quick analysis (N of the
-model's answers to the task, T = 1, seeded; analyze.py's entropy flow with the KL of every layer policy to the
-model's) for several seeds, and prints, per seed, the paper's boundary layer, the layer of least KL and the project's
-closest layer (bupo.closest_layer: the lowest layer within 10% of the least KL; docs/method.md 5).
+How stable is the project's closest-layer rule? It repeats train.py's own quick analysis for --internal-layer auto
+(N of the model's answers to the task, T = 1, seeded; analyze.py's entropy flow with the KL of every layer policy to
+the model's) for several seeds, and prints, per seed, the paper's boundary layer, the layer of least KL, the
+project's closest layer (bupo.closest_layer: the lowest layer within 10% of the least KL; docs/method.md 5) and the
+layer auto picks (the boundary layer, else the penultimate one; the closest layer was tested and is not used).
 
     python experiments/layer_rule.py                                   # default model, sum2, 8 answers, seeds 0-4
     python experiments/layer_rule.py --task sum2 --shots 1 -n 8 --seeds 0 1 2 3 4 --out experiments/results/layer_rule.json
@@ -47,7 +48,7 @@ def main(argv=None):
         kl = means["KL_resid"]
         rows.append({"seed": seed, "KL_resid": kl, "boundary_layer": bupo.boundary_layer(means["dH_mlp"]),
                      "least_kl_layer": bupo.closest_layer(kl, tolerance=0.0), "closest_layer": bupo.closest_layer(kl),
-                     "auto": bupo.choose_internal_layer(means["dH_mlp"], kl)})
+                     "auto": bupo.choose_internal_layer(means["dH_mlp"])})
         r = rows[-1]
         print(f"seed {seed}: boundary {r['boundary_layer']}, least KL at {r['least_kl_layer']} "
               f"({kl[r['least_kl_layer'] - 1]:.2f} nats), closest layer {r['closest_layer']}, KL at L-1 "

@@ -67,15 +67,16 @@ def flow_table(flows: dict) -> str:
         up = [x["layer"] for x in layers if x["dH_mlp"] > 0]
         kl = [x.get("KL_resid") for x in layers]
         has_kl = None not in kl[:-1] and L > 1
-        closest = bupo.closest_layer(kl, tolerance=0.0) if has_kl else None
-        # the layer the current rule picks from these means (the file keeps the pick of the code that wrote it)
-        auto = bupo.choose_internal_layer([x["dH_mlp"] for x in layers], kl if has_kl else None)
+        least = bupo.closest_layer(kl, tolerance=0.0) if has_kl else None
+        # the layers the current code picks from these means (the file keeps the picks of the code that wrote it)
+        auto = bupo.choose_internal_layer([x["dH_mlp"] for x in layers])
         rows.append([name, L, f["num_tokens"], f"{H[0]:.2f}", f"{at(.25):.2f}", f"{at(.5):.2f}", f"{at(.75):.2f}",
                      f"{f['H_policy']:.2f}", f"{len(up)} of {L}", f["boundary_layer"] or "none",
-                     f"{kl[closest - 1]:.1f} at l = {closest}" if closest else "-",
-                     f"{kl[L - 2]:.1f}" if closest else "-", f"{auto[0]} ({auto[1]})"])
+                     f"{kl[least - 1]:.1f} at l = {least}" if least else "-", f"{kl[L - 2]:.1f}" if least else "-",
+                     bupo.closest_layer(kl) if has_kl else "-", f"{auto[0]} ({auto[1]})"])
     return table(["run", "L", "tokens", "H(π^1)", "H at L/4", "H at L/2", "H at 3L/4", "H(π_θ)",
-                  "layers with ΔH_FFN > 0", "boundary", "least KL(π^l‖π_θ), l < L", "KL at L-1", "auto layer (current rule)"], rows)
+                  "layers with ΔH_FFN > 0", "boundary", "least KL(π^l‖π_θ), l < L", "KL at L-1",
+                  "closest layer (KL rule, not used)", "auto layer"], rows)
 
 
 def plot_flow(flows: dict, out: Path, plt):

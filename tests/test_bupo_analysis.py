@@ -76,11 +76,11 @@ def test_boundary_layer():
 
 
 def test_choose_internal_layer_rules():
-    kl = [9.0, 3.0, 5.0, 0.0]                      # layer L (the policy itself) is 0 and never chosen
-    assert bupo.choose_internal_layer([0.1, 0.2, -0.1, -0.3], kl) == (2, "boundary")   # the paper's rule first
-    assert bupo.choose_internal_layer([-0.1, -0.2, -0.1, -0.3], kl) == (2, "closest")  # none: least KL below L
-    assert bupo.choose_internal_layer([0.1, 0.2, 0.1, 0.3], kl) == (2, "closest")      # only L: the same
-    assert bupo.choose_internal_layer([-0.1, -0.2, -0.1, -0.3]) == (3, "penultimate")  # no KL: L - 1
+    assert bupo.choose_internal_layer([0.1, 0.2, -0.1, -0.3]) == (2, "boundary")     # the paper's rule first
+    assert bupo.choose_internal_layer([-0.1, -0.2, -0.1, -0.3]) == (3, "penultimate")  # none: L - 1
+    assert bupo.choose_internal_layer([0.1, 0.2, 0.1, 0.3]) == (3, "penultimate")      # only L: not internal
+    assert bupo.choose_internal_layer([0.3]) == (1, "penultimate")                     # one layer: itself
+    # the project's closest-layer rule, reported by analyze.py (not used by auto)
     assert bupo.closest_layer([4.0, 1.0, 1.0, 0.0]) == 2                               # ties: the lower layer
     assert bupo.closest_layer([29.0, 17.46, 18.0, 17.44, 0.0]) == 2   # within 10% of the least: the lowest such
     assert bupo.closest_layer([29.0, 17.46, 18.0, 17.44, 0.0], tolerance=0) == 4
@@ -124,9 +124,28 @@ def test_entropy_json_equals_direct_computation(tiny, norm):
     assert result["H_policy"] == pytest.approx(torch.cat(policy).mean().item(), abs=2e-5)
     assert result["boundary_layer"] == bupo.boundary_layer([row["dH_mlp"] for row in result["layers"]])
     assert (result["internal_layer"], result["internal_layer_rule"]) == bupo.choose_internal_layer(
-        [row["dH_mlp"] for row in result["layers"]], [row["KL_resid"] for row in result["layers"]])
+        [row["dH_mlp"] for row in result["layers"]])
+    assert result["closest_layer"] == bupo.closest_layer([row["KL_resid"] for row in result["layers"]])
     assert result["layers"][-1]["KL_resid"] == 0 and min(r["KL_resid"] for r in result["layers"][:-1]) > 0
     assert len(heat["entropy"]) == L + 1 and heat["targets"] == pairs[0][1]
+
+
+def test_auto_layer_follows_the_current_rule(tmp_path, capsys):
+    """--internal-layer auto with --analysis re-applies bupo.choose_internal_layer to the file's dH_mlp, so an
+    entropy.json written by older code (its internal_layer picked by the closest-layer rule) gives today's layer."""
+    from types import SimpleNamespace
+    model = SimpleNamespace(config=SimpleNamespace(num_layers=4))
+    old = {"num_layers": 4, "internal_layer": 2, "internal_layer_rule": "closest", "norm": "none",
+           "layers": [{"layer": l, "dH_mlp": -0.1, "KL_resid": k} for l, k in ((1, 9.0), (2, 3.0), (3, 5.0), (4, 0.0))]}
+    f = tmp_path / "entropy.json"
+    f.write_text(json.dumps(old))
+    args = SimpleNamespace(analysis=str(f))
+    assert analyze.resolve_layer("auto", model, None, args) == 3
+    assert "internal layer: 3 of 4, no boundary layer below L, so the penultimate layer" in capsys.readouterr().err
+    old["layers"][1]["dH_mlp"] = 0.2                                     # a boundary layer at 2
+    f.write_text(json.dumps(old))
+    assert analyze.resolve_layer("auto", model, None, args) == 2 and "the boundary layer" in capsys.readouterr().err
+    assert analyze.resolve_layer("3", model, None, args) == 3           # a number is taken as given
 
 
 def test_entropy_json_matches_transformers_hidden_states(default_model_dir):

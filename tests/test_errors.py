@@ -95,6 +95,8 @@ ROWS = [
     ("train", ["--model", "{model}", "--out", "{tmp}/o2", "--internal-layer", "9"], "--internal-layer 9: this model "
      "has layers 1..3"),
     ("train", ["--model", "{model}", "--out", "{tmp}/o3", "--analysis", "{tmp}/file.txt"], "not a readable entropy.json"),
+    ("train", ["--model", "{model}", "--out", "{tmp}/o5", "--analysis", "{tmp}/no-dh.json"], "--analysis",
+     "not an entropy.json of analyze.py", "dH_mlp"),
     ("train", ["--model", "{model}", "--out", "{tmp}/o4", "--analysis", "{tmp}/normed.json"], "--norm final",
      "analyse again without --norm"),
     ("train", ["--model", "{model}", "--out", "{tmp}/o5", "--max-new-tokens", "300"], "the longest add prompt (",
@@ -165,7 +167,9 @@ def scratch(tmp_path_factory, tiny_chat_model):
                                   '{"prompt_ids": [1, true], "response_ids": [3]}\n')
     (d / "float.jsonl").write_text('{"prompt_ids": [1, 2.5], "response_ids": [3]}\n')
     (d / "vocab.jsonl").write_text('{"prompt_ids": [1, 2], "response_ids": [49152]}\n')
-    (d / "normed.json").write_text(json.dumps({"num_layers": 3, "layers": [], "internal_layer": 2, "norm": "final"}))
+    three = [{"layer": l, "dH_mlp": -0.1} for l in (1, 2, 3)]
+    (d / "normed.json").write_text(json.dumps({"num_layers": 3, "layers": three, "internal_layer": 2, "norm": "final"}))
+    (d / "no-dh.json").write_text(json.dumps({"num_layers": 3, "layers": [{"layer": 1}] * 3, "internal_layer": 2}))
     (d / "long.jsonl").write_text(json.dumps({"prompt_ids": [1] * 40, "response_ids": [2] * 40}) + "\n")
     return d
 

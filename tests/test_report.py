@@ -62,7 +62,9 @@ def test_report_tables(tmp_path):
     assert "| bupo − grpo | 0, 1, 2 | +0.100 [-0.148, +0.348] |" in text and "| 2 / 0 |" in text
     assert "| bupo-l8 − bupo | 0, 1, 2 | -0.033 [" in text
     assert "| flow-x | 4 | 10 | 10.00 |" in text and "1 (boundary)" in text
-    assert "| none | 3.5 at l = 2 | 6.0 | 2 (closest) |" in text   # flow-y: its KL column and the project's rule
+    # flow-y: its least KL, the KL at L-1, the project's closest layer, and auto's layer by the current rule (the
+    # file's own "closest" pick is not what auto does now)
+    assert "| none | 3.5 at l = 2 | 6.0 | 2 | 3 (penultimate) |" in text
     assert "Not finished, left out: unfinished-s0" in text
     # every run on its own line: accuracies at each evaluation, mean train reward, wall minutes, peak GiB
     assert "| grpo-s1 | GRPO | 1 | 0.500 / 0.600 | 0.250 / 0.600 | 0 / 2 | 0.400 | 0 | 0 | 0.1 |" in text
@@ -108,6 +110,8 @@ def test_layer_rule_script(tmp_path, tiny_chat_model):
     for r in result["seeds"]:
         kl = r["KL_resid"]
         assert len(kl) == result["num_layers"] and kl[-1] == 0 and r["closest_layer"] == bupo.closest_layer(kl)
+        L, b = result["num_layers"], r["boundary_layer"]
+        assert r["auto"] == ([b, "boundary"] if b is not None and b < L else [L - 1, "penultimate"])  # not the KL's
         assert r["least_kl_layer"] == 1 + min(range(len(kl) - 1), key=kl.__getitem__)
         assert f"seed {r['seed']}: " in done.stdout
     bad = subprocess.run([sys.executable, "experiments/layer_rule.py", "--model", str(tmp_path / "none")], cwd=ROOT,
