@@ -34,12 +34,13 @@ for seed in 0 1 2 3 4; do
   RUNS+=("main grpo-s$seed $TRAIN --algo grpo --seed $seed --out runs/exp/grpo-s$seed"
          "main bupo-s$seed $TRAIN --algo bupo --internal-layer 29 --internal-steps 4 --seed $seed --out runs/exp/bupo-s$seed")
 done
-# layers: l = L/4, L/2, 3L/4, and 24, the layer the project's rule picks on this model (the layer policy closest to
-# the model's, docs/method.md 5); l = L-1 = 29 is the main BuPO arm. s_inter = 4
+# layers: l = L/4, L/2, 3L/4, and 24, the layer the project's closest-layer rule picks on this model (the layer
+# policy closest to the model's; tested here, not used by auto: docs/method.md 5); l = L-1 = 29 is the main BuPO arm.
+# s_inter = 4
 for seed in 0 1 2; do for l in 8 15 23 24; do
   RUNS+=("layers bupo-l$l-s$seed $TRAIN --algo bupo --internal-layer $l --internal-steps 4 --seed $seed --out runs/exp/bupo-l$l-s$seed")
 done; done
-# rule: seeds 3 and 4 of l = 24, so that the project's rule and the penultimate layer are paired on all five seeds
+# rule: seeds 3 and 4 of l = 24, so that the closest-layer rule and the penultimate layer are paired on all five seeds
 for seed in 3 4; do
   RUNS+=("rule bupo-l24-s$seed $TRAIN --algo bupo --internal-layer 24 --internal-steps 4 --seed $seed --out runs/exp/bupo-l24-s$seed")
 done
