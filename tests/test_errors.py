@@ -95,7 +95,7 @@ ROWS = [
     ("train", ["--model", "{model}", "--out", "{tmp}/o2", "--internal-layer", "9"], "--internal-layer 9: this model "
      "has layers 1..3"),
     ("train", ["--model", "{model}", "--out", "{tmp}/o3", "--analysis", "{tmp}/file.txt"], "not a readable entropy.json"),
-    ("train", ["--model", "{model}", "--out", "{tmp}/o5", "--analysis", "{tmp}/no-dh.json"], "--analysis",
+    ("train", ["--model", "{model}", "--out", "{tmp}/o6", "--analysis", "{tmp}/no-dh.json"], "--analysis",
      "not an entropy.json of analyze.py", "dH_mlp"),
     ("train", ["--model", "{model}", "--out", "{tmp}/o4", "--analysis", "{tmp}/normed.json"], "--norm final",
      "analyse again without --norm"),
