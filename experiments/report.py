@@ -214,13 +214,14 @@ def runs_table(configs: dict) -> str:
                   "longest stretch at reward 0 (steps)", "wall minutes", "peak memory GiB"], rows)
 
 
-def paired_table(configs: dict, base: str) -> str:
-    """Each configuration against `base` on the seeds both have: the difference of the final held-out accuracies
-    (the same start and the same held-out problems within a seed, so it is also the difference of the gains)."""
+def paired_table(configs: dict, base: str, only: list | None = None) -> str:
+    """Each configuration (or each of `only`) against `base` on the seeds both have: the difference of the final
+    held-out accuracies (the same start and the same held-out problems within a seed, so it is also the difference
+    of the gains)."""
     rows = []
     for cfg, runs in configs.items():
         seeds = sorted(set(runs) & set(configs.get(base, {})))
-        if cfg == base or not seeds:
+        if cfg == base or not seeds or (only is not None and cfg not in only):
             continue
         k = avg_key(runs[seeds[0]])
         d = {m: [evals(runs[s])[-1][m] - evals(configs[base][s])[-1][m] for s in seeds] for m in ("eval/greedy_acc", k)}
@@ -386,15 +387,20 @@ def main(argv=None):
         main_arms = ["grpo", "bupo"]
         layers = sorted((c for c in configs if re.fullmatch(r"bupo-l\d+", c)), key=lambda c: int(c[6:]))
         inter = [c for c in configs if "-inter" in c]
+        # the s_inter sweep's own points 0 (GRPO) and 4 (the layer sweep's run at the same layer)
+        inter_base = sorted({c.split("-inter")[0] for c in inter} & set(configs))
         plot_training(configs, main_arms, out, plt, "training.png")
         plot_training(configs, main_arms + layers, out, plt, "layers.png")
-        plot_training(configs, ["grpo"] + inter, out, plt, "inter.png")
+        plot_training(configs, ["grpo"] + inter_base + inter, out, plt, "inter.png")
         plot_dynamics(configs, main_arms + layers + inter, out, plt)
         parts += ["### Held-out accuracy before and after training (mean ± standard error over seeds)",
                   eval_table(configs),
                   "### Against GRPO, paired by seed (mean difference and its 95% t interval)",
                   paired_table(configs, "grpo"),
                   "### Against the main BuPO arm (the penultimate layer), paired by seed", paired_table(configs, "bupo"),
+                  *(part for b in inter_base for part in (
+                      f"### A longer phase 1 against s_inter = 4 at the same layer ({b}), paired by seed",
+                      paired_table(configs, b, only=[c for c in inter if c.startswith(b + "-inter")]))),
                   "### Phase 1 and the switch (paper Fig. 7), mean ± standard error", internal_table(configs),
                   "### Cost (one thread per run, two runs at a time)", cost_table(configs),
                   "### Every run (wall time: its steps and evaluations, CPU sharing included; peak memory: the "

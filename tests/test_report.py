@@ -35,6 +35,8 @@ def test_report_tables(tmp_path):
         fake_run(runs / f"bupo-s{seed}", "bupo", seed, [0.3, b])
         fake_run(runs / f"bupo-l8-s{seed}", "bupo", seed, [0.3, l8], layer=8)
     fake_run(runs / "bupo-l4-s0", "bupo", 0, [0.1, 0.0, 0.0, 0.0, 0.4, 0.0], layer=4)   # stalls at steps 2-4
+    for seed in (0, 1):                                            # the s_inter sweep at l = 8, two seeds
+        fake_run(runs / f"bupo-l8-inter2-s{seed}", "bupo", seed, [0.3, 0.6], layer=8)
     (runs / "unfinished-s0").mkdir()
     (runs / "unfinished-s0" / "args.json").write_text("{}")
     (runs / "unfinished-s0" / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "rew')   # a run mid-write
@@ -66,6 +68,12 @@ def test_report_tables(tmp_path):
     # file's own "closest" pick is not what auto does now)
     assert "| none | 3.5 at l = 2 | 6.0 | 2 | 3 (penultimate) |" in text
     assert "Not finished, left out: unfinished-s0" in text
+    # the s_inter sweep against s_inter = 4 at its layer, and nothing else against that run: per seed +0.1, -0.1,
+    # t(1) = 12.706, SD 0.141: [-1.271, +1.271]
+    part = text[text.index("### A longer phase 1 against s_inter = 4 at the same layer (bupo-l8)"):]
+    part = part[:part.index("###", 3)]
+    assert "| bupo-l8-inter2 − bupo-l8 | 0, 1 | +0.000 [-1.271, +1.271] |" in part and "| 1 / 1 |" in part
+    assert "grpo − bupo-l8" not in part and "bupo − bupo-l8" not in part
     # every run on its own line: accuracies at each evaluation, mean train reward, wall minutes, peak GiB
     assert "| grpo-s1 | GRPO | 1 | 0.500 / 0.600 | 0.250 / 0.600 | 0 / 2 | 0.400 | 0 | 0 | 0.1 |" in text
     # a stall (3+ steps in a row at reward 0, where GRPO has no gradient): its longest stretch, and the count per
