@@ -42,8 +42,38 @@ def start(out, args, overwrite: bool):
     moved = claim_dir(out, MARKERS, overwrite, hint=f"to continue that run use --resume {out}; ")
     if moved:
         print(f"--overwrite: the earlier run in {out} was moved to {moved}", file=sys.stderr)
-    write_text(Path(out) / "args.json", json.dumps(vars(args), indent=1) + "\n")
+    record = {**vars(args), "code": code_version()}       # which code ran: the commit, and whether it was clean
+    write_text(Path(out) / "args.json", json.dumps(record, indent=1) + "\n")
     write_text(Path(out) / "metrics.jsonl", "")
+
+
+def note_resume(out, start_step: int):
+    """Append to OUT/resumes.jsonl the step a resume starts at and the code it runs (args.json keeps the code the
+    run started with), and say so in one line when that code differs."""
+    file, code = Path(out) / "resumes.jsonl", code_version()
+    saved = Path(out) / "args.json"
+    started = json.loads(saved.read_text()).get("code") if saved.exists() else None
+    if started and started.get("commit") != code["commit"]:
+        print(f"resume: the code is at commit {code['commit']}, the run started at {started.get('commit')} "
+              f"(recorded in {file})", file=sys.stderr)
+    old = file.read_text() if file.exists() else ""
+    write_text(file, old + json.dumps({"step": start_step, "code": code}) + "\n")
+
+
+def code_version() -> dict:
+    """The git commit of the code that runs, and whether its tree was clean (no changes to tracked or untracked,
+    not ignored files); None for each where the code is not a git checkout or git is missing."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+
+    def git(*a):
+        try:
+            r = subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout if r.returncode == 0 else None
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    return {"commit": commit.strip() if commit else None, "clean": None if status is None else status == ""}
 
 
 def log(out, row: dict):

@@ -369,6 +369,7 @@ def main(argv=None):
         start = state["step"] + 1
         if lead:
             runs.repair_metrics(args.out, start)
+            runs.note_resume(args.out, start)
 
     stop = []
 

@@ -28,9 +28,11 @@ BEST_LAYER=${BEST_LAYER:-}
 TRAIN="train.py --task sum2 --shots 1 --steps 40 --prompts-per-step 8 --group-size 8 --max-new-tokens 48 --lr 2e-5"
 TRAIN="$TRAIN --eval-every 20 --eval-problems 256 --eval-samples 2 --save-every 5 --keep-checkpoints 1 --device $DEVICE"
 RUNS=("flow flow analyze.py --out runs/exp/flow --task sum2 --shots 1 -n 64 --max-new-tokens 48 --device $DEVICE")
-# main: GRPO against BuPO at the penultimate layer (the authors' choice for models without a boundary layer) with
-# s_inter = 4, the authors' 10% of the steps (30 of 300)
-for seed in 0 1 2 3 4; do
+# main: GRPO against BuPO at the penultimate layer (the authors' OctoThinker layer; where no layer has dH_FFN > 0,
+# the project's fallback, docs/method.md 5) with
+# s_inter = 4, the authors' 10% of the steps (30 of 300). Seeds 0-4 first; 5-19 for experiments/PLAN.md:
+#   MAIN_SEEDS="$(seq -s ' ' 5 19)" bash experiments/run.sh main
+for seed in ${MAIN_SEEDS:-0 1 2 3 4}; do
   RUNS+=("main grpo-s$seed $TRAIN --algo grpo --seed $seed --out runs/exp/grpo-s$seed"
          "main bupo-s$seed $TRAIN --algo bupo --internal-layer 29 --internal-steps 4 --seed $seed --out runs/exp/bupo-s$seed")
 done

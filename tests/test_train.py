@@ -166,6 +166,11 @@ def test_three_steps_end_to_end(tiny_chat_model, tmp_path, length_reward):
         assert 0 <= r["reward"] <= 1 and r["grad_norm"] > 0 and "internal/kl_to_policy" in r and "entropy" in r
     assert "eval/greedy_acc" in rows[0] and "eval/pass@2" in rows[3]
     assert (tmp_path / "r" / "curves.png").stat().st_size > 1000
+    import subprocess
+    code = json.loads((tmp_path / "r" / "args.json").read_text())["code"]   # which code made the run
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:    # a git checkout (CI's fresh clone is one)
+        assert code["commit"] == head.stdout.strip() and isinstance(code["clean"], bool)
     ckpt = tmp_path / "r" / "checkpoints" / "step_000003"
     ours = Transformer.from_pretrained(ckpt)
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
