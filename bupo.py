@@ -40,9 +40,10 @@ def chunk_rows(model: Transformer, budget: int = LOGITS_BUDGET) -> int:
 def unembed(model: Transformer, x: torch.Tensor, norm: bool = False) -> torch.Tensor:
     """Logits W_U x of any residual-stream tensor x [..., d] (paper eqs. 5, 6); fp32 out.
     norm=True: the logit lens, W_U RMSNorm_final(x)."""
-    if norm:
-        x = model.norm(x)
-    return F.linear(x.to(model.W_U.dtype), model.W_U).float()
+    if norm:   # normed logits are O(10): the compute dtype (bf16 under autocast), as the model's own lm_head
+        return F.linear(model.norm(x).to(model.W_U.dtype), model.W_U).float()
+    with torch.autocast(x.device.type, enabled=False):   # un-normed W_U h_l reaches the hundreds: fp32 always
+        return F.linear(x.float(), model.W_U.float())
 
 
 def layer_logits(model: Transformer, h: torch.Tensor, layer: int, norm: bool = False) -> torch.Tensor:

@@ -291,7 +291,8 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)   # in fp32 (cos, sin) even under autocast
+        q, k = q.to(v.dtype), k.to(v.dtype)                 # then back to the compute dtype, the KV cache's
         if cache is not None:
             k, v = cache.write(layer, k, v)                # [B, nkv, S, hd], S = slots so far
         # each group of nh/nkv query heads shares one kv head (GQA); scale is hd^-0.5
@@ -410,8 +411,12 @@ class Transformer(nn.Module):
         return (logits, record) if return_residuals else logits
 
     def new_cache(self, batch: int, max_len: int, static: bool = False) -> KVCache:
+        """A KV cache in the compute dtype: the weights' dtype, or under autocast its dtype (bf16 keys and values,
+        half the memory of fp32 masters'; infra/precision.py)."""
         p = self.embed_tokens.weight
-        return (StaticKVCache if static else KVCache)(self.config, batch, max_len, dtype=p.dtype, device=p.device)
+        amp = torch.is_autocast_enabled(p.device.type)
+        dtype = torch.get_autocast_dtype(p.device.type) if amp else p.dtype
+        return (StaticKVCache if static else KVCache)(self.config, batch, max_len, dtype=dtype, device=p.device)
 
     # -------------------------------------------------------------------------
     # HF-layout checkpoints: our parameter names are transformers' without the "model." prefix

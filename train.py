@@ -38,6 +38,7 @@ peak_memory_mb; for BuPO also internal/entropy, internal/kl_to_policy, internal/
 The run folder (args.json, metrics.jsonl, curves.png, checkpoints/) and its safety rules: runs.py.
 """
 import argparse
+import contextlib
 import math
 import signal
 import sys
@@ -54,6 +55,7 @@ import runs
 import tasks
 import weights
 from files import UserError
+from infra import precision
 from rollout import generate, prefill
 
 # flags that may differ from the saved run's when resuming: they change where or how often, not what is computed
@@ -66,6 +68,10 @@ RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description="GRPO / BuPO training with a verifiable reward.")
     g = cli.add_model_args(p, dtype=False)
+    g.add_argument("--dtype", default="auto", choices=["auto", *precision.DTYPES], help="compute dtype. bfloat16: "
+                   "mixed precision (bf16 matmuls under autocast; fp32 master weights, optimizer state, norms, "
+                   "log-probs, entropies; infra/precision.py), also on a CPU (slowly); auto: bfloat16 on CUDA, "
+                   "float32 elsewhere")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/train", help="output folder: args.json, metrics.jsonl, curves.png, checkpoints/")
     g.add_argument("--resume", default=None, help="a run folder: continue from its newest complete checkpoint, "
@@ -185,7 +191,9 @@ def micro_batches(n: int, args):
     return [list(mb.split(args.micro_batch_size)) for mb in torch.arange(n).chunk(args.mini_batches)]
 
 
-def rl_step(model, tok, opt, args, step, layer, ref=None):
+def rl_step(model, tok, opt, args, step, layer, ref=None, amp=contextlib.nullcontext):
+    """One RL step (the module docstring's 1-5). amp: a fresh autocast region per forward phase, never around
+    opt.step() (infra/precision.py)."""
     t0 = time.perf_counter()
     L, G = model.config.num_layers, args.group_size
     # 1. sample G responses to each of this rank's prompts, from the full policy
@@ -193,9 +201,10 @@ def rl_step(model, tok, opt, args, step, layer, ref=None):
     mine = dp.my_prompts(len(problems), args.mini_batches)      # all of them in a single process
     problems = [problems[g] for g in mine]
     first_seed = (args.seed << 32) + step * args.prompts_per_step     # prompt g of the step: first_seed + g
-    ro = generate(model, [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems], G,
-                  args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                  seed=[first_seed + g for g in mine], tokenizer=tok, compile=args.compile)
+    with amp():
+        ro = generate(model, [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems], G,
+                      args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                      seed=[first_seed + g for g in mine], tokenizer=tok, compile=args.compile)
     device, batch = ro.response_ids.device, bupo.Batch.of(ro)
     # 2. score, and the advantages of each group (a rank holds whole groups)
     rewards = torch.tensor([tasks.reward(t, problems[g].answer) for t, g in zip(ro.text, ro.group.tolist())],
@@ -204,7 +213,7 @@ def rl_step(model, tok, opt, args, step, layer, ref=None):
     # 3. the policy this step optimises, its old log-probs (start-of-step weights) and the diagnostics
     policy_layer = bupo.phase_layer(args.algo, step, args.internal_steps, layer, L)
     groups = micro_batches(len(batch.ids), args)
-    with torch.no_grad():
+    with torch.no_grad(), amp():
         old, stats = torch.zeros_like(batch.response_mask, dtype=torch.float), {}
         ref_logp = torch.zeros_like(old) if ref is not None else None
         for rows in (rows for mb in groups for rows in mb):
@@ -228,7 +237,8 @@ def rl_step(model, tok, opt, args, step, layer, ref=None):
         loss_total = 0.0
         for rows in mb:
             mb_batch = batch.rows(rows)
-            logp = bupo.policy_logprobs(model, mb_batch, policy_layer, args.temperature)
+            with amp():                                      # the forward only; backward and opt.step outside
+                logp = bupo.policy_logprobs(model, mb_batch, policy_layer, args.temperature)
             R, rm = logp.shape[1], mb_batch.response_mask
             tok_loss, s = bupo.policy_loss(logp, old[rows, :R], adv[rows], rm, args.clip_low, args.clip_high,
                                            args.dual_clip)
@@ -290,7 +300,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, tok, args) -> dict:
+def evaluate(model, tok, args, amp=contextlib.nullcontext) -> dict:
+    """Held-out greedy accuracy, avg@n and pass@k; amp: the autocast region of this forward-only phase."""
+    with amp():
+        return _evaluate(model, tok, args)
+
+
+def _evaluate(model, tok, args) -> dict:
     t0 = time.perf_counter()
     problems = tasks.problems(args.task, args.eval_problems, seed=args.seed, split="test")
     mine = dp.my_share(len(problems))                   # a data-parallel rank answers every W-th problem
@@ -333,8 +349,9 @@ def main(argv=None):
     # compute ~5x slower (phase 1 at l=7 of SmolLM2: 6.0 s -> 1.15 s per micro-batch); flush them to 0 instead
     torch.set_flush_denormal(True)
     state = None
-    if args.resume:   # the newest complete checkpoint, the saved arguments, and the model from it
-        ckpt, state, model = runs.resumable(args.resume, lambda c: Transformer.from_pretrained(c, device=args.device))
+    if args.resume:   # the newest complete checkpoint (its weights checked on the meta device: the rank's device
+        # is not chosen yet, and under torchrun every rank would load onto the default GPU), the saved arguments
+        ckpt, state, _ = runs.resumable(args.resume, lambda c: Transformer.from_pretrained(c, device="meta"))
         args = resume_args(args, explicit_flags(p, argv), state)
         if args.steps <= state["step"]:
             raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of {args.steps}; "
@@ -346,12 +363,10 @@ def main(argv=None):
         model_dir = args.model
     device = dp.setup(args.device, args.prompts_per_step, args.mini_batches, args.eval_problems, args.eval_every > 0)
     lead = dp.rank() == 0                                   # only rank 0 writes files and prints progress
-    if not state:
-        if lead:
-            weights.ensure_if_default(model_dir)
-        dp.barrier()                                        # rank 0 has built the default model, if it was missing
-        model = Transformer.from_pretrained(model_dir, device=device)
-    model = model.to(device)
+    if not state and lead:
+        weights.ensure_if_default(model_dir)
+    dp.barrier()                                            # rank 0 has built the default model, if it was missing
+    model = Transformer.from_pretrained(model_dir, device=device)     # on this rank's device
     tok = Tokenizer(model_dir)
     cli.fits_context(tasks.longest_prompt(tok, args.task, args.shots, args.seed), args.max_new_tokens,
                      model.config.max_position_embeddings, f"the longest {args.task} prompt")
@@ -378,29 +393,30 @@ def main(argv=None):
         print("\nCtrl-C: stopping after this step and saving a checkpoint (again to abort)", file=sys.stderr)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGINT, on_interrupt)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    # mixed precision: one autocast region per forward phase, opened inside rl_step / evaluate (infra/precision.py)
+    dtype = precision.compute_dtype(getattr(args, "dtype", "auto"), device)
+    amp = lambda: precision.autocast(device, dtype)           # noqa: E731
     from tqdm import tqdm
     step, stopping = start - 1, False
-    with autocast:
-        if start == 1 and args.eval_every:
-            row = {"step": 0, **evaluate(model, tok, args)}
+    if start == 1 and args.eval_every:
+        row = {"step": 0, **evaluate(model, tok, args, amp)}
+        if lead:
+            runs.log(args.out, row)
+    bar = tqdm(range(start, args.steps + 1), initial=start - 1, total=args.steps, desc=args.algo, disable=not lead)
+    for step in bar:
+        row = rl_step(model, tok, opt, args, step, layer, ref, amp)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            row.update(evaluate(model, tok, args, amp))
+        if lead:
+            runs.log(args.out, row)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", phase=row["phase"], s_step=f"{row['step_time']:.0f}")
+        stopping = dp.all_sum({"stop": len(stop)}, device)["stop"] > 0   # every rank stops after the same step
+        if step % args.save_every == 0 or step == args.steps or stopping:
             if lead:
-                runs.log(args.out, row)
-        bar = tqdm(range(start, args.steps + 1), initial=start - 1, total=args.steps, desc=args.algo, disable=not lead)
-        for step in bar:
-            row = rl_step(model, tok, opt, args, step, layer, ref)
-            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                row.update(evaluate(model, tok, args))
-            if lead:
-                runs.log(args.out, row)
-            bar.set_postfix(reward=f"{row['reward']:.2f}", phase=row["phase"], s_step=f"{row['step_time']:.0f}")
-            stopping = dp.all_sum({"stop": len(stop)}, device)["stop"] > 0   # every rank stops after the same step
-            if step % args.save_every == 0 or step == args.steps or stopping:
-                if lead:
-                    runs.save_checkpoint(model, opt, args, step, layer)
-                dp.barrier()
-            if stopping:
-                break
+                runs.save_checkpoint(model, opt, args, step, layer)
+            dp.barrier()
+        if stopping:
+            break
     if lead:
         runs.plot_curves(args.out, f"{args.algo} on {Path(args.model).name}, task {args.task}"
                          + (f", pi^{layer} for steps 1..{args.internal_steps}" if args.algo == "bupo" else ""))

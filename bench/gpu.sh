@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command, each result saved under OUT (default runs/gpu/<date-time>/):
-#   1. correctness in bf16 on CUDA: ours vs transformers on the default model and a tiny Qwen3 (bench/gpu_check.py)
+#   1. correctness in bf16 on CUDA: ours vs transformers on the default model and a tiny Qwen3 (bench/gpu_check.py),
+#      and a few bf16 training steps that must see every update (bench/bf16_train_check.py)
 #   2. speed, bf16: rollout tokens/s and training tokens/s + MFU, ours vs transformers, SmolLM2-135M and
 #      Qwen2.5-Coder-0.5B (bench/bench_rollout.py, bench/bench_train.py; PEAK_TFLOPS is the GPU's dense bf16 peak)
 #   3. the quick start on the GPU (timed), and one GRPO vs BuPO pair on Qwen2.5-Coder-0.5B (task sum3)
@@ -16,6 +17,8 @@ bash setup.sh --test
 QWEN=models/qwen2.5-coder-0.5b-instruct
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 "$PY" bench/gpu_check.py --device cuda --dtype bfloat16 2>&1 | tee "$OUT/1-correctness.txt"
+# a bf16 run must train: every autocast matmul uses the current weights, the outputs move after every update
+"$PY" bench/bf16_train_check.py --device cuda --steps 3 2>&1 | grep -v "it/s" | tee "$OUT/1-bf16-train.txt"
 for M in models/smollm2-135m-instruct "$QWEN"; do
   "$PY" bench/bench_rollout.py --model "$M" --device cuda --dtype bfloat16 --stop --compile --repeat 3 2>&1 | tee -a "$OUT/2-rollout.txt"
   "$PY" bench/bench_train.py --model "$M" --device cuda --dtype bfloat16 --rows 32 --new-tokens 512 \

@@ -160,3 +160,25 @@ def test_bf16_load_and_forward(tiny_dirs):
         out = model(x)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), ref(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_autocast_forward_keeps_the_fp32_islands(tiny_dirs, arch):
+    """Mixed precision (infra/precision.py) over fp32 weights: the KV cache and the attention inputs take the
+    compute dtype, the residual stream and the un-normed internal-policy logits stay fp32, and a cached decode
+    equals the recompute in bf16 as it does in fp32."""
+    import bupo
+    model = Transformer.from_pretrained(tiny_dirs[arch, False])
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(2, 16)
+        full, rec = model(x, return_residuals=True)
+        step = torch.cat([model(x[:, :11], cache=cache), model(x[:, 11:], cache=cache)], 1)
+        internal = bupo.layer_logits(model, rec.resid[1], 1)
+    assert cache.k.dtype == cache.v.dtype == torch.bfloat16 and full.dtype == torch.bfloat16
+    assert all(h.dtype == torch.float32 for h in rec.resid) and internal.dtype == torch.float32
+    exact = rec.resid[1].double() @ model.W_U.double().T                # fp32 internal logits, not bf16 ones
+    assert (internal.double() - exact).abs().max() < 1e-4 * exact.abs().max()
+    torch.testing.assert_close(step.float(), full.float(), atol=0.05 * full.float().std().item(), rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(full.float(), model(x), atol=0.1 * full.float().std().item(), rtol=0)

@@ -208,6 +208,62 @@ def test_resume_is_exact(tiny_chat_model, tmp_path, length_reward):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_forwards_see_every_update(tiny_chat_model, tmp_path, length_reward, monkeypatch):
+    """Mixed precision on a CPU, as on a GPU (infra/precision.py): every matmul that runs under autocast (the
+    rollout, the old pass, each micro-batch's forward, the evaluation) must use the bf16 cast of the weights as
+    they are *now*. Autocast keeps its casts of fp32 weights until the outermost region exits and opt.step()
+    does not invalidate them, so one region around the run trains every Linear against its step-0 weights."""
+    import torch.nn.functional as F
+    real_linear, real_step = F.linear, torch.optim.AdamW.step
+    seen = {"updates": 0, "checked": [], "stale": []}
+
+    def linear(x, w, b=None):
+        out = real_linear(x, w, b)
+        if torch.is_autocast_enabled("cpu"):   # the same product, from a fresh cast of the current weights
+            with torch.autocast("cpu", enabled=False):
+                bf = torch.bfloat16
+                fresh = real_linear(x.to(bf), w.to(bf), None if b is None else b.to(bf))
+            seen["checked"].append(seen["updates"])
+            if out.dtype != bf or not torch.equal(out, fresh):
+                seen["stale"].append(seen["updates"])
+        return out
+
+    def step(self, *a, **k):
+        assert not torch.is_autocast_enabled("cpu"), "opt.step() ran inside an autocast region"
+        seen["updates"] += 1
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(F, "linear", linear)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    rows = run(tiny_chat_model, tmp_path / "bf16", "--dtype", "bfloat16", "--steps", "3", "--internal-steps", "1",
+               "--eval-every", "3")
+    assert seen["updates"] == 6                                   # 3 steps x 2 mini-batches
+    assert set(range(7)) <= set(seen["checked"])                  # a forward after each update (6: the eval)
+    assert seen["stale"] == [], f"forwards after updates {sorted(set(seen['stale']))} used stale bf16 weights"
+    for r in rows[1:]:   # the later mini-batch of each step sees the first one's update: the ratio moved
+        assert math.isfinite(r["loss"]) and r["kl"] != 0 and r["grad_norm"] > 0
+    from safetensors.torch import load_file                      # fp32 master weights in the checkpoint
+    saved = load_file(tmp_path / "bf16" / "checkpoints" / "step_000003" / "model.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.float32}
+    fp32 = run(tiny_chat_model, tmp_path / "fp32", "--dtype", "float32", "--steps", "1", "--eval-every", "0")
+    assert fp32[0]["kl"] != rows[1]["kl"]                         # --dtype changes the arithmetic, not only a label
+
+
+def test_resume_loads_the_model_after_the_rank_device_is_chosen(tiny_chat_model, tmp_path, length_reward,
+                                                                 monkeypatch):
+    """Under torchrun the rank's device is chosen in dp.setup; a model loaded onto a device before that lands
+    on the default GPU on every rank. Resume checks its checkpoint on the meta device and loads after setup."""
+    run(tiny_chat_model, tmp_path / "r", "--steps", "1", "--eval-every", "0", "--save-every", "1")
+    events, real_setup, real_load = [], train.dp.setup, Transformer.from_pretrained.__func__
+    monkeypatch.setattr(train.dp, "setup", lambda *a, **k: events.append("setup") or real_setup(*a, **k))
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(
+        lambda cls, path, **k: events.append(f"load:{k.get('device', 'cpu')}") or real_load(cls, path, **k)))
+    train.main(["--resume", str(tmp_path / "r"), "--steps", "2"])
+    assert "setup" in events
+    before = events[:events.index("setup")]
+    assert all(e == "load:meta" for e in before), events          # nothing real is loaded before setup
+    assert [e for e in events[events.index("setup"):] if e.startswith("load")] == ["load:cpu"]
+
+
 def test_kl_penalty_in_both_phases(tiny_chat_model, tmp_path, length_reward):
     rows = run(tiny_chat_model, tmp_path / "kl", "--steps", "2", "--internal-steps", "1", "--kl-coef", "0.1",
                "--eval-every", "0", "--shots", "1")
