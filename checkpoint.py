@@ -9,6 +9,7 @@ misshapen, non-float (integer, bool) or non-finite tensor. Pickle checkpoints (.
 pickle can run code. Writing goes to a temporary folder that is renamed into place, and is removed on failure.
 """
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,93 @@ def read_json(file: Path) -> dict:
     if not isinstance(d, dict):
         raise ModelLoadError(f"{file}: must hold a JSON object, not a {type(d).__name__}")
     return d
+
+
+# -----------------------------------------------------------------------------
+# config.json: every field the loader reads, with its type and range. A value of another type is refused, never
+# coerced: bool("false") is True, so a quoted "false" would silently load another model than the one on disk.
+
+def _int(lo):
+    return lambda v: type(v) is int and v >= lo
+
+
+def _number(v):
+    return type(v) in (int, float) and 0 < v < math.inf
+
+
+def _bool(v):
+    return type(v) is bool
+
+
+def _ids(v):   # a token id, or (eos) a list of them
+    return _int(0)(v) or (isinstance(v, list) and len(v) > 0 and all(_int(0)(x) for x in v))
+
+
+# field: (required, check of a non-null value, what it must be); model_type is checked on its own
+CONFIG_FIELDS = {
+    "vocab_size": (True, _int(1), "a positive integer"),
+    "hidden_size": (True, _int(1), "a positive integer"),
+    "intermediate_size": (True, _int(1), "a positive integer"),
+    "num_hidden_layers": (True, _int(1), "a positive integer"),
+    "num_attention_heads": (True, _int(1), "a positive integer"),
+    "num_key_value_heads": (False, _int(1), "a positive integer"),
+    "head_dim": (False, _int(1), "a positive integer"),
+    "max_position_embeddings": (False, _int(1), "a positive integer"),
+    "rope_theta": (False, _number, "a positive number"),
+    "rms_norm_eps": (False, _number, "a positive number"),
+    "rope_scaling": (False, lambda v: isinstance(v, dict), "an object"),
+    "rope_parameters": (False, lambda v: isinstance(v, dict), "an object"),
+    "tie_word_embeddings": (False, _bool, "true or false"),
+    "attention_bias": (False, _bool, "true or false"),
+    "mlp_bias": (False, _bool, "true or false"),
+    "use_sliding_window": (False, _bool, "true or false"),
+    "hidden_act": (False, lambda v: isinstance(v, str), "a string"),
+    "bos_token_id": (False, _int(0), "a token id (an integer >= 0)"),
+    "eos_token_id": (False, _ids, "a token id or a list of token ids"),
+}
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_type(rope: dict) -> str:
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def check_config(d: dict, where: str, architectures) -> None:
+    """Refuse, in one line naming the field, a config.json that this loader would misread: a missing required
+    field, a value of the wrong type or out of range (CONFIG_FIELDS), or an architecture it does not implement."""
+    mt = d.get("model_type")                                  # first: it says which fields apply
+    if not isinstance(mt, str) or mt not in architectures:
+        raise ModelLoadError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(architectures)}")
+    for key, (required, ok, what) in CONFIG_FIELDS.items():
+        v = d.get(key)
+        if v is None and required:
+            raise ModelLoadError(f"{where}: required field {key!r} is missing")
+        if v is not None and not ok(v):
+            raise ModelLoadError(f"{where}: {key} must be {what}, not {json.dumps(v)}")
+    if d.get("use_sliding_window"):
+        raise ModelLoadError(f"{where}: sliding-window attention is not supported; set use_sliding_window to false")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; only silu (SwiGLU)")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    theta = rope.get("rope_theta")
+    if theta is not None and not _number(theta):
+        raise ModelLoadError(f"{where}: rope_theta must be a positive number, not {json.dumps(theta)}")
+    if rope_type(rope) not in ("default", "llama3"):
+        raise ModelLoadError(f"{where}: rope_type {rope_type(rope)!r} is not supported; supported: default, llama3")
+    if rope_type(rope) == "llama3" and not all(_number(rope.get(k)) for k in LLAMA3_KEYS):
+        raise ModelLoadError(f"{where}: llama3 rope scaling needs positive numbers {', '.join(LLAMA3_KEYS)}")
+    heads, kv = d["num_attention_heads"], d.get("num_key_value_heads") or d["num_attention_heads"]
+    head_dim = d.get("head_dim") or d["hidden_size"] // heads
+    if heads % kv or head_dim % 2 or (not d.get("head_dim") and d["hidden_size"] % heads):
+        raise ModelLoadError(f"{where}: num_attention_heads {heads} must be a multiple of num_key_value_heads "
+                             f"{kv}, and head_dim {head_dim} even (hidden_size {d['hidden_size']} / heads "
+                             "when head_dim is not given)")
+    ids = [d.get("bos_token_id")] + (d.get("eos_token_id") if isinstance(d.get("eos_token_id"), list)
+                                      else [d.get("eos_token_id")])
+    bad = [i for i in ids if i is not None and i >= d["vocab_size"]]
+    if bad:
+        raise ModelLoadError(f"{where}: token id {bad[0]} (bos/eos_token_id) is outside the vocabulary of "
+                             f"vocab_size {d['vocab_size']}; fix the id or the vocab_size")
 
 
 def read_tensors(path: Path, expected: dict, skip: tuple, model_type: str, dtype, device) -> dict:

@@ -57,6 +57,13 @@ def run(main, argv=None):
 # -----------------------------------------------------------------------------
 # argument checks: each raises UserError naming the flag, the value and the allowed range
 
+def not_empty(args, *names):
+    """A path flag given as "" (an unset shell variable, --out "$OUT") would silently mean the current folder."""
+    for name in names:
+        if getattr(args, name.lstrip("-").replace("-", "_"), None) == "":
+            raise UserError(f"{name} '': an empty path (an unset shell variable?); pass a folder or file path")
+
+
 def positive(args, *names):
     for name in names:
         v = getattr(args, name.lstrip("-").replace("-", "_"))

@@ -43,6 +43,11 @@ def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: 
     return device
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun announces it, before the group is joined (0 in a single process)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def all_sum(values: dict, device) -> dict:
     """The sums over ranks of a dict of numbers (itself in a single process)."""
     if world() == 1:

@@ -31,8 +31,6 @@ import checkpoint
 from checkpoint import ModelLoadError  # noqa: F401  (re-exported: the loader's one-line error)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 # -----------------------------------------------------------------------------
@@ -62,49 +60,24 @@ class Config:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "config.json") -> "Config":
-        """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters` style)."""
-        mt = d.get("model_type")
-        if not isinstance(mt, str) or mt not in ARCHITECTURES:
-            raise ModelLoadError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-        if d.get("use_sliding_window"):
-            raise ModelLoadError(f"{where}: sliding-window attention is not supported; set use_sliding_window to false")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ModelLoadError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; only silu (SwiGLU)")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            v = d.get(key)
-            if v is None and key in REQUIRED:
-                raise ModelLoadError(f"{where}: required field {key!r} is missing")
-            if v is not None and not (type(v) is int and v > 0):
-                raise ModelLoadError(f"{where}: {key} must be a positive integer, not {v!r}")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ModelLoadError(f"{where}: rope_scaling / rope_parameters must be an object, not {rope!r}")
-        theta, eps = d.get("rope_theta", rope.get("rope_theta", 10000.0)), d.get("rms_norm_eps", 1e-6)
-        for key, v in (("rope_theta", theta), ("rms_norm_eps", eps)):
-            if type(v) not in (int, float) or not 0 < v < math.inf:
-                raise ModelLoadError(f"{where}: {key} must be a positive number, not {v!r}")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ModelLoadError(f"{where}: rope_type {rope_type!r} is not supported; supported: default, llama3")
-        if rope_type == "llama3" and not all(type(rope.get(k)) in (int, float) and rope[k] > 0 for k in LLAMA3_KEYS):
-            raise ModelLoadError(f"{where}: llama3 rope scaling needs positive numbers {', '.join(LLAMA3_KEYS)}")
-        heads, kv = d["num_attention_heads"], d.get("num_key_value_heads") or d["num_attention_heads"]
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        if heads % kv or head_dim % 2 or (not d.get("head_dim") and d["hidden_size"] % heads):
-            raise ModelLoadError(f"{where}: num_attention_heads {heads} must be a multiple of num_key_value_heads "
-                                 f"{kv}, and head_dim {head_dim} even (hidden_size {d['hidden_size']} / heads "
-                                 "when head_dim is not given)")
-        attention_bias = bool(d.get("attention_bias", False))
+        """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters` style), after
+        checkpoint.check_config has checked the type and range of every field read here."""
+        checkpoint.check_config(d, where, ARCHITECTURES)
+        mt, rope = d["model_type"], d.get("rope_parameters") or d.get("rope_scaling") or {}
+        heads = d["num_attention_heads"]
+        attention_bias = d.get("attention_bias") or False
         return cls(
             model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=kv, head_dim=head_dim, rms_norm_eps=float(eps), rope_theta=float(theta),
-            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if rope_type == "llama3" else None,
+            num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=float(d.get("rms_norm_eps") or 1e-6),
+            rope_theta=float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if checkpoint.rope_type(rope) == "llama3"
+            else None,
             max_position_embeddings=d.get("max_position_embeddings") or 8192,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=d.get("tie_word_embeddings") or False,
             qkv_bias=(mt == "qwen2") or attention_bias,   # transformers' Qwen2 hard-codes q/k/v biases
-            o_bias=attention_bias and mt != "qwen2", mlp_bias=bool(d.get("mlp_bias", False)),
+            o_bias=attention_bias and mt != "qwen2", mlp_bias=d.get("mlp_bias") or False,
             qk_norm=(mt == "qwen3"), bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
 
     def to_hf(self) -> dict:

@@ -16,12 +16,14 @@ A training run's folder, and the rules that keep it safe:
 """
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import torch
 
-from files import UserError, check_writable_dir, claim_dir, describe_os_error, remove_partial, replace_dir, write_atomic, write_text
+from files import (UserError, check_writable_dir, claim_dir, describe_os_error, make_dir, remove_partial, replace_dir,
+                   write_atomic, write_text)
 
 MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
 
@@ -38,9 +40,12 @@ def check_new(out, overwrite: bool):
 
 
 def start(out, args, overwrite: bool):
-    """Claim OUT for a new run and write args.json and an empty metrics.jsonl."""
+    """Claim OUT for a new run, under its lock, and write args.json and an empty metrics.jsonl."""
+    make_dir(out)
+    lock(out)            # a resume or another new run writing into OUT is refused here, before anything moves
     moved = claim_dir(out, MARKERS, overwrite, hint=f"to continue that run use --resume {out}; ")
     if moved:
+        lock(out)        # the new folder; the old one, moved aside, stays locked until this process ends
         print(f"--overwrite: the earlier run in {out} was moved to {moved}", file=sys.stderr)
     record = {**vars(args), "code": code_version()}       # which code ran: the commit, and whether it was clean
     write_text(Path(out) / "args.json", json.dumps(record, indent=1) + "\n")
@@ -74,6 +79,40 @@ def code_version() -> dict:
         return r.stdout if r.returncode == 0 else None
     commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
     return {"commit": commit.strip() if commit else None, "clean": None if status is None else status == ""}
+
+
+_locks = []   # the open lock files of this process: a lock lasts as long as the process that holds it
+
+
+def lock(out):
+    """Hold OUT/.lock for the rest of this process, so that one process at a time writes a run folder (a new
+    run, a resume, an overwrite). A lock held by a running process is refused in one line naming it; the lock
+    of a process that died is released by the system with it, and taken over with a note. (flock: a local file
+    system; on a network file system the lock may not hold across machines.)"""
+    import fcntl
+    f = open(Path(out) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{out}: another process (pid {holder}) is writing this run; wait for it to end or stop "
+                        "it, or choose another --out") from None
+    f.seek(0)
+    before = f.read().strip()
+    if before and before != str(os.getpid()):
+        print(f"{out}: took over the lock of process {before}, which is no longer running", file=sys.stderr)
+    f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
+    _locks.append(f)
+
+
+def unlock_all():
+    """At a clean end: clear and release this process's locks (a crash leaves the pid, which the next writer
+    reports as taken over)."""
+    while _locks:
+        f = _locks.pop()
+        f.seek(0), f.truncate(), f.close()
 
 
 def log(out, row: dict):
@@ -139,16 +178,22 @@ def save_checkpoint(model, opt, args, step: int, layer: int) -> Path:
     except BaseException:
         remove_partial(tmp)
         raise
-    for old in sorted(p for p in root.glob("step_*") if _step(p) <= step)[:-args.keep_checkpoints]:
-        remove_partial(old)
+    for old in sorted((p for p in root.glob("step_*") if 0 <= _step(p) <= step), key=_step)[:-args.keep_checkpoints]:
+        remove_partial(old)              # only names this code writes: a user's step_000002.bak copy stays
     return final
 
 
+# the only names under OUT/checkpoints/ that this code writes, and so the only ones it may ever delete
+CHECKPOINT_NAME = re.compile(r"step_(\d{6,})")
+# the temporary names of an unfinished write: .step_N.tmp (save_checkpoint), ..step_N.tmp.tmp (its
+# write_folder), .step_N.old (replace_dir's moved-aside copy)
+TEMP_NAME = re.compile(r"\.step_\d{6,}\.(tmp|old)|\.\.step_\d{6,}\.tmp\.tmp")
+
+
 def _step(p: Path) -> int:
-    try:
-        return int(p.name.removeprefix("step_"))
-    except ValueError:
-        return -1
+    """The step of a checkpoint folder this code wrote, else -1 (never touched)."""
+    m = CHECKPOINT_NAME.fullmatch(p.name)
+    return int(m.group(1)) if m and p.is_dir() else -1
 
 
 def newest(root: Path) -> Path | None:
@@ -170,15 +215,20 @@ def load_trainer_state(ckpt: Path) -> dict:
     return state
 
 
-def resumable(out, load_model) -> tuple:
+def resumable(out, load_model, writer: bool = True) -> tuple:
     """(checkpoint folder, trainer state, model) of the newest checkpoint of OUT that loads completely. Newer
-    ones that are incomplete or damaged are skipped with a warning, never deleted."""
+    ones that are incomplete or damaged are skipped with a warning, never deleted. The writer (rank 0) takes the
+    run's lock first and removes what an interrupted write left."""
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"--resume {out}: no such run folder")
-    for leftover in (out / "checkpoints").glob(".step_*.tmp"):       # a write interrupted by a crash
-        print(f"resume: removing the unfinished checkpoint write {leftover}", file=sys.stderr)
-        remove_partial(leftover)
+    if not (out / "checkpoints").is_dir():
+        raise UserError(f"--resume {out}: no complete checkpoint in {out / 'checkpoints'}; start a new run with --out")
+    if writer:
+        lock(out)
+        for leftover in (p for p in (out / "checkpoints").glob(".*") if TEMP_NAME.fullmatch(p.name)):   # a crash
+            print(f"resume: removing the unfinished checkpoint write {leftover}", file=sys.stderr)
+            remove_partial(leftover)
     found = sorted((p for p in (out / "checkpoints").glob("step_*") if _step(p) >= 0), key=_step, reverse=True)
     for ckpt in found:
         try:

@@ -40,6 +40,7 @@ The run folder (args.json, metrics.jsonl, curves.png, checkpoints/) and its safe
 import argparse
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
@@ -134,6 +135,7 @@ def explicit_flags(p: argparse.ArgumentParser, argv) -> set:
 
 def check_args(args):
     """Every argument, before anything is loaded or written."""
+    cli.not_empty(args, "--model", "--out", "--resume", "--analysis")
     cli.positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches", "--micro-batch-size",
                  "--max-new-tokens", "--eval-problems", "--eval-samples", "--save-every", "--keep-checkpoints")
     cli.non_negative(args, "--internal-steps", "--eval-every", "--seed", "--eval-batch")
@@ -179,7 +181,13 @@ def resume_args(args, given: set, state: dict) -> argparse.Namespace:
     changed = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k in given and getattr(args, k) != saved.get(k)}
     for k, v in changed.items():
         print(f"resume: --{k.replace('_', '-')} {v} (the saved run had {saved.get(k)})", file=sys.stderr)
-    return argparse.Namespace(**{**saved, **changed, "out": args.resume, "resume": args.resume})
+    out = argparse.Namespace(**{**saved, **changed, "out": args.resume, "resume": args.resume})
+    if not os.path.isabs(out.model):   # a run saved before paths were stored absolute: relative to here, if there
+        if not Path(out.model).is_dir():
+            raise UserError(f"--resume {args.resume}: the run's --model {out.model} is a relative path that is not "
+                            "there from this folder; resume from the folder the run was started in")
+        out.model = os.path.abspath(out.model)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -339,19 +347,30 @@ def _evaluate(model, tok, args) -> dict:
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
+    try:
+        run_training(argv)
+    finally:             # a run folder's lock ends with the command, however it ends (runs.lock)
+        runs.unlock_all()
+
+
+def run_training(argv=None):
     from model import Transformer
     from tokenizer import Tokenizer
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     args = p.parse_args(argv)
     check_args(args)
+    for k in ("model", "out", "analysis", "resume"):      # resolved once: a resume from another folder finds them
+        if getattr(args, k):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
     # W_U h_l without the norm gives logits so spread that softmax underflows into subnormal floats, which CPUs
     # compute ~5x slower (phase 1 at l=7 of SmolLM2: 6.0 s -> 1.15 s per micro-batch); flush them to 0 instead
     torch.set_flush_denormal(True)
     state = None
     if args.resume:   # the newest complete checkpoint (its weights checked on the meta device: the rank's device
         # is not chosen yet, and under torchrun every rank would load onto the default GPU), the saved arguments
-        ckpt, state, _ = runs.resumable(args.resume, lambda c: Transformer.from_pretrained(c, device="meta"))
+        ckpt, state, _ = runs.resumable(args.resume, lambda c: Transformer.from_pretrained(c, device="meta"),
+                                        writer=dp.launched_rank() == 0)
         args = resume_args(args, explicit_flags(p, argv), state)
         if args.steps <= state["step"]:
             raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of {args.steps}; "

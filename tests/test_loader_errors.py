@@ -112,3 +112,30 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+WRONG_VALUES = ["false", "12", 1.5, True, -3, [], {}]
+
+
+def _generated_config_cases():
+    """Every field the loader reads, replaced by every value of a type it does not have (a case per pair)."""
+    from checkpoint import CONFIG_FIELDS
+    for key, (_, ok, _) in CONFIG_FIELDS.items():
+        for v in WRONG_VALUES:
+            if not ok(v):
+                yield key, v
+
+
+@pytest.mark.parametrize("key,value", list(_generated_config_cases()))
+def test_every_config_field_of_the_wrong_type_is_refused(folder, key, value):
+    """A quoted "false" for tie_word_embeddings used to load another model than the one on disk (bool("false")
+    is True); no field may be coerced."""
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
+    expect(folder, "config.json", key, "must be")
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused(folder):
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [1, cfg["vocab_size"]]}))
+    expect(folder, "config.json", f"token id {cfg['vocab_size']}", "outside the vocabulary")
