@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 import bupo
-import cli
-import files
+from infra import cli
+from infra import files
 import tasks
-from files import UserError
+from infra.errors import UserError
 
 
 class InputError(UserError):

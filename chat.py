@@ -9,8 +9,8 @@ It renders the model's own chat template (tokenizer.py) and decodes with the sam
 """
 import sys
 
-import cli
-from files import UserError
+from infra import cli
+from infra.errors import UserError
 
 
 def parse_args(argv=None):

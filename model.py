@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
-from checkpoint import ModelLoadError  # noqa: F401  (re-exported: the loader's one-line error)
+from infra import checkpoint
+from infra.errors import ModelLoadError  # noqa: F401  (re-exported: the loader's one-line error)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import cli
+from infra import cli
 from model import KVCache, Transformer
 
 

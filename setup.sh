@@ -13,4 +13,4 @@ fi
 if [ "${1:-}" = "--test" ]; then
   "$PY" -m pip install --quiet -r requirements-test.txt
 fi
-"$PY" weights.py > /dev/null
+"$PY" -m infra.weights > /dev/null

@@ -9,7 +9,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from checkpoint import ModelLoadError
+from infra.errors import ModelLoadError
 
 # end-of-turn / end-of-text tokens of the supported families; each one present in the vocabulary stops sampling
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>")

@@ -50,12 +50,12 @@ import torch
 
 import analyze
 import bupo
-import cli
-import distributed as dp
-import runs
+from infra import cli
+from infra import distributed as dp
+from infra import runs
 import tasks
-import weights
-from files import UserError
+from infra import weights
+from infra.errors import UserError
 from infra import precision
 from rollout import generate, prefill
 

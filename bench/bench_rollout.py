@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cli  # noqa: E402
-import weights  # noqa: E402
-from cli import load  # noqa: E402
-from files import UserError  # noqa: E402
+from infra import cli  # noqa: E402
+from infra import weights  # noqa: E402
+from infra.cli import load  # noqa: E402
+from infra.errors import UserError  # noqa: E402
 from rollout import generate, left_pad  # noqa: E402
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 + 25?",

@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bupo  # noqa: E402
-import cli  # noqa: E402
-import weights  # noqa: E402
+from infra import cli  # noqa: E402
+from infra import weights  # noqa: E402
 from bench_rollout import PROMPTS, flops_per_token, need_transformers, peak_flops, timed  # noqa: E402
-from cli import load  # noqa: E402
-from files import UserError  # noqa: E402
+from infra.cli import load  # noqa: E402
+from infra.errors import UserError  # noqa: E402
 from rollout import left_pad  # noqa: E402
 
 

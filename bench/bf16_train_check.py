@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
-import weights  # noqa: E402
+from infra import weights  # noqa: E402
 from infra import precision  # noqa: E402
 from model import Transformer  # noqa: E402
 

@@ -13,7 +13,7 @@ OUT=${OUT:-runs/gpu/$(date +%Y%m%d-%H%M%S)}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}   # H100 SXM dense bf16; 312 for an A100
 mkdir -p "$OUT"
 bash setup.sh --test
-"$PY" weights.py --model qwen2.5-coder-0.5b-instruct > /dev/null
+"$PY" -m infra.weights --model qwen2.5-coder-0.5b-instruct > /dev/null
 QWEN=models/qwen2.5-coder-0.5b-instruct
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 "$PY" bench/gpu_check.py --device cuda --dtype bfloat16 2>&1 | tee "$OUT/1-correctness.txt"

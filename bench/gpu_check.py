@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cli  # noqa: E402
-import weights  # noqa: E402
+from infra import cli  # noqa: E402
+from infra import weights  # noqa: E402
 from bench_rollout import need_transformers  # noqa: E402
 from model import Transformer  # noqa: E402
 from rollout import generate  # noqa: E402

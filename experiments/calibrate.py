@@ -18,11 +18,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import cli  # noqa: E402
-import files  # noqa: E402
+from infra import cli  # noqa: E402
+from infra import files  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
-import weights  # noqa: E402
+from infra import weights  # noqa: E402
 
 
 def main(argv=None):

@@ -17,9 +17,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import analyze  # noqa: E402
 import bupo  # noqa: E402
-import cli  # noqa: E402
+from infra import cli  # noqa: E402
 import tasks  # noqa: E402
-from files import UserError, check_writable_file, write_atomic  # noqa: E402
+from infra.errors import UserError  # noqa: E402
+from infra.files import check_writable_file, write_atomic  # noqa: E402
 
 
 def main(argv=None):

@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bupo  # noqa: E402
-import cli  # noqa: E402
-from files import UserError, check_writable_dir, write_atomic  # noqa: E402
-from runs import read_metrics  # noqa: E402
+from infra import cli  # noqa: E402
+from infra.errors import UserError  # noqa: E402
+from infra.files import check_writable_dir, write_atomic  # noqa: E402
+from infra.runs import read_metrics  # noqa: E402
 
 COPY = ("metrics.jsonl", "args.json", "entropy.json")
 

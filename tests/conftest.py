@@ -60,5 +60,5 @@ def tiny_chat_model(tmp_path_factory, default_model_dir):
 
 @pytest.fixture(scope="session")
 def default_model_dir():
-    import weights
+    from infra import weights
     return weights.ensure()

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cli  # noqa: E402
+from infra import cli  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 

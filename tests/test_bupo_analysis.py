@@ -11,7 +11,7 @@ import torch
 
 import analyze
 import bupo
-import weights
+from infra import weights
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_entropy_json_matches_transformers_hidden_states(default_model_dir):
     """The paper's definitions computed from transformers' own tensors (hooks), not from our record."""
     from transformers import AutoModelForCausalLM
 
-    from cli import load
+    from infra.cli import load
     model, tok = load(default_model_dir)
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     q = tok.encode_chat([{"role": "user", "content": "How many legs does a spider have?"}])

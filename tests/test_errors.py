@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import cli
+from infra import cli
 import tasks
 from model import ModelLoadError, Transformer
 
@@ -435,7 +435,7 @@ def test_non_finite_update_is_skipped_and_never_saved(tiny_chat_model, tmp_path,
 
 
 def test_non_finite_weights_are_never_written(tiny_dirs, tmp_path):
-    from files import UserError
+    from infra.errors import UserError
     model = Transformer.from_pretrained(tiny_dirs["qwen3", True])
     with torch.no_grad():
         model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")

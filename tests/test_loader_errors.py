@@ -119,7 +119,7 @@ WRONG_VALUES = ["false", "12", 1.5, True, -3, [], {}]
 
 def _generated_config_cases():
     """Every field the loader reads, replaced by every value of a type it does not have (a case per pair)."""
-    from checkpoint import CONFIG_FIELDS
+    from infra.checkpoint import CONFIG_FIELDS
     for key, (_, ok, _) in CONFIG_FIELDS.items():
         for v in WRONG_VALUES:
             if not ok(v):

@@ -1,7 +1,6 @@
 """One place owns a run folder (runs.py): a lock for every writer, deletion of its own names only, absolute paths
 stored at the start. Each class of case here lost or corrupted a run before."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -129,3 +128,12 @@ def test_an_empty_path_is_refused(tmp_path, flag, monkeypatch):
     with pytest.raises(train.UserError, match=f"{flag} '': an empty path"):
         train.main([flag, ""])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_path_that_is_a_link_loop_is_one_line(tmp_path):
+    """pathlib raises RuntimeError, not OSError, for a link loop on Python < 3.13."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(train.UserError, match="symbolic link loop"):
+        train.main(["--model", str(tmp_path / "a"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

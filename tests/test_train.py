@@ -272,7 +272,7 @@ def test_kl_penalty_in_both_phases(tiny_chat_model, tmp_path, length_reward):
 
 
 def test_bad_arguments(tiny_chat_model, tmp_path):
-    from files import UserError
+    from infra.errors import UserError
     with pytest.raises(UserError, match="--internal-layer 7: this model has layers 1..3"):
         run(tiny_chat_model, tmp_path / "x", "--internal-layer", "7")
     assert not (tmp_path / "x" / "args.json").exists()      # refused before the run folder was claimed

@@ -4,8 +4,7 @@ Writing files so that nothing a user already has is lost, and nothing is ever ha
 Every file the project writes goes through `write_atomic` (a temporary file in the same folder, renamed over
 the target) and every folder through `replace_dir`; an output folder is claimed with `claim_dir`, which refuses
 a folder that already holds results, or with overwrite=True moves them aside. Nothing here deletes a user's file.
-`UserError` is the one exception for expected bad input: its message is one line, "what, where, what to do",
-and the command-line tools print it as `error: <message>` and exit non-zero (cli.py).
+Errors are infra/errors.py's.
 """
 import errno
 import os
@@ -13,9 +12,9 @@ import shutil
 import time
 from pathlib import Path
 
+from infra.errors import UserError
 
-class UserError(Exception):
-    """Bad input or a bad environment (not a bug): the message is one line naming the problem and the fix."""
+
 
 
 def describe_os_error(e: OSError) -> str:

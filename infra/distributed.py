@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from files import UserError
+from infra.errors import UserError
 
 
 def rank() -> int:

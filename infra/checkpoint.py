@@ -15,15 +15,14 @@ from pathlib import Path
 
 import torch
 
-from files import UserError, replace_dir
+from infra.errors import ModelLoadError, UserError
+from infra.files import replace_dir
 
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors dtype codes a weight may have
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
 
 
-class ModelLoadError(UserError):
-    """A checkpoint folder that cannot be used; the message is one line that names the file and the fix."""
 
 
 def model_folder(path, device="cpu") -> Path:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from files import (UserError, check_writable_dir, claim_dir, describe_os_error, make_dir, remove_partial, replace_dir,
-                   write_atomic, write_text)
+from infra.errors import UserError
+from infra.files import (check_writable_dir, claim_dir, describe_os_error, make_dir, remove_partial, replace_dir,
+                         write_atomic, write_text)
 
 MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
 

@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from files import UserError
+from infra.errors import UserError
 
 
 class _ShowDefaults(argparse.HelpFormatter):
@@ -156,7 +156,7 @@ def default_device() -> str:
 
 def add_model_args(p, dtype: bool = True):
     """The --model, --dtype and --device flags that every tool shares."""
-    import weights
+    from infra import weights
     g = p.add_argument_group("model")
     g.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR),
                    help="HF-layout model folder (config.json + *.safetensors + tokenizer.json); the default model "
@@ -171,7 +171,7 @@ def load(model_dir, dtype=None, device="cpu"):
     """(model, tokenizer) of an HF-layout folder; the default offline model is built on first use."""
     import torch
 
-    import weights
+    from infra import weights
     from model import Transformer
     from tokenizer import Tokenizer
     weights.ensure_if_default(model_dir)
