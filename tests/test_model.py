@@ -1,4 +1,6 @@
 """model.py against transformers: logits, hidden states, greedy tokens; cache, padding, save/load."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -182,3 +184,18 @@ def test_autocast_forward_keeps_the_fp32_islands(tiny_dirs, arch):
     torch.testing.assert_close(step.float(), full.float(), atol=0.05 * full.float().std().item(), rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(full.float(), model(x), atol=0.1 * full.float().std().item(), rtol=0)
+
+
+def test_the_readme_residual_record_snippet_runs(default_model_dir, monkeypatch):
+    """README's first code block is run as written (from the repository root), so that it cannot break again."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    code = re.search(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S).group(1)
+    monkeypatch.chdir(root)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    rec, model = scope["rec"], scope["model"]
+    L = model.config.num_layers
+    assert len(rec.resid) == L + 1 and len(rec.attn_out) == len(rec.mlp_out) == L
+    assert all(torch.equal(rec.resid[l], rec.resid[l - 1] + rec.attn_out[l - 1] + rec.mlp_out[l - 1])
+               for l in range(1, L + 1))
