@@ -254,7 +254,7 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
-    g.add_argument("--compile", action="store_true", help="compile the decode step (slower on a CPU; README, 'Sampling')")
+    g.add_argument("--compile", action="store_true", help="compile the decode step (slower on a CPU; docs/usage.md, 'Sampling')")
     return p.parse_args(argv)
 
 

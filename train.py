@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, > 0 (also divides the "
                    "training logits)")
     g.add_argument("--compile", action="store_true", help="sample with the compiled decode step (torch.compile; slower "
-                   "than eager on a CPU, see README, 'Sampling')")
+                   "than eager on a CPU, see docs/usage.md, 'Sampling')")
     g = p.add_argument_group("objective")
     g.add_argument("--algo", default="bupo", choices=["bupo", "grpo"], help="bupo: phase 1 on pi^l, then GRPO")
     g.add_argument("--advantage", default="grpo", choices=bupo.ADVANTAGES, help="group baseline: grpo z-score, "

@@ -5,7 +5,7 @@ Tables and plots of the experiments, from the runs that experiments/run.sh write
     python experiments/report.py --runs DIR --out DIR
     python experiments/report.py --cost runs/cost      # the step costs that experiments/cost.sh measures
 
-Writes OUT/results.md (the tables of README's Experiments section), OUT/flow.png (the entropy flow and the KL of
+Writes OUT/results.md (the tables of docs/experiments.md), OUT/flow.png (the entropy flow and the KL of
 each layer policy to the model's), OUT/training.png, layers.png and inter.png (train reward and held-out accuracy
 of the main arms, the layer sweep and the s_inter sweep), OUT/dynamics.png (the entropies and the KL across the
 switch, the paper's Fig. 7), and a copy of every run's small outputs (metrics.jsonl, args.json, entropy.json) under
