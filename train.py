@@ -47,17 +47,17 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import analyze
 import bupo
-from infra import cli
-from infra import distributed as dp
-from infra import runs
 import tasks
-from infra import weights
+from infra import cli, precision, runs, weights
+from infra import distributed as dp
 from infra.errors import UserError
-from infra import precision
+from model import Transformer
 from rollout import generate, prefill
+from tokenizer import Tokenizer
 
 # flags that may differ from the saved run's when resuming: they change where or how often, not what is computed
 RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size", "eval_batch")
@@ -200,41 +200,66 @@ def micro_batches(n: int, args):
 
 
 def rl_step(model, tok, opt, args, step, layer, ref=None, amp=contextlib.nullcontext):
-    """One RL step (the module docstring's 1-5). amp: a fresh autocast region per forward phase, never around
-    opt.step() (infra/precision.py)."""
+    """One RL step, in the order of the module docstring's algorithm. amp: a fresh autocast region per forward
+    phase, never around opt.step() (infra/precision.py)."""
     t0 = time.perf_counter()
     L, G = model.config.num_layers, args.group_size
     # 1. sample G responses to each of this rank's prompts, from the full policy
-    problems = tasks.problems(args.task, args.prompts_per_step, seed=args.seed * 1_000_003 + step)
-    mine = dp.my_prompts(len(problems), args.mini_batches)      # all of them in a single process
-    problems = [problems[g] for g in mine]
-    first_seed = (args.seed << 32) + step * args.prompts_per_step     # prompt g of the step: first_seed + g
-    with amp():
-        ro = generate(model, [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems], G,
-                      args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
-                      seed=[first_seed + g for g in mine], tokenizer=tok, compile=args.compile)
+    problems, ro = sample_step(model, tok, args, step, amp)
     device, batch = ro.response_ids.device, bupo.Batch.of(ro)
     # 2. score, and the advantages of each group (a rank holds whole groups)
     rewards = torch.tensor([tasks.reward(t, problems[g].answer) for t, g in zip(ro.text, ro.group.tolist())],
                            device=device)
     adv = bupo.group_advantages(rewards, G, args.advantage)
-    # 3. the policy this step optimises, its old log-probs (start-of-step weights) and the diagnostics
+    # 3. the policy this step optimises (eq. 10), its old log-probs (start-of-step weights), the diagnostics
     policy_layer = bupo.phase_layer(args.algo, step, args.internal_steps, layer, L)
     groups = micro_batches(len(batch.ids), args)
-    with torch.no_grad(), amp():
+    old, ref_logp, stats = old_pass(model, ref, batch, groups, policy_layer, layer if args.algo == "bupo" else L,
+                                    args, amp)
+    # 4. the updates: one AdamW step per mini-batch, on the clipped surrogate of the same policy
+    sums, grad_norms, skipped = update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, amp)
+    # 5. the metrics of the whole step
+    sums.update(n_tok=int(batch.response_mask.sum()), clipped=sum(f == "length" for f in ro.finish_reason),
+                **{f"stat/{name}": v for name, v in stats.items()})
+    return step_metrics(step, policy_layer, L, G, dp.all_gather(rewards), dp.all_sum(sums, device), grad_norms,
+                        skipped, len(groups), time.perf_counter() - t0, device)
+
+
+def sample_step(model, tok, args, step, amp):
+    """This rank's prompts of the step (a fixed function of --seed and the step) and G responses to each."""
+    problems = tasks.problems(args.task, args.prompts_per_step, seed=args.seed * 1_000_003 + step)
+    mine = dp.my_prompts(len(problems), args.mini_batches)      # all of them in a single process
+    problems = [problems[g] for g in mine]
+    first_seed = (args.seed << 32) + step * args.prompts_per_step     # prompt g of the step: first_seed + g
+    with amp():
+        ro = generate(model, [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems],
+                      args.group_size, args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
+                      pad_id=tok.pad_id, seed=[first_seed + g for g in mine], tokenizer=tok, compile=args.compile)
+    return problems, ro
+
+
+@torch.no_grad()
+def old_pass(model, ref, batch, groups, policy_layer, stats_layer, args, amp):
+    """The old log-probs [n, R] of the step's policy, the reference model's (with --kl-coef, else None), and
+    the sums of the diagnostics at stats_layer (bupo.policy_stats), on the micro-batches the updates use."""
+    with amp():
         old, stats = torch.zeros_like(batch.response_mask, dtype=torch.float), {}
         ref_logp = torch.zeros_like(old) if ref is not None else None
         for rows in (rows for mb in groups for rows in mb):
             mb_batch = batch.rows(rows)
-            old[rows, :mb_batch.ids.shape[1] - mb_batch.Tp] = bupo.policy_logprobs(model, mb_batch, policy_layer,
-                                                                                   args.temperature)
+            R = mb_batch.ids.shape[1] - mb_batch.Tp
+            old[rows, :R] = bupo.policy_logprobs(model, mb_batch, policy_layer, args.temperature)
             if ref is not None:   # the same policy (pi^l in phase 1) of the frozen initial model
-                ref_logp[rows, :mb_batch.ids.shape[1] - mb_batch.Tp] = bupo.policy_logprobs(
-                    ref, mb_batch, policy_layer, args.temperature)
-            for k, v in bupo.policy_stats(model, mb_batch, layer if args.algo == "bupo" else L,
-                                          args.temperature).items():
+                ref_logp[rows, :R] = bupo.policy_logprobs(ref, mb_batch, policy_layer, args.temperature)
+            for k, v in bupo.policy_stats(model, mb_batch, stats_layer, args.temperature).items():
                 stats[k] = stats.get(k, 0.0) + v.sum().item()
-    # 4. the updates: one AdamW step per mini-batch, on the clipped surrogate of the same policy
+    return old, ref_logp, stats
+
+
+def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, amp):
+    """One AdamW step per mini-batch of `groups` (1 epoch, no shuffle) on the clipped surrogate; returns the
+    sums of the loss statistics, the grad norms of the steps taken and how many were skipped."""
+    device = batch.ids.device
     sums, grad_norms, skipped = {}, [], 0
     for k, mb in enumerate(groups):
         rows_all = torch.cat(mb)
@@ -250,7 +275,7 @@ def rl_step(model, tok, opt, args, step, layer, ref=None, amp=contextlib.nullcon
             R, rm = logp.shape[1], mb_batch.response_mask
             tok_loss, s = bupo.policy_loss(logp, old[rows, :R], adv[rows], rm, args.clip_low, args.clip_high,
                                            args.dual_clip)
-            if ref is not None:
+            if ref_logp is not None:
                 kl = bupo.kl_penalty(logp, ref_logp[rows, :R], args.kl_type)
                 tok_loss = tok_loss + args.kl_coef * kl
                 s["kl_ref"] = (kl.detach() * rm).sum()
@@ -268,12 +293,13 @@ def rl_step(model, tok, opt, args, step, layer, ref=None, amp=contextlib.nullcon
             skipped += 1
         opt.zero_grad(set_to_none=True)                      # None, not 0: AdamW skips params without a gradient
         sums[f"loss/{k}"] = loss_total                       # this rank's share of mini-batch k's loss
-    # 5. the metrics of the whole step: sums over the ranks' tokens and responses, then means
-    sums.update(n_tok=int(batch.response_mask.sum()), clipped=sum(f == "length" for f in ro.finish_reason),
-                **{f"stat/{name}": v for name, v in stats.items()})
-    sums = dp.all_sum(sums, device)
-    rewards = dp.all_gather(rewards)
-    n_tok, n, dt = sums["n_tok"], len(rewards), time.perf_counter() - t0
+    return sums, grad_norms, skipped
+
+
+def step_metrics(step, policy_layer, L, G, rewards, sums, grad_norms, skipped, n_mini, dt, device) -> dict:
+    """One line of metrics.jsonl from the step's sums over all ranks' tokens and responses (means per token or
+    per response; TRL's names where TRL has one)."""
+    n_tok, n = sums["n_tok"], len(rewards)
     m = {"step": step, "phase": "internal" if policy_layer < L else "full", "policy_layer": policy_layer,
          "reward": rewards.mean().item(), "reward_std": rewards.std().item() if n > 1 else 0.0,
          "frac_reward_zero_std": (rewards.view(-1, G).std(1) == 0).float().mean().item() if G > 1 else 1.0,
@@ -281,7 +307,7 @@ def rl_step(model, tok, opt, args, step, layer, ref=None, amp=contextlib.nullcon
          **{k: sums[k] / n_tok for k in ("clip_ratio/low", "clip_ratio/high", "clip_ratio/dual", "kl_ref")
             if k in sums},
          "kl": sums["ppo_kl"] / n_tok, "entropy": sums["stat/entropy"] / n_tok,
-         "loss": sum(sums[f"loss/{k}"] for k in range(len(groups))) / len(groups),
+         "loss": sum(sums[f"loss/{k}"] for k in range(n_mini)) / n_mini,
          "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"), "skipped_steps": skipped,
          "step_time": dt, "tokens_per_s": n_tok / dt, "peak_memory_mb": peak_memory_mb(device)}
     if "stat/entropy_layer" in sums:
@@ -354,45 +380,17 @@ def main(argv=None):
 
 
 def run_training(argv=None):
-    from model import Transformer
-    from tokenizer import Tokenizer
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     args = p.parse_args(argv)
     check_args(args)
-    for k in ("model", "out", "analysis", "resume"):      # resolved once: a resume from another folder finds them
-        if getattr(args, k):
-            setattr(args, k, os.path.abspath(getattr(args, k)))
     # W_U h_l without the norm gives logits so spread that softmax underflows into subnormal floats, which CPUs
     # compute ~5x slower (phase 1 at l=7 of SmolLM2: 6.0 s -> 1.15 s per micro-batch); flush them to 0 instead
     torch.set_flush_denormal(True)
-    state = None
-    if args.resume:   # the newest complete checkpoint (its weights checked on the meta device: the rank's device
-        # is not chosen yet, and under torchrun every rank would load onto the default GPU), the saved arguments
-        ckpt, state, _ = runs.resumable(args.resume, lambda c: Transformer.from_pretrained(c, device="meta"),
-                                        writer=dp.launched_rank() == 0)
-        args = resume_args(args, explicit_flags(p, argv), state)
-        if args.steps <= state["step"]:
-            raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of {args.steps}; "
-                            f"pass --steps N with N > {state['step']} to continue it")
-        print(f"resuming {args.out} from {ckpt.name}", file=sys.stderr)
-        model_dir = ckpt
-    else:
-        runs.check_new(args.out, args.overwrite)    # a folder that holds a run is refused before any work
-        model_dir = args.model
+    args, state, model_dir = open_run(p, argv, args)
     device = dp.setup(args.device, args.prompts_per_step, args.mini_batches, args.eval_problems, args.eval_every > 0)
     lead = dp.rank() == 0                                   # only rank 0 writes files and prints progress
-    if not state and lead:
-        weights.ensure_if_default(model_dir)
-    dp.barrier()                                            # rank 0 has built the default model, if it was missing
-    model = Transformer.from_pretrained(model_dir, device=device)     # on this rank's device
-    tok = Tokenizer(model_dir)
-    cli.fits_context(tasks.longest_prompt(tok, args.task, args.shots, args.seed), args.max_new_tokens,
-                     model.config.max_position_embeddings, f"the longest {args.task} prompt")
-    layer = state["internal_layer"] if state else model.config.num_layers
-    if not state and args.algo == "bupo" and lead:
-        layer = analyze.resolve_layer(args.internal_layer, model, tok, args)
-    layer = int(dp.all_sum({"layer": layer if lead else 0}, device)["layer"])   # rank 0's choice, everywhere
+    model, tok, layer = load_policy(model_dir, state, args, device, lead)
     if not state and lead:
         runs.start(args.out, args, args.overwrite)          # args.json, metrics.jsonl; an old run moved aside
     ref = Transformer.from_pretrained(args.model, device=device) if args.kl_coef > 0 else None
@@ -404,18 +402,10 @@ def run_training(argv=None):
         if lead:
             runs.repair_metrics(args.out, start)
             runs.note_resume(args.out, start)
-
-    stop = []
-
-    def on_interrupt(*_):  # finish the step, save, exit; a second Ctrl-C aborts at once
-        stop.append(True)
-        print("\nCtrl-C: stopping after this step and saving a checkpoint (again to abort)", file=sys.stderr)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, on_interrupt)
+    stop = stop_after_ctrl_c()
     # mixed precision: one autocast region per forward phase, opened inside rl_step / evaluate (infra/precision.py)
     dtype = precision.compute_dtype(getattr(args, "dtype", "auto"), device)
     amp = lambda: precision.autocast(device, dtype)           # noqa: E731
-    from tqdm import tqdm
     step, stopping = start - 1, False
     if start == 1 and args.eval_every:
         row = {"step": 0, **evaluate(model, tok, args, amp)}
@@ -442,6 +432,56 @@ def run_training(argv=None):
         print(f"{'stopped' if stopping else 'done'} at step {step}: {args.out}/metrics.jsonl, curves.png, "
               "checkpoints/", file=sys.stderr)
     dp.teardown()
+
+
+def open_run(p, argv, args):
+    """(args, trainer state or None, model folder): a new run's folder checked (a folder that holds a run is
+    refused before any work), or a resumed run's newest complete checkpoint and saved arguments. Paths are made
+    absolute once, so that a resume from another working folder finds them."""
+    for k in ("model", "out", "analysis", "resume"):
+        if getattr(args, k):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
+    if not args.resume:
+        runs.check_new(args.out, args.overwrite)
+        return args, None, args.model
+    # the checkpoint's weights are checked on the meta device: the rank's device is not chosen yet, and under
+    # torchrun every rank would load onto the default GPU
+    ckpt, state, _ = runs.resumable(args.resume, lambda c: Transformer.from_pretrained(c, device="meta"),
+                                    writer=dp.launched_rank() == 0)
+    args = resume_args(args, explicit_flags(p, argv), state)
+    if args.steps <= state["step"]:
+        raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of {args.steps}; "
+                        f"pass --steps N with N > {state['step']} to continue it")
+    print(f"resuming {args.out} from {ckpt.name}", file=sys.stderr)
+    return args, state, ckpt
+
+
+def load_policy(model_dir, state, args, device, lead):
+    """The model on this rank's device, its tokenizer, and the internal layer l of BuPO's phase 1 (rank 0's
+    choice: analyze.resolve_layer for a new run, the saved one on resume)."""
+    if not state and lead:
+        weights.ensure_if_default(model_dir)
+    dp.barrier()                                            # rank 0 has built the default model, if it was missing
+    model = Transformer.from_pretrained(model_dir, device=device)
+    tok = Tokenizer(model_dir)
+    cli.fits_context(tasks.longest_prompt(tok, args.task, args.shots, args.seed), args.max_new_tokens,
+                     model.config.max_position_embeddings, f"the longest {args.task} prompt")
+    layer = state["internal_layer"] if state else model.config.num_layers
+    if not state and args.algo == "bupo" and lead:
+        layer = analyze.resolve_layer(args.internal_layer, model, tok, args)
+    return model, tok, int(dp.all_sum({"layer": layer if lead else 0}, device)["layer"])
+
+
+def stop_after_ctrl_c() -> list:
+    """A list that the first Ctrl-C appends to: the loop finishes the step, saves and exits; a second aborts."""
+    stop = []
+
+    def on_interrupt(*_):
+        stop.append(True)
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (again to abort)", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, on_interrupt)
+    return stop
 
 
 if __name__ == "__main__":
