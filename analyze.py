@@ -20,6 +20,7 @@ Each layer also gets KL_resid, the mean KL(pi^l || pi_theta) of its policy to th
 (bupo.choose_internal_layer). `closest_layer` is the lowest layer below L whose KL_resid is within 10% of the least:
 the project's closest-layer rule, measured and reported but not used by auto (docs/method.md 5).
 """
+import math
 import json
 import sys
 import time
@@ -31,11 +32,9 @@ import bupo
 from infra import cli
 from infra import files
 import tasks
-from infra.errors import UserError
+from infra.errors import InputError, UserError
 
 
-class InputError(UserError):
-    """Bad user input; the message is one line naming the file (and line) and the problem."""
 
 
 # -----------------------------------------------------------------------------
@@ -137,12 +136,29 @@ def summarize(model_name, model, flow, n_responses, norm) -> dict:
             "layers": [{"layer": l + 1, **{k: means[k][l] for k in keys}} for l in range(L)],
             "H_policy": flow["H_policy"].mean().item(), "boundary_layer": boundary,
             "internal_layer": internal, "internal_layer_rule": rule,
-            "closest_layer": bupo.closest_layer(means["KL_resid"]),
+            "closest_layer": closest_layer(means["KL_resid"]),
             "norm": "final" if norm else "none"}
 
 
 # -----------------------------------------------------------------------------
 # the layer train.py trains in phase 1
+
+# the project's closest-layer rule: reported in entropy.json, tested, not used by --internal-layer auto
+
+CLOSEST_TOLERANCE = 0.10   # layers within 10% of the least KL count as equally close (docs/method.md 5)
+
+
+def closest_layer(kl: list, tolerance: float = CLOSEST_TOLERANCE) -> int:
+    """The project's closest-layer rule (not the paper's), tested and not adopted for --internal-layer auto: the
+    lowest layer l < L whose policy pi^l is about as close to the model's policy as any, mean KL(pi^l || pi_theta)
+    <= (1 + tolerance) * the least of them, on the model's own answers (kl_flow). The tolerance keeps the pick from
+    hopping between layers of a plateau. On SmolLM2-135M it picks layer 24, which trained worse than the
+    penultimate layer on 4 of 5 seeds (docs/method.md 5); analyze.py still reports it."""
+    below = [d if math.isfinite(d) else math.inf for d in kl[:-1]]   # a NaN (overflow) never counts as close
+    if not below or min(below) == math.inf:
+        return max(1, len(kl) - 1)   # no layer below L (a 1-layer model), or none measurable: the penultimate
+    return next(l for l, d in enumerate(below, start=1) if d <= (1 + tolerance) * min(below))
+
 
 def resolve_layer(value: str, model, tok, args) -> int:
     """train.py's --internal-layer: a paper (1-based) layer l, where pi^l = softmax(W_U h_l) (the authors'

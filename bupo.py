@@ -18,7 +18,6 @@ Departures from the authors' analysis code, on purpose:
      the position before the last response token). The authors' script is shifted by one (it drops the
      distribution of the first response token and keeps the one after the last token; docs/method.md 8).
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -111,8 +110,8 @@ def entropy_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: 
 def kl_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: bool = False,
             chunk: int | None = None) -> torch.Tensor:
     """KL(pi^l || pi_theta) at the positions `where` of a record -> [L, N], row l-1 is layer l (row L-1, the policy
-    itself, is 0): how far each layer policy is from the model's policy on the same states (closest_layer reads
-    its mean per layer; docs/method.md 5)."""
+    itself, is 0): how far each layer policy is from the model's policy on the same states (analyze.py's closest_layer
+    reads its mean per layer; docs/method.md 5)."""
     chunk = chunk or max(1, chunk_rows(model) // 2)   # the policy's and one layer's logits at once
     L = model.config.num_layers
     top, hs = rec.resid[L][where], [rec.resid[l][where] for l in range(1, L)]
@@ -139,21 +138,6 @@ def boundary_layer(dH_mlp: list) -> int | None:
     """The paper's boundary layer (section 4.3): the last layer (1-based) whose mean FFN entropy change is positive."""
     positive = [l for l, d in enumerate(dH_mlp, start=1) if d > 0]
     return positive[-1] if positive else None
-
-
-CLOSEST_TOLERANCE = 0.10   # layers within 10% of the least KL count as equally close (docs/method.md 5)
-
-
-def closest_layer(kl: list, tolerance: float = CLOSEST_TOLERANCE) -> int:
-    """The project's closest-layer rule (not the paper's), tested and not adopted for --internal-layer auto: the
-    lowest layer l < L whose policy pi^l is about as close to the model's policy as any, mean KL(pi^l || pi_theta)
-    <= (1 + tolerance) * the least of them, on the model's own answers (kl_flow). The tolerance keeps the pick from
-    hopping between layers of a plateau. On SmolLM2-135M it picks layer 24, which trained worse than the
-    penultimate layer on 4 of 5 seeds (docs/method.md 5); analyze.py still reports it."""
-    below = [d if math.isfinite(d) else math.inf for d in kl[:-1]]   # a NaN (overflow) never counts as close
-    if not below or min(below) == math.inf:
-        return max(1, len(kl) - 1)   # no layer below L (a 1-layer model), or none measurable: the penultimate
-    return next(l for l, d in enumerate(below, start=1) if d <= (1 + tolerance) * min(below))
 
 
 def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:

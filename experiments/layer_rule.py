@@ -2,7 +2,7 @@
 How stable is the project's closest-layer rule? It repeats train.py's own quick analysis for --internal-layer auto
 (N of the model's answers to the task, T = 1, seeded; analyze.py's entropy flow with the KL of every layer policy to
 the model's) for several seeds, and prints, per seed, the paper's boundary layer, the layer of least KL, the
-project's closest layer (bupo.closest_layer: the lowest layer within 10% of the least KL; docs/method.md 5) and the
+project's closest layer (analyze.closest_layer: the lowest layer within 10% of the least KL; docs/method.md 5) and the
 layer auto picks (the boundary layer, else the penultimate one; the closest layer was tested and is not used).
 
     python experiments/layer_rule.py                                   # default model, sum2, 8 answers, seeds 0-4
@@ -48,7 +48,7 @@ def main(argv=None):
         means = bupo.entropy_changes(analyze.analyze(model, pairs)[0])
         kl = means["KL_resid"]
         rows.append({"seed": seed, "KL_resid": kl, "boundary_layer": bupo.boundary_layer(means["dH_mlp"]),
-                     "least_kl_layer": bupo.closest_layer(kl, tolerance=0.0), "closest_layer": bupo.closest_layer(kl),
+                     "least_kl_layer": analyze.closest_layer(kl, tolerance=0.0), "closest_layer": analyze.closest_layer(kl),
                      "auto": bupo.choose_internal_layer(means["dH_mlp"])})
         r = rows[-1]
         print(f"seed {seed}: boundary {r['boundary_layer']}, least KL at {r['least_kl_layer']} "
@@ -56,7 +56,7 @@ def main(argv=None):
               f"{kl[L - 2]:.2f}; auto -> {r['auto'][0]} ({r['auto'][1]})", flush=True)
     if args.out:
         result = {"command": "python experiments/layer_rule.py " + " ".join(argv or []),
-                  "num_layers": L, "tolerance": bupo.CLOSEST_TOLERANCE, "seeds": rows}
+                  "num_layers": L, "tolerance": analyze.CLOSEST_TOLERANCE, "seeds": rows}
         write_atomic(Path(args.out), lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
         print(f"wrote {args.out}")
 

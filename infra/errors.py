@@ -4,9 +4,14 @@ its message is one line, "what, where, what to do", and the command-line tools p
 and exit non-zero (infra/cli.py run). Anything else that escapes is a bug and keeps its traceback.
 """
 
+
 class UserError(Exception):
     """Bad input or a bad environment (not a bug): the message is one line naming the problem and the fix."""
 
 
 class ModelLoadError(UserError):
     """A checkpoint folder that cannot be used; the message is one line that names the file and the fix."""
+
+
+class InputError(UserError):
+    """Bad user input; the message is one line naming the file (and line) and the problem."""

@@ -113,11 +113,11 @@ def test_layer_rule_script(tmp_path, tiny_chat_model):
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     sys.path.insert(0, str(ROOT))
-    import bupo
+    import analyze
     assert [r["seed"] for r in result["seeds"]] == [0, 1] and result["command"].endswith(str(out))
     for r in result["seeds"]:
         kl = r["KL_resid"]
-        assert len(kl) == result["num_layers"] and kl[-1] == 0 and r["closest_layer"] == bupo.closest_layer(kl)
+        assert len(kl) == result["num_layers"] and kl[-1] == 0 and r["closest_layer"] == analyze.closest_layer(kl)
         L, b = result["num_layers"], r["boundary_layer"]
         assert r["auto"] == ([b, "boundary"] if b is not None and b < L else [L - 1, "penultimate"])  # not the KL's
         assert r["least_kl_layer"] == 1 + min(range(len(kl) - 1), key=kl.__getitem__)
