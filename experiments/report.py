@@ -108,12 +108,48 @@ def plot_flow(flows: dict, out: Path, plt):
 # statistics over seeds
 
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}  # t_{0.975, df}
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+       20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+       29: 2.045, 30: 2.042}  # t_{0.975, df}
+T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+       11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 16: 1.746, 17: 1.740, 18: 1.734, 19: 1.729,
+       20: 1.725, 21: 1.721, 22: 1.717, 23: 1.714, 24: 1.711, 25: 1.708, 26: 1.706, 27: 1.703, 28: 1.701,
+       29: 1.699, 30: 1.697}  # t_{0.95, df}: the two-sided 90% interval, two one-sided 5% tests
 
 
 def t95(df: int) -> float:
-    """The two-sided 95% quantile of Student's t with df degrees of freedom (1.96 as df grows)."""
-    return T95.get(df) or next((T95[d] for d in sorted(T95) if d >= df), 1.96)
+    """The two-sided 95% quantile of Student's t with df degrees of freedom (1.96 past df 30)."""
+    return T95.get(df, 1.96)
+
+
+# experiments/PLAN.md: its endpoint, its seeds, its margin and its three possible verdicts
+PLAN_SEEDS, PLAN_MARGIN = list(range(20)), 0.05
+
+
+def plan_verdict(configs: dict) -> str:
+    """experiments/PLAN.md's analysis of BuPO − GRPO (final held-out greedy accuracy, paired by seed): the 95%
+    and 90% t intervals and, only once every planned pair is finished, the verdict decided in advance."""
+    both = sorted(set(configs.get("grpo", {})) & set(configs.get("bupo", {})) & set(PLAN_SEEDS))
+    if len(both) < 2:
+        return "Not enough finished pairs yet."
+    d = [evals(configs["bupo"][s])[-1]["eval/greedy_acc"] - evals(configs["grpo"][s])[-1]["eval/greedy_acc"]
+         for s in both]
+    m, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
+    lo95, hi95 = m - t95(len(d) - 1) * se, m + t95(len(d) - 1) * se
+    lo90, hi90 = m - T90.get(len(d) - 1, 1.645) * se, m + T90.get(len(d) - 1, 1.645) * se
+    text = (f"{len(both)} of {len(PLAN_SEEDS)} pairs (seeds {', '.join(map(str, both))}): BuPO − GRPO = {m:+.3f}, "
+            f"95% interval [{lo95:+.3f}, {hi95:+.3f}], 90% interval [{lo90:+.3f}, {hi90:+.3f}] "
+            f"(equivalence margin ±{PLAN_MARGIN}).")
+    if len(both) < len(PLAN_SEEDS):
+        return text + " Interim: no verdict until every planned pair is finished."
+    if lo95 > 0 or hi95 < 0:
+        verdict = f"BuPO is {'better' if m > 0 else 'worse'} than GRPO by {m:+.3f} [{lo95:+.3f}, {hi95:+.3f}]."
+    elif -PLAN_MARGIN < lo90 and hi90 < PLAN_MARGIN:
+        verdict = f"BuPO and GRPO are equivalent within {PLAN_MARGIN * 100:.0f} points at this scale."
+    else:
+        verdict = (f"Inconclusive: neither a difference nor equivalence within {PLAN_MARGIN * 100:.0f} points "
+                   "is shown.")
+    return text + " Verdict: " + verdict
 
 
 def mean_se(xs: list[float], fmt="{:.3f}") -> str:
@@ -397,6 +433,7 @@ def main(argv=None):
         plot_dynamics(configs, main_arms + layers + inter, out, plt)
         parts += ["### Held-out accuracy before and after training (mean ± standard error over seeds)",
                   eval_table(configs),
+                  "### experiments/PLAN.md: BuPO − GRPO over 20 paired seeds", plan_verdict(configs),
                   "### Against GRPO, paired by seed (mean difference and its 95% t interval)",
                   paired_table(configs, "grpo"),
                   "### Against the main BuPO arm (the penultimate layer), paired by seed", paired_table(configs, "bupo"),

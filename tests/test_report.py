@@ -188,3 +188,23 @@ def test_check_quickstart(tmp_path):
     (run / "metrics.jsonl").write_text('{"step": 1, "rew')
     done = check_quickstart(tmp_path / "run")
     assert done.returncode == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_plan_verdict_follows_the_plan():
+    """experiments/PLAN.md's verdicts, decided in advance: interim before 20 pairs; then a difference when the 95%
+    interval excludes 0, equivalence when the 90% interval lies within +-0.05, else inconclusive."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    def configs(diffs):
+        run = lambda acc: {"rows": [{"step": 0, "eval/greedy_acc": 0.4}, {"step": 40, "eval/greedy_acc": acc}]}  # noqa: E731
+        return {"grpo": {s: run(0.5) for s in range(len(diffs))},
+                "bupo": {s: run(0.5 + d) for s, d in enumerate(diffs)}}
+    assert "Interim: no verdict" in report.plan_verdict(configs([0.01, -0.01, 0.02]))
+    assert "3 of 20 pairs" in report.plan_verdict(configs([0.01, -0.01, 0.02]))
+    small = [0.01 * (-1) ** s for s in range(20)]                          # mean 0, SD 0.01: equivalent
+    assert "Verdict: BuPO and GRPO are equivalent within 5 points" in report.plan_verdict(configs(small))
+    better = [0.04 + 0.01 * (-1) ** s for s in range(20)]                  # 95% interval above 0
+    assert "Verdict: BuPO is better than GRPO by +0.040" in report.plan_verdict(configs(better))
+    wide = [0.2 * (-1) ** s for s in range(20)]                            # mean 0, SD 0.2: neither
+    assert "Verdict: Inconclusive" in report.plan_verdict(configs(wide))
