@@ -21,6 +21,7 @@ The log-prob returned for each token is under the distribution it was sampled fr
 the filters; for greedy decoding, temperature 0, under the model's own softmax). At T = 1 with no filter
 these are the "old policy" log-probs of GRPO.
 """
+import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -95,6 +96,13 @@ def sample(logits: torch.Tensor, generators: list, temperature: float = 1.0, top
 
 # -----------------------------------------------------------------------------
 # prefill, copy to the group, decode
+
+def row_seed(seed: int, j: int) -> int:
+    """The generator seed of response j to a prompt seeded `seed`: (seed << 20) + j while that fits the 64 bits a
+    torch.Generator takes, else 64 bits of its sha256 (a Unix time as --seed would otherwise overflow)."""
+    v = (seed << 20) + j
+    return v if 0 <= v < 2**64 else int.from_bytes(hashlib.sha256(str(v).encode()).digest()[:8], "little")
+
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(p) for p in prompts)
@@ -199,7 +207,7 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
     seeds = [seed + i for i in range(P)] if isinstance(seed, int) else list(seed)
     if len(seeds) != P:
         raise ValueError(f"generate() got {len(seeds)} seeds for {P} prompts; give one seed per prompt, or an int")
-    generators = [torch.Generator(device).manual_seed((s << 20) + j) for s in seeds for j in range(G)]
+    generators = [torch.Generator(device).manual_seed(row_seed(s, j)) for s in seeds for j in range(G)]
 
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, device=device)

@@ -200,3 +200,13 @@ def test_compile_unavailable_is_one_line_and_eager(tiny_dirs, monkeypatch, capsy
     assert torch.equal(got.response_ids, want.response_ids)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: torch.compile is not available here") and "Traceback" not in err
+
+
+def test_a_large_seed_samples_and_repeats():
+    """--seed 1700000000 (a Unix time) once overflowed the generator's 64-bit seed mid-run; small seeds keep their
+    streams exactly."""
+    import rollout
+    assert rollout.row_seed(5, 3) == (5 << 20) + 3
+    big = [rollout.row_seed((1_700_000_000 << 32) + g, j) for g in range(3) for j in range(4)]
+    assert all(0 <= b < 2**64 for b in big) and len(set(big)) == len(big)
+    assert rollout.row_seed(2**60, 1) == rollout.row_seed(2**60, 1) != rollout.row_seed(2**60, 2)
