@@ -126,13 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def explicit_flags(p: argparse.ArgumentParser, argv) -> set:
-    """The destinations of the flags given on the command line (argparse fills only the missing ones)."""
-    unset = object()
-    ns = p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions}))
-    return {k for k, v in vars(ns).items() if v is not unset}
-
-
 def check_args(args):
     """Every argument, before anything is loaded or written."""
     cli.not_empty(args, "--model", "--out", "--resume", "--analysis")
@@ -164,30 +157,6 @@ def check_args(args):
     if args.analysis:
         cli.existing_file(args.analysis, "--analysis")
     cli.check_device(args.device)
-
-
-def resume_args(args, given: set, state: dict) -> argparse.Namespace:
-    """The saved run's arguments, with the flags that may change taken from the command line; any other flag
-    given with a different value is refused (it would silently not apply)."""
-    saved = {**vars(build_parser().parse_args([])), **state["args"]}     # + flags added since the run started
-    for k in sorted(given - {"resume", "out", "overwrite"} - set(RESUME_MAY_CHANGE)):
-        if getattr(args, k) != saved.get(k):
-            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the resumed run's "
-                            f"{saved.get(k)} ({args.resume}/args.json); --resume continues a run with its own "
-                            "arguments: drop the flag, or start a new run with --out")
-    if "out" in given and Path(args.out).resolve() != Path(args.resume).resolve():
-        raise UserError(f"--out {args.out} with --resume {args.resume}: a resumed run writes into its own folder; "
-                        "drop --out")
-    changed = {k: getattr(args, k) for k in RESUME_MAY_CHANGE if k in given and getattr(args, k) != saved.get(k)}
-    for k, v in changed.items():
-        print(f"resume: --{k.replace('_', '-')} {v} (the saved run had {saved.get(k)})", file=sys.stderr)
-    out = argparse.Namespace(**{**saved, **changed, "out": args.resume, "resume": args.resume})
-    if not os.path.isabs(out.model):   # a run saved before paths were stored absolute: relative to here, if there
-        if not Path(out.model).is_dir():
-            raise UserError(f"--resume {args.resume}: the run's --model {out.model} is a relative path that is not "
-                            "there from this folder; resume from the folder the run was started in")
-        out.model = os.path.abspath(out.model)
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -448,7 +417,7 @@ def open_run(p, argv, args):
     # torchrun every rank would load onto the default GPU
     ckpt, state, _ = runs.resumable(args.resume, lambda c: Transformer.from_pretrained(c, device="meta"),
                                     writer=dp.launched_rank() == 0)
-    args = resume_args(args, explicit_flags(p, argv), state)
+    args = runs.resume_args(args, cli.explicit_flags(p, argv), state, build_parser(), RESUME_MAY_CHANGE)
     if args.steps <= state["step"]:
         raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of {args.steps}; "
                         f"pass --steps N with N > {state['step']} to continue it")

@@ -57,6 +57,13 @@ def run(main, argv=None):
 # -----------------------------------------------------------------------------
 # argument checks: each raises UserError naming the flag, the value and the allowed range
 
+def explicit_flags(p: argparse.ArgumentParser, argv) -> set:
+    """The destinations of the flags given on the command line (argparse fills only the missing ones)."""
+    unset = object()
+    ns = p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions}))
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
 def not_empty(args, *names):
     """A path flag given as "" (an unset shell variable, --out "$OUT") would silently mean the current folder."""
     for name in names:

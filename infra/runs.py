@@ -14,6 +14,7 @@ A training run's folder, and the rules that keep it safe:
   metrics.jsonl is cut back to the steps that checkpoint covers, which also repairs a line cut mid-write; the
   lines cut are appended to OUT/metrics.dropped.jsonl, not deleted.
 """
+import argparse
 import json
 import os
 import re
@@ -154,6 +155,30 @@ def repair_metrics(out, start_step: int):
         print(f"resume: metrics.jsonl cut back to the {len(kept)} lines before step {start_step}; "
               f"{len(dropped)} later or broken lines moved to {aside}", file=sys.stderr)
     write_text(file, "".join(x + "\n" for x in kept))
+
+
+def resume_args(args, given: set, state: dict, parser, may_change: tuple) -> argparse.Namespace:
+    """The saved run's arguments, with the flags that may change taken from the command line; any other flag
+    given with a different value is refused (it would silently not apply)."""
+    saved = {**vars(parser.parse_args([])), **state["args"]}     # + flags added since the run started
+    for k in sorted(given - {"resume", "out", "overwrite"} - set(may_change)):
+        if getattr(args, k) != saved.get(k):
+            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the resumed run's "
+                            f"{saved.get(k)} ({args.resume}/args.json); --resume continues a run with its own "
+                            "arguments: drop the flag, or start a new run with --out")
+    if "out" in given and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise UserError(f"--out {args.out} with --resume {args.resume}: a resumed run writes into its own folder; "
+                        "drop --out")
+    changed = {k: getattr(args, k) for k in may_change if k in given and getattr(args, k) != saved.get(k)}
+    for k, v in changed.items():
+        print(f"resume: --{k.replace('_', '-')} {v} (the saved run had {saved.get(k)})", file=sys.stderr)
+    out = argparse.Namespace(**{**saved, **changed, "out": args.resume, "resume": args.resume})
+    if not os.path.isabs(out.model):   # a run saved before paths were stored absolute: relative to here, if there
+        if not Path(out.model).is_dir():
+            raise UserError(f"--resume {args.resume}: the run's --model {out.model} is a relative path that is not "
+                            "there from this folder; resume from the folder the run was started in")
+        out.model = os.path.abspath(out.model)
+    return out
 
 
 # -----------------------------------------------------------------------------
