@@ -5,20 +5,22 @@ Entropy flow of a model's internal policies on its own responses (paper section 
     python analyze.py --model DIR --out OUT --responses answers.jsonl
     python analyze.py --model DIR --out OUT --compare runs/analysis/entropy.json
 
-1. The model answers N prompts of a task (chat template, T = 1, seeded), or responses are read from a JSONL
-   file, one record per line: {"prompt_ids": [...], "response_ids": [...]} or {"prompt": "...", "response": "..."}
-   (a text prompt is the user message, rendered with the model's chat template; the response is encoded as is).
-2. One forward pass over each prompt + response records the residual stream; every tensor of it is projected
-   with W_U (no norm, unless --norm final) at the positions that predict response tokens, and reduced to its
-   entropy over the full vocabulary (bupo.entropy_flow).
-3. Means pooled over all tokens of all responses, as the authors do, go to OUT/entropy.json; the plots
-   flow.png (Fig. 2), dH.png (Fig. 3) and heatmap.png (one response, layers x positions, top-1 token per cell)
-   go beside it, and a table is printed.
-Each layer also gets KL_resid, the mean KL(pi^l || pi_theta) of its policy to the model's (bupo.kl_flow).
-`boundary_layer` is the last layer with mean dH_mlp > 0 (null when none); `internal_layer` is what
-`train.py --internal-layer auto` uses: the boundary layer when it is below L, else the penultimate layer
-(bupo.choose_internal_layer). `closest_layer` is the lowest layer below L whose KL_resid is within 10% of the least:
-the project's closest-layer rule, measured and reported but not used by auto (docs/method.md 5).
+1. The model answers N prompts of a task (chat template, T = 1, seeded), or responses are read from
+   a JSONL file, one record per line: {"prompt_ids": [...], "response_ids": [...]} or {"prompt":
+   "...", "response": "..."} (a text prompt is the user message, rendered with the model's chat
+   template; the response is encoded as is).
+2. One forward pass over each prompt + response records the residual stream; every tensor of it is
+   projected with W_U (no norm, unless --norm final) at the positions that predict response tokens,
+   and reduced to its entropy over the full vocabulary (bupo.entropy_flow).
+3. Means pooled over all tokens of all responses, as the authors do, go to OUT/entropy.json; the
+   plots flow.png (Fig. 2), dH.png (Fig. 3) and heatmap.png (one response, layers x positions, top-1
+   token per cell) go beside it, and a table is printed.
+Each layer also gets KL_resid, the mean KL(pi^l || pi_theta) of its policy to the model's
+(bupo.kl_flow). `boundary_layer` is the last layer with mean dH_mlp > 0 (null when none);
+`internal_layer` is what `train.py --internal-layer auto` uses: the boundary layer when it is below
+L, else the penultimate layer (bupo.choose_internal_layer). `closest_layer` is the lowest layer
+below L whose KL_resid is within 10% of the least: the project's closest-layer rule, measured and
+reported but not used by auto (docs/method.md 5).
 """
 import math
 import json
@@ -40,9 +42,11 @@ from infra.errors import InputError, UserError
 # -----------------------------------------------------------------------------
 # responses
 
-def read_responses(path, tokenizer=None, vocab_size: int | None = None, max_tokens: int | None = None):
-    """(prompt_ids, response_ids) pairs from a JSONL file. Every record is checked (ids are non-negative integers
-    below vocab_size, prompt + response at most max_tokens); a bad one raises InputError naming file:line."""
+def read_responses(path, tokenizer=None, vocab_size: int | None = None,
+                   max_tokens: int | None = None):
+    """(prompt_ids, response_ids) pairs from a JSONL file. Every record is checked (ids are
+    non-negative integers below vocab_size, prompt + response at most max_tokens); a bad one raises
+    InputError naming file:line."""
     pairs = []
     try:
         lines = Path(path).read_text().splitlines()
@@ -58,9 +62,12 @@ def read_responses(path, tokenizer=None, vocab_size: int | None = None, max_toke
             raise InputError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
         if isinstance(rec, dict) and "prompt_ids" in rec and "response_ids" in rec:
             p, r = rec["prompt_ids"], rec["response_ids"]
-            if not all(isinstance(x, list) and x and all(type(t) is int and t >= 0 for t in x) for x in (p, r)):
-                raise InputError(f"{where}: prompt_ids and response_ids must be non-empty lists of integer token ids")
-        elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
+            if not all(isinstance(x, list) and x
+                       and all(type(t) is int and t >= 0 for t in x) for x in (p, r)):
+                raise InputError(f"{where}: prompt_ids and response_ids must be non-empty lists of "
+                                 f"integer token ids")
+        elif (isinstance(rec, dict) and isinstance(rec.get("prompt"), str)
+              and isinstance(rec.get("response"), str)):
             p = tokenizer.encode_chat([{"role": "user", "content": rec["prompt"]}])
             r = tokenizer.encode(rec["response"])
             if not r:
@@ -69,10 +76,12 @@ def read_responses(path, tokenizer=None, vocab_size: int | None = None, max_toke
             raise InputError(f"{where}: expected {{\"prompt_ids\": [...], \"response_ids\": [...]}} or "
                              "{\"prompt\": \"...\", \"response\": \"...\"}")
         if vocab_size is not None and max(p + r) >= vocab_size:
-            raise InputError(f"{where}: token id {max(p + r)} is out of range for this model (vocab {vocab_size})")
+            raise InputError(f"{where}: token id {max(p + r)} is out of range for this model "
+                             f"(vocab {vocab_size})")
         if max_tokens is not None and len(p) + len(r) > max_tokens:
-            raise InputError(f"{where}: prompt + response is {len(p) + len(r)} tokens, more than {max_tokens} "
-                             "(--max-tokens, at most the model's context); shorten it or raise --max-tokens")
+            raise InputError(f"{where}: prompt + response is {len(p) + len(r)} tokens, more than "
+                             f"{max_tokens} (--max-tokens, at most the model's context); shorten "
+                             f"it or raise --max-tokens")
         pairs.append((p, r))
     if not pairs:
         raise InputError(f"--responses {path}: no records")
@@ -81,14 +90,18 @@ def read_responses(path, tokenizer=None, vocab_size: int | None = None, max_toke
 
 def sample_responses(model, tok, task: str, n: int, max_new_tokens: int, seed: int, shots: int = 0,
                      max_tokens: int | None = None):
-    """The model's own answers to n problems of `task` (T = 1, one answer each), each at most max_tokens long
-    (prompt + response; the model's context by default)."""
+    """The model's own answers to n problems of `task` (T = 1, one answer each), each at most
+    max_tokens long (prompt + response; the model's context by default)."""
     from rollout import generate
-    prompts = [tok.encode_chat(tasks.chat(p, task, shots)) for p in tasks.problems(task, n, seed, split="test")]
-    cli.fits_context(max(map(len, prompts)), max_new_tokens, max_tokens or model.config.max_position_embeddings,
+    prompts = [tok.encode_chat(tasks.chat(p, task, shots))
+               for p in tasks.problems(task, n, seed, split="test")]
+    cli.fits_context(max(map(len, prompts)), max_new_tokens,
+                     max_tokens or model.config.max_position_embeddings,
                      f"the longest {task} prompt",
-                     "--max-tokens (at most the model's context)" if max_tokens else "the model's context")
-    ro = generate(model, prompts, 1, max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                     "--max-tokens (at most the model's context)" if max_tokens
+                     else "the model's context")
+    ro = generate(model, prompts, 1, max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids,
+                  pad_id=tok.pad_id,
                   seed=seed, progress=True)
     return [(r["prompt_ids"], r["response_ids"]) for r in ro.records()]
 
@@ -98,7 +111,8 @@ def sample_responses(model, tok, task: str, n: int, max_new_tokens: int, seed: i
 
 @torch.no_grad()
 def analyze(model, pairs, norm: bool = False, heatmap_tokens: int = 24):
-    """Token-level entropies of all internal policies over all responses -> (flow, heatmap of response 0)."""
+    """Token-level entropies of all internal policies over all responses -> (flow, heatmap of
+    response 0)."""
     from tqdm import tqdm
     device = model.embed_tokens.weight.device
     flows, heat = [], None
@@ -115,7 +129,8 @@ def analyze(model, pairs, norm: bool = False, heatmap_tokens: int = 24):
 
 
 def heatmap(model, rec, where, prompt, response, norm, n_tokens):
-    """H(W_U h_l) and the top-1 token id for l = 0..L at the first n_tokens positions of one response."""
+    """H(W_U h_l) and the top-1 token id for l = 0..L at the first n_tokens positions of one
+    response."""
     L = model.config.num_layers
     H, top = [], []
     for l in range(L + 1):
@@ -143,27 +158,33 @@ def summarize(model_name, model, flow, n_responses, norm) -> dict:
 # -----------------------------------------------------------------------------
 # the layer train.py trains in phase 1
 
-# the project's closest-layer rule: reported in entropy.json, tested, not used by --internal-layer auto
+# the project's closest-layer rule: reported in entropy.json, tested, not used by --internal-layer
+# auto
 
-CLOSEST_TOLERANCE = 0.10   # layers within 10% of the least KL count as equally close (docs/method.md 5)
+# layers within 10% of the least KL count as equally close (docs/method.md 5)
+CLOSEST_TOLERANCE = 0.10
 
 
 def closest_layer(kl: list, tolerance: float = CLOSEST_TOLERANCE) -> int:
-    """The project's closest-layer rule (not the paper's), tested and not adopted for --internal-layer auto: the
-    lowest layer l < L whose policy pi^l is about as close to the model's policy as any, mean KL(pi^l || pi_theta)
-    <= (1 + tolerance) * the least of them, on the model's own answers (kl_flow). The tolerance keeps the pick from
-    hopping between layers of a plateau. On SmolLM2-135M it picks layer 24, which trained worse than the
-    penultimate layer on 4 of 5 seeds (docs/method.md 5); analyze.py still reports it."""
-    below = [d if math.isfinite(d) else math.inf for d in kl[:-1]]   # a NaN (overflow) never counts as close
+    """The project's closest-layer rule (not the paper's), tested and not adopted for
+    --internal-layer auto: the lowest layer l < L whose policy pi^l is about as close to the model's
+    policy as any, mean KL(pi^l || pi_theta) <= (1 + tolerance) * the least of them, on the model's
+    own answers (kl_flow). The tolerance keeps the pick from hopping between layers of a plateau. On
+    SmolLM2-135M it picks layer 24, which trained worse than the penultimate layer on 4 of 5 seeds
+    (docs/method.md 5); analyze.py still reports it."""
+    # a NaN (overflow) never counts as close
+    below = [d if math.isfinite(d) else math.inf for d in kl[:-1]]
     if not below or min(below) == math.inf:
-        return max(1, len(kl) - 1)   # no layer below L (a 1-layer model), or none measurable: the penultimate
+        # no layer below L (a 1-layer model), or none measurable: the penultimate
+        return max(1, len(kl) - 1)
     return next(l for l, d in enumerate(below, start=1) if d <= (1 + tolerance) * min(below))
 
 
 def resolve_layer(value: str, model, tok, args) -> int:
-    """train.py's --internal-layer: a paper (1-based) layer l, where pi^l = softmax(W_U h_l) (the authors'
-    k = l - 1), or auto: bupo.choose_internal_layer on the dH_mlp of --analysis (the current rule, whatever the
-    file's own internal_layer says), or on a quick analysis of 8 of the model's own answers."""
+    """train.py's --internal-layer: a paper (1-based) layer l, where pi^l = softmax(W_U h_l) (the
+    authors' k = l - 1), or auto: bupo.choose_internal_layer on the dH_mlp of --analysis (the
+    current rule, whatever the file's own internal_layer says), or on a quick analysis of 8 of the
+    model's own answers."""
     L = model.config.num_layers
     if value != "auto":
         if not 1 <= int(value) <= L:
@@ -172,19 +193,22 @@ def resolve_layer(value: str, model, tok, args) -> int:
     if args.analysis:
         result = read_result(args.analysis, "--analysis")
         if result.get("norm") == "final":
-            raise UserError(f"--analysis {args.analysis}: made with --norm final, but phase 1 trains the un-normed "
-                            f"pi^l; analyse again without --norm")
+            raise UserError(f"--analysis {args.analysis}: made with --norm final, but phase 1 "
+                            f"trains the un-normed pi^l; analyse again without --norm")
         if result["num_layers"] != L:
-            raise UserError(f"--analysis {args.analysis}: made for a model of {result['num_layers']} layers, this "
-                            f"one has {L}; analyse this model with analyze.py")
+            raise UserError(f"--analysis {args.analysis}: made for a model of "
+                            f"{result['num_layers']} layers, this one has {L}; analyse this model "
+                            f"with analyze.py")
     else:
-        print("--internal-layer auto: analysing 8 of the model's answers to choose the layer ...", file=sys.stderr)
-        pairs = sample_responses(model, tok, args.task, 8, min(args.max_new_tokens, 64), args.seed, args.shots)
+        print("--internal-layer auto: analysing 8 of the model's answers to choose the layer ...",
+              file=sys.stderr)
+        pairs = sample_responses(model, tok, args.task, 8, min(args.max_new_tokens, 64), args.seed,
+                                 args.shots)
         result = summarize(Path(args.model).name, model, analyze(model, pairs)[0], 8, False)
     layer, rule = bupo.choose_internal_layer([r["dH_mlp"] for r in result["layers"]])
     why = {"boundary": "the boundary layer (last layer with mean dH_mlp > 0)",
-           "penultimate": "no boundary layer below L, so the penultimate layer (the authors' choice for "
-                          "late-converging models; docs/method.md 5)"}[rule]
+           "penultimate": "no boundary layer below L, so the penultimate layer (the authors' "
+                          "choice for late-converging models; docs/method.md 5)"}[rule]
     print(f"internal layer: {layer} of {L}, {why}", file=sys.stderr)
     return layer
 
@@ -197,27 +221,33 @@ def read_result(path, flag: str) -> dict:
     try:
         r = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{flag} {path}: not a readable entropy.json ({e}); pass the file analyze.py wrote") from None
-    ok = isinstance(r, dict) and isinstance(r.get("layers"), list) and type(r.get("num_layers")) is int
+        raise InputError(f"{flag} {path}: not a readable entropy.json ({e}); pass the file "
+                         f"analyze.py wrote") from None
+    ok = (isinstance(r, dict) and isinstance(r.get("layers"), list)
+          and type(r.get("num_layers")) is int)
     ok = ok and len(r["layers"]) == r["num_layers"] >= 1 and all(
         isinstance(x, dict) and type(x.get("dH_mlp")) in (int, float) for x in r["layers"])
-    if not ok or type(r.get("internal_layer")) is not int or not 1 <= r["internal_layer"] <= r["num_layers"]:
-        raise InputError(f"{flag} {path}: not an entropy.json of analyze.py (num_layers, a dH_mlp for each of its "
-                         f"layers, internal_layer)")
+    if (not ok or type(r.get("internal_layer")) is not int
+        or not 1 <= r["internal_layer"] <= r["num_layers"]):
+        raise InputError(f"{flag} {path}: not an entropy.json of analyze.py (num_layers, a dH_mlp "
+                         f"for each of its layers, internal_layer)")
     return r
 
 
 def print_table(result: dict):
-    print(f"{result['model']}: {result['num_responses']} responses, {result['num_tokens']} tokens, norm={result['norm']}")
-    print(f"{'layer':>5} {'H(h_in)':>8} {'H(a_in)':>8} {'H(a)':>7} {'H(f_in)':>8} {'H(f)':>7} {'H(h)':>7} "
-          f"{'dH_attn':>8} {'dH_mlp':>8} {'dH_layer':>8} {'KL(h||pi)':>9}")
+    print(f"{result['model']}: {result['num_responses']} responses, {result['num_tokens']} tokens, "
+          f"norm={result['norm']}")
+    print(f"{'layer':>5} {'H(h_in)':>8} {'H(a_in)':>8} {'H(a)':>7} {'H(f_in)':>8} {'H(f)':>7} "
+          f"{'H(h)':>7} {'dH_attn':>8} {'dH_mlp':>8} {'dH_layer':>8} {'KL(h||pi)':>9}")
     for r in result["layers"]:
-        print(f"{r['layer']:>5} {r['H_resid_in']:8.3f} {r['H_attn_in']:8.3f} {r['H_attn']:7.3f} {r['H_mlp_in']:8.3f} "
-              f"{r['H_mlp']:7.3f} {r['H_resid']:7.3f} {r['dH_attn']:8.3f} {r['dH_mlp']:8.3f} {r['dH_layer']:8.3f} "
-              f"{r.get('KL_resid', float('nan')):9.3f}")
-    print(f"H_policy {result['H_policy']:.3f} nats (max ln V = {torch.log(torch.tensor(float(result['vocab_size']))):.2f}); "
-          f"boundary layer: {result['boundary_layer']}; internal layer for BuPO: {result['internal_layer']} "
-          f"({result['internal_layer_rule']}); closest layer (KL rule, not used by auto): {result['closest_layer']}")
+        print(f"{r['layer']:>5} {r['H_resid_in']:8.3f} {r['H_attn_in']:8.3f} {r['H_attn']:7.3f} "
+              f"{r['H_mlp_in']:8.3f} {r['H_mlp']:7.3f} {r['H_resid']:7.3f} {r['dH_attn']:8.3f} "
+              f"{r['dH_mlp']:8.3f} {r['dH_layer']:8.3f} {r.get('KL_resid', float('nan')):9.3f}")
+    print(f"H_policy {result['H_policy']:.3f} nats (max ln V = "
+          f"{torch.log(torch.tensor(float(result['vocab_size']))):.2f}); boundary layer: "
+          f"{result['boundary_layer']}; internal layer for BuPO: {result['internal_layer']} "
+          f"({result['internal_layer_rule']}); closest layer (KL rule, not used by auto): "
+          f"{result['closest_layer']}")
 
 
 def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | None = None):
@@ -226,31 +256,39 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    warnings.filterwarnings("ignore", message="Glyph .* missing from")   # tokens in scripts the font lacks
+    # tokens in scripts the font lacks
+    warnings.filterwarnings("ignore", message="Glyph .* missing from")
     runs = [result] + ([other] if other else [])
-    relative = other is not None and other["num_layers"] != result["num_layers"]  # align depths of different models
+    # align depths of different models
+    relative = other is not None and other["num_layers"] != result["num_layers"]
 
     def xs(run, offset=0.0):
         L = run["num_layers"]
         return [(r["layer"] - 1 + offset) / (L if relative else 1) for r in run["layers"]]
 
     def save(fig, name):
-        files.write_atomic(out / name, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+        files.write_atomic(out / name,
+                           lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
         plt.close(fig)
 
     # Fig. 2: the entropy of each internal policy along the depth, one line per kind of policy
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    policies = (("H_attn", 1 / 3, "s", "attention write a_l"), ("H_mlp", 2 / 3, "^", "FFN write f_l"),
+    policies = (("H_attn", 1 / 3, "s", "attention write a_l"),
+                ("H_mlp", 2 / 3, "^", "FFN write f_l"),
                 ("H_resid", 1.0, "o", "layer output h_l"))
     for i, run in enumerate(runs):
-        for j, (key, offset, marker, name) in enumerate(policies):   # one colour per policy, or per model
+        for j, (key, offset, marker, name) in enumerate(policies):
+            # one colour per policy, or per model
             color = f"C{j}" if len(runs) == 1 else ("C0", "C3")[i]
-            ax.plot(xs(run, offset), [r[key] for r in run["layers"]], marker=marker, ms=4, color=color,
+            ax.plot(xs(run, offset), [r[key] for r in run["layers"]], marker=marker, ms=4,
+                    color=color,
                     lw=1.8 if key == "H_resid" else 0.8, ls="-" if key == "H_resid" else ":",
                     label=f"{name} ({run['model']})")
-    ax.set_xlabel("relative depth" if relative else "layer l (attention, then FFN, then the layer's output)")
+    ax.set_xlabel("relative depth" if relative
+                  else "layer l (attention, then FFN, then the layer's output)")
     ax.set_ylabel("entropy of softmax(W_U x) (nats)")
-    ax.set_title(f"Entropy flow of the internal policies (norm={result['norm']}; layer L is the model's policy)")
+    ax.set_title(f"Entropy flow of the internal policies (norm={result['norm']}; layer L is the "
+                 f"model's policy)")
     ax.legend(fontsize=7, ncol=len(runs))
     save(fig, "flow.png")
 
@@ -259,8 +297,10 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
         for ax, key, name in ((axes[0], "dH_attn", "attention"), (axes[1], "dH_mlp", "FFN")):
-            x = [v + (i - (len(runs) - 1) / 2) * width / (run["num_layers"] if relative else 1) for v in xs(run, 1)]
-            ax.bar(x, [r[key] for r in run["layers"]], width=width / (run["num_layers"] if relative else 1),
+            x = [v + (i - (len(runs) - 1) / 2) * width / (run["num_layers"] if relative else 1)
+                 for v in xs(run, 1)]
+            ax.bar(x, [r[key] for r in run["layers"]],
+                   width=width / (run["num_layers"] if relative else 1),
                    label=run["model"])
             ax.axhline(0, color="k", lw=0.5)
             ax.set_ylabel(f"dH {name} (nats)")
@@ -270,7 +310,8 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
     save(fig, "dH.png")
 
     if heat:  # layers x positions of one response, with the top-1 token of each cell
-        show = lambda ids: tokenizer.decode(ids, skip_special_tokens=False).strip().replace("\n", "\\n")  # noqa: E731
+        show = lambda ids: tokenizer.decode(ids, skip_special_tokens=False).strip().replace("\n",
+                                                                                            "\\n")  # noqa: E731
         H = torch.tensor(heat["entropy"])
         fig, ax = plt.subplots(figsize=(max(8, 0.62 * H.shape[1]), max(5, 0.27 * H.shape[0])))
         im = ax.imshow(H, aspect="auto", origin="lower", cmap="viridis")
@@ -280,10 +321,13 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
                         color="w" if H[l, t] < H.max() * 0.6 else "k")
         ax.set_xticks(range(len(heat["targets"])))
         ax.set_xticklabels([show([t])[:8] for t in heat["targets"]], rotation=90, fontsize=8)
-        ax.set_xlabel("the response token each position predicts (cell text: the layer's top-1 token)")
+        ax.set_xlabel("the response token each position predicts (cell text: the layer's top-1 "
+                      "token)")
         ax.set_ylabel("layer l (h_l; the top row is the model's policy)")
-        question = " ".join(tokenizer.decode(heat.get("prompt", [])).split())[-90:]  # the end of the user turn
-        ax.set_title(f"Entropy of softmax(W_U h_l) on response 0, first {H.shape[1]} tokens\nprompt: '...{question}'",
+        # the end of the user turn
+        question = " ".join(tokenizer.decode(heat.get("prompt", [])).split())[-90:]
+        ax.set_title(f"Entropy of softmax(W_U h_l) on response 0, first {H.shape[1]} "
+                     f"tokens\nprompt: '...{question}'",
                      fontsize=9)
         fig.colorbar(im, label="entropy (nats)")
         save(fig, "heatmap.png")
@@ -296,35 +340,44 @@ def parse_args(argv=None):
     cli.add_model_args(p)
     g = p.add_argument_group("responses")
     g.add_argument("--task", default="word", choices=sorted(tasks.TASKS), help=tasks.HELP)
-    g.add_argument("--shots", type=int, default=0, choices=[0, 1], help="worked examples before each question")
-    g.add_argument("-n", "--num-responses", type=int, default=16, help="how many problems the model answers")
+    g.add_argument("--shots", type=int, default=0, choices=[0, 1],
+                   help="worked examples before each question")
+    g.add_argument("-n", "--num-responses", type=int, default=16,
+                   help="how many problems the model answers")
     g.add_argument("--max-new-tokens", type=int, default=128, help="longest response to sample")
-    g.add_argument("--responses", default=None, help="JSONL file of responses to analyse instead of sampling")
-    g.add_argument("--max-tokens", type=int, default=4096, help="longest prompt + response analysed (the residual "
+    g.add_argument("--responses", default=None,
+                   help="JSONL file of responses to analyse instead of sampling")
+    g.add_argument("--max-tokens", type=int, default=4096,
+                   help="longest prompt + response analysed (the residual "
                    "record of one sequence is held in memory); never more than the model's context")
     g.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampler")
     g = p.add_argument_group("analysis and output")
     g.add_argument("--norm", default="none", choices=["none", "final"],
-                   help="none: softmax(W_U x), the paper's definition; final: the logit lens, W_U RMSNorm_final(x)")
+                   help="none: softmax(W_U x), the paper's definition; final: the logit lens, W_U "
+                   "RMSNorm_final(x)")
     g.add_argument("--compare", default=None, help="another entropy.json to overlay on the plots")
-    g.add_argument("--out", default="runs/analysis", help="output folder for entropy.json and the plots")
-    g.add_argument("--overwrite", action="store_true", help="if --out holds an analysis, move it aside to "
+    g.add_argument("--out", default="runs/analysis",
+                   help="output folder for entropy.json and the plots")
+    g.add_argument("--overwrite", action="store_true",
+                   help="if --out holds an analysis, move it aside to "
                    "OUT.old-<time>/ (never deleted)")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    """Every argument, before the model is loaded; the output folder is checked first, so a bad --out costs
-    seconds, not a whole analysis."""
+    """Every argument, before the model is loaded; the output folder is checked first, so a bad
+    --out costs seconds, not a whole analysis."""
     cli.positive(args, "--num-responses", "--max-new-tokens", "--max-tokens")
     cli.non_negative(args, "--seed")
     cli.check_device(args.device)
     if args.responses:
         cli.existing_file(args.responses, "--responses")
-    other = read_result(cli.existing_file(args.compare, "--compare"), "--compare") if args.compare else None
+    other = read_result(cli.existing_file(args.compare, "--compare"),
+                        "--compare") if args.compare else None
     if (Path(args.out) / "entropy.json").exists() and not args.overwrite:
-        raise UserError(f"--out {args.out}: already holds an analysis (entropy.json); pass --overwrite to move it "
-                        f"aside to {Path(args.out).name}.old-<time>/, or choose another --out")
+        raise UserError(f"--out {args.out}: already holds an analysis (entropy.json); pass "
+                        f"--overwrite to move it aside to {Path(args.out).name}.old-<time>/, or "
+                        f"choose another --out")
     files.check_writable_dir(args.out)
     return other
 
@@ -332,14 +385,16 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     other = check_args(args)
-    torch.set_flush_denormal(True)  # subnormal softmax tails of the un-normed policies are slow on CPUs (train.py)
+    # subnormal softmax tails of the un-normed policies are slow on CPUs (train.py)
+    torch.set_flush_denormal(True)
     model, tok = cli.load(args.model, getattr(torch, args.dtype), args.device)
     max_tokens = min(args.max_tokens, model.config.max_position_embeddings)
     t0 = time.perf_counter()
     if args.responses:
         pairs = read_responses(args.responses, tok, model.config.vocab_size, max_tokens)
     else:
-        pairs = sample_responses(model, tok, args.task, args.num_responses, args.max_new_tokens, args.seed,
+        pairs = sample_responses(model, tok, args.task, args.num_responses, args.max_new_tokens,
+                                 args.seed,
                                  args.shots, max_tokens)
     flow, heat = analyze(model, pairs, norm=args.norm == "final")
     result = summarize(Path(args.model).name, model, flow, len(pairs), args.norm == "final")

@@ -1,22 +1,25 @@
 """
 Bottom-up Policy Optimization, the method: internal policies of a decoder and their entropy.
 
-Index convention: layers are 1..L as in the paper. `layer` arguments here are paper indices: layer l means
-h_l = resid[l] (resid[0] = h_0, the embeddings), and the authors' code index k is l - 1 (their k = 5 is l = 6).
+Index convention: layers are 1..L as in the paper. `layer` arguments here are paper indices: layer l
+means h_l = resid[l] (resid[0] = h_0, the embeddings), and the authors' code index k is l - 1 (their
+k = 5 is l = 6).
 
 Internal policies (paper section 2, eqs. 5 and 6), all at temperature 1 unless a caller divides:
     pi^l_Layer = softmax(W_U h_l)       l = 0 .. L-1, with NO normalisation of h_l (the authors' definition)
     pi^L_Layer = softmax(W_U RMSNorm_final(h_L)) = the model's own policy
     pi^l_ATTN  = softmax(W_U a_l),  pi^l_FFN = softmax(W_U f_l)
-The logit-lens variant (norm=True) applies the final RMSNorm, its statistics recomputed for each tensor, to
-whatever it projects; it is an option, never the default (the paper's Table 5 finds it worse inside BuPO).
+The logit-lens variant (norm=True) applies the final RMSNorm, its statistics recomputed for each
+tensor, to whatever it projects; it is an option, never the default (the paper's Table 5 finds it
+worse inside BuPO).
 
 Departures from the authors' analysis code, on purpose:
-  1. Layer L is the model's policy, through the final norm (their plot script meant to do this, but an
-     off-by-one left h_L un-normed; docs/method.md section 8).
-  2. Entropies are taken at the positions that predict the response tokens (the last prompt position through
-     the position before the last response token). The authors' script is shifted by one (it drops the
-     distribution of the first response token and keeps the one after the last token; docs/method.md 8).
+  1. Layer L is the model's policy, through the final norm (their plot script meant to do this, but
+     an off-by-one left h_L un-normed; docs/method.md section 8).
+  2. Entropies are taken at the positions that predict the response tokens (the last prompt position
+     through the position before the last response token). The authors' script is shifted by one (it
+     drops the distribution of the first response token and keeps the one after the last token;
+     docs/method.md 8).
 """
 from dataclasses import dataclass
 
@@ -25,11 +28,13 @@ import torch.nn.functional as F
 
 from model import Residuals, SharedPromptCache, Transformer
 
-LOGITS_BUDGET = 256 * 2**20  # bytes of fp32 logits held at once; positions are processed in chunks to stay below
+# bytes of fp32 logits held at once; positions are processed in chunks to stay below
+LOGITS_BUDGET = 256 * 2**20
 
 
 def chunk_rows(model: Transformer, budget: int = LOGITS_BUDGET) -> int:
-    """How many positions' [V] logits fit in `budget` bytes of fp32 (with the softmax beside them)."""
+    """How many positions' [V] logits fit in `budget` bytes of fp32 (with the softmax beside
+    them)."""
     return max(1, budget // (2 * 4 * model.config.vocab_size))
 
 
@@ -39,14 +44,19 @@ def chunk_rows(model: Transformer, budget: int = LOGITS_BUDGET) -> int:
 def unembed(model: Transformer, x: torch.Tensor, norm: bool = False) -> torch.Tensor:
     """Logits W_U x of any residual-stream tensor x [..., d] (paper eqs. 5, 6); fp32 out.
     norm=True: the logit lens, W_U RMSNorm_final(x)."""
-    if norm:   # normed logits are O(10): the compute dtype (bf16 under autocast), as the model's own lm_head
+    if norm:
+        # normed logits are O(10): the compute dtype (bf16 under autocast), as the model's own
+        # lm_head
         return F.linear(model.norm(x).to(model.W_U.dtype), model.W_U).float()
-    with torch.autocast(x.device.type, enabled=False):   # un-normed W_U h_l reaches the hundreds: fp32 always
+    with torch.autocast(x.device.type, enabled=False):
+        # un-normed W_U h_l reaches the hundreds: fp32 always
         return F.linear(x.float(), model.W_U.float())
 
 
-def layer_logits(model: Transformer, h: torch.Tensor, layer: int, norm: bool = False) -> torch.Tensor:
-    """Logits of the internal layer policy pi^layer from h = resid[layer]. At layer L, the model's policy."""
+def layer_logits(model: Transformer, h: torch.Tensor, layer: int,
+                 norm: bool = False) -> torch.Tensor:
+    """Logits of the internal layer policy pi^layer from h = resid[layer]. At layer L, the model's
+    policy."""
     return unembed(model, h, norm=norm or layer == model.config.num_layers)
 
 
@@ -54,19 +64,23 @@ def layer_logits(model: Transformer, h: torch.Tensor, layer: int, norm: bool = F
 # entropy (eq. 7) and log-probs, chunked over positions
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H = -sum p log p = logsumexp(z) - sum softmax(z) z, in nats, over the last dim, in fp32 (eq. 7)."""
+    """H = -sum p log p = logsumexp(z) - sum softmax(z) z, in nats, over the last dim, in fp32 (eq.
+    7)."""
     z = logits.float()
     return torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
 
 
-def policy_entropy(model: Transformer, x: torch.Tensor, norm: bool = False, chunk: int | None = None) -> torch.Tensor:
-    """H(softmax(W_U x)) for every row of x [N, d] -> [N], never holding more than `chunk` rows of logits.
-    norm=True: through the final RMSNorm (the logit lens; for h_L, the model's own policy)."""
+def policy_entropy(model: Transformer, x: torch.Tensor, norm: bool = False,
+                   chunk: int | None = None) -> torch.Tensor:
+    """H(softmax(W_U x)) for every row of x [N, d] -> [N], never holding more than `chunk` rows of
+    logits. norm=True: through the final RMSNorm (the logit lens; for h_L, the model's own
+    policy)."""
     chunk = chunk or chunk_rows(model)
     return torch.cat([entropy(unembed(model, xs, norm)) for xs in x.split(chunk)]) if len(x) else x.new_zeros(0)
 
 
-def token_logprobs(model: Transformer, h: torch.Tensor, tokens: torch.Tensor, layer: int, norm: bool = False,
+def token_logprobs(model: Transformer, h: torch.Tensor, tokens: torch.Tensor, layer: int,
+                   norm: bool = False,
                    temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
     """log pi^layer(token | position) for h [N, d] and tokens [N] -> [N] (fp32, differentiable).
     h must be the position *before* each token (position t-1 predicts token t)."""
@@ -87,31 +101,36 @@ FLOW_KEYS = ("H_resid_in", "H_attn_in", "H_attn", "H_mlp_in", "H_mlp", "H_resid"
 @torch.no_grad()
 def entropy_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: bool = False,
                  chunk: int | None = None) -> dict:
-    """Token-level entropies of every internal policy at the positions `where` ([B, T] bool) of a record.
+    """Token-level entropies of every internal policy at the positions `where` ([B, T] bool) of a
+    record.
 
-    Returns {key: [L, N] tensor} for the FLOW_KEYS (row l-1 is layer l), "KL_resid" = KL(pi^l || pi_theta)
-    [L, N] (kl_flow) and "H_policy": [N]. Per layer l:
+    Returns {key: [L, N] tensor} for the FLOW_KEYS (row l-1 is layer l), "KL_resid" = KL(pi^l ||
+    pi_theta) [L, N] (kl_flow) and "H_policy": [N]. Per layer l:
       H_resid_in = H(W_U h_{l-1}),  H_attn_in = H(W_U RMSNorm_in_l(h_{l-1})),  H_attn = H(W_U a_l),
       H_mlp_in = H(W_U RMSNorm_post_l(m_l)),  H_mlp = H(W_U f_l),  H_resid = H(W_U h_l)
-    where the layer-L output is the model's policy (final norm). The entropy changes are differences of these:
-      dH_attn = H_attn - H_attn_in (eq. 12), dH_mlp = H_mlp - H_mlp_in (eq. 13), dH_layer = H_resid - H_resid_in (eq. 11).
+    where the layer-L output is the model's policy (final norm). The entropy changes are differences
+    of these:
+      dH_attn = H_attn - H_attn_in (eq. 12), dH_mlp = H_mlp - H_mlp_in (eq. 13), dH_layer = H_resid
+      - H_resid_in (eq. 11).
     """
     L = model.config.num_layers
     # every tensor below h_L goes through the same projection: stack them for a few large matmuls
     groups = (rec.resid[:L], rec.attn_in, rec.attn_out, rec.mlp_in, rec.mlp_out)
     x = torch.cat([t[where] for group in groups for t in group])                  # [5 L N, d]
     H = policy_entropy(model, x, norm, chunk).view(5, L, -1)                      # [5, L, N]
-    H_policy = policy_entropy(model, rec.resid[L][where], norm=True, chunk=chunk)  # pi^L: the model's policy
+    # pi^L: the model's policy
+    H_policy = policy_entropy(model, rec.resid[L][where], norm=True, chunk=chunk)
     return dict(H_resid_in=H[0], H_resid=torch.cat([H[0, 1:], H_policy[None]]), H_policy=H_policy,
-                H_attn_in=H[1], H_attn=H[2], H_mlp_in=H[3], H_mlp=H[4], KL_resid=kl_flow(model, rec, where, norm, chunk))
+                H_attn_in=H[1], H_attn=H[2], H_mlp_in=H[3], H_mlp=H[4],
+                KL_resid=kl_flow(model, rec, where, norm, chunk))
 
 
 @torch.no_grad()
 def kl_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: bool = False,
             chunk: int | None = None) -> torch.Tensor:
-    """KL(pi^l || pi_theta) at the positions `where` of a record -> [L, N], row l-1 is layer l (row L-1, the policy
-    itself, is 0): how far each layer policy is from the model's policy on the same states (analyze.py's closest_layer
-    reads its mean per layer; docs/method.md 5)."""
+    """KL(pi^l || pi_theta) at the positions `where` of a record -> [L, N], row l-1 is layer l (row
+    L-1, the policy itself, is 0): how far each layer policy is from the model's policy on the same
+    states (analyze.py's closest_layer reads its mean per layer; docs/method.md 5)."""
     chunk = chunk or max(1, chunk_rows(model) // 2)   # the policy's and one layer's logits at once
     L = model.config.num_layers
     top, hs = rec.resid[L][where], [rec.resid[l][where] for l in range(1, L)]
@@ -119,13 +138,14 @@ def kl_flow(model: Transformer, rec: Residuals, where: torch.Tensor, norm: bool 
     for i in range(0, len(top), chunk):
         policy = layer_logits(model, top[i:i + chunk], L)
         for l, h in enumerate(hs, start=1):
-            out[l - 1, i:i + chunk] = kl_divergence(layer_logits(model, h[i:i + chunk], l, norm), policy)
+            out[l - 1, i:i + chunk] = kl_divergence(layer_logits(model, h[i:i + chunk], l, norm),
+                                                    policy)
     return out
 
 
 def entropy_changes(flow: dict) -> dict:
-    """Mean entropies per layer, pooled over all tokens, and their changes (eqs. 11-13). Lists of L floats.
-    With "KL_resid" in the flow (kl_flow), its mean per layer too."""
+    """Mean entropies per layer, pooled over all tokens, and their changes (eqs. 11-13). Lists of L
+    floats. With "KL_resid" in the flow (kl_flow), its mean per layer too."""
     mean = {k: flow[k].mean(-1) for k in FLOW_KEYS + ("KL_resid",) if k in flow}
     out = {k: v.tolist() for k, v in mean.items()}
     out["dH_attn"] = (mean["H_attn"] - mean["H_attn_in"]).tolist()        # eq. 12
@@ -135,16 +155,18 @@ def entropy_changes(flow: dict) -> dict:
 
 
 def boundary_layer(dH_mlp: list) -> int | None:
-    """The paper's boundary layer (section 4.3): the last layer (1-based) whose mean FFN entropy change is positive."""
+    """The paper's boundary layer (section 4.3): the last layer (1-based) whose mean FFN entropy
+    change is positive."""
     positive = [l for l, d in enumerate(dH_mlp, start=1) if d > 0]
     return positive[-1] if positive else None
 
 
 def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:
-    """The layer of --internal-layer auto, and which rule chose it: the paper's boundary layer when it lies below
-    L; when it does not (no layer with dH_mlp > 0, or only the last one), the penultimate layer L-1, the authors'
-    choice for their late-converging Llama runs and, on the project's layer sweep, as good as any layer tried
-    (docs/method.md 5). max(1, .): a 1-layer model has only its own layer."""
+    """The layer of --internal-layer auto, and which rule chose it: the paper's boundary layer when
+    it lies below L; when it does not (no layer with dH_mlp > 0, or only the last one), the
+    penultimate layer L-1, the authors' choice for their late-converging Llama runs and, on the
+    project's layer sweep, as good as any layer tried (docs/method.md 5). max(1, .): a 1-layer model
+    has only its own layer."""
     L, boundary = len(dH_mlp), boundary_layer(dH_mlp)
     if boundary is not None and boundary < L:
         return boundary, "boundary"
@@ -152,24 +174,28 @@ def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:
 
 
 # -----------------------------------------------------------------------------
-# the training objective: GRPO, and BuPO's bottom-up phase (paper section 3, eqs. 9-10; docs/method.md 6-7)
+# the training objective: GRPO, and BuPO's bottom-up phase (paper section 3, eqs. 9-10;
+# docs/method.md 6-7)
 #
 # BuPO is GRPO with one change. For RL steps 1..internal_steps (steps count from 1, as the authors'
 # global_steps do) both the "old" log-probs and the current ones come from the internal layer policy
-# pi^l = softmax(W_U h_l) (no norm), and afterwards both from the full policy; the two are never mixed
-# (eq. 10: J_BuPO = J_IPA while s <= s_inter, J_GRPO after). Rollouts always come from the full policy.
+# pi^l = softmax(W_U h_l) (no norm), and afterwards both from the full policy; the two are never
+# mixed (eq. 10: J_BuPO = J_IPA while s <= s_inter, J_GRPO after). Rollouts always come from the
+# full policy.
 #
-# Why the loss is ~0 and the ratio is exactly 1 on the first mini-batch of a step: the old log-probs are
-# computed with the weights of the start of the step, and the first mini-batch is evaluated with those same
-# weights, so log_ratio = 0 and r = 1 (up to float rounding: the old pass runs without autograd, which may pick
-# other kernels; train.py evaluates both with policy_logprobs on the same micro-batches), nothing is clipped and the loss is -mean(A)
-# (0 up to the token weighting of the aggregation); its gradient, A * grad log pi, is not 0. Later mini-batches
-# see weights already moved.
+# Why the loss is ~0 and the ratio is exactly 1 on the first mini-batch of a step: the old log-probs
+# are computed with the weights of the start of the step, and the first mini-batch is evaluated with
+# those same weights, so log_ratio = 0 and r = 1 (up to float rounding: the old pass runs without
+# autograd, which may pick other kernels; train.py evaluates both with policy_logprobs on the same
+# micro-batches), nothing is clipped and the loss is -mean(A) (0 up to the token weighting of the
+# aggregation); its gradient, A * grad log pi, is not 0. Later mini-batches see weights already
+# moved.
 #
-# What the phase-1 ratio means (eq. 9; docs/method.md 7): the tokens were sampled from pi_theta, but the
-# ratio and the clip use pi^l, so r is not an importance weight. It is a trust region on the internal distribution: the update is
-# A * grad log pi^l(o_t) while pi^l / pi^l_old stays inside [1 - clip_low, 1 + clip_high]. Only blocks 1..l and
-# W_U (and the embedding) receive gradient; the blocks above l and the final norm get none (grad stays None).
+# What the phase-1 ratio means (eq. 9; docs/method.md 7): the tokens were sampled from pi_theta, but
+# the ratio and the clip use pi^l, so r is not an importance weight. It is a trust region on the
+# internal distribution: the update is A * grad log pi^l(o_t) while pi^l / pi^l_old stays inside [1
+# - clip_low, 1 + clip_high]. Only blocks 1..l and W_U (and the embedding) receive gradient; the
+# blocks above l and the final norm get none (grad stays None).
 #
 # Loss aggregation, and the same choice in the two libraries people compare against:
 #   ours                      TRL GRPOConfig.loss_type        verl actor.loss_agg_mode
@@ -177,15 +203,17 @@ def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:
 #   seq-mean-token-mean       "grpo"                          "seq-mean-token-mean"
 #   seq-mean-token-sum-norm   "dr_grpo"                       "seq-mean-token-sum-norm" (verl divides the sum over the
 #                                                             batch by max_len only, not by the number of sequences)
-# Each is exact over a whole mini-batch however it is split in micro-batches: the caller passes the mini-batch's
-# totals (number of sequences, tokens, max length), and the micro-batch losses add up.
+# Each is exact over a whole mini-batch however it is split in micro-batches: the caller passes the
+# mini-batch's totals (number of sequences, tokens, max length), and the micro-batch losses add up.
 
 ADVANTAGES = ("grpo", "drgrpo", "rloo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, mode: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
-    """One advantage per response from the rewards of its group (rows g*G .. g*G+G-1 share a prompt).
+def group_advantages(rewards: torch.Tensor, group_size: int, mode: str = "grpo",
+                     eps: float = 1e-6) -> torch.Tensor:
+    """One advantage per response from the rewards of its group (rows g*G .. g*G+G-1 share a
+    prompt).
     grpo:   (R - mean) / (std + eps), std unbiased (N-1), as torch.std; a group of 1 gets mean 0, std 1
     drgrpo: R - mean                   (Dr. GRPO: no division by the std)
     rloo:   R - mean of the other G-1  (leave-one-out baseline)"""
@@ -203,8 +231,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, mode: str = "grpo",
     raise ValueError(f"unknown advantage mode {mode!r}; choose one of {', '.join(ADVANTAGES)}")
 
 
-def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, num_seqs: int, num_tokens: int, max_len: int):
-    """Reduce per-token losses [n, T] of a micro-batch to its share of the mini-batch loss (see the table above)."""
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, num_seqs: int, num_tokens: int,
+              max_len: int):
+    """Reduce per-token losses [n, T] of a micro-batch to its share of the mini-batch loss (see the
+    table above)."""
     mask = mask.float()
     if mode == "token-mean":
         return (loss * mask).sum() / max(num_tokens, 1)
@@ -227,8 +257,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=10.0):
-    """The clipped surrogate per token (docs/method.md 6), and its diagnostics as masked sums (divide by the token count).
-    logp, old_logp, mask [n, T]; advantages [n]. dual_clip None or <= 1 turns the dual clip off."""
+    """The clipped surrogate per token (docs/method.md 6), and its diagnostics as masked sums
+    (divide by the token count). logp, old_logp, mask [n, T]; advantages [n]. dual_clip None or <= 1
+    turns the dual clip off."""
     A = advantages[:, None]
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
     ratio = log_ratio.exp()
@@ -236,18 +267,21 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, d
     l2 = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
     clipped = torch.maximum(l1, l2)                                   # standard PPO clip
     loss = clipped
-    if dual_clip is not None and dual_clip > 1:                       # dual clip: bound the loss of A < 0 tokens
+    if dual_clip is not None and dual_clip > 1:
+        # dual clip: bound the loss of A < 0 tokens
         loss = torch.where(A < 0, torch.minimum(clipped, -A * dual_clip), clipped)
     m = mask.float()
     stats = {"clip_ratio/low": (((ratio < 1 - clip_low) & (A < 0)).float() * m).sum(),
              "clip_ratio/high": (((ratio > 1 + clip_high) & (A > 0)).float() * m).sum(),
-             "clip_ratio/dual": (((A < 0) & (clipped > -A * dual_clip)).float() * m).sum() if dual_clip else m.sum() * 0,
+             "clip_ratio/dual": (((A < 0) & (clipped > -A * dual_clip)).float() * m).sum()
+             if dual_clip else m.sum() * 0,
              "ppo_kl": (-log_ratio * m).sum()}
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum p (log p - log q) over the last dim, p = softmax(logits_p), q = softmax(logits_q); fp32."""
+    """KL(p || q) = sum p (log p - log q) over the last dim, p = softmax(logits_p), q =
+    softmax(logits_q); fp32."""
     logp, logq = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
@@ -257,8 +291,8 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
 
 @dataclass
 class Batch:
-    """Prompts (left-padded) and responses (right-padded) as one input [n, Tp + R]: position Tp-1+t predicts
-    response token t."""
+    """Prompts (left-padded) and responses (right-padded) as one input [n, Tp + R]: position Tp-1+t
+    predicts response token t."""
     ids: torch.Tensor
     mask: torch.Tensor
     Tp: int
@@ -266,7 +300,8 @@ class Batch:
     @classmethod
     def of(cls, ro) -> "Batch":
         """The batch of a rollout.Rollouts."""
-        return cls(torch.cat([ro.prompt_ids, ro.response_ids], 1), torch.cat([ro.prompt_mask, ro.response_mask], 1),
+        return cls(torch.cat([ro.prompt_ids, ro.response_ids], 1),
+                   torch.cat([ro.prompt_mask, ro.response_mask], 1),
                    ro.prompt_ids.shape[1])
 
     def rows(self, rows) -> "Batch":
@@ -282,46 +317,56 @@ class Batch:
 
 
 def phase_layer(algo: str, step: int, internal_steps: int, layer: int, num_layers: int) -> int:
-    """BuPO's phase switch (eq. 10), the one place it is decided: the layer whose policy RL step `step` optimises.
-    BuPO: pi^layer for steps 1..internal_steps (J_IPA), then pi^L = pi_theta (J_GRPO); GRPO: pi^L always. The
-    old, the new and the reference log-probs of a step all use this layer; they are never mixed."""
+    """BuPO's phase switch (eq. 10), the one place it is decided: the layer whose policy RL step
+    `step` optimises. BuPO: pi^layer for steps 1..internal_steps (J_IPA), then pi^L = pi_theta
+    (J_GRPO); GRPO: pi^L always. The old, the new and the reference log-probs of a step all use this
+    layer; they are never mixed."""
     return layer if algo == "bupo" and step <= internal_steps else num_layers
 
 
 def response_states(model: Transformer, batch: Batch, layers) -> dict:
-    """{l: h_l [n, R, d]} at the positions that predict the response tokens (position Tp-1+t predicts token t),
-    for each paper layer l in `layers`; the forward stops after block max(layers).
+    """{l: h_l [n, R, d]} at the positions that predict the response tokens (position Tp-1+t
+    predicts token t), for each paper layer l in `layers`; the forward stops after block
+    max(layers).
 
-    Each distinct prompt of the batch runs once and its keys/values are shared by every row that answers it (the
-    G responses of a group): the same function as one pass over [prompt; response] per row, for a fraction of
-    the compute when the prompt is longer than the responses (a 119-token prompt, ~30-token answers: 3-4x)."""
+    Each distinct prompt of the batch runs once and its keys/values are shared by every row that
+    answers it (the G responses of a group): the same function as one pass over [prompt; response]
+    per row, for a fraction of the compute when the prompt is longer than the responses (a 119-token
+    prompt, ~30-token answers: 3-4x)."""
     Tp, top = batch.Tp, max(layers)
-    prompts, inverse = torch.unique(torch.cat([batch.ids[:, :Tp], batch.mask[:, :Tp]], 1), dim=0, return_inverse=True)
+    prompts, inverse = torch.unique(torch.cat([batch.ids[:, :Tp], batch.mask[:, :Tp]], 1), dim=0,
+                                    return_inverse=True)
     cache = SharedPromptCache(len(prompts), batch.ids.shape[1], device=batch.ids.device)
     _, before = model(prompts[:, :Tp], attention_mask=prompts[:, Tp:], cache=cache, upto_layer=top,
                       return_residuals=True)
-    cache.keep(inverse)                                          # row i attends to its prompt's keys and values
-    _, after = model(batch.ids[:, Tp:], attention_mask=batch.mask[:, Tp:], cache=cache, upto_layer=top,
+    # row i attends to its prompt's keys and values
+    cache.keep(inverse)
+    _, after = model(batch.ids[:, Tp:], attention_mask=batch.mask[:, Tp:], cache=cache,
+                     upto_layer=top,
                      return_residuals=True)
     return {l: torch.cat([before.resid[l][:, -1:].index_select(0, inverse), after.resid[l][:, :-1]], 1) for l in layers}
 
 
-def policy_logprobs(model: Transformer, batch: Batch, layer: int, temperature: float = 1.0) -> torch.Tensor:
-    """log pi^layer(o_t | prompt, o_<t) of every response token [n, R], 0 on padding; differentiable.
-    layer = L: the model's policy (final norm); layer < L: pi^l = softmax(W_U h_l / T), no norm (eq. 5). The
-    forward stops after block `layer`, so in phase 1 the blocks above l and the final norm get no gradient."""
+def policy_logprobs(model: Transformer, batch: Batch, layer: int,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """log pi^layer(o_t | prompt, o_<t) of every response token [n, R], 0 on padding;
+    differentiable. layer = L: the model's policy (final norm); layer < L: pi^l = softmax(W_U h_l /
+    T), no norm (eq. 5). The forward stops after block `layer`, so in phase 1 the blocks above l and
+    the final norm get no gradient."""
     h = response_states(model, batch, [layer])[layer]
     keep = batch.response_mask.bool()
     logp = torch.zeros(keep.shape, device=h.device)
-    logp[keep] = token_logprobs(model, h[keep], batch.ids[:, batch.Tp:][keep], layer, temperature=temperature)
+    logp[keep] = token_logprobs(model, h[keep], batch.ids[:, batch.Tp:][keep], layer,
+                                temperature=temperature)
     return logp
 
 
 @torch.no_grad()
 def policy_stats(model: Transformer, batch: Batch, layer: int, temperature: float = 1.0,
                  chunk: int | None = None) -> dict:
-    """Per-token diagnostics on the response tokens, flattened [N]: the entropy of the model's policy, and for
-    layer < L also H(pi^l), KL(pi^l || pi_theta) and cos(h_l, h_L), the paper's "feature refinement" (Fig. 5)."""
+    """Per-token diagnostics on the response tokens, flattened [N]: the entropy of the model's
+    policy, and for layer < L also H(pi^l), KL(pi^l || pi_theta) and cos(h_l, h_L), the paper's
+    "feature refinement" (Fig. 5)."""
     chunk = chunk or chunk_rows(model)
     L = model.config.num_layers
     h = response_states(model, batch, sorted({layer, L}))

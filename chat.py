@@ -1,11 +1,12 @@
 """
-A chat answer from a model folder, to see a model work: greedy by default, sampled with --temperature > 0.
+A chat answer from a model folder, to see a model work: greedy by default, sampled with
+--temperature > 0.
 
     python chat.py --prompt "What is the capital of France?"
     python chat.py --model path/to/hf-folder --prompt "..." --system "..." --temperature 0.7
 
-It renders the model's own chat template (tokenizer.py) and decodes with the same sampler as the RL rollouts
-(rollout.generate; temperature 0 is greedy decoding).
+It renders the model's own chat template (tokenizer.py) and decodes with the same sampler as the RL
+rollouts (rollout.generate; temperature 0 is greedy decoding).
 """
 import sys
 
@@ -18,7 +19,8 @@ def parse_args(argv=None):
     cli.add_model_args(p)
     g = p.add_argument_group("chat")
     g.add_argument("--prompt", default="What is the capital of France?", help="the user message")
-    g.add_argument("--system", default=None, help="optional system message (default: the template's own)")
+    g.add_argument("--system", default=None,
+                   help="optional system message (default: the template's own)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler when --temperature > 0")

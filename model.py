@@ -8,14 +8,17 @@ A Llama / Qwen2 / Qwen3 decoder written out by hand, with the residual stream in
     h_l = m_l + f_l                                       resid[l]
     logits = W_U RMSNorm_final(h_L)
 
-Index convention: layers are numbered 1..L as in the paper; the Python lists of the residual record are
-0-based, so resid[l] = h_l for l = 0..L, while attn_out[l-1] = a_l and mlp_out[l-1] = f_l.
+Index convention: layers are numbered 1..L as in the paper; the Python lists of the residual record
+are 0-based, so resid[l] = h_l for l = 0..L, while attn_out[l-1] = a_l and mlp_out[l-1] = f_l.
 
-Every architectural detail follows the Hugging Face `transformers` implementation of the same models, so
-that a checkpoint gives the same logits here and there (tests/test_model.py checks it):
-  - RMSNorm: statistics in fp32, cast back to the input dtype, *then* times the weight (no +1 offset);
-  - RoPE: rotate-half convention, cos/sin computed in fp32, `llama3` frequency scaling (Llama-3.1/3.2);
-  - GQA through scaled_dot_product_attention(enable_gqa=True); head_dim may differ from hidden/heads (Qwen3);
+Every architectural detail follows the Hugging Face `transformers` implementation of the same
+models, so that a checkpoint gives the same logits here and there (tests/test_model.py checks it):
+  - RMSNorm: statistics in fp32, cast back to the input dtype, *then* times the weight (no +1
+    offset);
+  - RoPE: rotate-half convention, cos/sin computed in fp32, `llama3` frequency scaling
+    (Llama-3.1/3.2);
+  - GQA through scaled_dot_product_attention(enable_gqa=True); head_dim may differ from hidden/heads
+    (Qwen3);
   - Qwen2 has q/k/v biases, Qwen3 has per-head RMSNorm on q and k before RoPE;
   - SwiGLU MLP; tied or untied unembedding.
 Checkpoints are HF-layout folders (config.json + model.safetensors or a sharded index), read lazily.
@@ -30,7 +33,8 @@ import torch.nn.functional as F
 from infra import checkpoint
 from infra.errors import ModelLoadError  # noqa: F401  (re-exported: the loader's one-line error)
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 
 # -----------------------------------------------------------------------------
@@ -60,25 +64,30 @@ class Config:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "config.json") -> "Config":
-        """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters` style), after
-        checkpoint.check_config has checked the type and range of every field read here."""
+        """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters` style),
+        after checkpoint.check_config has checked the type and range of every field read here."""
         checkpoint.check_config(d, where, ARCHITECTURES)
         mt, rope = d["model_type"], d.get("rope_parameters") or d.get("rope_scaling") or {}
         heads = d["num_attention_heads"]
         attention_bias = d.get("attention_bias") or False
         return cls(
             model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
             rms_norm_eps=float(d.get("rms_norm_eps") or 1e-6),
             rope_theta=float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if checkpoint.rope_type(rope) == "llama3"
+            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"}
+            if checkpoint.rope_type(rope) == "llama3"
             else None,
             max_position_embeddings=d.get("max_position_embeddings") or 8192,
             tie_word_embeddings=d.get("tie_word_embeddings") or False,
-            qkv_bias=(mt == "qwen2") or attention_bias,   # transformers' Qwen2 hard-codes q/k/v biases
+            # transformers' Qwen2 hard-codes q/k/v biases
+            qkv_bias=(mt == "qwen2") or attention_bias,
             o_bias=attention_bias and mt != "qwen2", mlp_bias=d.get("mlp_bias") or False,
-            qk_norm=(mt == "qwen3"), bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
+            qk_norm=(mt == "qwen3"), bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"))
 
     def to_hf(self) -> dict:
         """The config.json that transformers (4.x and 5.x) reads back into the same architecture."""
@@ -87,7 +96,8 @@ class Config:
                  intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
                  num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
                  head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
-                 rope_scaling=self.rope_scaling, max_position_embeddings=self.max_position_embeddings,
+                 rope_scaling=self.rope_scaling,
+                 max_position_embeddings=self.max_position_embeddings,
                  tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
                  bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
         if self.model_type != "qwen2":
@@ -99,7 +109,8 @@ class Config:
 # rotary position embedding
 
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
-    """theta^(-2i/d) per pair of dims; Llama-3.x rescales the low frequencies (`llama3` rope scaling)."""
+    """theta^(-2i/d) per pair of dims; Llama-3.x rescales the low frequencies (`llama3` rope
+    scaling)."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim)
     if cfg.rope_scaling:  # llama3: divide long wavelengths by `factor`, interpolate the middle band
         s = cfg.rope_scaling
@@ -114,14 +125,17 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """positions [B, T] -> cos, sin [B, 1, T, head_dim], computed in fp32, then cast (as transformers does)."""
+    """positions [B, T] -> cos, sin [B, 1, T, head_dim], computed in fp32, then cast (as
+    transformers does)."""
     freqs = positions[..., None].float() * inv_freq.float()        # [B, T, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]                # [B, 1, T, hd]: both halves share a frequency
+    # [B, 1, T, hd]: both halves share a frequency
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+hd/2}) by the position's angle (the rotate-half, non-interleaved convention)."""
+    """Rotate pairs (x_i, x_{i+hd/2}) by the position's angle (the rotate-half, non-interleaved
+    convention)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -142,24 +156,28 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Pre-allocated keys and values of every layer for a batch, plus which cache slots hold real tokens.
+    """Pre-allocated keys and values of every layer for a batch, plus which cache slots hold real
+    tokens.
 
-    All rows share the slot index (`self.len`); each row keeps its own RoPE position (`self.pos`), so a
-    left-padded row starts at position 0 with its first real token, whatever else is in the batch.
+    All rows share the slot index (`self.len`); each row keeps its own RoPE position (`self.pos`),
+    so a left-padded row starts at position 0 with its first real token, whatever else is in the
+    batch.
     """
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # slot holds a real token
-        self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # next RoPE position of each row
+        # slot holds a real token
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        # next RoPE position of each row
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.len = 0  # slots used so far
         self.max_len = max_len
 
     def keep(self, rows: torch.Tensor):
-        """Keep only `rows` (in that order) and drop the rest: the kept rows move to the front of the same
-        storage, so finished sequences stop costing compute without a new allocation."""
+        """Keep only `rows` (in that order) and drop the rest: the kept rows move to the front of
+        the same storage, so finished sequences stop costing compute without a new allocation."""
         n = len(rows)
         for buf in (self.k, self.v):
             buf[:, :n, :, :self.len] = buf[:, rows, :, :self.len]
@@ -167,15 +185,17 @@ class KVCache:
         self.valid, self.pos = self.valid[rows], self.pos[rows]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the new keys/values [B, n_kv, T, hd] at the current slots; return all of them so far."""
+        """Store the new keys/values [B, n_kv, T, hd] at the current slots; return all of them so
+        far."""
         end = self.len + k.shape[2]
         self.k[layer, :, :, self.len:end] = k
         self.v[layer, :, :, self.len:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def extend(self, mask: torch.Tensor):
-        """Before a forward pass of T tokens (mask [B, T], 1 = real token): mark their slots, and return the slot
-        of each query [T], the slot of each key [S] and which key slots hold real tokens [B, S]."""
+        """Before a forward pass of T tokens (mask [B, T], 1 = real token): mark their slots, and
+        return the slot of each query [T], the slot of each key [S] and which key slots hold real
+        tokens [B, S]."""
         start, T = self.len, mask.shape[1]
         if start + T > self.max_len:
             raise ValueError(f"KV cache is full: {start} + {T} tokens > max_len {self.max_len}")
@@ -184,20 +204,22 @@ class KVCache:
         return slots[start:], slots, self.valid[:, :start + T]
 
     def advance(self, mask: torch.Tensor):
-        """After the forward pass: the T slots are used, and each row's next position moves past its real tokens."""
+        """After the forward pass: the T slots are used, and each row's next position moves past its
+        real tokens."""
         self.len += mask.shape[1]
         self.pos += mask.sum(-1)
 
 
 class StaticKVCache(KVCache):
-    """The same cache with shapes that do not change while decoding, for a compiled one-token decode step
-    (rollout.compiled_decode): every step attends over all max_len slots, the unused ones masked, and the current
-    slot is a tensor, so no Python number changes from one step to the next and the step is not recompiled
-    (only a compaction, which changes the batch, is a new shape)."""
+    """The same cache with shapes that do not change while decoding, for a compiled one-token decode
+    step (rollout.compiled_decode): every step attends over all max_len slots, the unused ones
+    masked, and the current slot is a tensor, so no Python number changes from one step to the next
+    and the step is not recompiled (only a compaction, which changes the batch, is a new shape)."""
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
         super().__init__(cfg, batch, max_len, dtype, device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the slot the next token goes to
+        # the slot the next token goes to
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
 
     def keep(self, rows: torch.Tensor):
         self.len = int(self.slot)
@@ -218,10 +240,11 @@ class StaticKVCache(KVCache):
 
 
 class SharedPromptCache(KVCache):
-    """A cache that autograd can go through, for training on G responses that share one prompt: each distinct
-    prompt runs once, `keep` hands its keys/values to every row that answers it (rows may repeat), and the
-    responses attend to them. Keys/values are concatenated per layer rather than written in place into a
-    pre-allocated buffer: an in-place write would change tensors the backward pass has saved."""
+    """A cache that autograd can go through, for training on G responses that share one prompt: each
+    distinct prompt runs once, `keep` hands its keys/values to every row that answers it (rows may
+    repeat), and the responses attend to them. Keys/values are concatenated per layer rather than
+    written in place into a pre-allocated buffer: an in-place write would change tensors the
+    backward pass has saved."""
 
     def __init__(self, batch: int, max_len: int, device="cpu"):
         self.k, self.v = [], []  # per layer [B, nkv, S, hd]
@@ -230,9 +253,11 @@ class SharedPromptCache(KVCache):
         self.len, self.max_len = 0, max_len
 
     def keep(self, rows: torch.Tensor):
-        # index_select, not k[rows]: the backward of advanced indexing with repeated rows accumulates in a
-        # thread-dependent order on the CPU (runs stop being bit-for-bit reproducible); index_select's does not
-        self.k, self.v = [k.index_select(0, rows) for k in self.k], [v.index_select(0, rows) for v in self.v]
+        # index_select, not k[rows]: the backward of advanced indexing with repeated rows
+        # accumulates in a thread-dependent order on the CPU (runs stop being bit-for-bit
+        # reproducible); index_select's does not
+        self.k, self.v = [k.index_select(0, rows) for k in self.k], [v.index_select(0, rows)
+                                                                     for v in self.v]
         self.valid, self.pos = self.valid[rows], self.pos[rows]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -252,7 +277,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over head_dim, per head, after the projection and before RoPE
+        if cfg.qk_norm:
+            # Qwen3: RMSNorm over head_dim, per head, after the projection and before RoPE
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
@@ -264,12 +290,15 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)   # in fp32 (cos, sin) even under autocast
-        q, k = q.to(v.dtype), k.to(v.dtype)                 # then back to the compute dtype, the KV cache's
+        # in fp32 (cos, sin) even under autocast
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # then back to the compute dtype, the KV cache's
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.write(layer, k, v)                # [B, nkv, S, hd], S = slots so far
         # each group of nh/nkv query heads shares one kv head (GQA); scale is hd^-0.5
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -286,8 +315,8 @@ class MLP(nn.Module):
 
 @dataclass
 class Residuals:
-    """Every term of the residual stream. resid has L+1 entries (h_0..h_L, before the final norm); the others
-    have L entries, entry l-1 belonging to layer l. All are [B, T, hidden]."""
+    """Every term of the residual stream. resid has L+1 entries (h_0..h_L, before the final norm);
+    the others have L entries, entry l-1 belonging to layer l. All are [B, T, hidden]."""
     resid: list = field(default_factory=list)     # h_0 .. h_L
     attn_in: list = field(default_factory=list)   # RMSNorm_in_l(h_{l-1})
     attn_out: list = field(default_factory=list)  # a_l
@@ -337,14 +366,15 @@ class Transformer(nn.Module):
         return self.lm_head.weight
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None,
-                return_residuals: bool = False, last_only: bool = False, upto_layer: int | None = None):
+                return_residuals: bool = False, last_only: bool = False,
+                upto_layer: int | None = None):
         """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
 
-        attention_mask [B, T]: 1 for real tokens, 0 for (left) padding. Positions count real tokens only, so
-        position 0 is each row's first real token. With a cache, the T tokens are appended after its slots.
-        With return_residuals, also returns the Residuals record. With upto_layer = l, only blocks 1..l run
-        and the result is h_l [B, T, d] (no norm, no logits; the record too, if asked): all that an internal
-        policy pi^l needs.
+        attention_mask [B, T]: 1 for real tokens, 0 for (left) padding. Positions count real tokens
+        only, so position 0 is each row's first real token. With a cache, the T tokens are appended
+        after its slots. With return_residuals, also returns the Residuals record. With upto_layer =
+        l, only blocks 1..l run and the result is h_l [B, T, d] (no norm, no logits; the record too,
+        if asked): all that an internal policy pi^l needs.
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -360,14 +390,18 @@ class Transformer(nn.Module):
         positions = positions.clamp(min=0)
         mask = None  # None: plain causal attention, the fast path
         if cache is not None or not attention_mask.all():
-            q_slot, k_slot = q_slot[:, None], k_slot[None, :]                           # [T, 1], [1, S]
-            # causal and not padding; a query always sees itself, so a padding row is never all -inf (NaN)
+            # [T, 1], [1, S]
+            q_slot, k_slot = q_slot[:, None], k_slot[None, :]
+            # causal and not padding; a query always sees itself, so a padding row is never all -inf
+            # (NaN)
             mask = ((k_slot <= q_slot) & key_valid[:, None, :]) | (k_slot == q_slot)   # [B, T, S]
-            mask = mask[:, None]                                                        # [B, 1, T, S]
+            # [B, 1, T, S]
+            mask = mask[:, None]
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.embed_tokens.weight.dtype)
 
         record = Residuals() if return_residuals else None
-        h = self.embed_tokens(input_ids)  # h_0; no absolute position embedding (RoPE acts inside attention)
+        # h_0; no absolute position embedding (RoPE acts inside attention)
+        h = self.embed_tokens(input_ids)
         if record is not None:
             record.resid.append(h)
         for block in self.layers[:upto_layer]:
@@ -384,40 +418,48 @@ class Transformer(nn.Module):
         return (logits, record) if return_residuals else logits
 
     def new_cache(self, batch: int, max_len: int, static: bool = False) -> KVCache:
-        """A KV cache in the compute dtype: the weights' dtype, or under autocast its dtype (bf16 keys and values,
-        half the memory of fp32 masters'; infra/precision.py)."""
+        """A KV cache in the compute dtype: the weights' dtype, or under autocast its dtype (bf16
+        keys and values, half the memory of fp32 masters'; infra/precision.py)."""
         p = self.embed_tokens.weight
         amp = torch.is_autocast_enabled(p.device.type)
         dtype = torch.get_autocast_dtype(p.device.type) if amp else p.dtype
-        return (StaticKVCache if static else KVCache)(self.config, batch, max_len, dtype=dtype, device=p.device)
+        return (StaticKVCache if static else KVCache)(self.config, batch, max_len, dtype=dtype,
+                                                      device=p.device)
 
     # -------------------------------------------------------------------------
     # HF-layout checkpoints: our parameter names are transformers' without the "model." prefix
 
     def hf_state_dict(self) -> dict:
-        sd = {("" if k.startswith("lm_head.") else "model.") + k: v for k, v in self.state_dict().items()}
+        sd = {("" if k.startswith("lm_head.") else "model.") + k: v for k,
+              v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight")
         return sd
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        """Load an HF-layout folder (config.json + model.safetensors or a sharded index); tensors are read and
-        checked one at a time (checkpoint.py), so the model is never twice in memory."""
+        """Load an HF-layout folder (config.json + model.safetensors or a sharded index); tensors
+        are read and checked one at a time (checkpoint.py), so the model is never twice in
+        memory."""
         path = checkpoint.model_folder(path, device)
-        cfg = Config.from_hf(checkpoint.read_json(path / "config.json"), where=str(path / "config.json"))
+        cfg = Config.from_hf(checkpoint.read_json(path / "config.json"),
+                             where=str(path / "config.json"))
         with torch.device("meta"):
             model = cls(cfg)
-        skip = ("lm_head.weight",) if cfg.tie_word_embeddings else ()  # a stored copy of the tied embedding
-        state = checkpoint.read_tensors(path, model.hf_state_dict(), skip, cfg.model_type, dtype, device)
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False, assign=True)
+        # a stored copy of the tied embedding
+        skip = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+        state = checkpoint.read_tensors(path, model.hf_state_dict(), skip, cfg.model_type, dtype,
+                                        device)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()},
+                              strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg).to(device)
         return model.eval()
 
     def save_pretrained(self, path, copy_from=None):
-        """Write config.json + model.safetensors (+ tokenizer files of `copy_from`) atomically, loadable by
-        transformers; non-finite weights are refused (checkpoint.write_folder)."""
+        """Write config.json + model.safetensors (+ tokenizer files of `copy_from`) atomically,
+        loadable by transformers; non-finite weights are refused (checkpoint.write_folder)."""
         dtype = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
-        checkpoint.write_folder(path, self.hf_state_dict(), {**self.config.to_hf(), "torch_dtype": dtype}, copy_from)
+        checkpoint.write_folder(path, self.hf_state_dict(),
+                                {**self.config.to_hf(), "torch_dtype": dtype}, copy_from)

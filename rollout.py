@@ -5,21 +5,23 @@ The grouped sampler: P prompts x G responses from the full policy, written by ha
     python bench/bench_rollout.py                       # tokens/s against transformers' generate
 
 How one call works:
-  1. prefill: the P prompts, left-padded, go through the model once; only the last position's logits are
-     kept. Each prompt is prefilled once, however large G is.
-  2. the prompt's keys/values are copied into the G rows of its group, in a cache allocated once for the
-     P*G rows and the longest sequence (prompt + max_new_tokens); nothing is reallocated while decoding.
-  3. decode, one token per step. A row stops at a stop id (kept in the response) or at max_new_tokens.
-     Once a quarter of the rows in the cache have stopped, the cache is compacted (KVCache.keep), so
-     finished rows stop costing compute without a copy at every single stop.
-  4. sampling: temperature, then top-k, top-p, min-p (the order of transformers and vLLM), then inverse-CDF
-     sampling with one uniform number per row from the row's own seeded torch.Generator. A row's tokens
-     therefore depend on its prompt and its seed only, not on the other rows of the batch: prompt i of a
-     call uses the seed `seed + i` (or `seed[i]`, given a list), response j of it a generator seeded with that and
-     j, so a data-parallel rank that samples prompts 4..7 of a step gets the tokens one process would.
-The log-prob returned for each token is under the distribution it was sampled from (after temperature and
-the filters; for greedy decoding, temperature 0, under the model's own softmax). At T = 1 with no filter
-these are the "old policy" log-probs of GRPO.
+  1. prefill: the P prompts, left-padded, go through the model once; only the last position's logits
+     are kept. Each prompt is prefilled once, however large G is.
+  2. the prompt's keys/values are copied into the G rows of its group, in a cache allocated once for
+     the P*G rows and the longest sequence (prompt + max_new_tokens); nothing is reallocated while
+     decoding.
+  3. decode, one token per step. A row stops at a stop id (kept in the response) or at
+     max_new_tokens. Once a quarter of the rows in the cache have stopped, the cache is compacted
+     (KVCache.keep), so finished rows stop costing compute without a copy at every single stop.
+  4. sampling: temperature, then top-k, top-p, min-p (the order of transformers and vLLM), then
+     inverse-CDF sampling with one uniform number per row from the row's own seeded torch.Generator.
+     A row's tokens therefore depend on its prompt and its seed only, not on the other rows of the
+     batch: prompt i of a call uses the seed `seed + i` (or `seed[i]`, given a list), response j of
+     it a generator seeded with that and j, so a data-parallel rank that samples prompts 4..7 of a
+     step gets the tokens one process would.
+The log-prob returned for each token is under the distribution it was sampled from (after
+temperature and the filters; for greedy decoding, temperature 0, under the model's own softmax). At
+T = 1 with no filter these are the "old policy" log-probs of GRPO.
 """
 import hashlib
 import sys
@@ -38,11 +40,16 @@ class Rollouts:
     prompt_ids: torch.Tensor      # [N, Tp] left-padded with pad_id
     prompt_mask: torch.Tensor     # [N, Tp] 1 = prompt token
     response_ids: torch.Tensor    # [N, R] right-padded with pad_id; the stop token is included
-    response_mask: torch.Tensor   # [N, R] 1 = generated token (stop token included), 0 = padding after it
-    logprobs: torch.Tensor        # [N, R] log-prob of each sampled token under the sampling distribution; 0 on padding
-    finish_reason: list           # "stop" or "length", per row
+    # [N, R] 1 = generated token (stop token included), 0 = padding after it led token under the
+    # sampling distribution; 0 on padding "stop" or
+    response_mask: torch.Tensor
+    # [N, R] log-prob of each samp
+    # "length", per row
+    logprobs: torch.Tensor
+    finish_reason: list
     group: torch.Tensor           # [N] index of the prompt each row answers
-    text: list = field(default_factory=list)  # decoded responses (special tokens skipped), when a tokenizer is given
+    # decoded responses (special tokens skipped), when a tokenizer is given
+    text: list = field(default_factory=list)
 
     def __len__(self):
         return len(self.finish_reason)
@@ -52,7 +59,8 @@ class Rollouts:
         out = []
         for i in range(len(self)):
             n = int(self.response_mask[i].sum())
-            out.append(dict(group=int(self.group[i]), prompt_ids=self.prompt_ids[i][self.prompt_mask[i].bool()].tolist(),
+            out.append(dict(group=int(self.group[i]),
+                            prompt_ids=self.prompt_ids[i][self.prompt_mask[i].bool()].tolist(),
                             response_ids=self.response_ids[i, :n].tolist(), logprobs=self.logprobs[i, :n].tolist(),
                             finish_reason=self.finish_reason[i], text=self.text[i] if self.text else None))
         return out
@@ -61,8 +69,10 @@ class Rollouts:
 # -----------------------------------------------------------------------------
 # sampling
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
-    """Set the logits outside the top-k / top-p (nucleus) / min-p sets to -inf. logits [n, V] (already / T)."""
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """Set the logits outside the top-k / top-p (nucleus) / min-p sets to -inf. logits [n, V]
+    (already / T)."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -70,26 +80,33 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # the top token always stays
+        # the top token always stays
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     if min_p > 0.0:  # drop tokens less likely than min_p times the most likely one
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values,
+                                    float("-inf"))
     return logits
 
 
-def sample(logits: torch.Tensor, generators: list, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+def sample(logits: torch.Tensor, generators: list, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0,
            min_p: float = 0.0):
-    """logits [n, V] (fp32) -> (tokens [n], log-probs [n]); row i draws one uniform from generators[i] only."""
+    """logits [n, V] (fp32) -> (tokens [n], log-probs [n]); row i draws one uniform from
+    generators[i] only."""
     if temperature == 0.0:
         tok = logits.argmax(-1)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
     logp = filter_logits(logits / temperature, top_k, top_p, min_p).log_softmax(-1)
-    # inverse-CDF sampling: the first token whose cumulative probability exceeds u ~ U[0, 1); a token of
-    # probability 0 never is that first one. fp64 sums keep the tail of a 150k vocabulary accurate.
+    # inverse-CDF sampling: the first token whose cumulative probability exceeds u ~ U[0, 1); a
+    # token of probability 0 never is that first one. fp64 sums keep the tail of a 150k vocabulary
+    # accurate.
     cdf = logp.exp().double().cumsum_(-1)
-    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64) for g in generators])
-    x = torch.minimum(u * cdf[:, -1], cdf[:, -1].nextafter(torch.zeros_like(u)))  # stays below the total
+    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64)
+                   for g in generators])
+    # stays below the total
+    x = torch.minimum(u * cdf[:, -1], cdf[:, -1].nextafter(torch.zeros_like(u)))
     tok = torch.searchsorted(cdf, x[:, None], right=True)[:, 0]
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
@@ -98,10 +115,12 @@ def sample(logits: torch.Tensor, generators: list, temperature: float = 1.0, top
 # prefill, copy to the group, decode
 
 def row_seed(seed: int, j: int) -> int:
-    """The generator seed of response j to a prompt seeded `seed`: (seed << 20) + j while that fits the 64 bits a
-    torch.Generator takes, else 64 bits of its sha256 (a Unix time as --seed would otherwise overflow)."""
+    """The generator seed of response j to a prompt seeded `seed`: (seed << 20) + j while that fits
+    the 64 bits a torch.Generator takes, else 64 bits of its sha256 (a Unix time as --seed would
+    otherwise overflow)."""
     v = (seed << 20) + j
-    return v if 0 <= v < 2**64 else int.from_bytes(hashlib.sha256(str(v).encode()).digest()[:8], "little")
+    return (v if 0 <= v < 2**64
+            else int.from_bytes(hashlib.sha256(str(v).encode()).digest()[:8], "little"))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,13 +135,15 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 @dataclass
 class Prefilled:
-    """P prompts after their prefill. generate() only reads it, so calls on the same prompts can share one prefill
-    (the evaluation samples greedily and at T = 1 from the same prompts; the prefill is most of a greedy call)."""
+    """P prompts after their prefill. generate() only reads it, so calls on the same prompts can
+    share one prefill (the evaluation samples greedily and at T = 1 from the same prompts; the
+    prefill is most of a greedy call)."""
     ids: torch.Tensor             # [P, Tp] left-padded
     mask: torch.Tensor            # [P, Tp] 1 = prompt token
     logits: torch.Tensor          # [P, V] fp32, the next-token logits after each prompt
     cache: KVCache                # the prompts' keys and values
-    release: bool = False         # set before the last call: it frees the cache once copied, before decoding
+    # set before the last call: it frees the cache once copied, before decoding
+    release: bool = False
 
     def __len__(self):
         return len(self.ids)
@@ -132,7 +153,8 @@ class Prefilled:
 def prefill(model: Transformer, prompts: list[list[int]], pad_id: int = 0) -> Prefilled:
     """One forward pass over the P prompts (token id lists), left-padded."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate() needs at least one prompt, and every prompt needs at least one token")
+        raise ValueError("generate() needs at least one prompt, and every prompt needs at least "
+                         "one token")
     ids, mask = left_pad(prompts, pad_id, model.embed_tokens.weight.device)
     cache = model.new_cache(ids.shape[0], ids.shape[1])
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)
@@ -141,11 +163,13 @@ def prefill(model: Transformer, prompts: list[list[int]], pad_id: int = 0) -> Pr
 
 def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, max_len: int,
                    static: bool = False) -> KVCache:
-    """A cache for P * G rows and max_len slots, whose rows g*G .. g*G+G-1 start as copies of prompt g."""
+    """A cache for P * G rows and max_len slots, whose rows g*G .. g*G+G-1 start as copies of prompt
+    g."""
     L, P, H, T, D = prompt_cache.k.shape
     cache = model.new_cache(P * group_size, max_len, static)
     for dst, src in ((cache.k, prompt_cache.k), (cache.v, prompt_cache.v)):
-        dst[:, :, :, :T].view(L, P, group_size, H, T, D).copy_(src[:, :, None])  # broadcast: no temporary copy
+        # broadcast: no temporary copy
+        dst[:, :, :, :T].view(L, P, group_size, H, T, D).copy_(src[:, :, None])
     cache.valid[:, :T] = prompt_cache.valid.repeat_interleave(group_size, 0)
     cache.pos = prompt_cache.pos.repeat_interleave(group_size, 0)
     cache.len = T
@@ -155,26 +179,28 @@ def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, m
 
 
 def compiled_decode(model: Transformer):
-    """The model's forward compiled for the one-token decode step over a StaticKVCache (torch.compile), the way
-    gpt-fast decodes. Compiled on its first call (62 s for the default model at batch 1 on 2 CPU cores) and reused
-    by every later step and call; a new cache shape (another max_len or P x G, the cache compaction) compiles again
-    once, after which torch makes that dimension dynamic. Measured on a CPU it is slower than eager decoding
-    (README, "Sampling"), hence off by default. Where torch cannot compile (no C++ compiler), one line says so and
+    """The model's forward compiled for the one-token decode step over a StaticKVCache
+    (torch.compile), the way gpt-fast decodes. Compiled on its first call (62 s for the default
+    model at batch 1 on 2 CPU cores) and reused by every later step and call; a new cache shape
+    (another max_len or P x G, the cache compaction) compiles again once, after which torch makes
+    that dimension dynamic. Measured on a CPU it is slower than eager decoding (README, "Sampling"),
+    hence off by default. Where torch cannot compile (no C++ compiler), one line says so and
     decoding stays eager."""
     slot = model.__dict__       # kept beside the model's attributes, not registered as a submodule
     if "compiled_decode" not in slot:
         compiled = torch.compile(model)
 
         def first_call(*args, **kwargs):
-            if "compiled_decode" in slot:                # decided by an earlier step of the same call
+            if "compiled_decode" in slot:
+                # decided by an earlier step of the same call
                 return slot["compiled_decode"](*args, **kwargs)
             try:
                 out = compiled(*args, **kwargs)
                 slot["compiled_decode"] = compiled
                 return out
             except torch._dynamo.exc.BackendCompilerFailed as e:
-                print(f"warning: torch.compile is not available here ({str(e).splitlines()[0][:120]}); "
-                      "decoding without it", file=sys.stderr)
+                print(f"warning: torch.compile is not available here "
+                      f"({str(e).splitlines()[0][:120]}); decoding without it", file=sys.stderr)
                 slot["compiled_decode"] = model
                 return model(*args, **kwargs)
         return first_call
@@ -182,14 +208,17 @@ def compiled_decode(model: Transformer):
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_size: int = 1, max_new_tokens: int = 256,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, stop_ids=(),
+def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_size: int = 1,
+             max_new_tokens: int = 256,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             stop_ids=(),
              pad_id: int = 0, seed: int | list[int] = 0, tokenizer=None, progress: bool = False,
              compile: bool = False) -> Rollouts:
-    """Sample `group_size` responses to each prompt (token id lists, or their prefill) from the model's full
-    policy."""
+    """Sample `group_size` responses to each prompt (token id lists, or their prefill) from the
+    model's full policy."""
     if max_new_tokens < 1 or group_size < 1:
-        raise ValueError(f"max_new_tokens ({max_new_tokens}) and group_size ({group_size}) must be at least 1")
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) and group_size ({group_size}) must be "
+                         f"at least 1")
     device = model.embed_tokens.weight.device
     pre = prompts if isinstance(prompts, Prefilled) else prefill(model, prompts, pad_id)
     prompt_ids, prompt_mask = pre.ids, pre.mask
@@ -199,15 +228,18 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
     if compile:                                    # fewer distinct shapes, fewer compilations
         max_len = -(-max_len // 64) * 64
     cache = copy_to_groups(model, pre.cache, G, max_len, static=compile)
-    if pre.release:                                # the caller's last use: not held through the decode
+    if pre.release:
+        # the caller's last use: not held through the decode
         pre.cache = None
     decode = compiled_decode(model) if compile else model
     logits = pre.logits.repeat_interleave(G, 0)                                 # [N, V], a copy
     del pre, prompts                               # a prefill of this call alone is freed here
     seeds = [seed + i for i in range(P)] if isinstance(seed, int) else list(seed)
     if len(seeds) != P:
-        raise ValueError(f"generate() got {len(seeds)} seeds for {P} prompts; give one seed per prompt, or an int")
-    generators = [torch.Generator(device).manual_seed(row_seed(s, j)) for s in seeds for j in range(G)]
+        raise ValueError(f"generate() got {len(seeds)} seeds for {P} prompts; give one seed per "
+                         f"prompt, or an int")
+    generators = [torch.Generator(device).manual_seed(row_seed(s, j)) for s in seeds
+                  for j in range(G)]
 
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, device=device)
@@ -222,7 +254,8 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
     for t in steps:
         live = running.nonzero()[:, 0]
         rows_logits = logits if len(live) == len(running) else logits[live]
-        tok, lp = sample(rows_logits, [generators[r] for r in row[live].tolist()], temperature, top_k, top_p, min_p)
+        tok, lp = sample(rows_logits, [generators[r] for r in row[live].tolist()], temperature,
+                         top_k, top_p, min_p)
         out[row[live], t], logprobs[row[live], t] = tok, lp
         stopped = torch.isin(tok, stop)
         length[row[live[stopped]]] = t + 1
@@ -230,8 +263,10 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
         if t == max_new_tokens - 1 or not running.any():
             break
         next_tok = torch.full_like(running, pad_id, dtype=torch.long)
-        next_tok[live] = tok                        # finished rows not yet dropped are fed padding, then ignored
-        if (~running).sum() * 4 >= len(running):    # a quarter of the cache is dead: drop those rows
+        # finished rows not yet dropped are fed padding, then ignored
+        next_tok[live] = tok
+        if (~running).sum() * 4 >= len(running):
+            # a quarter of the cache is dead: drop those rows
             keep = running.nonzero()[:, 0]
             cache.keep(keep)
             row, running, next_tok = row[keep], running[keep], next_tok[keep]
@@ -240,9 +275,12 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
     R = int(length.max())
     response_mask = (torch.arange(R, device=device)[None, :] < length[:, None]).long()
     response_ids = out[:, :R].masked_fill(response_mask == 0, pad_id)
-    finish = ["stop" if torch.isin(response_ids[i, length[i] - 1], stop) else "length" for i in range(N)]
-    text = [tokenizer.decode(response_ids[i, :length[i]].tolist()) for i in range(N)] if tokenizer else []
-    return Rollouts(prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0), response_ids,
+    finish = ["stop" if torch.isin(response_ids[i, length[i] - 1], stop) else "length"
+              for i in range(N)]
+    text = [tokenizer.decode(response_ids[i, :length[i]].tolist())
+            for i in range(N)] if tokenizer else []
+    return Rollouts(prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0),
+                    response_ids,
                     response_mask, logprobs[:, :R] * response_mask, finish,
                     torch.arange(P, device=device).repeat_interleave(G), text)
 
@@ -254,15 +292,20 @@ def parse_args(argv=None):
     p = cli.Parser(description="Sample G answers to one chat prompt with the hand-written sampler.")
     cli.add_model_args(p)
     g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", default="What is 7 * 8? Put your final answer within \\boxed{}.", help="the user message")
+    g.add_argument("--prompt", default="What is 7 * 8? Put your final answer within \\boxed{}.",
+                   help="the user message")
     g.add_argument("-G", "--group-size", type=int, default=4, help="responses to sample")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="stop a response after this many tokens")
+    g.add_argument("--max-new-tokens", type=int, default=128,
+                   help="stop a response after this many tokens")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * the top probability (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass, in (0, 1] (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min_p * the top probability (0 = off)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
-    g.add_argument("--compile", action="store_true", help="compile the decode step (slower on a CPU; docs/usage.md, 'Sampling')")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step (slower on a CPU; docs/usage.md, 'Sampling')")
     return p.parse_args(argv)
 
 
@@ -280,8 +323,10 @@ def main(argv=None):
     prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
     cli.fits_context(len(prompt), args.max_new_tokens, model.config.max_position_embeddings)
     t0 = time.perf_counter()
-    ro = generate(model, [prompt], args.group_size, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                  args.min_p, tok.stop_ids, tok.pad_id, args.seed, tok, progress=True, compile=args.compile)
+    ro = generate(model, [prompt], args.group_size, args.max_new_tokens, args.temperature,
+                  args.top_k, args.top_p,
+                  args.min_p, tok.stop_ids, tok.pad_id, args.seed, tok, progress=True,
+                  compile=args.compile)
     dt = time.perf_counter() - t0
     for i, r in enumerate(ro.records()):
         print(f"--- {i} ({len(r['response_ids'])} tokens, {r['finish_reason']}, "

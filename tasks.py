@@ -1,5 +1,6 @@
 """
-Tasks with exact answers, generated offline from a seed: prompts for the analysis and the RL training.
+Tasks with exact answers, generated offline from a seed: prompts for the analysis and the RL
+training.
 
     add         "What is 3 + 5?": one-digit sums, the task a 135M model can learn in tens of RL steps
     arithmetic  "What is 37 + 48?"-style problems, small numbers, one or two operations
@@ -7,17 +8,19 @@ Tasks with exact answers, generated offline from a seed: prompts for the analysi
     sum2 .. sum4, sum2x3   sums of two 2- to 4-digit numbers, or of three 2-digit ones: a difficulty knob
 
 Every problem is asked with the authors' system prompt, so the answer is expected in \\boxed{}.
-Departure: the user message also ends with FORMAT_HINT ("... for example \\boxed{5}."); without it the small
-offline models almost never write \\boxed{} (SmolLM2-135M: 0 of 64 answers), so every reward would be 0 and RL
-would have nothing to learn from. With shots=1 (train.py and analyze.py --shots 1) one worked example of the
-task (DEMOS: a training-split question, a one-line solution ending in \\boxed{}) comes before the question as
-an earlier user / assistant turn; this raises SmolLM2-135M's base rate on `add` from about 1% to about 30%
-(T = 1, 128 samples), so that most groups of 8 hold both a right and a wrong answer. Answers are
-scored by the authors' reward: 1 if the content of the LAST \\boxed{...} (or "\\boxed ...") of the response,
-after the Hendrycks MATH string normalisation, equals the normalised answer, else 0 (no box: 0). The reward
-functions are pure, never raise and never evaluate anything; their cost is linear in the response length.
-Train and test are disjoint by construction: a question belongs to the test split when the CRC-32 of its
-text is divisible by TEST_EVERY, so no test question is ever drawn for training, whatever the seeds and sizes.
+Departure: the user message also ends with FORMAT_HINT ("... for example \\boxed{5}."); without it
+the small offline models almost never write \\boxed{} (SmolLM2-135M: 0 of 64 answers), so every
+reward would be 0 and RL would have nothing to learn from. With shots=1 (train.py and analyze.py
+--shots 1) one worked example of the task (DEMOS: a training-split question, a one-line solution
+ending in \\boxed{}) comes before the question as an earlier user / assistant turn; this raises
+SmolLM2-135M's base rate on `add` from about 1% to about 30% (T = 1, 128 samples), so that most
+groups of 8 hold both a right and a wrong answer. Answers are scored by the authors' reward: 1 if
+the content of the LAST \\boxed{...} (or "\\boxed ...") of the response, after the Hendrycks MATH
+string normalisation, equals the normalised answer, else 0 (no box: 0). The reward functions are
+pure, never raise and never evaluate anything; their cost is linear in the response length. Train
+and test are disjoint by construction: a question belongs to the test split when the CRC-32 of its
+text is divisible by TEST_EVERY, so no test question is ever drawn for training, whatever the seeds
+and sizes.
 """
 import random
 import zlib
@@ -36,11 +39,12 @@ class Problem:
     answer: str
 
     def messages(self, system: bool = True, demo: tuple[str, str] | None = None) -> list[dict]:
-        """The chat of the problem: the authors' system prompt, then, given a demo (question, solution), that
-        worked example as an earlier turn, then the question with FORMAT_HINT."""
+        """The chat of the problem: the authors' system prompt, then, given a demo (question,
+        solution), that worked example as an earlier turn, then the question with FORMAT_HINT."""
         head = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
         if demo:
-            head += [{"role": "user", "content": f"{demo[0]} {FORMAT_HINT}"}, {"role": "assistant", "content": demo[1]}]
+            head += [{"role": "user", "content": f"{demo[0]} {FORMAT_HINT}"},
+                     {"role": "assistant", "content": demo[1]}]
         return head + [{"role": "user", "content": f"{self.question} {FORMAT_HINT}"}]
 
 
@@ -62,7 +66,8 @@ def arithmetic(rng: random.Random) -> Problem:
     return Problem(f"What is {a} + {b} * {c}?", str(a + b * c))
 
 
-NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack", "Lena", "Omar"]
+NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack", "Lena",
+         "Omar"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "cards", "shells"]
 
 
@@ -72,23 +77,30 @@ def word(rng: random.Random) -> Problem:
     a, b, c = rng.randint(3, 40), rng.randint(2, 20), rng.randint(2, 9)
     form = rng.randrange(5)
     if form == 0:
-        return Problem(f"{n} has {a} {item}. {m} gives {n} {b} more. How many {item} does {n} have now?", str(a + b))
+        return Problem(f"{n} has {a} {item}. {m} gives {n} {b} more. How many {item} does {n} have "
+                       f"now?", str(a + b))
     if form == 1:
         a = a + b
-        return Problem(f"{n} has {a} {item} and gives {b} of them to {m}. How many {item} does {n} have left?", str(a - b))
+        return Problem(f"{n} has {a} {item} and gives {b} of them to {m}. How many {item} does {n} "
+                       f"have left?", str(a - b))
     if form == 2:
-        return Problem(f"A box holds {c} {item}. {n} buys {b} boxes. How many {item} does {n} buy in total?", str(b * c))
+        return Problem(f"A box holds {c} {item}. {n} buys {b} boxes. How many {item} does {n} buy "
+                       f"in total?", str(b * c))
     if form == 3:
         total = b * c
-        return Problem(f"{n} shares {total} {item} equally among {c} friends. How many {item} does each friend get?", str(b))
+        return Problem(f"{n} shares {total} {item} equally among {c} friends. How many {item} does "
+                       f"each friend get?", str(b))
     price = rng.randint(2, 12)
-    return Problem(f"One {item[:-1]} costs {price} dollars. {n} buys {c} of them and pays with a {100}-dollar bill. "
-                   "How many dollars of change does {n} get?".replace("{n}", n), str(100 - price * c))
+    return Problem(f"One {item[:-1]} costs {price} dollars. {n} buys {c} of them and pays with a "
+                   f"{100}-dollar bill. "
+                   "How many dollars of change does {n} get?".replace("{n}", n),
+                   str(100 - price * c))
 
 
 def sums(digits: int, operands: int = 2):
-    """The `sum*` tasks: sums of `operands` numbers of exactly `digits` digits. Digits and operands are the
-    difficulty knob (README, "Calibration"); the question space is large enough for a held-out set of thousands."""
+    """The `sum*` tasks: sums of `operands` numbers of exactly `digits` digits. Digits and operands
+    are the difficulty knob (README, "Calibration"); the question space is large enough for a
+    held-out set of thousands."""
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1
 
     def task(rng: random.Random) -> Problem:
@@ -99,18 +111,22 @@ def sums(digits: int, operands: int = 2):
 
 TASKS = {"add": add, "arithmetic": arithmetic, "word": word,
          "sum2": sums(2), "sum3": sums(3), "sum4": sums(4), "sum2x3": sums(2, 3)}
-HELP = ("add: one-digit sums; sum2 / sum3 / sum4: sums of two 2- / 3- / 4-digit numbers; sum2x3: three 2-digit "
-        "numbers; arithmetic: +, -, * on numbers up to 50, one or two operations; word: short word problems")
-# one worked example per task for --shots 1, each a training-split question (tested), never a test one
+HELP = ("add: one-digit sums; sum2 / sum3 / sum4: sums of two 2- / 3- / 4-digit numbers; sum2x3: "
+        "three 2-digit numbers; arithmetic: +, -, * on numbers up to 50, one or two operations; "
+        "word: short word problems")
+# one worked example per task for --shots 1, each a training-split question (tested), never a test
+# one
 DEMOS = {
     "add": ("What is 2 + 3?", "2 + 3 = 5. The answer is \\boxed{5}."),
-    "arithmetic": ("What is 12 + 4 * 3?", "4 * 3 = 12, and 12 + 12 = 24. The answer is \\boxed{24}."),
+    "arithmetic": ("What is 12 + 4 * 3?",
+                   "4 * 3 = 12, and 12 + 12 = 24. The answer is \\boxed{24}."),
     "word": ("Mia has 7 shells. Sam gives Mia 5 more. How many shells does Mia have now?",
              "Mia has 7 + 5 = 12 shells. The answer is \\boxed{12}."),
     "sum2": ("What is 47 + 38?", "47 + 38 = 85. The answer is \\boxed{85}."),
     "sum3": ("What is 472 + 356?", "472 + 356 = 828. The answer is \\boxed{828}."),
     "sum4": ("What is 4721 + 3568?", "4721 + 3568 = 8289. The answer is \\boxed{8289}."),
-    "sum2x3": ("What is 47 + 38 + 16?", "47 + 38 = 85, and 85 + 16 = 101. The answer is \\boxed{101}."),
+    "sum2x3": ("What is 47 + 38 + 16?",
+               "47 + 38 = 85, and 85 + 16 = 101. The answer is \\boxed{101}."),
 }
 
 
@@ -136,19 +152,20 @@ def problems(task: str, n: int, seed: int = 0, split: str = "train") -> list[Pro
 
 
 def longest_prompt(tok, task: str, shots: int = 0, seed: int = 0, n: int = 64) -> int:
-    """Tokens in the longest chat prompt of n problems of each split: what prompt + response must fit in a
-    context, checked before any sampling (cli.fits_context)."""
+    """Tokens in the longest chat prompt of n problems of each split: what prompt + response must
+    fit in a context, checked before any sampling (cli.fits_context)."""
     return max(len(tok.encode_chat(chat(p, task, shots))) for split in ("train", "test")
                for p in problems(task, n, seed, split))
 
 
 # -----------------------------------------------------------------------------
-# the reward: verl/utils/reward_score/math.py as the authors use it (docs/method.md 8), quirks included:
-# "\boxed " anywhere wins over a later "\boxed{}", a normalisation step that raises falls back to comparing the
-# raw strings, and any other failure scores 0.
+# the reward: verl/utils/reward_score/math.py as the authors use it (docs/method.md 8), quirks
+# included: "\boxed " anywhere wins over a later "\boxed{}", a normalisation step that raises falls
+# back to comparing the raw strings, and any other failure scores 0.
 
 def last_boxed(text: str) -> str | None:
-    """The last "\boxed{...}" (braces balanced) of text, or the text after the last "\boxed " up to a "$"."""
+    """The last "\boxed{...}" (braces balanced) of text, or the text after the last "\boxed " up to
+    a "$"."""
     if "\\boxed " in text:
         tail = text[text.rfind("\\boxed ") + 7:]
         return "\\boxed " + tail[:tail.find("$")] if "$" in tail else "\\boxed " + tail
@@ -162,9 +179,10 @@ def last_boxed(text: str) -> str | None:
 
 
 def closing_brace(text: str, start: int) -> int | None:
-    """The index of the first "}" after `start` at which the braces opened since `start` are all closed (depth
-    back to 0), or None. Vectorised with numpy on the UTF-8 bytes (a brace byte is never part of a multi-byte
-    character), so hostile output, a megabyte of braces, costs milliseconds instead of a Python loop."""
+    """The index of the first "}" after `start` at which the braces opened since `start` are all
+    closed (depth back to 0), or None. Vectorised with numpy on the UTF-8 bytes (a brace byte is
+    never part of a multi-byte character), so hostile output, a megabyte of braces, costs
+    milliseconds instead of a Python loop."""
     b = text[start:].encode("utf-8", "surrogatepass")
     a = np.frombuffer(b, dtype=np.uint8)
     opens, closes = a == ord("{"), a == ord("}")
@@ -183,10 +201,11 @@ def remove_boxed(s: str) -> str:
     raise ValueError(f"not a boxed answer: {s[:30]!r}")
 
 
-# The two fixes below are the original per-"\\frac" / per-"\\sqrt" loops (split on the command, look at the first
-# characters of each part, wrap them in braces), done on the array of code points with numpy, so that their cost
-# stays linear and in C even on hostile output with a hundred thousand commands (tests/test_tasks.py checks them
-# against the loops). Neither command can overlap itself, so its occurrences are exactly the loop's split points.
+# The two fixes below are the original per-"\\frac" / per-"\\sqrt" loops (split on the command, look
+# at the first characters of each part, wrap them in braces), done on the array of code points with
+# numpy, so that their cost stays linear and in C even on hostile output with a hundred thousand
+# commands (tests/test_tasks.py checks them against the loops). Neither command can overlap itself,
+# so its occurrences are exactly the loop's split points.
 
 def _codes(s: str) -> np.ndarray:
     return np.frombuffer(s.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
@@ -220,11 +239,14 @@ def _fix_fracs(s: str) -> str:  # \frac12 -> \frac{1}{2}, \frac1{b} -> \frac{1}{
     start, end = m + 5, np.append(m[1:], len(c))           # each part: c[start:end]
     first = c[np.minimum(start, len(c) - 1)]
     bad = np.flatnonzero((end == start) | ((end - start == 1) & (first != ord("{"))))
-    if len(bad):   # the loop stops at the first such part: IndexError on an empty one, s unchanged on a short one
+    if len(bad):
+        # the loop stops at the first such part: IndexError on an empty one, s unchanged on a short
+        # one
         if end[bad[0]] == start[bad[0]]:
             raise IndexError("empty \\frac part")
         return s
-    a = start[first != ord("{")]                            # parts of >= 2 chars that do not start with "{"
+    # parts of >= 2 chars that do not start with "{"
+    a = start[first != ord("{")]
     two, one = a[c[a + 1] != ord("{")], a[c[a + 1] == ord("{")]
     return _insert(c, [two, two + 1, two + 1, two + 2, one, one + 1], "{}{}{}")
 
@@ -241,7 +263,8 @@ def _fix_sqrt(s: str) -> str:  # \sqrt3 -> \sqrt{3}
     return _insert(c, [a, a + 1], "{}")
 
 
-def _fix_a_slash_b(s: str) -> str:  # "3/4" -> \frac{3}{4}; int() of a non-number raises, as in the original
+def _fix_a_slash_b(s: str) -> str:
+    # "3/4" -> \frac{3}{4}; int() of a non-number raises, as in the original
     if "/" not in s or s.count("/") != 1:
         return s
     a, b = (int(x) for x in s.split("/"))
@@ -249,14 +272,17 @@ def _fix_a_slash_b(s: str) -> str:  # "3/4" -> \frac{3}{4}; int() of a non-numbe
 
 
 def _replace(s: str, old: str, new: str) -> str:
-    """s.replace(old, new), skipped when a character of `old` is absent (a fast memchr): a replace scans the
-    whole string even when nothing matches, and the normalisation below would scan a hostile answer 15 times."""
+    """s.replace(old, new), skipped when a character of `old` is absent (a fast memchr): a replace
+    scans the whole string even when nothing matches, and the normalisation below would scan a
+    hostile answer 15 times."""
     return s.replace(old, new) if all(ch in s for ch in set(old)) else s
 
 
 def strip_string(s: str) -> str:
-    """The Hendrycks MATH normalisation, step for step; it may raise on malformed input (see is_equiv)."""
-    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"), ("\\left", ""),
+    """The Hendrycks MATH normalisation, step for step; it may raise on malformed input (see
+    is_equiv)."""
+    for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
+                     ("\\left", ""),
                      ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
         s = _replace(s, old, new)
     if "\\text{ " in s:  # units on the right
@@ -281,13 +307,14 @@ def strip_string(s: str) -> str:
 def is_equiv(a: str, b: str) -> bool:
     try:
         return strip_string(a) == strip_string(b)
-    except (ValueError, IndexError):  # the original compares the raw strings when the normalisation fails
+    except (ValueError, IndexError):
+        # the original compares the raw strings when the normalisation fails
         return a == b
 
 
 def reward(response: str, answer: str) -> float:
-    """1.0 if the last boxed answer of the response equals the ground truth after normalisation, else 0.0.
-    Pure: never raises, never evaluates anything."""
+    """1.0 if the last boxed answer of the response equals the ground truth after normalisation,
+    else 0.0. Pure: never raises, never evaluates anything."""
     boxed = last_boxed(response)
     try:
         return float(boxed is not None and is_equiv(remove_boxed(boxed), answer))

@@ -1,9 +1,10 @@
 """
 The tokenizer of a model folder: tokenizer.json, the model's own chat template, and its stop tokens.
 
-The chat template is the model's own Jinja template (tokenizer_config.json or chat_template.jinja), rendered
-the way transformers renders it (sandboxed Jinja2, trim_blocks, lstrip_blocks, `raise_exception`, `tojson`),
-so that a prompt here is token for token the prompt the model was trained with.
+The chat template is the model's own Jinja template (tokenizer_config.json or chat_template.jinja),
+rendered the way transformers renders it (sandboxed Jinja2, trim_blocks, lstrip_blocks,
+`raise_exception`, `tojson`), so that a prompt here is token for token the prompt the model was
+trained with.
 """
 import json
 from datetime import datetime
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from infra.errors import ModelLoadError
 
-# end-of-turn / end-of-text tokens of the supported families; each one present in the vocabulary stops sampling
+# end-of-turn / end-of-text tokens of the supported families; each one present in the vocabulary
+# stops sampling
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>")
 
 
@@ -27,27 +29,31 @@ class Tokenizer:
         except Exception as e:
             raise ModelLoadError(f"{file}: not a readable tokenizer ({str(e).splitlines()[0]})") from None
         self.config = _read_optional_json(path / "tokenizer_config.json")
-        self.special = {k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.special = {k: _token_text(self.config.get(k))
+                        for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         template = self.config.get("chat_template")
         if (path / "chat_template.jinja").exists():
             template = _read_text(path / "chat_template.jinja")
-        if isinstance(template, list) and template:  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        if isinstance(template, list) and template:
+            # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default", next(iter(named.values()), None))
         if template is not None and not isinstance(template, str):
-            raise ModelLoadError(f"{path}: chat_template must be a string (or a list of named templates); "
-                                 "fix tokenizer_config.json")
+            raise ModelLoadError(f"{path}: chat_template must be a string (or a list of named "
+                                 f"templates); fix tokenizer_config.json")
         self.folder = path
         self.chat_template = template
         self._template = _compile(template, path) if template else None
 
-        # stop ids: eos of config.json / generation_config.json / tokenizer_config.json, and every end-of-turn token
+        # stop ids: eos of config.json / generation_config.json / tokenizer_config.json, and every
+        # end-of-turn token
         ids = set()
         for cfg_file in ("config.json", "generation_config.json"):
             eos = _read_optional_json(path / cfg_file).get("eos_token_id")
             eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
             if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i for i in eos):
-                raise ModelLoadError(f"{path / cfg_file}: eos_token_id must be a token id or a list of them")
+                raise ModelLoadError(f"{path / cfg_file}: eos_token_id must be a token id or a "
+                                     f"list of them")
             ids.update(eos)
         for t in (self.special["eos_token"], *END_OF_TURN):
             if t is not None and self.tok.token_to_id(t) is not None:
@@ -55,33 +61,42 @@ class Tokenizer:
         self.stop_ids = frozenset(ids)
         self.eos_id = self.tok.token_to_id(self.special["eos_token"]) if self.special["eos_token"] else min(ids, default=None)
         pad = self.special["pad_token"]
-        self.pad_id = self.tok.token_to_id(pad) if pad and self.tok.token_to_id(pad) is not None else self.eos_id
+        self.pad_id = (self.tok.token_to_id(pad) if pad
+                       and self.tok.token_to_id(pad) is not None else self.eos_id)
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids, with no BOS or other post-processing (chat templates write their own BOS)."""
+        """Text -> ids, with no BOS or other post-processing (chat templates write their own
+        BOS)."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render the model's template: messages = [{"role": "system"|"user"|"assistant", "content": str}]."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs) -> str:
+        """Render the model's template: messages = [{"role": "system"|"user"|"assistant", "content":
+        str}]."""
         import jinja2
         if self._template is None:
-            raise ModelLoadError(f"{self.folder}: this tokenizer has no chat_template; use a chat/instruct model")
+            raise ModelLoadError(f"{self.folder}: this tokenizer has no chat_template; use a "
+                                 f"chat/instruct model")
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            return self._template.render(messages=messages,
+                                         add_generation_prompt=add_generation_prompt,
                                          **self.special, **kwargs)
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-            # the sandbox refusing an operation, raise_exception() in the template, a missing variable, ...
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError,
+                IndexError) as e:
+            # the sandbox refusing an operation, raise_exception() in the template, a missing
+            # variable, ...
             raise ModelLoadError(f"{self.folder}: the chat template failed ({type(e).__name__}: "
                                  f"{_one_line(e)}); fix the template in tokenizer_config.json") from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    **kwargs) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs))
 
 
@@ -98,16 +113,20 @@ def _compile(template: str, folder: Path):
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
-        raise ModelLoadError(f"{folder}: the chat template is not valid Jinja (line {e.lineno}: {_one_line(e)}); "
-                             "fix it in tokenizer_config.json or chat_template.jinja") from None
+        raise ModelLoadError(f"{folder}: the chat template is not valid Jinja (line {e.lineno}: "
+                             f"{_one_line(e)}); fix it in tokenizer_config.json or "
+                             f"chat_template.jinja") from None
 
 
 def _token_text(t):

@@ -1,5 +1,6 @@
 """
-GRPO and BuPO training of a decoder on a task with a verifiable reward (paper section 3; docs/method.md).
+GRPO and BuPO training of a decoder on a task with a verifiable reward (paper section 3;
+docs/method.md).
 
     python train.py --algo bupo --out runs/bupo                # default model, one-digit sums, CPU-sized
     python train.py --algo grpo --out runs/grpo --seed 1
@@ -7,35 +8,40 @@ GRPO and BuPO training of a decoder on a task with a verifiable reward (paper se
     torchrun --standalone --nproc-per-node 8 train.py --device cuda --prompts-per-step 128 --out runs/dp
 
 One RL step (steps count from 1, like the authors' global_steps), in the order rl_step runs it:
-  1. sample: P prompts of the task (a fixed function of --seed and the step) and G responses to each, from the
-     FULL policy at temperature T (rollout.py), in both phases.
+  1. sample: P prompts of the task (a fixed function of --seed and the step) and G responses to
+     each, from the FULL policy at temperature T (rollout.py), in both phases.
   2. score: 1/0 from the last \\boxed{} (tasks.reward); group advantages (bupo.group_advantages).
-  3. the policy of the step: bupo.phase_layer, pi^l while step <= --internal-steps in BuPO (phase 1), pi_theta
-     after (eq. 10). Its "old" log-probs, no grad, with the weights of the start of the step
-     (bupo.policy_logprobs), and diagnostics: H(pi_theta) always, H(pi^l), KL(pi^l || pi_theta), cos(h_l, h_L)
-     for BuPO in both phases (bupo.policy_stats).
-  4. update: --mini-batches AdamW updates on consecutive slices of the P*G responses (1 epoch, no shuffle), each
-     the clipped surrogate of the same policy (bupo.policy_loss; on pi^l it is eq. 9), token-mean, grad-norm clip 1.0, and
-     zero_grad(set_to_none=True), so that in phase 1 the blocks above l and the final norm stay untouched. An
-     update whose loss or gradient norm is not finite is skipped and counted (metric skipped_steps).
-  5. log one line of metrics.jsonl; evaluate every --eval-every steps; save every --save-every steps.
-Evaluation on held-out problems before training, every --eval-every steps and at the end: greedy accuracy,
-avg@n and the unbiased pass@k = 1 - C(n-c, k) / C(n, k) over n = --eval-samples samples at T.
+  3. the policy of the step: bupo.phase_layer, pi^l while step <= --internal-steps in BuPO (phase
+     1), pi_theta after (eq. 10). Its "old" log-probs, no grad, with the weights of the start of the
+     step (bupo.policy_logprobs), and diagnostics: H(pi_theta) always, H(pi^l), KL(pi^l ||
+     pi_theta), cos(h_l, h_L) for BuPO in both phases (bupo.policy_stats).
+  4. update: --mini-batches AdamW updates on consecutive slices of the P*G responses (1 epoch, no
+     shuffle), each the clipped surrogate of the same policy (bupo.policy_loss; on pi^l it is eq.
+     9), token-mean, grad-norm clip 1.0, and zero_grad(set_to_none=True), so that in phase 1 the
+     blocks above l and the final norm stay untouched. An update whose loss or gradient norm is not
+     finite is skipped and counted (metric skipped_steps).
+  5. log one line of metrics.jsonl; evaluate every --eval-every steps; save every --save-every
+     steps.
+Evaluation on held-out problems before training, every --eval-every steps and at the end: greedy
+accuracy, avg@n and the unbiased pass@k = 1 - C(n-c, k) / C(n, k) over n = --eval-samples samples at
+T.
 
 Departures from the authors' code, on purpose:
-  1. Phase 1's gradient passes stop the forward after block l: nothing above l gets a gradient either way, so
-     the loss and the gradients are the authors', for a fraction of the compute (they run all L blocks).
-  2. The loss is an exact masked token-mean over each mini-batch, however it is cut into micro-batches (the
-     authors' dynamic batching only approximates it; docs/method.md).
+  1. Phase 1's gradient passes stop the forward after block l: nothing above l gets a gradient
+     either way, so the loss and the gradients are the authors', for a fraction of the compute (they
+     run all L blocks).
+  2. The loss is an exact masked token-mean over each mini-batch, however it is cut into
+     micro-batches (the authors' dynamic batching only approximates it; docs/method.md).
   3. The prompts are generated (tasks.py) instead of a 5k DeepMath file; the reward is the authors'.
-  4. Sizes fit a CPU: 8 prompts x 8 responses per step instead of 128 x 8, short responses. The ratios of the
-     authors' schedule (s_inter = 10% of the steps, 4 updates per step) are kept.
-Data parallelism under torchrun: distributed.py. Metrics (OUT/metrics.jsonl, one line per step, TRL's names
-where TRL has one): reward, reward_std, frac_reward_zero_std, completions/mean_length, completions/clipped_ratio,
-clip_ratio/low|high|dual, kl (verl's ppo_kl: mean -log ratio, new vs. old policy, over the updates), kl_ref (with
---kl-coef), entropy (the full policy, always), loss, grad_norm, skipped_steps, step_time, tokens_per_s,
-peak_memory_mb; for BuPO also internal/entropy, internal/kl_to_policy, internal/cos_to_top; eval/* when evaluated.
-The run folder (args.json, metrics.jsonl, curves.png, checkpoints/) and its safety rules: runs.py.
+  4. Sizes fit a CPU: 8 prompts x 8 responses per step instead of 128 x 8, short responses. The
+     ratios of the authors' schedule (s_inter = 10% of the steps, 4 updates per step) are kept.
+Data parallelism under torchrun: distributed.py. Metrics (OUT/metrics.jsonl, one line per step,
+TRL's names where TRL has one): reward, reward_std, frac_reward_zero_std, completions/mean_length,
+completions/clipped_ratio, clip_ratio/low|high|dual, kl (verl's ppo_kl: mean -log ratio, new vs. old
+policy, over the updates), kl_ref (with --kl-coef), entropy (the full policy, always), loss,
+grad_norm, skipped_steps, step_time, tokens_per_s, peak_memory_mb; for BuPO also internal/entropy,
+internal/kl_to_policy, internal/cos_to_top; eval/* when evaluated. The run folder (args.json,
+metrics.jsonl, curves.png, checkpoints/) and its safety rules: runs.py.
 """
 import argparse
 import contextlib
@@ -59,8 +65,10 @@ from model import Transformer
 from rollout import generate, prefill
 from tokenizer import Tokenizer
 
-# flags that may differ from the saved run's when resuming: they change where or how often, not what is computed
-RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size", "eval_batch")
+# flags that may differ from the saved run's when resuming: they change where or how often, not what
+# is computed
+RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size",
+                     "eval_batch")
 
 
 # -----------------------------------------------------------------------------
@@ -69,59 +77,88 @@ RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description="GRPO / BuPO training with a verifiable reward.")
     g = cli.add_model_args(p, dtype=False)
-    g.add_argument("--dtype", default="auto", choices=["auto", *precision.DTYPES], help="compute dtype. bfloat16: "
-                   "mixed precision (bf16 matmuls under autocast; fp32 master weights, optimizer state, norms, "
-                   "log-probs, entropies; infra/precision.py), also on a CPU (slowly); auto: bfloat16 on CUDA, "
-                   "float32 elsewhere")
+    g.add_argument("--dtype", default="auto", choices=["auto", *precision.DTYPES],
+                   help="compute dtype. bfloat16: "
+                   "mixed precision (bf16 matmuls under autocast; fp32 master weights, optimizer "
+                   "state, norms, log-probs, entropies; infra/precision.py), also on a CPU "
+                   "(slowly); auto: bfloat16 on CUDA, float32 elsewhere")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default="runs/train", help="output folder: args.json, metrics.jsonl, curves.png, checkpoints/")
-    g.add_argument("--resume", default=None, help="a run folder: continue from its newest complete checkpoint, "
+    g.add_argument("--out", default="runs/train",
+                   help="output folder: args.json, metrics.jsonl, curves.png, checkpoints/")
+    g.add_argument("--resume", default=None,
+                   help="a run folder: continue from its newest complete checkpoint, "
                    f"with the saved arguments (only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} "
                    "may differ)")
-    g.add_argument("--overwrite", action="store_true", help="if --out holds a run, move it aside to "
+    g.add_argument("--overwrite", action="store_true",
+                   help="if --out holds a run, move it aside to "
                    "OUT.old-<time>/ (never deleted) and start a new one")
-    g.add_argument("--steps", type=int, default=20, help="RL steps in total (with --resume: the saved run's, unless given)")
-    g.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
-    g.add_argument("--seed", type=int, default=0, help="seed of the prompts, the sampler and the held-out draws")
+    g.add_argument("--steps", type=int, default=20,
+                   help="RL steps in total (with --resume: the saved run's, unless given)")
+    g.add_argument("--save-every", type=int, default=10,
+                   help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="how many recent checkpoints to keep")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the prompts, the sampler and the held-out draws")
     g = p.add_argument_group("task and rollout")
     g.add_argument("--task", default="add", choices=sorted(tasks.TASKS), help=tasks.HELP)
-    g.add_argument("--shots", type=int, default=1, choices=[0, 1], help="1: a worked example of the task before each "
-                   "question (tasks.py; 0: the authors' zero-shot prompt, which a 135M model rarely answers in a box)")
-    g.add_argument("--prompts-per-step", type=int, default=8, help="P prompts per step (the authors: 128)")
-    g.add_argument("--group-size", type=int, default=8, help="G responses per prompt (the authors: 8)")
+    g.add_argument("--shots", type=int, default=1, choices=[0, 1],
+                   help="1: a worked example of the task before each "
+                   "question (tasks.py; 0: the authors' zero-shot prompt, which a 135M model "
+                   "rarely answers in a box)")
+    g.add_argument("--prompts-per-step", type=int, default=8,
+                   help="P prompts per step (the authors: 128)")
+    g.add_argument("--group-size", type=int, default=8,
+                   help="G responses per prompt (the authors: 8)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
-    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, > 0 (also divides the "
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="rollout temperature, > 0 (also divides the "
                    "training logits)")
-    g.add_argument("--compile", action="store_true", help="sample with the compiled decode step (torch.compile; slower "
+    g.add_argument("--compile", action="store_true",
+                   help="sample with the compiled decode step (torch.compile; slower "
                    "than eager on a CPU, see docs/usage.md, 'Sampling')")
     g = p.add_argument_group("objective")
-    g.add_argument("--algo", default="bupo", choices=["bupo", "grpo"], help="bupo: phase 1 on pi^l, then GRPO")
-    g.add_argument("--advantage", default="grpo", choices=bupo.ADVANTAGES, help="group baseline: grpo z-score, "
+    g.add_argument("--algo", default="bupo", choices=["bupo", "grpo"],
+                   help="bupo: phase 1 on pi^l, then GRPO")
+    g.add_argument("--advantage", default="grpo", choices=bupo.ADVANTAGES,
+                   help="group baseline: grpo z-score, "
                    "drgrpo, rloo")
-    g.add_argument("--loss-agg", default="token-mean", choices=bupo.AGGREGATIONS, help="loss aggregation (bupo.py)")
+    g.add_argument("--loss-agg", default="token-mean", choices=bupo.AGGREGATIONS,
+                   help="loss aggregation (bupo.py)")
     g.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below 1, in [0, 1)")
-    g.add_argument("--clip-high", type=float, default=0.2, help="ratio clip above 1 (clip-higher when > clip-low)")
-    g.add_argument("--dual-clip", type=float, default=10.0, help="dual-clip constant c > 1 for A < 0 (0 = off)")
-    g.add_argument("--kl-coef", type=float, default=0.0, help="weight of a KL penalty to the frozen initial model")
+    g.add_argument("--clip-high", type=float, default=0.2,
+                   help="ratio clip above 1 (clip-higher when > clip-low)")
+    g.add_argument("--dual-clip", type=float, default=10.0,
+                   help="dual-clip constant c > 1 for A < 0 (0 = off)")
+    g.add_argument("--kl-coef", type=float, default=0.0,
+                   help="weight of a KL penalty to the frozen initial model")
     g.add_argument("--kl-type", default="k3", choices=["k1", "k3"], help="KL estimator")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate, constant (the authors: 1e-6)")
+    g.add_argument("--lr", type=float, default=1e-6,
+                   help="AdamW learning rate, constant (the authors: 1e-6)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm")
-    g.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per RL step (the authors: 4)")
-    g.add_argument("--micro-batch-size", type=int, default=8, help="responses per forward/backward pass (memory only)")
+    g.add_argument("--mini-batches", type=int, default=4,
+                   help="optimizer steps per RL step (the authors: 4)")
+    g.add_argument("--micro-batch-size", type=int, default=8,
+                   help="responses per forward/backward pass (memory only)")
     g = p.add_argument_group("BuPO")
-    g.add_argument("--internal-layer", default="auto", help="paper layer l (1-based: pi^l = softmax(W_U h_l)) of "
+    g.add_argument("--internal-layer", default="auto",
+                   help="paper layer l (1-based: pi^l = softmax(W_U h_l)) of "
                    "phase 1, or auto (bupo.choose_internal_layer on an analysis)")
-    g.add_argument("--analysis", default=None, help="entropy.json of analyze.py for auto (else a quick analysis)")
-    g.add_argument("--internal-steps", type=int, default=2, help="s_inter: steps 1..s_inter optimise pi^l (the "
+    g.add_argument("--analysis", default=None,
+                   help="entropy.json of analyze.py for auto (else a quick analysis)")
+    g.add_argument("--internal-steps", type=int, default=2,
+                   help="s_inter: steps 1..s_inter optimise pi^l (the "
                    "authors: 30 of 300)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps, before and after (0 = never)")
+    g.add_argument("--eval-every", type=int, default=10,
+                   help="evaluate every N steps, before and after (0 = never)")
     g.add_argument("--eval-problems", type=int, default=32, help="held-out problems per evaluation")
-    g.add_argument("--eval-samples", type=int, default=4, help="n samples per problem for avg@n and pass@k")
-    g.add_argument("--eval-batch", type=int, default=0, help="problems sampled together (memory only: the KV cache "
+    g.add_argument("--eval-samples", type=int, default=4,
+                   help="n samples per problem for avg@n and pass@k")
+    g.add_argument("--eval-batch", type=int, default=0,
+                   help="problems sampled together (memory only: the KV cache "
                    "grows with problems x samples; 0 = all at once)")
     return p
 
@@ -129,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args):
     """Every argument, before anything is loaded or written."""
     cli.not_empty(args, "--model", "--out", "--resume", "--analysis")
-    cli.positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches", "--micro-batch-size",
-                 "--max-new-tokens", "--eval-problems", "--eval-samples", "--save-every", "--keep-checkpoints")
+    cli.positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches",
+                 "--micro-batch-size",
+                 "--max-new-tokens", "--eval-problems", "--eval-samples", "--save-every",
+                 "--keep-checkpoints")
     cli.non_negative(args, "--internal-steps", "--eval-every", "--seed", "--eval-batch")
     cli.finite(args, "--lr", 0, low_open=True)
     cli.finite(args, "--weight-decay", 0)
@@ -142,18 +181,23 @@ def check_args(args):
     if args.dual_clip != 0 and not (math.isfinite(args.dual_clip) and args.dual_clip > 1):
         raise UserError(f"--dual-clip {args.dual_clip}: must be 0 (off) or a finite number > 1")
     if args.prompts_per_step % args.mini_batches:
-        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of --mini-batches "
-                        f"{args.mini_batches}, so that every update sees whole groups")
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of "
+                        f"--mini-batches {args.mini_batches}, so that every update sees whole "
+                        f"groups")
     if args.internal_layer != "auto" and not args.internal_layer.isdigit():
-        raise UserError(f"--internal-layer {args.internal_layer!r}: must be auto or a layer number (1-based)")
+        raise UserError(f"--internal-layer {args.internal_layer!r}: must be auto or a layer number "
+                        f"(1-based)")
     if args.group_size == 1 and args.advantage != "grpo":
-        raise UserError(f"--group-size 1 with --advantage {args.advantage}: every advantage would be 0; use G >= 2")
+        raise UserError(f"--group-size 1 with --advantage {args.advantage}: every advantage would "
+                        f"be 0; use G >= 2")
     if args.group_size == 1:
-        print("warning: --group-size 1: no group baseline; the advantage is the raw reward (verl's convention for "
-              "groups of one), so this is REINFORCE, not GRPO", file=sys.stderr)
+        print("warning: --group-size 1: no group baseline; the advantage is the raw reward (verl's "
+              "convention for groups of one), so this is REINFORCE, not GRPO", file=sys.stderr)
     if args.algo == "bupo" and args.internal_steps >= args.steps:
-        print(f"warning: --internal-steps {args.internal_steps} >= --steps {args.steps}: every step is phase 1, so "
-              "the layers above l and the final norm are never trained (the paper: ~10% of steps)", file=sys.stderr)
+        print(f"warning: --internal-steps {args.internal_steps} >= --steps {args.steps}: every "
+              f"step is phase 1, so the layers above l and the final norm are never trained (the "
+              f"paper: ~10% of steps)",
+              file=sys.stderr)
     if args.analysis:
         cli.existing_file(args.analysis, "--analysis")
     cli.check_device(args.device)
@@ -163,54 +207,67 @@ def check_args(args):
 # one RL step
 
 def micro_batches(n: int, args):
-    """Row groups of each mini-batch: consecutive slices (one epoch, no shuffle), cut into micro-batches. The old
-    pass uses the same groups as the updates, so the first mini-batch reproduces the old log-probs bit for bit."""
-    return [list(mb.split(args.micro_batch_size)) for mb in torch.arange(n).chunk(args.mini_batches)]
+    """Row groups of each mini-batch: consecutive slices (one epoch, no shuffle), cut into
+    micro-batches. The old pass uses the same groups as the updates, so the first mini-batch
+    reproduces the old log-probs bit for bit."""
+    return [list(mb.split(args.micro_batch_size))
+            for mb in torch.arange(n).chunk(args.mini_batches)]
 
 
 def rl_step(model, tok, opt, args, step, layer, ref=None, amp=contextlib.nullcontext):
-    """One RL step, in the order of the module docstring's algorithm. amp: a fresh autocast region per forward
-    phase, never around opt.step() (infra/precision.py)."""
+    """One RL step, in the order of the module docstring's algorithm. amp: a fresh autocast region
+    per forward phase, never around opt.step() (infra/precision.py)."""
     t0 = time.perf_counter()
     L, G = model.config.num_layers, args.group_size
     # 1. sample G responses to each of this rank's prompts, from the full policy
     problems, ro = sample_step(model, tok, args, step, amp)
     device, batch = ro.response_ids.device, bupo.Batch.of(ro)
     # 2. score, and the advantages of each group (a rank holds whole groups)
-    rewards = torch.tensor([tasks.reward(t, problems[g].answer) for t, g in zip(ro.text, ro.group.tolist())],
+    rewards = torch.tensor([tasks.reward(t, problems[g].answer) for t,
+                            g in zip(ro.text, ro.group.tolist())],
                            device=device)
     adv = bupo.group_advantages(rewards, G, args.advantage)
-    # 3. the policy this step optimises (eq. 10), its old log-probs (start-of-step weights), the diagnostics
+    # 3. the policy this step optimises (eq. 10), its old log-probs (start-of-step weights), the
+    #    diagnostics
     policy_layer = bupo.phase_layer(args.algo, step, args.internal_steps, layer, L)
     groups = micro_batches(len(batch.ids), args)
-    old, ref_logp, stats = old_pass(model, ref, batch, groups, policy_layer, layer if args.algo == "bupo" else L,
+    old, ref_logp, stats = old_pass(model, ref, batch, groups, policy_layer,
+                                    layer if args.algo == "bupo" else L,
                                     args, amp)
     # 4. the updates: one AdamW step per mini-batch, on the clipped surrogate of the same policy
-    sums, grad_norms, skipped = update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, amp)
+    sums, grad_norms, skipped = update(model, opt, batch, groups, old, ref_logp, adv, policy_layer,
+                                       args, amp)
     # 5. the metrics of the whole step
-    sums.update(n_tok=int(batch.response_mask.sum()), clipped=sum(f == "length" for f in ro.finish_reason),
+    sums.update(n_tok=int(batch.response_mask.sum()),
+                clipped=sum(f == "length" for f in ro.finish_reason),
                 **{f"stat/{name}": v for name, v in stats.items()})
-    return step_metrics(step, policy_layer, L, G, dp.all_gather(rewards), dp.all_sum(sums, device), grad_norms,
+    return step_metrics(step, policy_layer, L, G, dp.all_gather(rewards), dp.all_sum(sums, device),
+                        grad_norms,
                         skipped, len(groups), time.perf_counter() - t0, device)
 
 
 def sample_step(model, tok, args, step, amp):
-    """This rank's prompts of the step (a fixed function of --seed and the step) and G responses to each."""
+    """This rank's prompts of the step (a fixed function of --seed and the step) and G responses to
+    each."""
     problems = tasks.problems(args.task, args.prompts_per_step, seed=args.seed * 1_000_003 + step)
     mine = dp.my_prompts(len(problems), args.mini_batches)      # all of them in a single process
     problems = [problems[g] for g in mine]
-    first_seed = (args.seed << 32) + step * args.prompts_per_step     # prompt g of the step: first_seed + g
+    # prompt g of the step: first_seed + g
+    first_seed = (args.seed << 32) + step * args.prompts_per_step
     with amp():
-        ro = generate(model, [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems],
+        ro = generate(model,
+                      [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems],
                       args.group_size, args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
-                      pad_id=tok.pad_id, seed=[first_seed + g for g in mine], tokenizer=tok, compile=args.compile)
+                      pad_id=tok.pad_id, seed=[first_seed + g for g in mine], tokenizer=tok,
+                      compile=args.compile)
     return problems, ro
 
 
 @torch.no_grad()
 def old_pass(model, ref, batch, groups, policy_layer, stats_layer, args, amp):
-    """The old log-probs [n, R] of the step's policy, the reference model's (with --kl-coef, else None), and
-    the sums of the diagnostics at stats_layer (bupo.policy_stats), on the micro-batches the updates use."""
+    """The old log-probs [n, R] of the step's policy, the reference model's (with --kl-coef, else
+    None), and the sums of the diagnostics at stats_layer (bupo.policy_stats), on the micro-batches
+    the updates use."""
     with amp():
         old, stats = torch.zeros_like(batch.response_mask, dtype=torch.float), {}
         ref_logp = torch.zeros_like(old) if ref is not None else None
@@ -219,30 +276,36 @@ def old_pass(model, ref, batch, groups, policy_layer, stats_layer, args, amp):
             R = mb_batch.ids.shape[1] - mb_batch.Tp
             old[rows, :R] = bupo.policy_logprobs(model, mb_batch, policy_layer, args.temperature)
             if ref is not None:   # the same policy (pi^l in phase 1) of the frozen initial model
-                ref_logp[rows, :R] = bupo.policy_logprobs(ref, mb_batch, policy_layer, args.temperature)
+                ref_logp[rows, :R] = bupo.policy_logprobs(ref, mb_batch, policy_layer,
+                                                          args.temperature)
             for k, v in bupo.policy_stats(model, mb_batch, stats_layer, args.temperature).items():
                 stats[k] = stats.get(k, 0.0) + v.sum().item()
     return old, ref_logp, stats
 
 
 def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, amp):
-    """One AdamW step per mini-batch of `groups` (1 epoch, no shuffle) on the clipped surrogate; returns the
-    sums of the loss statistics, the grad norms of the steps taken and how many were skipped."""
+    """One AdamW step per mini-batch of `groups` (1 epoch, no shuffle) on the clipped surrogate;
+    returns the sums of the loss statistics, the grad norms of the steps taken and how many were
+    skipped."""
     device = batch.ids.device
     sums, grad_norms, skipped = {}, [], 0
     for k, mb in enumerate(groups):
         rows_all = torch.cat(mb)
-        # the loss is normalised by the whole mini-batch, all ranks together (exact token-mean, departure 2)
-        totals = dp.all_sum({"num_seqs": len(rows_all), "num_tokens": int(batch.response_mask[rows_all].sum())},
+        # the loss is normalised by the whole mini-batch, all ranks together (exact token-mean,
+        # departure 2)
+        totals = dp.all_sum({"num_seqs": len(rows_all),
+                             "num_tokens": int(batch.response_mask[rows_all].sum())},
                             device)
         totals = {k_: int(v) for k_, v in totals.items()} | {"max_len": args.max_new_tokens}
         loss_total = 0.0
         for rows in mb:
             mb_batch = batch.rows(rows)
-            with amp():                                      # the forward only; backward and opt.step outside
+            with amp():
+                # the forward only; backward and opt.step outside
                 logp = bupo.policy_logprobs(model, mb_batch, policy_layer, args.temperature)
             R, rm = logp.shape[1], mb_batch.response_mask
-            tok_loss, s = bupo.policy_loss(logp, old[rows, :R], adv[rows], rm, args.clip_low, args.clip_high,
+            tok_loss, s = bupo.policy_loss(logp, old[rows, :R], adv[rows], rm, args.clip_low,
+                                           args.clip_high,
                                            args.dual_clip)
             if ref_logp is not None:
                 kl = bupo.kl_penalty(logp, ref_logp[rows, :R], args.kl_type)
@@ -255,29 +318,39 @@ def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, am
                 sums[name] = sums.get(name, 0.0) + float(v)
         dp.all_reduce_grads(model)
         gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
-        if math.isfinite(gn) and dp.all_sum({"bad": not math.isfinite(loss_total)}, device)["bad"] == 0:
+        if (math.isfinite(gn)
+            and dp.all_sum({"bad": not math.isfinite(loss_total)}, device)["bad"] == 0):
             opt.step()
             grad_norms.append(gn)
-        else:   # a NaN/inf loss or gradient never reaches the weights (as the authors' trainer guards it)
+        else:
+            # a NaN/inf loss or gradient never reaches the weights (as the authors' trainer guards
+            # it)
             skipped += 1
-        opt.zero_grad(set_to_none=True)                      # None, not 0: AdamW skips params without a gradient
-        sums[f"loss/{k}"] = loss_total                       # this rank's share of mini-batch k's loss
+        # None, not 0: AdamW skips params without a gradient
+        opt.zero_grad(set_to_none=True)
+        # this rank's share of mini-batch k's loss
+        sums[f"loss/{k}"] = loss_total
     return sums, grad_norms, skipped
 
 
-def step_metrics(step, policy_layer, L, G, rewards, sums, grad_norms, skipped, n_mini, dt, device) -> dict:
-    """One line of metrics.jsonl from the step's sums over all ranks' tokens and responses (means per token or
-    per response; TRL's names where TRL has one)."""
+def step_metrics(step, policy_layer, L, G, rewards, sums, grad_norms, skipped, n_mini, dt,
+                 device) -> dict:
+    """One line of metrics.jsonl from the step's sums over all ranks' tokens and responses (means
+    per token or per response; TRL's names where TRL has one)."""
     n_tok, n = sums["n_tok"], len(rewards)
-    m = {"step": step, "phase": "internal" if policy_layer < L else "full", "policy_layer": policy_layer,
+    m = {"step": step, "phase": "internal" if policy_layer < L else "full",
+         "policy_layer": policy_layer,
          "reward": rewards.mean().item(), "reward_std": rewards.std().item() if n > 1 else 0.0,
-         "frac_reward_zero_std": (rewards.view(-1, G).std(1) == 0).float().mean().item() if G > 1 else 1.0,
+         "frac_reward_zero_std": (rewards.view(-1, G).std(1) == 0).float().mean().item() if G > 1
+         else 1.0,
          "completions/mean_length": n_tok / n, "completions/clipped_ratio": sums["clipped"] / n,
-         **{k: sums[k] / n_tok for k in ("clip_ratio/low", "clip_ratio/high", "clip_ratio/dual", "kl_ref")
+         **{k: sums[k] / n_tok
+            for k in ("clip_ratio/low", "clip_ratio/high", "clip_ratio/dual", "kl_ref")
             if k in sums},
          "kl": sums["ppo_kl"] / n_tok, "entropy": sums["stat/entropy"] / n_tok,
          "loss": sum(sums[f"loss/{k}"] for k in range(n_mini)) / n_mini,
-         "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"), "skipped_steps": skipped,
+         "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+         "skipped_steps": skipped,
          "step_time": dt, "tokens_per_s": n_tok / dt, "peak_memory_mb": peak_memory_mb(device)}
     if "stat/entropy_layer" in sums:
         m.update({"internal/entropy": sums["stat/entropy_layer"] / n_tok,
@@ -287,7 +360,8 @@ def step_metrics(step, policy_layer, L, G, rewards, sums, grad_norms, skipped, n
 
 
 def peak_memory_mb(device) -> float:
-    """Peak memory so far, MiB: CUDA memory allocated by torch on a GPU, the process's peak RSS on a CPU."""
+    """Peak memory so far, MiB: CUDA memory allocated by torch on a GPU, the process's peak RSS on a
+    CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
@@ -304,7 +378,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @torch.no_grad()
 def evaluate(model, tok, args, amp=contextlib.nullcontext) -> dict:
-    """Held-out greedy accuracy, avg@n and pass@k; amp: the autocast region of this forward-only phase."""
+    """Held-out greedy accuracy, avg@n and pass@k; amp: the autocast region of this forward-only
+    phase."""
     with amp():
         return _evaluate(model, tok, args)
 
@@ -312,21 +387,28 @@ def evaluate(model, tok, args, amp=contextlib.nullcontext) -> dict:
 def _evaluate(model, tok, args) -> dict:
     t0 = time.perf_counter()
     problems = tasks.problems(args.task, args.eval_problems, seed=args.seed, split="test")
-    mine = dp.my_share(len(problems))                   # a data-parallel rank answers every W-th problem
+    # a data-parallel rank answers every W-th problem
+    mine = dp.my_share(len(problems))
     problems = [problems[g] for g in mine]
     prompts = [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems]
     common = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok, progress=dp.rank() == 0,
                   compile=args.compile)
     n, size = args.eval_samples, getattr(args, "eval_batch", 0) or len(prompts)
     greedy_right, c = 0, []                              # c: right samples per problem, of n
-    for i in range(0, len(prompts), size):              # a chunk of problems at a time (--eval-batch)
-        part = prefill(model, prompts[i:i + size], tok.pad_id)      # one prefill for both calls below
+    for i in range(0, len(prompts), size):
+        # a chunk of problems at a time (--eval-batch)
+        # one prefill for both calls below
+        part = prefill(model, prompts[i:i + size], tok.pad_id)
         greedy = generate(model, part, 1, args.max_new_tokens, temperature=0.0, **common)
-        greedy_right += sum(tasks.reward(t, p.answer) for t, p in zip(greedy.text, problems[i:i + size]))
-        part.release = True                                         # the last use: freed before decoding
+        greedy_right += sum(tasks.reward(t, p.answer) for t,
+                            p in zip(greedy.text, problems[i:i + size]))
+        # the last use: freed before decoding
+        part.release = True
         sampled = generate(model, part, n, args.max_new_tokens, temperature=args.temperature,
-                           seed=[12345 + g for g in mine[i:i + size]], **common)   # a seed per problem: any
-        right = [0] * len(part)                                                    # chunking samples the same
+                           # a seed per problem: any
+                           seed=[12345 + g for g in mine[i:i + size]], **common)
+        # chunking samples the same
+        right = [0] * len(part)
         for t, g in zip(sampled.text, sampled.group.tolist()):
             right[g] += int(tasks.reward(t, problems[i + g].answer))
         c += right
@@ -336,7 +418,8 @@ def _evaluate(model, tok, args) -> dict:
                       next(model.parameters()).device)
     P = args.eval_problems
     return {"eval/greedy_acc": sums["greedy"] / P, f"eval/avg@{n}": sums["correct"] / (P * n),
-            **{f"eval/pass@{k}": sums[f"pass@{k}"] / P for k in ks}, "eval_time": time.perf_counter() - t0}
+            **{f"eval/pass@{k}": sums[f"pass@{k}"] / P for k in ks},
+            "eval_time": time.perf_counter() - t0}
 
 
 # -----------------------------------------------------------------------------
@@ -353,17 +436,22 @@ def run_training(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     check_args(args)
-    # W_U h_l without the norm gives logits so spread that softmax underflows into subnormal floats, which CPUs
-    # compute ~5x slower (phase 1 at l=7 of SmolLM2: 6.0 s -> 1.15 s per micro-batch); flush them to 0 instead
+    # W_U h_l without the norm gives logits so spread that softmax underflows into subnormal floats,
+    # which CPUs compute ~5x slower (phase 1 at l=7 of SmolLM2: 6.0 s -> 1.15 s per micro-batch);
+    # flush them to 0 instead
     torch.set_flush_denormal(True)
     args, state, model_dir = open_run(p, argv, args)
-    device = dp.setup(args.device, args.prompts_per_step, args.mini_batches, args.eval_problems, args.eval_every > 0)
-    lead = dp.rank() == 0                                   # only rank 0 writes files and prints progress
+    device = dp.setup(args.device, args.prompts_per_step, args.mini_batches, args.eval_problems,
+                      args.eval_every > 0)
+    # only rank 0 writes files and prints progress
+    lead = dp.rank() == 0
     model, tok, layer = load_policy(model_dir, state, args, device, lead)
     if not state and lead:
-        runs.start(args.out, args, args.overwrite)          # args.json, metrics.jsonl; an old run moved aside
+        # args.json, metrics.jsonl; an old run moved aside
+        runs.start(args.out, args, args.overwrite)
     ref = Transformer.from_pretrained(args.model, device=device) if args.kl_coef > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=args.weight_decay)
     start = 1
     if state:
         opt.load_state_dict(state["optimizer"])
@@ -372,7 +460,8 @@ def run_training(argv=None):
             runs.repair_metrics(args.out, start)
             runs.note_resume(args.out, start)
     stop = stop_after_ctrl_c()
-    # mixed precision: one autocast region per forward phase, opened inside rl_step / evaluate (infra/precision.py)
+    # mixed precision: one autocast region per forward phase, opened inside rl_step / evaluate
+    # (infra/precision.py)
     dtype = precision.compute_dtype(getattr(args, "dtype", "auto"), device)
     amp = lambda: precision.autocast(device, dtype)           # noqa: E731
     step, stopping = start - 1, False
@@ -380,15 +469,18 @@ def run_training(argv=None):
         row = {"step": 0, **evaluate(model, tok, args, amp)}
         if lead:
             runs.log(args.out, row)
-    bar = tqdm(range(start, args.steps + 1), initial=start - 1, total=args.steps, desc=args.algo, disable=not lead)
+    bar = tqdm(range(start, args.steps + 1), initial=start - 1, total=args.steps, desc=args.algo,
+               disable=not lead)
     for step in bar:
         row = rl_step(model, tok, opt, args, step, layer, ref, amp)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             row.update(evaluate(model, tok, args, amp))
         if lead:
             runs.log(args.out, row)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", phase=row["phase"], s_step=f"{row['step_time']:.0f}")
-        stopping = dp.all_sum({"stop": len(stop)}, device)["stop"] > 0   # every rank stops after the same step
+        bar.set_postfix(reward=f"{row['reward']:.2f}", phase=row["phase"],
+                        s_step=f"{row['step_time']:.0f}")
+        # every rank stops after the same step
+        stopping = dp.all_sum({"stop": len(stop)}, device)["stop"] > 0
         if step % args.save_every == 0 or step == args.steps or stopping:
             if lead:
                 runs.save_checkpoint(model, opt, args, step, layer)
@@ -397,43 +489,49 @@ def run_training(argv=None):
             break
     if lead:
         runs.plot_curves(args.out, f"{args.algo} on {Path(args.model).name}, task {args.task}"
-                         + (f", pi^{layer} for steps 1..{args.internal_steps}" if args.algo == "bupo" else ""))
-        print(f"{'stopped' if stopping else 'done'} at step {step}: {args.out}/metrics.jsonl, curves.png, "
-              "checkpoints/", file=sys.stderr)
+                         + (f", pi^{layer} for steps 1..{args.internal_steps}"
+                            if args.algo == "bupo" else ""))
+        print(f"{'stopped' if stopping else 'done'} at step {step}: {args.out}/metrics.jsonl, "
+              f"curves.png, checkpoints/", file=sys.stderr)
     dp.teardown()
 
 
 def open_run(p, argv, args):
-    """(args, trainer state or None, model folder): a new run's folder checked (a folder that holds a run is
-    refused before any work), or a resumed run's newest complete checkpoint and saved arguments. Paths are made
-    absolute once, so that a resume from another working folder finds them."""
+    """(args, trainer state or None, model folder): a new run's folder checked (a folder that holds
+    a run is refused before any work), or a resumed run's newest complete checkpoint and saved
+    arguments. Paths are made absolute once, so that a resume from another working folder finds
+    them."""
     for k in ("model", "out", "analysis", "resume"):
         if getattr(args, k):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     if not args.resume:
         runs.check_new(args.out, args.overwrite)
         return args, None, args.model
-    # the checkpoint's weights are checked on the meta device: the rank's device is not chosen yet, and under
-    # torchrun every rank would load onto the default GPU
-    ckpt, state, _ = runs.resumable(args.resume, lambda c: Transformer.from_pretrained(c, device="meta"),
+    # the checkpoint's weights are checked on the meta device: the rank's device is not chosen yet,
+    # and under torchrun every rank would load onto the default GPU
+    ckpt, state, _ = runs.resumable(args.resume,
+                                    lambda c: Transformer.from_pretrained(c, device="meta"),
                                     writer=dp.launched_rank() == 0)
-    args = runs.resume_args(args, cli.explicit_flags(p, argv), state, build_parser(), RESUME_MAY_CHANGE)
+    args = runs.resume_args(args, cli.explicit_flags(p, argv), state, build_parser(),
+                            RESUME_MAY_CHANGE)
     if args.steps <= state["step"]:
-        raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of {args.steps}; "
-                        f"pass --steps N with N > {state['step']} to continue it")
+        raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of "
+                        f"{args.steps}; pass --steps N with N > {state['step']} to continue it")
     print(f"resuming {args.out} from {ckpt.name}", file=sys.stderr)
     return args, state, ckpt
 
 
 def load_policy(model_dir, state, args, device, lead):
-    """The model on this rank's device, its tokenizer, and the internal layer l of BuPO's phase 1 (rank 0's
-    choice: analyze.resolve_layer for a new run, the saved one on resume)."""
+    """The model on this rank's device, its tokenizer, and the internal layer l of BuPO's phase 1
+    (rank 0's choice: analyze.resolve_layer for a new run, the saved one on resume)."""
     if not state and lead:
         weights.ensure_if_default(model_dir)
-    dp.barrier()                                            # rank 0 has built the default model, if it was missing
+    # rank 0 has built the default model, if it was missing
+    dp.barrier()
     model = Transformer.from_pretrained(model_dir, device=device)
     tok = Tokenizer(model_dir)
-    cli.fits_context(tasks.longest_prompt(tok, args.task, args.shots, args.seed), args.max_new_tokens,
+    cli.fits_context(tasks.longest_prompt(tok, args.task, args.shots, args.seed),
+                     args.max_new_tokens,
                      model.config.max_position_embeddings, f"the longest {args.task} prompt")
     layer = state["internal_layer"] if state else model.config.num_layers
     if not state and args.algo == "bupo" and lead:
@@ -442,12 +540,14 @@ def load_policy(model_dir, state, args, device, lead):
 
 
 def stop_after_ctrl_c() -> list:
-    """A list that the first Ctrl-C appends to: the loop finishes the step, saves and exits; a second aborts."""
+    """A list that the first Ctrl-C appends to: the loop finishes the step, saves and exits; a
+    second aborts."""
     stop = []
 
     def on_interrupt(*_):
         stop.append(True)
-        print("\nCtrl-C: stopping after this step and saving a checkpoint (again to abort)", file=sys.stderr)
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (again to abort)",
+              file=sys.stderr)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGINT, on_interrupt)
     return stop

@@ -1,19 +1,22 @@
 """
-Training throughput: one GRPO micro-batch step (forward with gradient, log-probs of the response tokens, the
-clipped surrogate, backward) with our model against the same step with transformers' model, on the same batch.
+Training throughput: one GRPO micro-batch step (forward with gradient, log-probs of the response
+tokens, the clipped surrogate, backward) with our model against the same step with transformers'
+model, on the same batch.
 
     python bench/bench_train.py                                        # default model, fp32, CPU
     python bench/bench_train.py --device cuda --dtype bfloat16 --rows 32 --new-tokens 512 --peak-tflops 989
 
-The batch is --rows chat prompts (left-padded) followed by --new-tokens random response tokens, advantages
-random. Both sides run the same loss code (bupo.policy_loss, token-mean); ours takes the log-probs with
-bupo.policy_logprobs, transformers' side with a log-softmax of its full logits. `--dtype bfloat16` is bf16
-autocast over fp32 weights, as train.py runs on a GPU. Ours is also timed for BuPO's phase 1 at --layer, where
-the forward stops after block l. It prints, per case, response tokens/s, all tokens/s (prompt + response) and the
-model FLOPs utilisation, MFU = 3 x useful forward FLOPs / step time / peak FLOP/s: the blocks (counted as in
-bench_rollout.py; phase 1: l of the L blocks) on every token, the unembedding on the response positions only and the peak is measured on a matmul here, or given with
---peak-tflops (e.g. 989 for an H100 SXM in bf16, its dense peak).
-transformers is a test-only dependency of the project; this script needs it installed (bash setup.sh --test).
+The batch is --rows chat prompts (left-padded) followed by --new-tokens random response tokens,
+advantages random. Both sides run the same loss code (bupo.policy_loss, token-mean); ours takes the
+log-probs with bupo.policy_logprobs, transformers' side with a log-softmax of its full logits.
+`--dtype bfloat16` is bf16 autocast over fp32 weights, as train.py runs on a GPU. Ours is also timed
+for BuPO's phase 1 at --layer, where the forward stops after block l. It prints, per case, response
+tokens/s, all tokens/s (prompt + response) and the model FLOPs utilisation, MFU = 3 x useful forward
+FLOPs / step time / peak FLOP/s: the blocks (counted as in bench_rollout.py; phase 1: l of the L
+blocks) on every token, the unembedding on the response positions only and the peak is measured on a
+matmul here, or given with --peak-tflops (e.g. 989 for an H100 SXM in bf16, its dense peak).
+transformers is a test-only dependency of the project; this script needs it installed (bash setup.sh
+--test).
 """
 import sys
 from pathlib import Path
@@ -31,7 +34,8 @@ from rollout import left_pad  # noqa: E402
 
 
 def batch(tok, rows: int, new_tokens: int, vocab: int, device):
-    prompts = [tok.encode_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(rows)]
+    prompts = [tok.encode_chat([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+               for i in range(rows)]
     ids, mask = left_pad(prompts, 0, "cpu")
     g = torch.Generator().manual_seed(0)
     ids = torch.cat([ids, torch.randint(vocab, (rows, new_tokens), generator=g)], 1).to(device)
@@ -40,11 +44,13 @@ def batch(tok, rows: int, new_tokens: int, vocab: int, device):
 
 
 def step(logp_fn, ids, mask, Tp, adv):
-    """One micro-batch of the GRPO loss: log-probs, the surrogate at ratio 1 (old = new, detached), backward."""
+    """One micro-batch of the GRPO loss: log-probs, the surrogate at ratio 1 (old = new, detached),
+    backward."""
     logp = logp_fn(ids, mask, Tp)
     rm = mask[:, Tp:]
     loss, _ = bupo.policy_loss(logp, logp.detach(), adv, rm, 0.2, 0.2, 10.0)
-    bupo.aggregate(loss, rm, "token-mean", num_seqs=len(ids), num_tokens=int(rm.sum()), max_len=rm.shape[1]).backward()
+    bupo.aggregate(loss, rm, "token-mean", num_seqs=len(ids), num_tokens=int(rm.sum()),
+                   max_len=rm.shape[1]).backward()
 
 
 def hf_logprobs(hf):
@@ -58,12 +64,15 @@ def main(argv=None):
     p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: autocast")
     p.add_argument("--rows", type=int, default=8, help="responses per micro-batch")
     p.add_argument("--new-tokens", type=int, default=64, help="response tokens per row")
     p.add_argument("--layer", type=int, default=None, help="BuPO phase-1 layer l (default: L // 4)")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per case (the best is kept), after a warm-up")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for the MFU (default: measured)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="timed runs per case (the best is kept), after a warm-up")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak FLOP/s for the MFU (default: measured)")
     args = p.parse_args(argv)
     cli.positive(args, "--rows", "--new-tokens", "--layer", "--repeat")
     if args.peak_tflops is not None:
@@ -82,11 +91,13 @@ def main(argv=None):
     ids, mask, Tp, adv = batch(tok, args.rows, args.new_tokens, model.config.vocab_size, device)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(dtype, device)
     context = Tp + args.new_tokens // 2
-    print(f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, peak {peak / 1e12:.2f} TFLOP/s "
-          f"({'given' if args.peak_tflops else 'measured'}); batch {args.rows} x ({Tp} prompt + {args.new_tokens} "
-          f"response) tokens")
-    cases = [("ours, full policy", model, lambda i, m, t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), L, 1.0), L),
-             (f"ours, phase 1 (pi^{layer})", model, lambda i, m, t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), layer, 1.0), layer),
+    print(f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, peak {peak / 1e12:.2f} "
+          f"TFLOP/s ({'given' if args.peak_tflops else 'measured'}); batch {args.rows} x ({Tp} "
+          f"prompt + {args.new_tokens} response) tokens")
+    cases = [("ours, full policy", model, lambda i, m,
+              t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), L, 1.0), L),
+             (f"ours, phase 1 (pi^{layer})", model, lambda i, m,
+              t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), layer, 1.0), layer),
              ("transformers, full policy", hf, hf_logprobs(hf), L)]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for name, net, fn, depth in cases:
@@ -99,8 +110,9 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
         dt = timed(run, args.repeat)
         n_resp, n_all = int(mask[:, Tp:].sum()), int(mask.sum())
-        # the useful forward FLOPs: the blocks that run (phase 1: l of L) on every token, the unembedding on the
-        # response positions only (transformers computes it everywhere: its extra work is not counted); x3 with backward
+        # the useful forward FLOPs: the blocks that run (phase 1: l of L) on every token, the
+        # unembedding on the response positions only (transformers computes it everywhere: its extra
+        # work is not counted); x3 with backward
         head = 2 * model.lm_head.weight.numel()
         flops = 3 * ((flops_per_token(model, context) - head) * depth / L * n_all + head * n_resp)
         mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""

@@ -1,13 +1,14 @@
 """
-Does a bf16 run really train? A few GRPO steps of the default model under mixed precision (infra/precision.py),
-with every matmul run under autocast checked against a fresh bf16 cast of the weights as they are at that moment,
-and a probe forward after every update that must differ from the one before it.
+Does a bf16 run really train? A few GRPO steps of the default model under mixed precision
+(infra/precision.py), with every matmul run under autocast checked against a fresh bf16 cast of the
+weights as they are at that moment, and a probe forward after every update that must differ from the
+one before it.
 
     python bench/bf16_train_check.py --device cuda          # bench/gpu.sh runs this
     python bench/bf16_train_check.py --device cpu --steps 1 # the same on a CPU (slowly)
 
-Prints, per optimizer update, how far the probe's logits moved and how many autocast matmuls used stale weights;
-exit 1 if any matmul was stale or any update left the probe unchanged.
+Prints, per optimizer update, how far the probe's logits moved and how many autocast matmuls used
+stale weights; exit 1 if any matmul was stale or any update left the probe unchanged.
 """
 import argparse
 import sys
@@ -25,7 +26,8 @@ from model import Transformer  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda or cpu")
     p.add_argument("--steps", type=int, default=3, help="RL steps (4 updates each)")
     p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder")
@@ -33,7 +35,8 @@ def main():
     weights.ensure_if_default(args.model)
     device_type, bf = torch.device(args.device).type, torch.bfloat16
     real_linear, real_step = F.linear, torch.optim.AdamW.step
-    state = {"updates": 0, "checked": 0, "stale": 0, "probe": None, "moved": [], "step_in_region": 0}
+    state = {"updates": 0, "checked": 0, "stale": 0, "probe": None, "moved": [],
+             "step_in_region": 0}
     probe = torch.arange(1, 33, device=args.device)[None]
 
     def linear(x, w, b=None):
@@ -55,28 +58,30 @@ def main():
         if state["probe"] is not None:
             moved = (logits - state["probe"]).abs().max().item()
             state["moved"].append(moved)
-            print(f"update {state['updates']}: probe logits moved by {moved:.3e}; autocast matmuls checked "
-                  f"{state['checked']}, stale {state['stale']}")
+            print(f"update {state['updates']}: probe logits moved by {moved:.3e}; autocast matmuls "
+                  f"checked {state['checked']}, stale {state['stale']}")
         state["probe"] = logits
         return out
     real_load = Transformer.from_pretrained.__func__
 
-    def load(cls, path, **k):   # tag the parameters with their model, for the probe forward after each update
+    def load(cls, path, **k):
+        # tag the parameters with their model, for the probe forward after each update
         m = real_load(cls, path, **k)
         for prm in m.parameters():
             prm._bupo_model = m
         return m
     F.linear, torch.optim.AdamW.step, Transformer.from_pretrained = linear, step, classmethod(load)
     with tempfile.TemporaryDirectory() as out:
-        train.main(["--model", args.model, "--device", args.device, "--dtype", "bfloat16", "--algo", "grpo",
+        train.main(["--model", args.model, "--device", args.device, "--dtype", "bfloat16",
+                    "--algo", "grpo",
                     "--task", "sum2", "--steps", str(args.steps), "--prompts-per-step", "8", "--group-size", "8",
                     "--max-new-tokens", "48", "--lr", "2e-5", "--eval-every", "0", "--save-every",
                     str(args.steps), "--out", str(Path(out) / "run")])
     # the probe is taken after each update, so the first one has no predecessor
     ok = state["stale"] == 0 and state["step_in_region"] == 0 and all(m > 0 for m in state["moved"])
-    print(f"{'OK' if ok else 'FAIL'}: {state['updates']} updates, {state['checked']} autocast matmuls checked, "
-          f"{state['stale']} stale, opt.step inside autocast {state['step_in_region']} times, probe moved after "
-          f"every update: {all(m > 0 for m in state['moved'])}")
+    print(f"{'OK' if ok else 'FAIL'}: {state['updates']} updates, {state['checked']} autocast "
+          f"matmuls checked, {state['stale']} stale, opt.step inside autocast "
+          f"{state['step_in_region']} times, probe moved after every update: {all(m > 0 for m in state['moved'])}")
     sys.exit(0 if ok else 1)
 
 

@@ -3,14 +3,15 @@ Does a quick-start run reproduce the numbers README quotes?
 
     bash run.sh && python experiments/check_quickstart.py runs/quickstart/<date-time>
 
-The run is deterministic on a given machine (same seeds, same thread count): every metric except the timings
-(step_time, tokens_per_s, peak_memory_mb, eval_time) must equal the reference experiments/results/quickstart/metrics.jsonl,
-from which README's quick-start figures are copied. Records are matched by step. It prints the first difference
-(with its relative size: about 1e-8 at step 1 is another CPU's float rounding, more is a change of the code) and
-exits 1 when they drift apart, 0 when every step agrees. A run made with other arguments (`bash run.sh --steps 3`)
-is compared on the steps and metrics both have, after a note naming the arguments that differ, and exits 1 if it
-does not cover the reference. A full run takes minutes, so this is a script to run by hand before a release, not
-a test.
+The run is deterministic on a given machine (same seeds, same thread count): every metric except the
+timings (step_time, tokens_per_s, peak_memory_mb, eval_time) must equal the reference
+experiments/results/quickstart/metrics.jsonl, from which README's quick-start figures are copied.
+Records are matched by step. It prints the first difference (with its relative size: about 1e-8 at
+step 1 is another CPU's float rounding, more is a change of the code) and exits 1 when they drift
+apart, 0 when every step agrees. A run made with other arguments (`bash run.sh --steps 3`) is
+compared on the steps and metrics both have, after a note naming the arguments that differ, and
+exits 1 if it does not cover the reference. A full run takes minutes, so this is a script to run by
+hand before a release, not a test.
 """
 import json
 import math
@@ -22,18 +23,21 @@ REFERENCE = ROOT / "experiments" / "results" / "quickstart" / "metrics.jsonl"
 TIMINGS = {"step_time", "tokens_per_s", "peak_memory_mb", "eval_time"}
 
 
-PATHS = {"model", "out", "analysis", "resume", "overwrite"}   # where things are, not what the run does
+# where things are, not what the run does
+PATHS = {"model", "out", "analysis", "resume", "overwrite"}
 
 
 def read(file: Path) -> list[dict]:
     try:
         return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
     except (json.JSONDecodeError, AttributeError):
-        sys.exit(f"error: {file}: a line is not a JSON record (a run cut mid-write?); resume or re-run it first")
+        sys.exit(f"error: {file}: a line is not a JSON record (a run cut mid-write?); resume or "
+                 f"re-run it first")
 
 
 def by_step(records: list[dict]) -> dict[int, dict]:
-    """One record per step, timings dropped (an evaluation and a training step may log the same step)."""
+    """One record per step, timings dropped (an evaluation and a training step may log the same
+    step)."""
     steps: dict[int, dict] = {}
     for r in records:
         steps.setdefault(r.get("step"), {}).update({k: v for k, v in r.items() if k not in TIMINGS})
@@ -41,19 +45,22 @@ def by_step(records: list[dict]) -> dict[int, dict]:
 
 
 def same(x, y) -> bool:
-    return x == y or (isinstance(x, float) and isinstance(y, float) and math.isclose(x, y, rel_tol=1e-9))
+    return (x == y
+            or (isinstance(x, float) and isinstance(y, float) and math.isclose(x, y, rel_tol=1e-9)))
 
 
 def main(argv):
     if len(argv) != 1:
-        sys.exit("error: give the run folder of run.sh (runs/quickstart/<date-time>); see the module docstring")
+        sys.exit("error: give the run folder of run.sh (runs/quickstart/<date-time>); see the "
+                 "module docstring")
     run = Path(argv[0])
     folder = run / "bupo" if (run / "bupo").is_dir() else run
     file = folder / "metrics.jsonl"
     if not file.is_file():
         sys.exit(f"error: {file}: no metrics.jsonl; pass the folder that run.sh printed")
     args_file = folder / "args.json"
-    if args_file.is_file():   # arguments added since the reference was made are left out (they did not exist)
+    if args_file.is_file():
+        # arguments added since the reference was made are left out (they did not exist)
         mine, ref = json.loads(args_file.read_text()), json.loads((REFERENCE.parent / "args.json").read_text())
         changed = [f"--{k.replace('_', '-')} {mine[k]} (reference {ref[k]})"
                    for k in sorted(set(mine) & set(ref) - PATHS) if mine[k] != ref[k]]
@@ -74,8 +81,9 @@ def main(argv):
         print(f"{file}: no step in common with the reference")
         return 1
     if set(got) != set(want) or any(set(got[s]) != set(want[s]) for s in common):
-        print(f"{file}: the {len(common)} steps both have agree with the reference (timings aside), "
-              f"but the run logged steps {sorted(got)} and the reference {sorted(want)}, or other metrics")
+        print(f"{file}: the {len(common)} steps both have agree with the reference (timings "
+              f"aside), but the run logged steps {sorted(got)} and the reference {sorted(want)}, "
+              f"or other metrics")
         return 1
     print(f"{file}: all {len(want)} steps equal the reference (timings aside)")
     return 0

@@ -1,9 +1,10 @@
 """
-How stable is the project's closest-layer rule? It repeats train.py's own quick analysis for --internal-layer auto
-(N of the model's answers to the task, T = 1, seeded; analyze.py's entropy flow with the KL of every layer policy to
-the model's) for several seeds, and prints, per seed, the paper's boundary layer, the layer of least KL, the
-project's closest layer (analyze.closest_layer: the lowest layer within 10% of the least KL; docs/method.md 5) and the
-layer auto picks (the boundary layer, else the penultimate one; the closest layer was tested and is not used).
+How stable is the project's closest-layer rule? It repeats train.py's own quick analysis for
+--internal-layer auto (N of the model's answers to the task, T = 1, seeded; analyze.py's entropy
+flow with the KL of every layer policy to the model's) for several seeds, and prints, per seed, the
+paper's boundary layer, the layer of least KL, the project's closest layer (analyze.closest_layer:
+the lowest layer within 10% of the least KL; docs/method.md 5) and the layer auto picks (the
+boundary layer, else the penultimate one; the closest layer was tested and is not used).
 
     python experiments/layer_rule.py                                   # default model, sum2, 8 answers, seeds 0-4
     python experiments/layer_rule.py --task sum2 --shots 1 -n 8 --seeds 0 1 2 3 4 --out experiments/results/layer_rule.json
@@ -28,7 +29,8 @@ def main(argv=None):
     cli.add_model_args(p, dtype=False)
     p.add_argument("--task", default="sum2", choices=sorted(tasks.TASKS))
     p.add_argument("--shots", type=int, default=1)
-    p.add_argument("-n", "--num-responses", type=int, default=8, help="answers per seed (train.py's quick analysis: 8)")
+    p.add_argument("-n", "--num-responses", type=int, default=8,
+                   help="answers per seed (train.py's quick analysis: 8)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default=None, help="a JSON file for the per-layer KL of every seed")
@@ -43,21 +45,24 @@ def main(argv=None):
     model, tok = cli.load(args.model, device=cli.check_device(args.device))
     L, rows = model.config.num_layers, []
     for seed in args.seeds:
-        pairs = analyze.sample_responses(model, tok, args.task, args.num_responses, args.max_new_tokens, seed,
+        pairs = analyze.sample_responses(model, tok, args.task, args.num_responses,
+                                         args.max_new_tokens, seed,
                                          args.shots)
         means = bupo.entropy_changes(analyze.analyze(model, pairs)[0])
         kl = means["KL_resid"]
-        rows.append({"seed": seed, "KL_resid": kl, "boundary_layer": bupo.boundary_layer(means["dH_mlp"]),
+        rows.append({"seed": seed, "KL_resid": kl,
+                     "boundary_layer": bupo.boundary_layer(means["dH_mlp"]),
                      "least_kl_layer": analyze.closest_layer(kl, tolerance=0.0), "closest_layer": analyze.closest_layer(kl),
                      "auto": bupo.choose_internal_layer(means["dH_mlp"])})
         r = rows[-1]
         print(f"seed {seed}: boundary {r['boundary_layer']}, least KL at {r['least_kl_layer']} "
-              f"({kl[r['least_kl_layer'] - 1]:.2f} nats), closest layer {r['closest_layer']}, KL at L-1 "
-              f"{kl[L - 2]:.2f}; auto -> {r['auto'][0]} ({r['auto'][1]})", flush=True)
+              f"({kl[r['least_kl_layer'] - 1]:.2f} nats), closest layer {r['closest_layer']}, KL "
+              f"at L-1 {kl[L - 2]:.2f}; auto -> {r['auto'][0]} ({r['auto'][1]})", flush=True)
     if args.out:
         result = {"command": "python experiments/layer_rule.py " + " ".join(argv or []),
                   "num_layers": L, "tolerance": analyze.CLOSEST_TOLERANCE, "seeds": rows}
-        write_atomic(Path(args.out), lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+        write_atomic(Path(args.out),
+                     lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
         print(f"wrote {args.out}")
 
 

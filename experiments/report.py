@@ -5,13 +5,14 @@ Tables and plots of the experiments, from the runs that experiments/run.sh write
     python experiments/report.py --runs DIR --out DIR
     python experiments/report.py --cost runs/cost      # the step costs that experiments/cost.sh measures
 
-Writes OUT/results.md (the tables of docs/experiments.md), OUT/flow.png (the entropy flow and the KL of
-each layer policy to the model's), OUT/training.png, layers.png and inter.png (train reward and held-out accuracy
-of the main arms, the layer sweep and the s_inter sweep), OUT/dynamics.png (the entropies and the KL across the
-switch, the paper's Fig. 7), and a copy of every run's small outputs (metrics.jsonl, args.json, entropy.json) under
-OUT/runs/, so that each number in the tables can be traced to the run that produced it. A run named NAME-sK is
-seed K of the configuration NAME; every ± is a standard error over seeds (sample std / sqrt(n)), and every paired
-interval a 95% t interval over the seeds both configurations have.
+Writes OUT/results.md (the tables of docs/experiments.md), OUT/flow.png (the entropy flow and the KL
+of each layer policy to the model's), OUT/training.png, layers.png and inter.png (train reward and
+held-out accuracy of the main arms, the layer sweep and the s_inter sweep), OUT/dynamics.png (the
+entropies and the KL across the switch, the paper's Fig. 7), and a copy of every run's small outputs
+(metrics.jsonl, args.json, entropy.json) under OUT/runs/, so that each number in the tables can be
+traced to the run that produced it. A run named NAME-sK is seed K of the configuration NAME; every ±
+is a standard error over seeds (sample std / sqrt(n)), and every paired interval a 95% t interval
+over the seeds both configurations have.
 """
 import json
 import re
@@ -32,18 +33,24 @@ COPY = ("metrics.jsonl", "args.json", "entropy.json")
 
 
 def read_runs(root: Path) -> dict:
-    """{name: {"rows": metrics rows, "args": args.json} or {"flow": entropy.json}} of the finished runs."""
+    """{name: {"rows": metrics rows, "args": args.json} or {"flow": entropy.json}} of the finished
+    runs."""
     runs = {}
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and ".old-" not in p.name):  # not the moved-aside
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and ".old-" not in p.name):
+        # not the moved-aside
         if (d / "entropy.json").exists():
             runs[d.name] = {"flow": json.loads((d / "entropy.json").read_text())}
         elif (d / "metrics.jsonl").exists():
             if not (d / "args.json").exists():
-                continue                                     # started too briefly to have written its arguments
-            rows = read_metrics(d)                           # skips the half-written last line of a run still going
+                # started too briefly to have written its arguments going
+                continue
+            # skips the half-written last line of a run still
+            rows = read_metrics(d)
             args = json.loads((d / "args.json").read_text())
-            # finished: run.sh's marker, or (in the copies under experiments/results/runs) every step logged
-            done = (d / ".done").exists() or bool(rows and args.get("steps") and rows[-1]["step"] >= args["steps"])
+            # finished: run.sh's marker, or (in the copies under experiments/results/runs) every
+            # step logged
+            done = ((d / ".done").exists()
+                    or bool(rows and args.get("steps") and rows[-1]["step"] >= args["steps"]))
             runs[d.name] = {"rows": rows, "args": args, "done": done}
     return runs
 
@@ -64,15 +71,18 @@ def flow_table(flows: dict) -> str:
     rows = []
     for name, f in flows.items():
         L, layers = f["num_layers"], f["layers"]
-        H = [x["H_resid"] for x in layers]                 # H(pi^l), l = 1..L (layer L through the final norm)
+        # H(pi^l), l = 1..L (layer L through the final norm)
+        H = [x["H_resid"] for x in layers]
         at = lambda frac: H[max(0, round(frac * L) - 1)]  # noqa: E731
         up = [x["layer"] for x in layers if x["dH_mlp"] > 0]
         kl = [x.get("KL_resid") for x in layers]
         has_kl = None not in kl[:-1] and L > 1
         least = analyze.closest_layer(kl, tolerance=0.0) if has_kl else None
-        # the layers the current code picks from these means (the file keeps the picks of the code that wrote it)
+        # the layers the current code picks from these means (the file keeps the picks of the code
+        # that wrote it)
         auto = bupo.choose_internal_layer([x["dH_mlp"] for x in layers])
-        rows.append([name, L, f["num_tokens"], f"{H[0]:.2f}", f"{at(.25):.2f}", f"{at(.5):.2f}", f"{at(.75):.2f}",
+        rows.append([name, L, f["num_tokens"], f"{H[0]:.2f}", f"{at(.25):.2f}", f"{at(.5):.2f}",
+                     f"{at(.75):.2f}",
                      f"{f['H_policy']:.2f}", f"{len(up)} of {L}", f["boundary_layer"] or "none",
                      f"{kl[least - 1]:.1f} at l = {least}" if least else "-", f"{kl[L - 2]:.1f}" if least else "-",
                      analyze.closest_layer(kl) if has_kl else "-", f"{auto[0]} ({auto[1]})"])
@@ -86,34 +96,48 @@ def plot_flow(flows: dict, out: Path, plt):
     for name, f in flows.items():
         L = f["num_layers"]
         x = [x["layer"] / L for x in f["layers"]]
-        line, = axes[0].plot(x, [v["H_resid"] for v in f["layers"]], marker=".", label=f"{f['model']} (L={L})")
+        line, = axes[0].plot(x, [v["H_resid"] for v in f["layers"]], marker=".",
+                             label=f"{f['model']} (L={L})")
         c = line.get_color()
-        axes[1].plot(x, [v["dH_mlp"] for v in f["layers"]], marker=".", color=c, label=f"ΔH_FFN {f['model']}")
-        axes[1].plot(x, [v["dH_attn"] for v in f["layers"]], ls=":", color=c, label=f"ΔH_ATTN {f['model']}")
+        axes[1].plot(x, [v["dH_mlp"] for v in f["layers"]], marker=".", color=c,
+                     label=f"ΔH_FFN {f['model']}")
+        axes[1].plot(x, [v["dH_attn"] for v in f["layers"]], ls=":", color=c,
+                     label=f"ΔH_ATTN {f['model']}")
         if all("KL_resid" in v for v in f["layers"]):
-            axes[2].plot(x[:-1], [v["KL_resid"] for v in f["layers"][:-1]], marker=".", color=c, label=f["model"])
-            axes[2].axvline(analyze.closest_layer([v["KL_resid"] for v in f["layers"]]) / L, color=c, ls=":", lw=0.8)
-    axes[0].set(xlabel="relative depth l / L", ylabel="H(π^l), nats", title="entropy of the layer policies")
-    axes[1].set(xlabel="relative depth l / L", ylabel="nats", title="entropy change inside each layer (eq. 12-13)")
+            axes[2].plot(x[:-1], [v["KL_resid"] for v in f["layers"][:-1]], marker=".", color=c,
+                         label=f["model"])
+            axes[2].axvline(analyze.closest_layer([v["KL_resid"] for v in f["layers"]]) / L,
+                            color=c, ls=":", lw=0.8)
+    axes[0].set(xlabel="relative depth l / L", ylabel="H(π^l), nats",
+                title="entropy of the layer policies")
+    axes[1].set(xlabel="relative depth l / L", ylabel="nats",
+                title="entropy change inside each layer (eq. 12-13)")
     axes[2].set(xlabel="relative depth l / L", ylabel="nats",
                 title="KL(π^l ‖ π_θ), l < L (dotted: the project's closest layer)")
     axes[1].axhline(0, color="grey", lw=0.5)
     for ax in axes:
         ax.legend(fontsize=7)
-    write_atomic(out / "flow.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    write_atomic(out / "flow.png",
+                 lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
 # statistics over seeds
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-       20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+       10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101,
+       19: 2.093,
+       20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052,
+       28: 2.048,
        29: 2.045, 30: 2.042}  # t_{0.975, df}
-T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
-       11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 16: 1.746, 17: 1.740, 18: 1.734, 19: 1.729,
-       20: 1.725, 21: 1.721, 22: 1.717, 23: 1.714, 24: 1.711, 25: 1.708, 26: 1.706, 27: 1.703, 28: 1.701,
+T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833,
+       10: 1.812,
+       11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 16: 1.746, 17: 1.740, 18: 1.734,
+       19: 1.729,
+       20: 1.725, 21: 1.721, 22: 1.717, 23: 1.714, 24: 1.711, 25: 1.708, 26: 1.706, 27: 1.703,
+       28: 1.701,
        29: 1.699, 30: 1.697}  # t_{0.95, df}: the two-sided 90% interval, two one-sided 5% tests
 
 
@@ -127,8 +151,9 @@ PLAN_SEEDS, PLAN_MARGIN = list(range(20)), 0.05
 
 
 def plan_verdict(configs: dict) -> str:
-    """experiments/PLAN.md's analysis of BuPO − GRPO (final held-out greedy accuracy, paired by seed): the 95%
-    and 90% t intervals and, only once every planned pair is finished, the verdict decided in advance."""
+    """experiments/PLAN.md's analysis of BuPO − GRPO (final held-out greedy accuracy, paired by
+    seed): the 95% and 90% t intervals and, only once every planned pair is finished, the verdict
+    decided in advance."""
     both = sorted(set(configs.get("grpo", {})) & set(configs.get("bupo", {})) & set(PLAN_SEEDS))
     if len(both) < 2:
         return "Not enough finished pairs yet."
@@ -137,9 +162,9 @@ def plan_verdict(configs: dict) -> str:
     m, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
     lo95, hi95 = m - t95(len(d) - 1) * se, m + t95(len(d) - 1) * se
     lo90, hi90 = m - T90.get(len(d) - 1, 1.645) * se, m + T90.get(len(d) - 1, 1.645) * se
-    text = (f"{len(both)} of {len(PLAN_SEEDS)} pairs (seeds {', '.join(map(str, both))}): BuPO − GRPO = {m:+.3f}, "
-            f"95% interval [{lo95:+.3f}, {hi95:+.3f}], 90% interval [{lo90:+.3f}, {hi90:+.3f}] "
-            f"(equivalence margin ±{PLAN_MARGIN}).")
+    text = (f"{len(both)} of {len(PLAN_SEEDS)} pairs (seeds {', '.join(map(str, both))}): BuPO − "
+            f"GRPO = {m:+.3f}, 95% interval [{lo95:+.3f}, {hi95:+.3f}], 90% interval [{lo90:+.3f}, "
+            f"{hi90:+.3f}] (equivalence margin ±{PLAN_MARGIN}).")
     if len(both) < len(PLAN_SEEDS):
         return text + " Interim: no verdict until every planned pair is finished."
     if lo95 > 0 or hi95 < 0:
@@ -173,7 +198,8 @@ def paired(xs: list[float], fmt="{:+.3f}") -> str:
 # training
 
 def by_config(train: dict) -> dict:
-    """{config: {seed: run}}: GRPO, then the main BuPO arm, then the others by name (numbers in order)."""
+    """{config: {seed: run}}: GRPO, then the main BuPO arm, then the others by name (numbers in
+    order)."""
     configs = {}
     for name, r in train.items():
         configs.setdefault(config_of(name), {})[r["args"]["seed"]] = r
@@ -186,7 +212,8 @@ def describe(run: dict) -> str:
     args = run["args"]
     if args["algo"] == "grpo":
         return "GRPO"
-    layer = next((r["policy_layer"] for r in run["rows"] if r.get("phase") == "internal"), args["internal_layer"])
+    layer = next((r["policy_layer"] for r in run["rows"] if r.get("phase") == "internal"),
+                 args["internal_layer"])
     return f"BuPO l={layer}{' (auto)' if args['internal_layer'] == 'auto' else ''}, s_inter={args['internal_steps']}"
 
 
@@ -198,7 +225,9 @@ def steps(run: dict) -> list[dict]:
     return [r for r in run["rows"] if "reward" in r]
 
 
-STALL = 3   # steps in a row at zero train reward: every group all wrong, so GRPO's advantages (and update) are 0
+# steps in a row at zero train reward: every group all wrong, so GRPO's advantages (and update) are
+# 0
+STALL = 3
 
 
 def zero_stretch(run: dict) -> int:
@@ -228,74 +257,88 @@ def eval_table(configs: dict) -> str:
                      sum(zero_stretch(run) >= STALL for run in rs),
                      mean_se(wall, "{:.0f}"), f"{max(r['peak_memory_mb'] for run in rs for r in steps(run)) / 1024:.1f}"])
     k = avg_key(next(iter(next(iter(configs.values())).values())))
-    return table(["config", "algorithm", "seeds", "greedy before", "greedy after", f"{k[5:]} before",
+    return table(["config", "algorithm", "seeds", "greedy before", "greedy after",
+                  f"{k[5:]} before",
                   f"{k[5:]} after", "train reward, mean over steps", f"runs stalled ({STALL}+ steps at reward 0)",
                   "minutes per run", "peak memory GiB"], rows)
 
 
 def wall_minutes(run: dict) -> float:
-    """A run's wall time: its steps and its evaluations (what it cost, pauses and CPU sharing included)."""
+    """A run's wall time: its steps and its evaluations (what it cost, pauses and CPU sharing
+    included)."""
     return (sum(r["step_time"] for r in steps(run)) + sum(e.get("eval_time", 0) for e in evals(run))) / 60
 
 
 def runs_table(configs: dict) -> str:
-    """Every run on its own line: held-out accuracy at each evaluation, wall time and peak memory."""
+    """Every run on its own line: held-out accuracy at each evaluation, wall time and peak
+    memory."""
     rows = []
     for cfg, runs in configs.items():
         for seed, run in runs.items():
             ev, k = evals(run), avg_key(run)
-            rows.append([f"{cfg}-s{seed}", describe(run), seed, " / ".join(f"{e['eval/greedy_acc']:.3f}" for e in ev),
+            rows.append([f"{cfg}-s{seed}", describe(run), seed,
+                         " / ".join(f"{e['eval/greedy_acc']:.3f}" for e in ev),
                          " / ".join(f"{e[k]:.3f}" for e in ev), " / ".join(str(e["step"]) for e in ev),
                          f"{statistics.mean(r['reward'] for r in steps(run)):.3f}", zero_stretch(run),
                          f"{wall_minutes(run):.0f}", f"{max(r['peak_memory_mb'] for r in steps(run)) / 1024:.1f}"])
-    return table(["run", "algorithm", "seed", "greedy accuracy", "avg@n", "at steps", "train reward, mean",
+    return table(["run", "algorithm", "seed", "greedy accuracy", "avg@n", "at steps",
+                  "train reward, mean",
                   "longest stretch at reward 0 (steps)", "wall minutes", "peak memory GiB"], rows)
 
 
 def paired_table(configs: dict, base: str, only: list | None = None) -> str:
-    """Each configuration (or each of `only`) against `base` on the seeds both have: the difference of the final
-    held-out accuracies (the same start and the same held-out problems within a seed, so it is also the difference
-    of the gains)."""
+    """Each configuration (or each of `only`) against `base` on the seeds both have: the difference
+    of the final held-out accuracies (the same start and the same held-out problems within a seed,
+    so it is also the difference of the gains)."""
     rows = []
     for cfg, runs in configs.items():
         seeds = sorted(set(runs) & set(configs.get(base, {})))
         if cfg == base or not seeds or (only is not None and cfg not in only):
             continue
         k = avg_key(runs[seeds[0]])
-        d = {m: [evals(runs[s])[-1][m] - evals(configs[base][s])[-1][m] for s in seeds] for m in ("eval/greedy_acc", k)}
+        d = {m: [evals(runs[s])[-1][m] - evals(configs[base][s])[-1][m] for s in seeds]
+             for m in ("eval/greedy_acc", k)}
         wins = sum(x > 0 for x in d["eval/greedy_acc"]), sum(x < 0 for x in d["eval/greedy_acc"])
-        rows.append([f"{cfg} − {base}", ", ".join(map(str, seeds)), paired(d["eval/greedy_acc"]), paired(d[k]),
+        rows.append([f"{cfg} − {base}", ", ".join(map(str, seeds)), paired(d["eval/greedy_acc"]),
+                     paired(d[k]),
                      f"{wins[0]} / {wins[1]}"])
-    return table(["difference", "seeds", "greedy accuracy after, 95% interval", "avg@n after, 95% interval",
+    return table(["difference", "seeds", "greedy accuracy after, 95% interval",
+                  "avg@n after, 95% interval",
                   "seeds better / worse"], rows)
 
 
 def window_reward(runs: list, first: int, last: int) -> list[float]:
     """Per run, the mean train reward of steps first..last."""
-    return [statistics.mean(r["reward"] for r in steps(run) if first <= r["step"] <= last) for run in runs]
+    return [statistics.mean(r["reward"] for r in steps(run) if first <= r["step"] <= last)
+            for run in runs]
 
 
 def internal_table(configs: dict) -> str:
-    """Phase 1 of the BuPO configurations: the entropies and the KL of the last phase-1 step and the step after,
-    and the train reward during phase 1 and over the 5 steps after the switch, next to GRPO's on the same steps
-    and seeds (a phase 1 that harms the policy shows as a reward that falls behind GRPO's and stays behind)."""
+    """Phase 1 of the BuPO configurations: the entropies and the KL of the last phase-1 step and the
+    step after, and the train reward during phase 1 and over the 5 steps after the switch, next to
+    GRPO's on the same steps and seeds (a phase 1 that harms the policy shows as a reward that falls
+    behind GRPO's and stays behind)."""
     rows = []
     for cfg, runs in configs.items():
         rs = [r for r in runs.values() if r["args"]["algo"] == "bupo"]
         if not rs:
             continue
         s = rs[0]["args"]["internal_steps"]
-        at = lambda step, key: mean_se([r[key] for run in rs for r in steps(run) if r["step"] == step], "{:.2f}")  # noqa: E731
+        at = lambda step, key: mean_se([r[key] for run in rs for r in steps(run)
+                                        if r["step"] == step], "{:.2f}")  # noqa: E731
         grpo = [configs["grpo"][seed] for seed in runs if seed in configs.get("grpo", {})]
 
         def reward(first, last):
             text = mean_se(window_reward(rs, first, last), "{:.2f}")
-            return text + (f" (GRPO {statistics.mean(window_reward(grpo, first, last)):.2f})" if grpo else "")
-        rows.append([cfg, describe(rs[0]), len(rs), at(1, "entropy"), at(s, "entropy"), at(s + 1, "entropy"),
+            return text + (f" (GRPO {statistics.mean(window_reward(grpo, first, last)):.2f})"
+                           if grpo else "")
+        rows.append([cfg, describe(rs[0]), len(rs), at(1, "entropy"), at(s, "entropy"),
+                     at(s + 1, "entropy"),
                      at(1, "internal/entropy"), at(s, "internal/entropy"), at(1, "internal/kl_to_policy"),
                      at(s, "internal/kl_to_policy"), at(s + 1, "internal/kl_to_policy"), reward(1, s),
                      reward(s + 1, s + 5)])
-    return table(["config", "algorithm", "seeds", "H(π_θ) step 1", "H(π_θ) step s_inter", "H(π_θ) step s_inter+1",
+    return table(["config", "algorithm", "seeds", "H(π_θ) step 1", "H(π_θ) step s_inter",
+                  "H(π_θ) step s_inter+1",
                   "H(π^l) step 1", "H(π^l) step s_inter", "KL(π^l‖π_θ) step 1", "KL step s_inter",
                   "KL step s_inter+1", "train reward, phase 1", "train reward, 5 steps after"], rows)
 
@@ -310,7 +353,8 @@ def cost_table(configs: dict) -> str:
                 rows.append([cfg, phase, len(rs), mean_se([r["step_time"] for r in rs], "{:.0f}"),
                              mean_se([r["tokens_per_s"] for r in rs], "{:.1f}"),
                              f"{max(r['peak_memory_mb'] for r in rs):.0f}"])
-    return table(["config", "phase", "steps", "s/step", "response tokens/s", "peak memory MiB"], rows)
+    return table(["config", "phase", "steps", "s/step", "response tokens/s", "peak memory MiB"],
+                 rows)
 
 
 def series(runs: dict, key: str):
@@ -331,14 +375,16 @@ def band(ax, runs, key, label, **kw):
     if not xs:
         return None
     line, = ax.plot(xs, mu, label=f"{label} ({len(runs)} seed{'s' * (len(runs) > 1)})", **kw)
-    ax.fill_between(xs, [m - e for m, e in zip(mu, se)], [m + e for m, e in zip(mu, se)], color=line.get_color(),
+    ax.fill_between(xs, [m - e for m, e in zip(mu, se)], [m + e for m, e in zip(mu, se)],
+                    color=line.get_color(),
                     alpha=0.15, lw=0)
     return line
 
 
 def on_shared_seeds(configs: dict, names: list) -> tuple[dict, str]:
-    """The named configurations, each cut to the seeds they all have, so that their curves average the same
-    prompts and held-out draws (paired), and a note of those seeds; when they share none, each keeps its own."""
+    """The named configurations, each cut to the seeds they all have, so that their curves average
+    the same prompts and held-out draws (paired), and a note of those seeds; when they share none,
+    each keeps its own."""
     shown = [c for c in names if c in configs]
     common = set.intersection(*(set(configs[c]) for c in shown)) if shown else set()
     if not common:
@@ -348,8 +394,8 @@ def on_shared_seeds(configs: dict, names: list) -> tuple[dict, str]:
 
 
 def plot_training(configs: dict, names: list, out: Path, plt, file: str):
-    """Train reward and held-out greedy accuracy of the named configurations, mean ± standard error over the seeds
-    they all have (on_shared_seeds)."""
+    """Train reward and held-out greedy accuracy of the named configurations, mean ± standard error
+    over the seeds they all have (on_shared_seeds)."""
     shown, seeds = on_shared_seeds(configs, names)
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     for cfg, runs in shown.items():
@@ -358,15 +404,18 @@ def plot_training(configs: dict, names: list, out: Path, plt, file: str):
         band(axes[1], runs, "eval/greedy_acc", label, marker="o", color=line.get_color())
     axes[0].set(xlabel="RL step", ylabel="train reward (fraction correct, T = 1)",
                 title=f"train reward, mean ± SE ({seeds})")
-    axes[1].set(xlabel="RL step", ylabel="held-out greedy accuracy", title=f"held-out greedy accuracy ({seeds})")
+    axes[1].set(xlabel="RL step", ylabel="held-out greedy accuracy",
+                title=f"held-out greedy accuracy ({seeds})")
     for ax in axes:
         ax.legend(fontsize=7)
-    write_atomic(out / file, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    write_atomic(out / file,
+                 lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
 
 
 def plot_dynamics(configs: dict, names: list, out: Path, plt):
-    """Paper Fig. 7: H(pi_theta), H(pi^l) and KL(pi^l || pi_theta) per step, across the switch at s_inter."""
+    """Paper Fig. 7: H(pi_theta), H(pi^l) and KL(pi^l || pi_theta) per step, across the switch at
+    s_inter."""
     fig, axes = plt.subplots(1, 3, figsize=(17, 3.8))
     for cfg in (c for c in names if c in configs):
         run0 = next(iter(configs[cfg].values()))
@@ -377,12 +426,14 @@ def plot_dynamics(configs: dict, names: list, out: Path, plt):
             band(axes[2], configs[cfg], "internal/kl_to_policy", cfg, color=c)
             for ax in axes:
                 ax.axvline(run0["args"]["internal_steps"] + 0.5, color=c, ls=":", lw=0.8)
-    axes[0].set(xlabel="RL step", ylabel="nats", title="H(π_θ), the policy's entropy on its samples")
+    axes[0].set(xlabel="RL step", ylabel="nats",
+                title="H(π_θ), the policy's entropy on its samples")
     axes[1].set(xlabel="RL step", ylabel="nats", title="H(π^l), the internal policy's entropy")
     axes[2].set(xlabel="RL step", ylabel="nats", title="KL(π^l ‖ π_θ)")
     for ax in axes:
         ax.legend(fontsize=7)
-    write_atomic(out / "dynamics.png", lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    write_atomic(out / "dynamics.png",
+                 lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)
 
 
@@ -391,21 +442,27 @@ def plot_dynamics(configs: dict, names: list, out: Path, plt):
 def main(argv=None):
     p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/exp", help="the folder experiments/run.sh writes into")
-    p.add_argument("--out", default="experiments/results", help="where the tables, plots and copies go")
-    p.add_argument("--cost", default=None, help="a folder of experiments/cost.sh: write OUT/cost.md only")
+    p.add_argument("--out", default="experiments/results",
+                   help="where the tables, plots and copies go")
+    p.add_argument("--cost", default=None,
+                   help="a folder of experiments/cost.sh: write OUT/cost.md only")
     args = p.parse_args(argv)
     if args.cost and not Path(args.cost).is_dir():
-        raise UserError(f"--cost {args.cost}: no such folder; run bash experiments/cost.sh first, or pass its folder")
+        raise UserError(f"--cost {args.cost}: no such folder; run bash experiments/cost.sh first, "
+                        f"or pass its folder")
     if not args.cost and not Path(args.runs).is_dir():
-        raise UserError(f"--runs {args.runs}: no such folder; run bash experiments/run.sh first, or pass its folder")
+        raise UserError(f"--runs {args.runs}: no such folder; run bash experiments/run.sh first, "
+                        f"or pass its folder")
     check_writable_dir(args.out)
     if args.cost:
-        runs = {k: {v["args"]["seed"]: v} for k, v in read_runs(Path(args.cost)).items() if "rows" in v}
+        runs = {k: {v["args"]["seed"]: v} for k,
+                v in read_runs(Path(args.cost)).items() if "rows" in v}
         text = "### Cost of one step, measured alone\n\n" + cost_table(runs) + "\n"
         write_atomic(Path(args.out) / "cost.md", lambda tmp: tmp.write_text(text))
         for name in runs:
             (Path(args.out) / "cost" / name).mkdir(parents=True, exist_ok=True)
-            shutil.copy(Path(args.cost) / name / "metrics.jsonl", Path(args.out) / "cost" / name / "metrics.jsonl")
+            shutil.copy(Path(args.cost) / name / "metrics.jsonl",
+                        Path(args.out) / "cost" / name / "metrics.jsonl")
         print(text)
         return
     root, out = Path(args.runs), Path(args.out)
@@ -423,7 +480,8 @@ def main(argv=None):
     if train:
         configs = by_config(train)
         main_arms = ["grpo", "bupo"]
-        layers = sorted((c for c in configs if re.fullmatch(r"bupo-l\d+", c)), key=lambda c: int(c[6:]))
+        layers = sorted((c for c in configs if re.fullmatch(r"bupo-l\d+", c)),
+                        key=lambda c: int(c[6:]))
         inter = [c for c in configs if "-inter" in c]
         # the s_inter sweep's own points 0 (GRPO) and 4 (the layer sweep's run at the same layer)
         inter_base = sorted({c.split("-inter")[0] for c in inter} & set(configs))
@@ -431,19 +489,25 @@ def main(argv=None):
         plot_training(configs, main_arms + layers, out, plt, "layers.png")
         plot_training(configs, ["grpo"] + inter_base + inter, out, plt, "inter.png")
         plot_dynamics(configs, main_arms + layers + inter, out, plt)
-        parts += ["### Held-out accuracy before and after training (mean ± standard error over seeds)",
+        parts += ["### Held-out accuracy before and after training (mean ± standard error over "
+                  "seeds)",
                   eval_table(configs),
-                  "### experiments/PLAN.md: BuPO − GRPO over 20 paired seeds", plan_verdict(configs),
+                  "### experiments/PLAN.md: BuPO − GRPO over 20 paired seeds",
+                  plan_verdict(configs),
                   "### Against GRPO, paired by seed (mean difference and its 95% t interval)",
                   paired_table(configs, "grpo"),
-                  "### Against the main BuPO arm (the penultimate layer), paired by seed", paired_table(configs, "bupo"),
+                  "### Against the main BuPO arm (the penultimate layer), paired by seed",
+                  paired_table(configs, "bupo"),
                   *(part for b in inter_base for part in (
-                      f"### A longer phase 1 against s_inter = 4 at the same layer ({b}), paired by seed",
-                      paired_table(configs, b, only=[c for c in inter if c.startswith(b + "-inter")]))),
-                  "### Phase 1 and the switch (paper Fig. 7), mean ± standard error", internal_table(configs),
+                      f"### A longer phase 1 against s_inter = 4 at the same layer ({b}), paired "
+                      f"by seed",
+                      paired_table(configs, b,
+                                   only=[c for c in inter if c.startswith(b + "-inter")]))),
+                  "### Phase 1 and the switch (paper Fig. 7), mean ± standard error",
+                  internal_table(configs),
                   "### Cost (one thread per run, two runs at a time)", cost_table(configs),
-                  "### Every run (wall time: its steps and evaluations, CPU sharing included; peak memory: the "
-                  "process's peak RSS)", runs_table(configs)]
+                  "### Every run (wall time: its steps and evaluations, CPU sharing included; peak "
+                  "memory: the process's peak RSS)", runs_table(configs)]
     if unfinished:
         parts.append(f"Not finished, left out: {', '.join(unfinished)}")
     text = "\n\n".join(parts) + "\n"
@@ -452,7 +516,8 @@ def main(argv=None):
         (out / "runs" / name).mkdir(parents=True, exist_ok=True)
         for f in COPY:
             src, dst = root / name / f, out / "runs" / name / f
-            if src.exists() and not (dst.exists() and src.samefile(dst)):   # --runs may be OUT/runs itself
+            if src.exists() and not (dst.exists() and src.samefile(dst)):
+                # --runs may be OUT/runs itself
                 shutil.copy(src, dst)
     print(text)
     print(f"wrote {out / 'results.md'}, the plots and {out / 'runs'}/")

@@ -1,1 +1,2 @@
-"""The plumbing under the method files: what keeps runs safe, checked and fast, but is not the method itself."""
+"""The plumbing under the method files: what keeps runs safe, checked and fast, but is not the
+method itself."""

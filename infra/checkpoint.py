@@ -1,12 +1,14 @@
 """
 HF-layout checkpoint folders on disk: config.json + model.safetensors (or a sharded
-model.safetensors.index.json), read and written safely. model.py's from_pretrained / save_pretrained call these.
+model.safetensors.index.json), read and written safely. model.py's from_pretrained / save_pretrained
+call these.
 
-Reading checks everything before a weight is used, and says what is wrong in one line naming the file: a folder
-that is missing, a file, a symbolic-link loop or unreadable; a device that is not there; a config.json or index
-that is not a JSON object; a shard that is missing; a truncated or corrupt safetensors file; an unexpected,
-misshapen, non-float (integer, bool) or non-finite tensor. Pickle checkpoints (.bin/.pt) are refused: loading a
-pickle can run code. Writing goes to a temporary folder that is renamed into place, and is removed on failure.
+Reading checks everything before a weight is used, and says what is wrong in one line naming the
+file: a folder that is missing, a file, a symbolic-link loop or unreadable; a device that is not
+there; a config.json or index that is not a JSON object; a shard that is missing; a truncated or
+corrupt safetensors file; an unexpected, misshapen, non-float (integer, bool) or non-finite tensor.
+Pickle checkpoints (.bin/.pt) are refused: loading a pickle can run code. Writing goes to a
+temporary folder that is renamed into place, and is removed on failure.
 """
 import json
 import math
@@ -19,39 +21,46 @@ from infra.errors import ModelLoadError, UserError
 from infra.files import replace_dir
 
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors dtype codes a weight may have
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "chat_template.jinja",
                    "special_tokens_map.json")
 
 
 
 
 def model_folder(path, device="cpu") -> Path:
-    """The folder `path` resolved, after checking it and the device; else a ModelLoadError saying what is wrong."""
+    """The folder `path` resolved, after checking it and the device; else a ModelLoadError saying
+    what is wrong."""
     path = Path(path)
     try:
         path = path.resolve(strict=True)
     except FileNotFoundError:
-        raise ModelLoadError(f"{path}: no such model folder; pass a folder with config.json and *.safetensors") from None
-    except (RuntimeError, OSError) as e:   # a symlink loop (RuntimeError before Python 3.13), permissions
+        raise ModelLoadError(f"{path}: no such model folder; pass a folder with config.json and "
+                             f"*.safetensors") from None
+    except (RuntimeError, OSError) as e:
+        # a symlink loop (RuntimeError before Python 3.13), permissions
         why = "a symbolic link loop" if isinstance(e, RuntimeError) or e.errno == 40 else e.strerror
         raise ModelLoadError(f"{path}: cannot open the model folder ({why})") from None
     if not path.is_dir():
-        raise ModelLoadError(f"{path}: is a file, not a model folder; pass the folder that holds config.json")
+        raise ModelLoadError(f"{path}: is a file, not a model folder; pass the folder that holds "
+                             f"config.json")
     try:
         next(path.iterdir(), None)
     except OSError as e:
-        raise ModelLoadError(f"{path}: cannot list the model folder ({e.strerror}); check its permissions") from None
+        raise ModelLoadError(f"{path}: cannot list the model folder ({e.strerror}); check its "
+                             f"permissions") from None
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise ModelLoadError(f"device {str(device)!r} is not usable here ({str(e).splitlines()[0]}); "
-                             "use --device cpu") from None
+        raise ModelLoadError(f"device {str(device)!r} is not usable here "
+                             f"({str(e).splitlines()[0]}); use --device cpu") from None
     return path
 
 
 def read_json(file: Path) -> dict:
     if not file.exists():
-        raise ModelLoadError(f"{file}: missing; a model folder needs config.json next to its *.safetensors")
+        raise ModelLoadError(f"{file}: missing; a model folder needs config.json next to its "
+                             f"*.safetensors")
     try:
         d = json.loads(file.read_text())
     except OSError as e:
@@ -64,8 +73,9 @@ def read_json(file: Path) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# config.json: every field the loader reads, with its type and range. A value of another type is refused, never
-# coerced: bool("false") is True, so a quoted "false" would silently load another model than the one on disk.
+# config.json: every field the loader reads, with its type and range. A value of another type is
+# refused, never coerced: bool("false") is True, so a quoted "false" would silently load another
+# model than the one on disk.
 
 def _int(lo):
     return lambda v: type(v) is int and v >= lo
@@ -113,8 +123,9 @@ def rope_type(rope: dict) -> str:
 
 
 def check_config(d: dict, where: str, architectures) -> None:
-    """Refuse, in one line naming the field, a config.json that this loader would misread: a missing required
-    field, a value of the wrong type or out of range (CONFIG_FIELDS), or an architecture it does not implement."""
+    """Refuse, in one line naming the field, a config.json that this loader would misread: a missing
+    required field, a value of the wrong type or out of range (CONFIG_FIELDS), or an architecture it
+    does not implement."""
     mt = d.get("model_type")                                  # first: it says which fields apply
     if not isinstance(mt, str) or mt not in architectures:
         raise ModelLoadError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(architectures)}")
@@ -125,34 +136,41 @@ def check_config(d: dict, where: str, architectures) -> None:
         if v is not None and not ok(v):
             raise ModelLoadError(f"{where}: {key} must be {what}, not {json.dumps(v)}")
     if d.get("use_sliding_window"):
-        raise ModelLoadError(f"{where}: sliding-window attention is not supported; set use_sliding_window to false")
+        raise ModelLoadError(f"{where}: sliding-window attention is not supported; set "
+                             f"use_sliding_window to false")
     if d.get("hidden_act", "silu") != "silu":
-        raise ModelLoadError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; only silu (SwiGLU)")
+        raise ModelLoadError(f"{where}: hidden_act {d['hidden_act']!r} is not supported; only silu "
+                             f"(SwiGLU)")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     theta = rope.get("rope_theta")
     if theta is not None and not _number(theta):
-        raise ModelLoadError(f"{where}: rope_theta must be a positive number, not {json.dumps(theta)}")
+        raise ModelLoadError(f"{where}: rope_theta must be a positive number, not "
+                             f"{json.dumps(theta)}")
     if rope_type(rope) not in ("default", "llama3"):
-        raise ModelLoadError(f"{where}: rope_type {rope_type(rope)!r} is not supported; supported: default, llama3")
+        raise ModelLoadError(f"{where}: rope_type {rope_type(rope)!r} is not supported; supported: "
+                             f"default, llama3")
     if rope_type(rope) == "llama3" and not all(_number(rope.get(k)) for k in LLAMA3_KEYS):
         raise ModelLoadError(f"{where}: llama3 rope scaling needs positive numbers {', '.join(LLAMA3_KEYS)}")
     heads, kv = d["num_attention_heads"], d.get("num_key_value_heads") or d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
     if heads % kv or head_dim % 2 or (not d.get("head_dim") and d["hidden_size"] % heads):
-        raise ModelLoadError(f"{where}: num_attention_heads {heads} must be a multiple of num_key_value_heads "
-                             f"{kv}, and head_dim {head_dim} even (hidden_size {d['hidden_size']} / heads "
-                             "when head_dim is not given)")
-    ids = [d.get("bos_token_id")] + (d.get("eos_token_id") if isinstance(d.get("eos_token_id"), list)
+        raise ModelLoadError(f"{where}: num_attention_heads {heads} must be a multiple of "
+                             f"num_key_value_heads {kv}, and head_dim {head_dim} even (hidden_size "
+                             f"{d['hidden_size']} / heads when head_dim is not given)")
+    ids = [d.get("bos_token_id")] + (d.get("eos_token_id")
+                                     if isinstance(d.get("eos_token_id"), list)
                                       else [d.get("eos_token_id")])
     bad = [i for i in ids if i is not None and i >= d["vocab_size"]]
     if bad:
-        raise ModelLoadError(f"{where}: token id {bad[0]} (bos/eos_token_id) is outside the vocabulary of "
-                             f"vocab_size {d['vocab_size']}; fix the id or the vocab_size")
+        raise ModelLoadError(f"{where}: token id {bad[0]} (bos/eos_token_id) is outside the "
+                             f"vocabulary of vocab_size {d['vocab_size']}; fix the id or the "
+                             f"vocab_size")
 
 
 def read_tensors(path: Path, expected: dict, skip: tuple, model_type: str, dtype, device) -> dict:
-    """{name: tensor} of every weight in `expected` ({name: tensor of the right shape}, e.g. on the meta
-    device), read from the folder's safetensors file(s), checked, and cast to dtype on device."""
+    """{name: tensor} of every weight in `expected` ({name: tensor of the right shape}, e.g. on the
+    meta device), read from the folder's safetensors file(s), checked, and cast to dtype on
+    device."""
     from safetensors import safe_open
     state = {}
     for file in weight_files(path):
@@ -161,12 +179,14 @@ def read_tensors(path: Path, expected: dict, skip: tuple, model_type: str, dtype
                 for key in f.keys():
                     if key.endswith("rotary_emb.inv_freq") or key in skip:
                         continue  # a derived buffer, or a stored copy of a tied weight
-                    state[key] = _checked_tensor(f, key, file, expected, model_type).to(device=device, dtype=dtype)
+                    state[key] = _checked_tensor(f, key, file, expected,
+                                                 model_type).to(device=device, dtype=dtype)
         except (ModelLoadError, OSError):
             raise
         except Exception as e:  # safetensors' own errors: truncated file, bad header, ...
-            raise ModelLoadError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); "
-                                 "the file is corrupt or truncated, copy or convert it again") from None
+            raise ModelLoadError(f"{file}: not a readable safetensors file "
+                                 f"({str(e).splitlines()[0]}); the file is corrupt or truncated, "
+                                 f"copy or convert it again") from None
     missing = sorted(set(expected) - set(state))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -175,7 +195,8 @@ def read_tensors(path: Path, expected: dict, skip: tuple, model_type: str, dtype
 
 
 def _checked_tensor(f, key: str, file: Path, expected: dict, model_type: str) -> torch.Tensor:
-    """One tensor of a safetensors file, refused (one line, naming it) when it cannot be that weight."""
+    """One tensor of a safetensors file, refused (one line, naming it) when it cannot be that
+    weight."""
     if key not in expected:
         raise ModelLoadError(f"{file}: unexpected tensor {key!r} for a {model_type} model; "
                              "is config.json the one of these weights?")
@@ -185,12 +206,13 @@ def _checked_tensor(f, key: str, file: Path, expected: dict, model_type: str) ->
         raise ModelLoadError(f"{file}: tensor {key!r} has shape {list(shape)}, config.json implies "
                              f"{list(expected[key].shape)}")
     if dtype not in FLOAT_DTYPES:
-        raise ModelLoadError(f"{file}: tensor {key!r} has dtype {dtype}; weights must be floating point "
-                             "(F32, BF16, F16), not integers or booleans (a quantised file needs dequantising)")
+        raise ModelLoadError(f"{file}: tensor {key!r} has dtype {dtype}; weights must be floating "
+                             f"point (F32, BF16, F16), not integers or booleans (a quantised file "
+                             f"needs dequantising)")
     t = f.get_tensor(key)
     if not torch.isfinite(t).all():
-        raise ModelLoadError(f"{file}: tensor {key!r} holds NaN or inf values; the checkpoint is damaged, "
-                             "use an earlier one")
+        raise ModelLoadError(f"{file}: tensor {key!r} holds NaN or inf values; the checkpoint is "
+                             f"damaged, use an earlier one")
     return t
 
 
@@ -200,8 +222,10 @@ def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         wm = read_json(index).get("weight_map")
-        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-            raise ModelLoadError(f"{index}: weight_map must be an object mapping tensor names to shard files")
+        if (not isinstance(wm, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items())):
+            raise ModelLoadError(f"{index}: weight_map must be an object mapping tensor names to "
+                                 f"shard files")
         shards = sorted(set(wm.values()))
         if not shards:
             raise ModelLoadError(f"{index}: weight_map is empty")
@@ -210,10 +234,12 @@ def weight_files(path: Path) -> list[Path]:
                 raise ModelLoadError(f"{path / s}: shard listed in {index.name} is missing")
         return [_readable(path / s) for s in shards]
     if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
-        raise ModelLoadError(f"{path}: only a pickle checkpoint (.bin/.pt) is here; pickles can run code when "
-                             "loaded, so this project reads safetensors only: convert it with "
-                             "transformers' save_pretrained(safe_serialization=True)")
-    raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json in this folder")
+        raise ModelLoadError(f"{path}: only a pickle checkpoint (.bin/.pt) is here; pickles can "
+                             f"run code when loaded, so this project reads safetensors only: "
+                             f"convert it with transformers' "
+                             f"save_pretrained(safe_serialization=True)")
+    raise ModelLoadError(f"{path}: no model.safetensors or model.safetensors.index.json in this "
+                         f"folder")
 
 
 def _readable(file: Path) -> Path:
@@ -226,20 +252,22 @@ def _readable(file: Path) -> Path:
 
 
 def write_folder(path, tensors: dict, config: dict, copy_from=None):
-    """config.json + model.safetensors (+ the tokenizer files of `copy_from`) into a temporary folder, renamed
-    over `path` once complete; the temporary folder is removed on any failure (disk full, Ctrl-C). Tensors that
-    are not all finite are refused: such a checkpoint would poison every run that starts from it."""
+    """config.json + model.safetensors (+ the tokenizer files of `copy_from`) into a temporary
+    folder, renamed over `path` once complete; the temporary folder is removed on any failure (disk
+    full, Ctrl-C). Tensors that are not all finite are refused: such a checkpoint would poison every
+    run that starts from it."""
     from safetensors.torch import save_file
     bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
     if bad:
-        raise UserError(f"not saving {path}: tensor {bad!r} holds NaN or inf (the weights diverged); resume from "
-                        "the last checkpoint with a lower --lr")
+        raise UserError(f"not saving {path}: tensor {bad!r} holds NaN or inf (the weights "
+                        f"diverged); resume from the last checkpoint with a lower --lr")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  tmp / "model.safetensors",
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in TOKENIZER_FILES if copy_from else ():

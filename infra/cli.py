@@ -1,11 +1,12 @@
 """
-What the command-line tools share: a parser whose errors are one line, the argument checks, the model flags,
-loading a model folder (building the default model on first use), and the rule for ending a command.
+What the command-line tools share: a parser whose errors are one line, the argument checks, the
+model flags, loading a model folder (building the default model on first use), and the rule for
+ending a command.
 
-The rule, for every tool: expected bad input ends as `error: <what> <where> <what to do>` on one line and a
-non-zero exit code, checked before anything is written or loaded; Ctrl-C ends with one line; a traceback
-means a bug. Each tool checks its own arguments in one function next to its parser (`check_args`), with the
-helpers below.
+The rule, for every tool: expected bad input ends as `error: <what> <where> <what to do>` on one
+line and a non-zero exit code, checked before anything is written or loaded; Ctrl-C ends with one
+line; a traceback means a bug. Each tool checks its own arguments in one function next to its parser
+(`check_args`), with the helpers below.
 """
 import argparse
 import math
@@ -16,11 +17,13 @@ from infra.errors import UserError
 
 
 class _ShowDefaults(argparse.HelpFormatter):
-    """Append "(default: X)" to a flag's help, unless there is no default worth showing (None, off switches)."""
+    """Append "(default: X)" to a flag's help, unless there is no default worth showing (None, off
+    switches)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+        if (action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
+            and action.option_strings):
             text += " (default: %(default)s)"
         return text
 
@@ -36,7 +39,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def run(main, argv=None):
-    """Call main(argv), ending a UserError with its one line (exit 1) and Ctrl-C with one line (exit 130)."""
+    """Call main(argv), ending a UserError with its one line (exit 1) and Ctrl-C with one line (exit
+    130)."""
     try:
         return main(argv)
     except UserError as e:
@@ -44,31 +48,35 @@ def run(main, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
         sys.exit(130)
-    except RuntimeError as e:     # torch.OutOfMemoryError on a GPU; the CPU allocator raises a plain RuntimeError
+    except RuntimeError as e:
+        # torch.OutOfMemoryError on a GPU; the CPU allocator raises a plain RuntimeError
         if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
             raise
         detail = " ".join(str(e).split())[:160]
-        sys.exit(f"error: out of memory ({detail}); make the work smaller (fewer or shorter responses, a smaller "
-                 "--micro-batch-size or --eval-batch where the tool has them) or use a device with more memory; "
-                 "files written before stay whole, and a train.py run continues from its newest checkpoint "
-                 "with --resume")
+        sys.exit(f"error: out of memory ({detail}); make the work smaller (fewer or shorter "
+                 f"responses, a smaller --micro-batch-size or --eval-batch where the tool has "
+                 f"them) or use a device with more memory; files written before stay whole, and a "
+                 f"train.py run continues from its newest checkpoint with --resume")
 
 
 # -----------------------------------------------------------------------------
 # argument checks: each raises UserError naming the flag, the value and the allowed range
 
 def explicit_flags(p: argparse.ArgumentParser, argv) -> set:
-    """The destinations of the flags given on the command line (argparse fills only the missing ones)."""
+    """The destinations of the flags given on the command line (argparse fills only the missing
+    ones)."""
     unset = object()
     ns = p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions}))
     return {k for k, v in vars(ns).items() if v is not unset}
 
 
 def not_empty(args, *names):
-    """A path flag given as "" (an unset shell variable, --out "$OUT") would silently mean the current folder."""
+    """A path flag given as "" (an unset shell variable, --out "$OUT") would silently mean the
+    current folder."""
     for name in names:
         if getattr(args, name.lstrip("-").replace("-", "_"), None) == "":
-            raise UserError(f"{name} '': an empty path (an unset shell variable?); pass a folder or file path")
+            raise UserError(f"{name} '': an empty path (an unset shell variable?); pass a folder "
+                            f"or file path")
 
 
 def positive(args, *names):
@@ -119,11 +127,11 @@ def check_device(name: str) -> str:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
-            raise UserError(f"--device {name}: torch {torch.__version__} ({build}) sees no CUDA GPU here; "
-                            "use --device cpu")
+            raise UserError(f"--device {name}: torch {torch.__version__} ({build}) sees no CUDA "
+                            f"GPU here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; "
-                            f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) "
+                            f"here; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
     elif device.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
@@ -143,14 +151,14 @@ def existing_file(path, flag: str) -> Path:
 
 def fits_context(prompt_tokens: int, max_new_tokens: int, limit: int, what: str = "the prompt",
                  limit_name: str = "the model's context"):
-    """Refuse prompt + --max-new-tokens longer than `limit`: the sampler allocates the KV cache for the whole length
-    before the first token (a typo such as 100000 would run out of memory after minutes of work), and past its
-    context a model was never trained."""
+    """Refuse prompt + --max-new-tokens longer than `limit`: the sampler allocates the KV cache for
+    the whole length before the first token (a typo such as 100000 would run out of memory after
+    minutes of work), and past its context a model was never trained."""
     if prompt_tokens + max_new_tokens > limit:
         room = limit - prompt_tokens
         fix = f"lower --max-new-tokens to at most {room}" if room >= 1 else "shorten the prompt"
-        raise UserError(f"{what} ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceed {limit_name} "
-                        f"of {limit} tokens; {fix}")
+        raise UserError(f"{what} ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} "
+                        f"exceed {limit_name} of {limit} tokens; {fix}")
 
 
 # -----------------------------------------------------------------------------
@@ -166,16 +174,18 @@ def add_model_args(p, dtype: bool = True):
     from infra import weights
     g = p.add_argument_group("model")
     g.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR),
-                   help="HF-layout model folder (config.json + *.safetensors + tokenizer.json); the default model "
-                        "is built on first use")
+                   help="HF-layout model folder (config.json + *.safetensors + tokenizer.json); "
+                        "the default model is built on first use")
     if dtype:
-        g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+        g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="weights dtype")
     g.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N")
     return g
 
 
 def load(model_dir, dtype=None, device="cpu"):
-    """(model, tokenizer) of an HF-layout folder; the default offline model is built on first use."""
+    """(model, tokenizer) of an HF-layout folder; the default offline model is built on first
+    use."""
     import torch
 
     from infra import weights

@@ -1,12 +1,12 @@
 """
 Data parallelism for train.py under torchrun: one process (rank) per CPU process slot or GPU.
 
-Every rank holds the whole model and optimizer, samples its share of each step's prompts with the seeds one
-process would use, and trains on its own responses. Each rank divides its loss by the token count of the whole
-mini-batch (all ranks), and the gradients are summed over the ranks before every optimizer step, so W ranks
-compute what one process computes, up to the order of float sums (tests/test_distributed.py). Metrics and
-evaluations are reduced across ranks; only rank 0 writes files. In a single process every helper here is the
-identity, so train.py reads the same either way.
+Every rank holds the whole model and optimizer, samples its share of each step's prompts with the
+seeds one process would use, and trains on its own responses. Each rank divides its loss by the
+token count of the whole mini-batch (all ranks), and the gradients are summed over the ranks before
+every optimizer step, so W ranks compute what one process computes, up to the order of float sums
+(tests/test_distributed.py). Metrics and evaluations are reduced across ranks; only rank 0 writes
+files. In a single process every helper here is the identity, so train.py reads the same either way.
 """
 import os
 
@@ -24,9 +24,10 @@ def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: int, evaluates: bool) -> str:
-    """Join the torchrun group when there is one (WORLD_SIZE > 1): gloo on a CPU, nccl with one GPU per rank.
-    Returns this process's device."""
+def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: int,
+          evaluates: bool) -> str:
+    """Join the torchrun group when there is one (WORLD_SIZE > 1): gloo on a CPU, nccl with one GPU
+    per rank. Returns this process's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return device
     cuda = device.startswith("cuda")
@@ -36,15 +37,18 @@ def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: 
     dist.init_process_group("nccl" if cuda else "gloo")
     W = world()
     if prompts_per_step % (mini_batches * W):
-        raise UserError(f"--prompts-per-step ({prompts_per_step}) must be a multiple of --mini-batches x ranks "
-                        f"({mini_batches} x {W}) so that every rank holds whole groups of every mini-batch")
+        raise UserError(f"--prompts-per-step ({prompts_per_step}) must be a multiple of "
+                        f"--mini-batches x ranks ({mini_batches} x {W}) so that every rank holds "
+                        f"whole groups of every mini-batch")
     if evaluates and eval_problems < W:
-        raise UserError(f"--eval-problems ({eval_problems}) must be at least the number of ranks ({W})")
+        raise UserError(f"--eval-problems ({eval_problems}) must be at least the number of ranks "
+                        f"({W})")
     return device
 
 
 def launched_rank() -> int:
-    """This process's rank as torchrun announces it, before the group is joined (0 in a single process)."""
+    """This process's rank as torchrun announces it, before the group is joined (0 in a single
+    process)."""
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
@@ -59,7 +63,8 @@ def all_sum(values: dict, device) -> dict:
 
 
 def all_gather(t: torch.Tensor) -> torch.Tensor:
-    """The ranks' tensors of equal shape, concatenated in rank order (t itself in a single process)."""
+    """The ranks' tensors of equal shape, concatenated in rank order (t itself in a single
+    process)."""
     if world() == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(world())]
@@ -68,18 +73,20 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_grads(model):
-    """Sum the gradients over ranks: each rank's loss is already divided by the token count of the whole
-    mini-batch (all ranks), so the sum is the gradient of the one-process loss. Parameters without a gradient
-    (above l in phase 1) have none on every rank."""
+    """Sum the gradients over ranks: each rank's loss is already divided by the token count of the
+    whole mini-batch (all ranks), so the sum is the gradient of the one-process loss. Parameters
+    without a gradient (above l in phase 1) have none on every rank."""
     if world() > 1:
-        work = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters() if p.grad is not None]
+        work = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()
+                if p.grad is not None]
         for w in work:
             w.wait()
 
 
 def my_prompts(P: int, mini_batches: int) -> list[int]:
-    """The prompts of a step this rank samples and trains on. Mini-batch k of the step is the same set of prompts
-    as in one process (consecutive P/M); each rank takes a consecutive 1/W of every mini-batch."""
+    """The prompts of a step this rank samples and trains on. Mini-batch k of the step is the same
+    set of prompts as in one process (consecutive P/M); each rank takes a consecutive 1/W of every
+    mini-batch."""
     W = world()
     if W == 1:
         return list(range(P))

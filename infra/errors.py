@@ -1,16 +1,19 @@
 """
-The error types, all of them. `UserError` is the one exception for expected bad input or a bad environment:
-its message is one line, "what, where, what to do", and the command-line tools print it as `error: <message>`
-and exit non-zero (infra/cli.py run). Anything else that escapes is a bug and keeps its traceback.
+The error types, all of them. `UserError` is the one exception for expected bad input or a bad
+environment: its message is one line, "what, where, what to do", and the command-line tools print it
+as `error: <message>` and exit non-zero (infra/cli.py run). Anything else that escapes is a bug and
+keeps its traceback.
 """
 
 
 class UserError(Exception):
-    """Bad input or a bad environment (not a bug): the message is one line naming the problem and the fix."""
+    """Bad input or a bad environment (not a bug): the message is one line naming the problem and
+    the fix."""
 
 
 class ModelLoadError(UserError):
-    """A checkpoint folder that cannot be used; the message is one line that names the file and the fix."""
+    """A checkpoint folder that cannot be used; the message is one line that names the file and the
+    fix."""
 
 
 class InputError(UserError):

@@ -1,10 +1,10 @@
 """
 Writing files so that nothing a user already has is lost, and nothing is ever half-written.
 
-Every file the project writes goes through `write_atomic` (a temporary file in the same folder, renamed over
-the target) and every folder through `replace_dir`; an output folder is claimed with `claim_dir`, which refuses
-a folder that already holds results, or with overwrite=True moves them aside. Nothing here deletes a user's file.
-Errors are infra/errors.py's.
+Every file the project writes goes through `write_atomic` (a temporary file in the same folder,
+renamed over the target) and every folder through `replace_dir`; an output folder is claimed with
+`claim_dir`, which refuses a folder that already holds results, or with overwrite=True moves them
+aside. Nothing here deletes a user's file. Errors are infra/errors.py's.
 """
 import errno
 import os
@@ -29,8 +29,9 @@ def describe_os_error(e: OSError) -> str:
 
 
 def write_atomic(path, write):
-    """write(tmp_path) into a temporary file beside `path`, then rename it over `path`: a reader sees the old
-    file or the new one, never a mix. On any failure the temporary file is removed and the error re-raised."""
+    """write(tmp_path) into a temporary file beside `path`, then rename it over `path`: a reader
+    sees the old file or the new one, never a mix. On any failure the temporary file is removed and
+    the error re-raised."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,8 @@ def write_text(path, text: str):
 
 
 def replace_dir(tmp, final):
-    """Move the complete folder `tmp` to `final`; an older `final` is replaced only once `tmp` is in place."""
+    """Move the complete folder `tmp` to `final`; an older `final` is replaced only once `tmp` is in
+    place."""
     tmp, final = Path(tmp), Path(final)
     old = final.with_name(f".{final.name}.old")
     if final.exists():
@@ -63,17 +65,20 @@ def remove_partial(folder):
 
 
 def check_writable_dir(path, flag: str = "--out") -> Path:
-    """Check that the folder `path` can be written, or created and written, so that a bad output path costs a
-    second, not a whole run. It leaves no trace: a folder that does not exist yet is not created here (the
-    writer creates it, `make_dir` or `write_atomic`), so a run refused by a later check leaves nothing behind."""
+    """Check that the folder `path` can be written, or created and written, so that a bad output
+    path costs a second, not a whole run. It leaves no trace: a folder that does not exist yet is
+    not created here (the writer creates it, `make_dir` or `write_atomic`), so a run refused by a
+    later check leaves nothing behind."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: exists and is not a folder; pass a folder path")
     parent = path
-    while not parent.exists():              # the deepest folder that exists; writing there is what mkdir needs
+    while not parent.exists():
+        # the deepest folder that exists; writing there is what mkdir needs
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"{flag} {path}: cannot write there ({parent} is a file, not a folder); pass a folder path")
+        raise UserError(f"{flag} {path}: cannot write there ({parent} is a file, not a folder); "
+                        f"pass a folder path")
     try:
         probe = parent / f".write-test-{os.getpid()}"
         probe.write_text("")
@@ -94,8 +99,8 @@ def make_dir(path, flag: str = "--out") -> Path:
 
 
 def check_writable_file(path, flag: str = "--out") -> Path:
-    """Check, before the work that fills it, that the file `path` can be written (a missing folder is created
-    by the writer, write_atomic)."""
+    """Check, before the work that fills it, that the file `path` can be written (a missing folder
+    is created by the writer, write_atomic)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; pass a file path")
@@ -103,18 +108,19 @@ def check_writable_file(path, flag: str = "--out") -> Path:
     return path
 
 
-def claim_dir(path, markers: tuple, overwrite: bool, flag: str = "--out", hint: str = "") -> Path | None:
-    """Make `path` a fresh, writable output folder. If it already holds any of `markers` (earlier results):
-    refuse with one line, or with overwrite=True move the whole folder aside to `<path>.old-<time>` (never
-    deleted) and return where it went."""
+def claim_dir(path, markers: tuple, overwrite: bool, flag: str = "--out",
+              hint: str = "") -> Path | None:
+    """Make `path` a fresh, writable output folder. If it already holds any of `markers` (earlier
+    results): refuse with one line, or with overwrite=True move the whole folder aside to
+    `<path>.old-<time>` (never deleted) and return where it went."""
     path = Path(path)
     moved = None
     found = [m for m in markers if (path / m).exists()] if path.is_dir() else []
     if found:
         if not overwrite:
-            raise UserError(f"{flag} {path}: already holds earlier results ({', '.join(found)}); {hint}"
-                            f"pass --overwrite to move them aside to {path.name}.old-<time>/, or choose another "
-                            f"{flag}")
+            raise UserError(f"{flag} {path}: already holds earlier results ({', '.join(found)}); "
+                            f"{hint}pass --overwrite to move them aside to "
+                            f"{path.name}.old-<time>/, or choose another {flag}")
         moved = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         n = 1
         while moved.exists():

@@ -6,13 +6,14 @@ A training run's folder, and the rules that keep it safe:
     OUT/curves.png                   the curves of metrics.jsonl
     OUT/checkpoints/step_N/          an HF-layout folder (transformers loads it) + trainer_state.pt
 
-- A fresh run never reuses a folder that holds a run: it is refused (use --resume), or with --overwrite the
-  old run is moved aside to OUT.old-<time>/, never deleted.
-- Every file is written atomically, every checkpoint in a temporary folder renamed into place; a failed write
-  (disk full, Ctrl-C) removes its temporary folder and leaves the earlier checkpoints as they were.
-- Resuming takes the newest complete checkpoint; an incomplete or damaged newer one is skipped with a warning.
-  metrics.jsonl is cut back to the steps that checkpoint covers, which also repairs a line cut mid-write; the
-  lines cut are appended to OUT/metrics.dropped.jsonl, not deleted.
+- A fresh run never reuses a folder that holds a run: it is refused (use --resume), or with
+  --overwrite the old run is moved aside to OUT.old-<time>/, never deleted.
+- Every file is written atomically, every checkpoint in a temporary folder renamed into place; a
+  failed write (disk full, Ctrl-C) removes its temporary folder and leaves the earlier checkpoints
+  as they were.
+- Resuming takes the newest complete checkpoint; an incomplete or damaged newer one is skipped with
+  a warning. metrics.jsonl is cut back to the steps that checkpoint covers, which also repairs a
+  line cut mid-write; the lines cut are appended to OUT/metrics.dropped.jsonl, not deleted.
 """
 import argparse
 import json
@@ -24,19 +25,21 @@ from pathlib import Path
 import torch
 
 from infra.errors import UserError
-from infra.files import (check_writable_dir, claim_dir, describe_os_error, make_dir, remove_partial, replace_dir,
+from infra.files import (check_writable_dir, claim_dir, describe_os_error, make_dir,
+                         remove_partial, replace_dir,
                          write_atomic, write_text)
 
 MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
 
 
 def check_new(out, overwrite: bool):
-    """Refuse (one line) a --out that already holds a run, unless overwrite; check that it can be written."""
+    """Refuse (one line) a --out that already holds a run, unless overwrite; check that it can be
+    written."""
     found = [m for m in MARKERS if (Path(out) / m).exists()]
     if found and not overwrite:
-        raise UserError(f"--out {out}: already holds a run ({', '.join(found)}); to continue it use --resume {out}, "
-                        f"to start over pass --overwrite (the old run is moved to {Path(out).name}.old-<time>/, "
-                        "not deleted), or choose another --out")
+        raise UserError(f"--out {out}: already holds a run ({', '.join(found)}); to continue it "
+                        f"use --resume {out}, to start over pass --overwrite (the old run is moved "
+                        f"to {Path(out).name}.old-<time>/, not deleted), or choose another --out")
     if not found:
         check_writable_dir(out)
 
@@ -44,53 +47,61 @@ def check_new(out, overwrite: bool):
 def start(out, args, overwrite: bool):
     """Claim OUT for a new run, under its lock, and write args.json and an empty metrics.jsonl."""
     make_dir(out)
-    lock(out)            # a resume or another new run writing into OUT is refused here, before anything moves
+    # a resume or another new run writing into OUT is refused here, before anything moves
+    lock(out)
     moved = claim_dir(out, MARKERS, overwrite, hint=f"to continue that run use --resume {out}; ")
     if moved:
-        lock(out)        # the new folder; the old one, moved aside, stays locked until this process ends
+        # the new folder; the old one, moved aside, stays locked until this process ends
+        lock(out)
         print(f"--overwrite: the earlier run in {out} was moved to {moved}", file=sys.stderr)
-    record = {**vars(args), "code": code_version()}       # which code ran: the commit, and whether it was clean
+    # which code ran: the commit, and whether it was clean
+    record = {**vars(args), "code": code_version()}
     write_text(Path(out) / "args.json", json.dumps(record, indent=1) + "\n")
     write_text(Path(out) / "metrics.jsonl", "")
 
 
 def note_resume(out, start_step: int):
-    """Append to OUT/resumes.jsonl the step a resume starts at and the code it runs (args.json keeps the code the
-    run started with), and say so in one line when that code differs."""
+    """Append to OUT/resumes.jsonl the step a resume starts at and the code it runs (args.json keeps
+    the code the run started with), and say so in one line when that code differs."""
     file, code = Path(out) / "resumes.jsonl", code_version()
     saved = Path(out) / "args.json"
     started = json.loads(saved.read_text()).get("code") if saved.exists() else None
     if started and started.get("commit") != code["commit"]:
-        print(f"resume: the code is at commit {code['commit']}, the run started at {started.get('commit')} "
-              f"(recorded in {file})", file=sys.stderr)
+        print(f"resume: the code is at commit {code['commit']}, the run started at "
+              f"{started.get('commit')} (recorded in {file})", file=sys.stderr)
     old = file.read_text() if file.exists() else ""
     write_text(file, old + json.dumps({"step": start_step, "code": code}) + "\n")
 
 
 def code_version() -> dict:
-    """The git commit of the code that runs, and whether its tree was clean (no changes to tracked or untracked,
-    not ignored files); None for each where the code is not a git checkout or git is missing."""
+    """The git commit of the code that runs, and whether its tree was clean (no changes to tracked
+    or untracked, not ignored files); None for each where the code is not a git checkout or git is
+    missing."""
     import subprocess
     here = Path(__file__).resolve().parent
 
     def git(*a):
         try:
-            r = subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True, timeout=30)
+            r = subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True,
+                               timeout=30)
         except (OSError, subprocess.SubprocessError):
             return None
         return r.stdout if r.returncode == 0 else None
     commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
-    return {"commit": commit.strip() if commit else None, "clean": None if status is None else status == ""}
+    return {"commit": commit.strip() if commit else None,
+            "clean": None if status is None else status == ""}
 
 
-_locks = []   # the open lock files of this process: a lock lasts as long as the process that holds it
+# the open lock files of this process: a lock lasts as long as the process that holds it
+_locks = []
 
 
 def lock(out):
-    """Hold OUT/.lock for the rest of this process, so that one process at a time writes a run folder (a new
-    run, a resume, an overwrite). A lock held by a running process is refused in one line naming it; the lock
-    of a process that died is released by the system with it, and taken over with a note. (flock: a local file
-    system; on a network file system the lock may not hold across machines.)"""
+    """Hold OUT/.lock for the rest of this process, so that one process at a time writes a run
+    folder (a new run, a resume, an overwrite). A lock held by a running process is refused in one
+    line naming it; the lock of a process that died is released by the system with it, and taken
+    over with a note. (flock: a local file system; on a network file system the lock may not hold
+    across machines.)"""
     import fcntl
     f = open(Path(out) / ".lock", "a+")
     try:
@@ -99,19 +110,20 @@ def lock(out):
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise UserError(f"{out}: another process (pid {holder}) is writing this run; wait for it to end or stop "
-                        "it, or choose another --out") from None
+        raise UserError(f"{out}: another process (pid {holder}) is writing this run; wait for it "
+                        f"to end or stop it, or choose another --out") from None
     f.seek(0)
     before = f.read().strip()
     if before and before != str(os.getpid()):
-        print(f"{out}: took over the lock of process {before}, which is no longer running", file=sys.stderr)
+        print(f"{out}: took over the lock of process {before}, which is no longer running",
+              file=sys.stderr)
     f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
     _locks.append(f)
 
 
 def unlock_all():
-    """At a clean end: clear and release this process's locks (a crash leaves the pid, which the next writer
-    reports as taken over)."""
+    """At a clean end: clear and release this process's locks (a crash leaves the pid, which the
+    next writer reports as taken over)."""
     while _locks:
         f = _locks.pop()
         f.seek(0), f.truncate(), f.close()
@@ -141,8 +153,8 @@ def _step_of(line: str):
 
 
 def repair_metrics(out, start_step: int):
-    """Keep exactly the metrics of steps before `start_step` (those the resumed checkpoint covers); the other lines
-    (later steps, a line cut mid-write) are appended to metrics.dropped.jsonl."""
+    """Keep exactly the metrics of steps before `start_step` (those the resumed checkpoint covers);
+    the other lines (later steps, a line cut mid-write) are appended to metrics.dropped.jsonl."""
     file, aside = Path(out) / "metrics.jsonl", Path(out) / "metrics.dropped.jsonl"
     kept, dropped = [], []
     for line in (file.read_text().splitlines() if file.exists() else []):
@@ -158,25 +170,31 @@ def repair_metrics(out, start_step: int):
 
 
 def resume_args(args, given: set, state: dict, parser, may_change: tuple) -> argparse.Namespace:
-    """The saved run's arguments, with the flags that may change taken from the command line; any other flag
-    given with a different value is refused (it would silently not apply)."""
-    saved = {**vars(parser.parse_args([])), **state["args"]}     # + flags added since the run started
+    """The saved run's arguments, with the flags that may change taken from the command line; any
+    other flag given with a different value is refused (it would silently not apply)."""
+    # + flags added since the run started
+    saved = {**vars(parser.parse_args([])), **state["args"]}
     for k in sorted(given - {"resume", "out", "overwrite"} - set(may_change)):
         if getattr(args, k) != saved.get(k):
-            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the resumed run's "
-                            f"{saved.get(k)} ({args.resume}/args.json); --resume continues a run with its own "
-                            "arguments: drop the flag, or start a new run with --out")
+            raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the resumed "
+                            f"run's {saved.get(k)} ({args.resume}/args.json); --resume continues a "
+                            f"run with its own arguments: drop the flag, or start a new run with "
+                            f"--out")
     if "out" in given and Path(args.out).resolve() != Path(args.resume).resolve():
-        raise UserError(f"--out {args.out} with --resume {args.resume}: a resumed run writes into its own folder; "
-                        "drop --out")
-    changed = {k: getattr(args, k) for k in may_change if k in given and getattr(args, k) != saved.get(k)}
+        raise UserError(f"--out {args.out} with --resume {args.resume}: a resumed run writes into "
+                        f"its own folder; drop --out")
+    changed = {k: getattr(args, k) for k in may_change if k in given
+               and getattr(args, k) != saved.get(k)}
     for k, v in changed.items():
-        print(f"resume: --{k.replace('_', '-')} {v} (the saved run had {saved.get(k)})", file=sys.stderr)
+        print(f"resume: --{k.replace('_', '-')} {v} (the saved run had {saved.get(k)})",
+              file=sys.stderr)
     out = argparse.Namespace(**{**saved, **changed, "out": args.resume, "resume": args.resume})
-    if not os.path.isabs(out.model):   # a run saved before paths were stored absolute: relative to here, if there
+    if not os.path.isabs(out.model):
+        # a run saved before paths were stored absolute: relative to here, if there
         if not Path(out.model).is_dir():
-            raise UserError(f"--resume {args.resume}: the run's --model {out.model} is a relative path that is not "
-                            "there from this folder; resume from the folder the run was started in")
+            raise UserError(f"--resume {args.resume}: the run's --model {out.model} is a relative "
+                            f"path that is not there from this folder; resume from the folder the "
+                            f"run was started in")
         out.model = os.path.abspath(out.model)
     return out
 
@@ -185,31 +203,36 @@ def resume_args(args, given: set, state: dict, parser, may_change: tuple) -> arg
 # checkpoints
 
 def save_checkpoint(model, opt, args, step: int, layer: int) -> Path:
-    """OUT/checkpoints/step_N: the model (HF layout, loadable by transformers) and trainer_state.pt (optimizer,
-    step, arguments, internal layer), written into a temporary folder and renamed into place; then all but the
-    newest --keep-checkpoints of this run are removed."""
+    """OUT/checkpoints/step_N: the model (HF layout, loadable by transformers) and trainer_state.pt
+    (optimizer, step, arguments, internal layer), written into a temporary folder and renamed into
+    place; then all but the newest --keep-checkpoints of this run are removed."""
     root = Path(args.out) / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
     try:
         model.save_pretrained(tmp, copy_from=args.model)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "args": vars(args), "internal_layer": layer},
+        torch.save({"step": step, "optimizer": opt.state_dict(), "args": vars(args),
+                    "internal_layer": layer},
                    tmp / "trainer_state.pt")
         replace_dir(tmp, final)
     except OSError as e:
         remove_partial(tmp)
         last = newest(root)
         raise UserError(f"writing checkpoint {final} failed ({describe_os_error(e)}); "
-                        + (f"the last complete one is {last.name}: --resume {args.out} continues from it"
+                        + (f"the last complete one is {last.name}: --resume {args.out} continues "
+                           f"from it"
                            if last else "no checkpoint was written yet")) from None
     except BaseException:
         remove_partial(tmp)
         raise
-    for old in sorted((p for p in root.glob("step_*") if 0 <= _step(p) <= step), key=_step)[:-args.keep_checkpoints]:
-        remove_partial(old)              # only names this code writes: a user's step_000002.bak copy stays
+    for old in sorted((p for p in root.glob("step_*") if 0 <= _step(p) <= step),
+                      key=_step)[:-args.keep_checkpoints]:
+        # only names this code writes: a user's step_000002.bak copy stays
+        remove_partial(old)
     return final
 
 
-# the only names under OUT/checkpoints/ that this code writes, and so the only ones it may ever delete
+# the only names under OUT/checkpoints/ that this code writes, and so the only ones it may ever
+# delete
 CHECKPOINT_NAME = re.compile(r"step_(\d{6,})")
 # the temporary names of an unfinished write: .step_N.tmp (save_checkpoint), ..step_N.tmp.tmp (its
 # write_folder), .step_N.old (replace_dir's moved-aside copy)
@@ -228,7 +251,8 @@ def newest(root: Path) -> Path | None:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    """trainer_state.pt of a checkpoint (weights_only: no pickle code runs), checked for what resume needs."""
+    """trainer_state.pt of a checkpoint (weights_only: no pickle code runs), checked for what resume
+    needs."""
     file = ckpt / "trainer_state.pt"
     if not file.exists():
         raise ValueError("no trainer_state.pt (the write did not finish)")
@@ -236,48 +260,55 @@ def load_trainer_state(ckpt: Path) -> dict:
         state = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as e:
         raise ValueError(f"trainer_state.pt is unreadable ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(state, dict) or not {"step", "optimizer", "args", "internal_layer"} <= set(state):
+    if (not isinstance(state, dict)
+        or not {"step", "optimizer", "args", "internal_layer"} <= set(state)):
         raise ValueError("trainer_state.pt lacks step / optimizer / args / internal_layer")
     return state
 
 
 def resumable(out, load_model, writer: bool = True) -> tuple:
-    """(checkpoint folder, trainer state, model) of the newest checkpoint of OUT that loads completely. Newer
-    ones that are incomplete or damaged are skipped with a warning, never deleted. The writer (rank 0) takes the
-    run's lock first and removes what an interrupted write left."""
+    """(checkpoint folder, trainer state, model) of the newest checkpoint of OUT that loads
+    completely. Newer ones that are incomplete or damaged are skipped with a warning, never deleted.
+    The writer (rank 0) takes the run's lock first and removes what an interrupted write left."""
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"--resume {out}: no such run folder")
     if not (out / "checkpoints").is_dir():
-        raise UserError(f"--resume {out}: no complete checkpoint in {out / 'checkpoints'}; start a new run with --out")
+        raise UserError(f"--resume {out}: no complete checkpoint in {out / 'checkpoints'}; start a "
+                        f"new run with --out")
     if writer:
         lock(out)
-        for leftover in (p for p in (out / "checkpoints").glob(".*") if TEMP_NAME.fullmatch(p.name)):   # a crash
+        for leftover in (p for p in (out / "checkpoints").glob(".*")
+                         if TEMP_NAME.fullmatch(p.name)):   # a crash
             print(f"resume: removing the unfinished checkpoint write {leftover}", file=sys.stderr)
             remove_partial(leftover)
-    found = sorted((p for p in (out / "checkpoints").glob("step_*") if _step(p) >= 0), key=_step, reverse=True)
+    found = sorted((p for p in (out / "checkpoints").glob("step_*") if _step(p) >= 0), key=_step,
+                   reverse=True)
     for ckpt in found:
         try:
             state = load_trainer_state(ckpt)
             return ckpt, state, load_model(ckpt)
         except (ValueError, UserError) as e:   # ModelLoadError is a UserError
-            print(f"warning: skipping {ckpt}: {str(e).splitlines()[0]}; trying an earlier checkpoint",
+            print(f"warning: skipping {ckpt}: {str(e).splitlines()[0]}; trying an earlier "
+                  f"checkpoint",
                   file=sys.stderr)
-    raise UserError(f"--resume {out}: no complete checkpoint in {out / 'checkpoints'}; start a new run with --out")
+    raise UserError(f"--resume {out}: no complete checkpoint in {out / 'checkpoints'}; start a new "
+                    f"run with --out")
 
 
 # -----------------------------------------------------------------------------
 # the curves
 
 def plot_curves(out, title: str):
-    """curves.png: reward and held-out accuracy, entropies, response length, and (BuPO) how far pi^l is from
-    the policy; one panel per quantity, each with its own labelled axis, phase 1 shaded."""
+    """curves.png: reward and held-out accuracy, entropies, response length, and (BuPO) how far pi^l
+    is from the policy; one panel per quantity, each with its own labelled axis, phase 1 shaded."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_metrics(out)
     train = [r for r in rows if "reward" in r]
-    panels = [("reward / accuracy (fraction)", ["reward", "eval/greedy_acc"] + sorted({k for r in rows for k in r
+    panels = [("reward / accuracy (fraction)",
+               ["reward", "eval/greedy_acc"] + sorted({k for r in rows for k in r
                                                                                        if k.startswith("eval/avg@")})),
               ("entropy (nats)", ["entropy", "internal/entropy"]),
               ("response length (tokens)", ["completions/mean_length"]),
@@ -292,7 +323,8 @@ def plot_curves(out, title: str):
             if pts:
                 ax.plot(*zip(*pts), marker=".", label=k)
         if internal:
-            ax.axvspan(min(internal) - 0.5, max(internal) + 0.5, color="orange", alpha=0.15, label="phase 1 (pi^l)")
+            ax.axvspan(min(internal) - 0.5, max(internal) + 0.5, color="orange", alpha=0.15,
+                       label="phase 1 (pi^l)")
         ax.set_xlabel("RL step")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random HF checkpoints written by transformers, and the real default model."""
+"""Shared fixtures: tiny random HF checkpoints written by transformers, and the real default
+model."""
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
 ARCHS = ["llama", "qwen2", "qwen3"]
 
@@ -19,8 +21,10 @@ def make_hf_model(arch: str, tied: bool, seed: int = 0):
     """A tiny random transformers model of `arch` with non-trivial norm gains and biases."""
     import transformers as tf
     torch.manual_seed(seed)
-    if arch == "llama":  # llama3 rope scaling, with positions past original_max_position_embeddings in the tests
-        cfg = tf.LlamaConfig(**TINY, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0, tie_word_embeddings=tied)
+    if arch == "llama":
+        # llama3 rope scaling, with positions past original_max_position_embeddings in the tests
+        cfg = tf.LlamaConfig(**TINY, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0,
+                             tie_word_embeddings=tied)
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**TINY, tie_word_embeddings=tied))

@@ -1,5 +1,6 @@
-"""train.py with a reward that a random model can earn (the parity of the response's length), for the tests
-that run train.py in other processes: python tests/length_reward_train.py ARGS, or under torchrun."""
+"""train.py with a reward that a random model can earn (the parity of the response's length), for
+the tests that run train.py in other processes: python tests/length_reward_train.py ARGS, or under
+torchrun."""
 import sys
 from pathlib import Path
 

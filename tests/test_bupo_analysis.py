@@ -1,4 +1,5 @@
-"""bupo.py's internal policies and entropies, and analyze.py's entropy.json, against direct computations."""
+"""bupo.py's internal policies and entropies, and analyze.py's entropy.json, against direct
+computations."""
 import json
 import math
 import shutil
@@ -24,7 +25,8 @@ def tiny(tiny_dirs):
 
 def pairs_for(seed=0, n=3):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 128, (int(a),), generator=g).tolist(), torch.randint(0, 128, (int(b),), generator=g).tolist())
+    return [(torch.randint(0, 128, (int(a),), generator=g).tolist(),
+             torch.randint(0, 128, (int(b),), generator=g).tolist())
             for a, b in torch.randint(3, 15, (n, 2), generator=g)]
 
 
@@ -64,9 +66,11 @@ def test_internal_policies(tiny):
     # below L: W_U h_l with no norm at all; the logit lens applies the final norm
     h1 = rec.resid[1].reshape(-1, 64)
     torch.testing.assert_close(bupo.layer_logits(tiny, h1, 1), h1 @ tiny.lm_head.weight.T)
-    torch.testing.assert_close(bupo.layer_logits(tiny, h1, 1, norm=True), tiny.lm_head(tiny.norm(h1)))
+    torch.testing.assert_close(bupo.layer_logits(tiny, h1, 1, norm=True),
+                               tiny.lm_head(tiny.norm(h1)))
     lp = bupo.token_logprobs(tiny, h1, torch.arange(len(h1)) % 128, layer=1, temperature=0.7)
-    torch.testing.assert_close(lp, ((h1 @ tiny.lm_head.weight.T) / 0.7).log_softmax(-1)[torch.arange(len(h1)), torch.arange(len(h1)) % 128])
+    torch.testing.assert_close(lp,
+                               ((h1 @ tiny.lm_head.weight.T) / 0.7).log_softmax(-1)[torch.arange(len(h1)), torch.arange(len(h1)) % 128])
 
 
 def test_boundary_layer():
@@ -76,18 +80,27 @@ def test_boundary_layer():
 
 
 def test_choose_internal_layer_rules():
-    assert bupo.choose_internal_layer([0.1, 0.2, -0.1, -0.3]) == (2, "boundary")     # the paper's rule first
+    # the paper's rule first
+    assert bupo.choose_internal_layer([0.1, 0.2, -0.1, -0.3]) == (2, "boundary")
     assert bupo.choose_internal_layer([-0.1, -0.2, -0.1, -0.3]) == (3, "penultimate")  # none: L - 1
-    assert bupo.choose_internal_layer([0.1, 0.2, 0.1, 0.3]) == (3, "penultimate")      # only L: not internal
-    assert bupo.choose_internal_layer([0.3]) == (1, "penultimate")                     # one layer: itself
+    # only L: not internal
+    assert bupo.choose_internal_layer([0.1, 0.2, 0.1, 0.3]) == (3, "penultimate")
+    # one layer: itself
+    assert bupo.choose_internal_layer([0.3]) == (1, "penultimate")
     # the project's closest-layer rule, reported by analyze.py (not used by auto)
-    assert analyze.closest_layer([4.0, 1.0, 1.0, 0.0]) == 2                               # ties: the lower layer
-    assert analyze.closest_layer([29.0, 17.46, 18.0, 17.44, 0.0]) == 2   # within 10% of the least: the lowest such
+    # ties: the lower layer
+    assert analyze.closest_layer([4.0, 1.0, 1.0, 0.0]) == 2
+    # within 10% of the least: the lowest such
+    assert analyze.closest_layer([29.0, 17.46, 18.0, 17.44, 0.0]) == 2
     assert analyze.closest_layer([29.0, 17.46, 18.0, 17.44, 0.0], tolerance=0) == 4
-    assert analyze.closest_layer([5.0, 2.0, 1.0, 0.0]) == 3                               # a falling KL: L - 1
-    assert analyze.closest_layer([0.0]) == 1                                              # one layer: nothing below
-    assert analyze.closest_layer([math.nan, 2.0, math.inf, 0.0]) == 2                     # NaN / inf never closest
-    assert analyze.closest_layer([math.nan, math.nan, 0.0]) == 2                          # none measurable: L - 1
+    # a falling KL: L - 1
+    assert analyze.closest_layer([5.0, 2.0, 1.0, 0.0]) == 3
+    # one layer: nothing below
+    assert analyze.closest_layer([0.0]) == 1
+    # NaN / inf never closest
+    assert analyze.closest_layer([math.nan, 2.0, math.inf, 0.0]) == 2
+    # none measurable: L - 1
+    assert analyze.closest_layer([math.nan, math.nan, 0.0]) == 2
 
 
 @pytest.mark.parametrize("norm", [False, True])
@@ -105,11 +118,14 @@ def test_entropy_json_equals_direct_computation(tiny, norm):
         s = slice(len(p) - 1, len(p) + len(r) - 1)
         for l in range(1, L + 1):
             out = logits[0, s] if l == L else proj(rec.resid[l][0, s])
-            for key, x in (("H_resid_in", proj(rec.resid[l - 1][0, s])), ("H_attn_in", proj(rec.attn_in[l - 1][0, s])),
-                           ("H_attn", proj(rec.attn_out[l - 1][0, s])), ("H_mlp_in", proj(rec.mlp_in[l - 1][0, s])),
+            for key, x in (("H_resid_in", proj(rec.resid[l - 1][0, s])),
+                           ("H_attn_in", proj(rec.attn_in[l - 1][0, s])),
+                           ("H_attn", proj(rec.attn_out[l - 1][0, s])),
+                           ("H_mlp_in", proj(rec.mlp_in[l - 1][0, s])),
                            ("H_mlp", proj(rec.mlp_out[l - 1][0, s])), ("H_resid", out)):
                 acc[key][l - 1].append(direct_entropy(x))
-            p, q = out.double().log_softmax(-1), logits[0, s].double().log_softmax(-1)   # KL(pi^l || pi_theta)
+            # KL(pi^l || pi_theta)
+            p, q = out.double().log_softmax(-1), logits[0, s].double().log_softmax(-1)
             acc["KL_resid"][l - 1].append((p.exp() * (p - q)).sum(-1))
         policy.append(direct_entropy(logits[0, s]))
     assert result["num_tokens"] == sum(len(r) for _, r in pairs) and result["num_responses"] == 3
@@ -120,23 +136,29 @@ def test_entropy_json_equals_direct_computation(tiny, norm):
             assert row[k] == pytest.approx(mean[k][l], abs=2e-5), (k, l)
         assert row["dH_attn"] == pytest.approx(mean["H_attn"][l] - mean["H_attn_in"][l], abs=5e-5)
         assert row["dH_mlp"] == pytest.approx(mean["H_mlp"][l] - mean["H_mlp_in"][l], abs=5e-5)
-        assert row["dH_layer"] == pytest.approx(mean["H_resid"][l] - mean["H_resid_in"][l], abs=5e-5)
+        assert (row["dH_layer"]
+                == pytest.approx(mean["H_resid"][l] - mean["H_resid_in"][l], abs=5e-5))
     assert result["H_policy"] == pytest.approx(torch.cat(policy).mean().item(), abs=2e-5)
-    assert result["boundary_layer"] == bupo.boundary_layer([row["dH_mlp"] for row in result["layers"]])
+    assert (result["boundary_layer"]
+            == bupo.boundary_layer([row["dH_mlp"] for row in result["layers"]]))
     assert (result["internal_layer"], result["internal_layer_rule"]) == bupo.choose_internal_layer(
         [row["dH_mlp"] for row in result["layers"]])
-    assert result["closest_layer"] == analyze.closest_layer([row["KL_resid"] for row in result["layers"]])
-    assert result["layers"][-1]["KL_resid"] == 0 and min(r["KL_resid"] for r in result["layers"][:-1]) > 0
+    assert (result["closest_layer"]
+            == analyze.closest_layer([row["KL_resid"] for row in result["layers"]]))
+    assert (result["layers"][-1]["KL_resid"] == 0
+            and min(r["KL_resid"] for r in result["layers"][:-1]) > 0)
     assert len(heat["entropy"]) == L + 1 and heat["targets"] == pairs[0][1]
 
 
 def test_auto_layer_follows_the_current_rule(tmp_path, capsys):
-    """--internal-layer auto with --analysis re-applies bupo.choose_internal_layer to the file's dH_mlp, so an
-    entropy.json written by older code (its internal_layer picked by the closest-layer rule) gives today's layer."""
+    """--internal-layer auto with --analysis re-applies bupo.choose_internal_layer to the file's
+    dH_mlp, so an entropy.json written by older code (its internal_layer picked by the closest-layer
+    rule) gives today's layer."""
     from types import SimpleNamespace
     model = SimpleNamespace(config=SimpleNamespace(num_layers=4))
     old = {"num_layers": 4, "internal_layer": 2, "internal_layer_rule": "closest", "norm": "none",
-           "layers": [{"layer": l, "dH_mlp": -0.1, "KL_resid": k} for l, k in ((1, 9.0), (2, 3.0), (3, 5.0), (4, 0.0))]}
+           "layers": [{"layer": l, "dH_mlp": -0.1, "KL_resid": k} for l,
+                      k in ((1, 9.0), (2, 3.0), (3, 5.0), (4, 0.0))]}
     f = tmp_path / "entropy.json"
     f.write_text(json.dumps(old))
     args = SimpleNamespace(analysis=str(f))
@@ -144,12 +166,14 @@ def test_auto_layer_follows_the_current_rule(tmp_path, capsys):
     assert "internal layer: 3 of 4, no boundary layer below L, so the penultimate layer" in capsys.readouterr().err
     old["layers"][1]["dH_mlp"] = 0.2                                     # a boundary layer at 2
     f.write_text(json.dumps(old))
-    assert analyze.resolve_layer("auto", model, None, args) == 2 and "the boundary layer" in capsys.readouterr().err
+    assert (analyze.resolve_layer("auto", model, None, args) == 2
+            and "the boundary layer" in capsys.readouterr().err)
     assert analyze.resolve_layer("3", model, None, args) == 3           # a number is taken as given
 
 
 def test_entropy_json_matches_transformers_hidden_states(default_model_dir):
-    """The paper's definitions computed from transformers' own tensors (hooks), not from our record."""
+    """The paper's definitions computed from transformers' own tensors (hooks), not from our
+    record."""
     from transformers import AutoModelForCausalLM
 
     from infra.cli import load
@@ -179,25 +203,34 @@ def test_entropy_json_matches_transformers_hidden_states(default_model_dir):
         assert row["H_attn"] == pytest.approx(H(seen["attn", l - 1]), abs=1e-3)
         assert row["H_mlp_in"] == pytest.approx(H(seen["mlp_in", l - 1]), abs=1e-3)
         assert row["H_mlp"] == pytest.approx(H(seen["mlp", l - 1]), abs=1e-3)
-        if l < L:   # KL(pi^l || pi_theta), pi_theta from transformers' logits; a relative tolerance (tens of nats)
-            p, q = (out.hidden_states[l][0, s] @ W.T).double().log_softmax(-1), out.logits[0, s].double().log_softmax(-1)
-            assert row["KL_resid"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-4, abs=1e-3)
+        if l < L:
+            # KL(pi^l || pi_theta), pi_theta from transformers' logits; a relative tolerance (tens
+            # of nats)
+            p, q = (out.hidden_states[l][0, s] @ W.T).double().log_softmax(-1), out.logits[0,
+                                                                                           s].double().log_softmax(-1)
+            assert (row["KL_resid"]
+                    == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-4, abs=1e-3))
     # hidden_states[L] is transformers' normed last state, i.e. the model's policy
     assert result["layers"][-1]["H_resid"] == pytest.approx(H(out.hidden_states[L]), abs=1e-3)
-    assert result["H_policy"] == pytest.approx(direct_entropy(out.logits[0, s]).mean().item(), abs=1e-3)
+    assert (result["H_policy"]
+            == pytest.approx(direct_entropy(out.logits[0, s]).mean().item(), abs=1e-3))
 
 
 def test_read_responses(tmp_path, default_model_dir):
     from tokenizer import Tokenizer
     tok = Tokenizer(default_model_dir)
     f = tmp_path / "r.jsonl"
-    f.write_text('{"prompt_ids": [1, 2, 3], "response_ids": [4, 5]}\n\n{"prompt": "Hi", "response": "Hello!"}\n')
+    f.write_text('{"prompt_ids": [1, 2, 3], "response_ids": [4, 5]}\n\n{"prompt": "Hi", '
+                 '"response": "Hello!"}\n')
     pairs = analyze.read_responses(f, tok)
     assert pairs[0] == ([1, 2, 3], [4, 5])
     assert pairs[1] == (tok.encode_chat([{"role": "user", "content": "Hi"}]), tok.encode("Hello!"))
-    for bad, msg in (('{"prompt_ids": [1], "response_ids": [2]}\n{"prompt": 3}\n', "r.jsonl:2: expected"),
-                     ('{"prompt_ids": [1], "response_ids": [2]}\nnot json\n', "r.jsonl:2: not valid JSON"),
-                     ('{"prompt_ids": [1], "response_ids": []}\n', "r.jsonl:1: prompt_ids and response_ids"),
+    for bad, msg in (('{"prompt_ids": [1], "response_ids": [2]}\n{"prompt": 3}\n',
+                      "r.jsonl:2: expected"),
+                     ('{"prompt_ids": [1], "response_ids": [2]}\nnot json\n',
+                      "r.jsonl:2: not valid JSON"),
+                     ('{"prompt_ids": [1], "response_ids": []}\n',
+                      "r.jsonl:1: prompt_ids and response_ids"),
                      ('{"prompt_ids": [1, "x"], "response_ids": [2]}\n', "r.jsonl:1:"),
                      ("\n", "no records")):
         f.write_text(bad)
@@ -208,20 +241,25 @@ def test_read_responses(tmp_path, default_model_dir):
 def test_cli_end_to_end_and_errors(tiny_dirs, tmp_path):
     d = tmp_path / "tiny"
     shutil.copytree(tiny_dirs["qwen2", True], d)
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # the tiny model borrows a tokenizer for the plots
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        # the tiny model borrows a tokenizer for the plots
         (d / name).write_bytes((weights.DEFAULT_MODEL_DIR / name).read_bytes())
     f = tmp_path / "r.jsonl"
-    f.write_text("\n".join(json.dumps({"prompt_ids": p, "response_ids": r}) for p, r in pairs_for(1)) + "\n")
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(d), *a],  # noqa: E731
+    f.write_text("\n".join(json.dumps({"prompt_ids": p, "response_ids": r}) for p,
+                           r in pairs_for(1)) + "\n")
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(d),
+                                     *a],  # noqa: E731
                                     capture_output=True, text=True)
     r = run("--out", str(tmp_path / "a"), "--responses", str(f))
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "a" / "entropy.json").read_text())
     assert result["num_layers"] == 3 and len(result["layers"]) == 3 and result["norm"] == "none"
-    assert all((tmp_path / "a" / n).stat().st_size > 1000 for n in ("flow.png", "dH.png", "heatmap.png"))
+    assert all((tmp_path / "a" / n).stat().st_size > 1000
+               for n in ("flow.png", "dH.png", "heatmap.png"))
     r = run("--out", str(tmp_path / "b"), "--responses", str(f), "--norm", "final", "--compare",
             str(tmp_path / "a" / "entropy.json"))
     assert r.returncode == 0, r.stderr
     f.write_text('{"prompt_ids": [1], "response_ids": [2]}\n{"oops": 1}\n')
     r = run("--out", str(tmp_path / "c"), "--responses", str(f))
-    assert r.returncode != 0 and r.stderr.startswith("error:") and ":2:" in r.stderr and "Traceback" not in r.stderr
+    assert (r.returncode != 0 and r.stderr.startswith("error:") and ":2:" in r.stderr
+            and "Traceback" not in r.stderr)

@@ -1,4 +1,5 @@
-"""torchrun data parallelism: 2 ranks (gloo, CPU) must do exactly what one process does with the same arguments."""
+"""torchrun data parallelism: 2 ranks (gloo, CPU) must do exactly what one process does with the
+same arguments."""
 import json
 import os
 import subprocess
@@ -16,12 +17,16 @@ SCRIPT = ROOT / "tests" / "length_reward_train.py"
 def train(model_dir, out, nproc, *extra):
     args = ["--model", str(model_dir), "--out", str(out), "--algo", "bupo", "--internal-layer", "2",
             "--internal-steps", "1", "--steps", "3", "--prompts-per-step", "4", "--group-size", "4",
-            "--mini-batches", "2", "--micro-batch-size", "2", "--max-new-tokens", "6", "--lr", "1e-3",
-            "--eval-every", "3", "--eval-problems", "3", "--eval-samples", "2", "--save-every", "3", *extra]
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+            "--mini-batches", "2", "--micro-batch-size", "2", "--max-new-tokens", "6", "--lr",
+            "1e-3",
+            "--eval-every", "3", "--eval-problems", "3", "--eval-samples", "2", "--save-every",
+            "3", *extra]
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}"]
               if nproc > 1 else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run([*launch, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*launch, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], done
 
@@ -29,13 +34,15 @@ def train(model_dir, out, nproc, *extra):
 def test_two_ranks_equal_one_process(tiny_chat_model, tmp_path):
     one, _ = train(tiny_chat_model, tmp_path / "one", 1)
     two, done = train(tiny_chat_model, tmp_path / "two", 2)
-    assert [r["step"] for r in two] == [0, 1, 2, 3] and [r["phase"] for r in two[1:]] == ["internal", "full", "full"]
+    assert ([r["step"] for r in two] == [0, 1, 2, 3]
+            and [r["phase"] for r in two[1:]] == ["internal", "full", "full"])
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
         for k in a:
             if k in ("step_time", "tokens_per_s", "peak_memory_mb", "eval_time"):
                 continue
-            if isinstance(a[k], float):     # the same samples, rewards and counts; sums in another order
+            if isinstance(a[k], float):
+                # the same samples, rewards and counts; sums in another order
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
             else:
                 assert a[k] == b[k], k

@@ -1,5 +1,5 @@
-"""Bad input never costs a traceback or data: every row of the table ends as one line `error: ...` and a non-zero
-exit, and a refused run leaves the earlier run byte for byte as it was."""
+"""Bad input never costs a traceback or data: every row of the table ends as one line `error: ...`
+and a non-zero exit, and a refused run leaves the earlier run byte for byte as it was."""
 import errno
 import importlib
 import importlib.util
@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fails(tool: str, argv: list, *fragments):
-    """Run `tool`.main through cli.run, as `python tool.py ARGV` does, and check the one-line error."""
+    """Run `tool`.main through cli.run, as `python tool.py ARGV` does, and check the one-line
+    error."""
     main = main_of(tool)
     with pytest.raises(SystemExit) as e:
         cli.run(main, [str(a) for a in argv])
@@ -34,12 +35,14 @@ def fails(tool: str, argv: list, *fragments):
 
 
 def main_of(tool: str):
-    """The main() of a tool at the root ("train") or of a script in a folder ("experiments/report")."""
+    """The main() of a tool at the root ("train") or of a script in a folder
+    ("experiments/report")."""
     if "/" not in tool:
         return importlib.import_module(tool).main
     path = Path(__file__).resolve().parents[1] / f"{tool}.py"
     if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))                # bench_train imports bench_rollout by name
+        # bench_train imports bench_rollout by name
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -47,11 +50,13 @@ def main_of(tool: str):
 
 
 def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
 
 
 # -----------------------------------------------------------------------------
-# the table: (tool, arguments, what the line must say); {tmp} is a scratch folder, {model} the tiny chat model
+# the table: (tool, arguments, what the line must say); {tmp} is a scratch folder, {model} the tiny
+# chat model
 
 ROWS = [
     # train.py: counts, ranges, choices, paths, devices
@@ -90,16 +95,23 @@ ROWS = [
     ("train", ["--device", "cuda:7"], "--device cuda:7"),
     ("train", ["--analysis", "{tmp}/none.json"], "--analysis", "no such file"),
     ("train", ["--model", "{tmp}/no-model", "--out", "{tmp}/o1"], "no-model: no such model folder"),
-    ("train", ["--model", "{model}", "--out", "{tmp}/file.txt"], "file.txt: exists and is not a folder"),
-    ("train", ["--model", "{model}", "--out", "{tmp}/file.txt/run"], "cannot write there", "file.txt is a file"),
-    ("train", ["--model", "{model}", "--out", "{tmp}/o2", "--internal-layer", "9"], "--internal-layer 9: this model "
+    ("train", ["--model", "{model}", "--out", "{tmp}/file.txt"],
+     "file.txt: exists and is not a folder"),
+    ("train", ["--model", "{model}", "--out", "{tmp}/file.txt/run"], "cannot write there",
+     "file.txt is a file"),
+    ("train", ["--model", "{model}", "--out", "{tmp}/o2", "--internal-layer", "9"],
+     "--internal-layer 9: this model "
      "has layers 1..3"),
-    ("train", ["--model", "{model}", "--out", "{tmp}/o3", "--analysis", "{tmp}/file.txt"], "not a readable entropy.json"),
-    ("train", ["--model", "{model}", "--out", "{tmp}/o6", "--analysis", "{tmp}/no-dh.json"], "--analysis",
+    ("train", ["--model", "{model}", "--out", "{tmp}/o3", "--analysis", "{tmp}/file.txt"],
+     "not a readable entropy.json"),
+    ("train", ["--model", "{model}", "--out", "{tmp}/o6", "--analysis", "{tmp}/no-dh.json"],
+     "--analysis",
      "not an entropy.json of analyze.py", "dH_mlp"),
-    ("train", ["--model", "{model}", "--out", "{tmp}/o4", "--analysis", "{tmp}/normed.json"], "--norm final",
+    ("train", ["--model", "{model}", "--out", "{tmp}/o4", "--analysis", "{tmp}/normed.json"],
+     "--norm final",
      "analyse again without --norm"),
-    ("train", ["--model", "{model}", "--out", "{tmp}/o5", "--max-new-tokens", "300"], "the longest add prompt (",
+    ("train", ["--model", "{model}", "--out", "{tmp}/o5", "--max-new-tokens", "300"],
+     "the longest add prompt (",
      "exceed the model's context of 256 tokens; lower --max-new-tokens to at most"),
     ("train", ["--resume", "{tmp}/no-run"], "--resume", "no such run folder"),
     ("train", ["--resume", "{tmp}"], "no complete checkpoint"),
@@ -112,19 +124,27 @@ ROWS = [
     ("analyze", ["--device", "cuda:9"], "--device cuda:9"),
     ("analyze", ["--out", "{tmp}/file.txt"], "file.txt: exists and is not a folder"),
     ("analyze", ["--norm", "layer"], "argument --norm: invalid choice"),
-    ("analyze", ["--model", "{model}", "--out", "{tmp}/a6", "--max-new-tokens", "300"], "the longest word prompt (",
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a6", "--max-new-tokens", "300"],
+     "the longest word prompt (",
      "exceed --max-tokens (at most the model's context) of 256 tokens"),
-    ("analyze", ["--model", "{model}", "--out", "{tmp}/a1", "--responses", "{tmp}/bool.jsonl"], "bool.jsonl:2:",
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a1", "--responses", "{tmp}/bool.jsonl"],
+     "bool.jsonl:2:",
      "integer token ids"),
-    ("analyze", ["--model", "{model}", "--out", "{tmp}/a2", "--responses", "{tmp}/float.jsonl"], "float.jsonl:1:"),
-    ("analyze", ["--model", "{model}", "--out", "{tmp}/a3", "--responses", "{tmp}/vocab.jsonl"], "vocab.jsonl:1:",
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a2", "--responses", "{tmp}/float.jsonl"],
+     "float.jsonl:1:"),
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a3", "--responses", "{tmp}/vocab.jsonl"],
+     "vocab.jsonl:1:",
      "out of range"),
-    ("analyze", ["--model", "{model}", "--out", "{tmp}/a4", "--responses", "{tmp}/long.jsonl", "--max-tokens", "64"],
+    ("analyze",
+     ["--model", "{model}", "--out", "{tmp}/a4", "--responses", "{tmp}/long.jsonl", "--max-tokens",
+      "64"],
      "long.jsonl:1:", "more than 64"),
-    ("analyze", ["--model", "{model}", "--out", "{tmp}/a5", "--responses", "{tmp}/file.txt"], "file.txt:1: not valid JSON"),
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a5", "--responses", "{tmp}/file.txt"],
+     "file.txt:1: not valid JSON"),
     # rollout.py
     ("rollout", ["-G", "0"], "--group-size 0"),
-    ("rollout", ["--model", "{model}", "--max-new-tokens", "300"], "exceed the model's context of 256 tokens"),
+    ("rollout", ["--model", "{model}", "--max-new-tokens", "300"],
+     "exceed the model's context of 256 tokens"),
     ("rollout", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
     ("rollout", ["--temperature", "-1"], "--temperature -1.0"),
     ("rollout", ["--top-k", "-1"], "--top-k -1"),
@@ -141,16 +161,22 @@ ROWS = [
     ("chat", ["--model", "{tmp}/no-model"], "no-model: no such model folder"),
     ("chat", ["--model", "{model}", "--max-new-tokens", "100000"], "exceed the model's context"),
     # the experiment and benchmark scripts
-    ("experiments/report", ["--runs", "{tmp}/none"], "--runs", "no such folder", "experiments/run.sh"),
-    ("experiments/report", ["--runs", "{tmp}", "--out", "{tmp}/file.txt"], "--out", "file.txt: exists and is not a folder"),
-    ("experiments/report", ["--cost", "{tmp}/none"], "--cost", "no such folder", "experiments/cost.sh"),
+    ("experiments/report", ["--runs", "{tmp}/none"], "--runs", "no such folder",
+     "experiments/run.sh"),
+    ("experiments/report", ["--runs", "{tmp}", "--out", "{tmp}/file.txt"], "--out",
+     "file.txt: exists and is not a folder"),
+    ("experiments/report", ["--cost", "{tmp}/none"], "--cost", "no such folder",
+     "experiments/cost.sh"),
     ("experiments/layer_rule", ["--seeds", "-1"], "--seeds -1: seeds must be 0 or more"),
     ("experiments/layer_rule", ["--seeds", "x"], "argument --seeds: invalid int value"),
-    ("experiments/layer_rule", ["--model", "{model}", "--out", "{tmp}"], "--out", "is a folder; pass a file path"),
+    ("experiments/layer_rule", ["--model", "{model}", "--out", "{tmp}"], "--out",
+     "is a folder; pass a file path"),
     ("experiments/calibrate", ["--problems", "0"], "--problems 0: must be at least 1"),
-    ("experiments/calibrate", ["--model", "{model}", "--out", "{tmp}/c.md", "--max-new-tokens", "300"],
+    ("experiments/calibrate",
+     ["--model", "{model}", "--out", "{tmp}/c.md", "--max-new-tokens", "300"],
      "the longest add prompt (", "exceed the model's context of 256 tokens"),
-    ("experiments/calibrate", ["--model", "{model}", "--out", "{tmp}/file.txt/c.md"], "its folder", "not a folder"),
+    ("experiments/calibrate", ["--model", "{model}", "--out", "{tmp}/file.txt/c.md"], "its folder",
+     "not a folder"),
     ("bench/bench_rollout", ["--prompts", "9"], "--prompts 9", "at most 8"),
     ("bench/bench_rollout", ["--dtype", "float32,fp8"], "--dtype 'fp8': not a dtype"),
     ("bench/bench_train", ["--rows", "0"], "--rows 0: must be at least 1"),
@@ -168,8 +194,10 @@ def scratch(tmp_path_factory, tiny_chat_model):
     (d / "float.jsonl").write_text('{"prompt_ids": [1, 2.5], "response_ids": [3]}\n')
     (d / "vocab.jsonl").write_text('{"prompt_ids": [1, 2], "response_ids": [49152]}\n')
     three = [{"layer": l, "dH_mlp": -0.1} for l in (1, 2, 3)]
-    (d / "normed.json").write_text(json.dumps({"num_layers": 3, "layers": three, "internal_layer": 2, "norm": "final"}))
-    (d / "no-dh.json").write_text(json.dumps({"num_layers": 3, "layers": [{"layer": 1}] * 3, "internal_layer": 2}))
+    (d / "normed.json").write_text(json.dumps({"num_layers": 3, "layers": three,
+                                               "internal_layer": 2, "norm": "final"}))
+    (d / "no-dh.json").write_text(json.dumps({"num_layers": 3, "layers": [{"layer": 1}] * 3,
+                                              "internal_layer": 2}))
     (d / "long.jsonl").write_text(json.dumps({"prompt_ids": [1] * 40, "response_ids": [2] * 40}) + "\n")
     return d
 
@@ -182,7 +210,8 @@ def test_bad_input_is_one_line(scratch, tiny_chat_model, tool, argv, fragments):
     argv = [a.replace("{tmp}", str(scratch)).replace("{model}", str(tiny_chat_model)) for a in argv]
     before = sorted(scratch.rglob("*"))
     fails(tool, argv, *fragments)
-    assert sorted(scratch.rglob("*")) == before     # refused before anything was written: not even an empty folder
+    # refused before anything was written: not even an empty folder
+    assert sorted(scratch.rglob("*")) == before
 
 
 def test_enough_rows():
@@ -193,16 +222,21 @@ def test_enough_rows():
 def test_missing_gpu_is_not_called_a_corrupt_file(tiny_chat_model):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    fails("chat", ["--model", tiny_chat_model, "--device", "cuda"], "sees no CUDA GPU", "--device cpu")
+    fails("chat", ["--model", tiny_chat_model, "--device", "cuda"], "sees no CUDA GPU",
+          "--device cpu")
     with pytest.raises(ModelLoadError, match="not usable here"):   # the loader alone says the same
         Transformer.from_pretrained(tiny_chat_model, device="cuda")
 
 
-@pytest.mark.parametrize("tool,arg", [("train.py", "--steps=0"), ("analyze.py", "-n=0"), ("rollout.py", "--top-p=2"),
+@pytest.mark.parametrize("tool,arg",
+                         [("train.py", "--steps=0"), ("analyze.py", "-n=0"),
+                          ("rollout.py", "--top-p=2"),
                                       ("chat.py", "--max-new-tokens=-3")])
 def test_real_command_lines(tool, arg):
-    """The scripts themselves, in a process of their own: exit code 1 or 2, one line on stderr, no traceback."""
-    r = subprocess.run([sys.executable, str(ROOT / tool), arg], capture_output=True, text=True, cwd=ROOT)
+    """The scripts themselves, in a process of their own: exit code 1 or 2, one line on stderr, no
+    traceback."""
+    r = subprocess.run([sys.executable, str(ROOT / tool), arg], capture_output=True, text=True,
+                       cwd=ROOT)
     assert r.returncode in (1, 2) and r.stdout == ""
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 
@@ -217,9 +251,11 @@ def test_ctrl_c_is_one_line(capsys):
     assert err.count("\n") == 0 and "interrupted" in err
 
 
-@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
-                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
-                                                "can't allocate memory: you tried to allocate 31457280000 bytes.")])
+@pytest.mark.parametrize("error",
+                         [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. "
+                                                "DefaultCPUAllocator: can't allocate memory: you "
+                                                "tried to allocate 31457280000 bytes.")])
 def test_out_of_memory_is_one_line(capsys, error):
     def main(argv):
         raise error
@@ -268,7 +304,8 @@ def expect(folder, *fragments):
     ({"rms_norm_eps": -1}, "rms_norm_eps must be a positive number"),
     ({"head_dim": 15}, "head_dim 15 even"),
     ({"model_type": ["llama"]}, "is not supported"),
-    ({"rope_parameters": None, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 rope scaling needs")])
+    ({"rope_parameters": None, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "llama3 rope scaling needs")])
 def test_bad_config_values(folder, changes, fragment):
     edit_config(folder, **changes)
     expect(folder, "config.json", fragment)
@@ -315,10 +352,13 @@ def test_chat_template_errors_name_the_folder(tiny_chat_model, tmp_path):
     d = tmp_path / "t"
     shutil.copytree(tiny_chat_model, d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
-    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "{% for m in messages %}{{ m"}))
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg,
+                                                         "chat_template": "{% for m in messages "
+                                                         "%}{{ m"}))
     with pytest.raises(ModelLoadError, match=f"{d}: the chat template is not valid Jinja"):
         Tokenizer(d)
-    for template, fragment in (("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+    for template, fragment in (("{{ raise_exception('roles must alternate') }}",
+                                "roles must alternate"),
                                ("{{ messages.__class__.__mro__ }}", "chat template failed"),
                                ("{{ messages[0].content.upper(1, 2, 3) }}", "chat template failed")):
         (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
@@ -335,7 +375,8 @@ def length_reward(monkeypatch):
     monkeypatch.setattr(tasks, "reward", lambda text, answer: float(len(text) % 2))
 
 
-TINY_RUN = ["--prompts-per-step", "2", "--group-size", "4", "--mini-batches", "2", "--micro-batch-size", "2",
+TINY_RUN = ["--prompts-per-step", "2", "--group-size", "4", "--mini-batches", "2",
+            "--micro-batch-size", "2",
             "--max-new-tokens", "6", "--eval-problems", "2", "--eval-samples", "2", "--lr", "1e-3",
             "--internal-layer", "2", "--internal-steps", "1", "--eval-every", "0"]
 
@@ -368,9 +409,11 @@ def test_overwrite_moves_the_earlier_run_aside(tiny_chat_model, earlier_run):
     assert len(aside) == 1 and snapshot(aside[0]) == before
 
 
-@pytest.mark.parametrize("flags,fragment", [(["--lr", "0.5"], "--lr 0.5 differs from the resumed run's 0.001"),
+@pytest.mark.parametrize("flags,fragment",
+                         [(["--lr", "0.5"], "--lr 0.5 differs from the resumed run's 0.001"),
                                             (["--algo", "grpo"], "--algo grpo differs"),
-                                            (["--out", "elsewhere"], "a resumed run writes into its own folder"),
+                                            (["--out", "elsewhere"],
+                                             "a resumed run writes into its own folder"),
                                             (["--steps", "2"], "already at step 2 of 2")])
 def test_resume_refuses_flags_it_would_ignore(earlier_run, flags, fragment):
     before = snapshot(earlier_run)
@@ -382,9 +425,11 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_repairs_metrics(earlier_ru
     ckpt = earlier_run / "checkpoints"
     data = (ckpt / "step_000002" / "model.safetensors").read_bytes()
     (ckpt / "step_000002" / "model.safetensors").write_bytes(data[: len(data) // 2])   # damaged
-    (ckpt / ".step_000003.tmp").mkdir()                                                  # a write cut by a crash
+    # a write cut by a crash
+    (ckpt / ".step_000003.tmp").mkdir()
     with open(earlier_run / "metrics.jsonl", "a") as f:
-        f.write('{"step": 3, "rew')                                                      # a line cut mid-write
+        # a line cut mid-write
+        f.write('{"step": 3, "rew')
     import train
     train.main(["--resume", str(earlier_run), "--steps", "3"])
     err = capsys.readouterr().err
@@ -392,7 +437,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_repairs_metrics(earlier_ru
     rows = [json.loads(x) for x in (earlier_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert not (ckpt / ".step_000003.tmp").exists() and (ckpt / "step_000003").is_dir()
-    dropped = (earlier_run / "metrics.dropped.jsonl").read_text().splitlines()   # cut from metrics.jsonl, not lost
+    # cut from metrics.jsonl, not lost
+    dropped = (earlier_run / "metrics.dropped.jsonl").read_text().splitlines()
     assert json.loads(dropped[0])["step"] == 2 and dropped[1] == '{"step": 3, "rew'
 
 
@@ -409,14 +455,18 @@ def test_disk_full_during_a_checkpoint(tiny_chat_model, tmp_path, length_reward,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, metadata=metadata)
     monkeypatch.setattr(safetensors.torch, "save_file", full_on_second)
-    msg = fails("train", ["--model", tiny_chat_model, "--out", out, *TINY_RUN, "--steps", "2", "--save-every", "1"],
+    msg = fails("train",
+                ["--model", tiny_chat_model, "--out", out, *TINY_RUN, "--steps", "2",
+                 "--save-every", "1"],
                 "step_000002 failed", "no space left", "step_000001", "--resume")
     assert "free some disk space" in msg
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["step_000001"]                                      # no temporary folder left behind
+    # no temporary folder left behind
+    assert names == ["step_000001"]
 
 
-def test_non_finite_update_is_skipped_and_never_saved(tiny_chat_model, tmp_path, length_reward, monkeypatch):
+def test_non_finite_update_is_skipped_and_never_saved(tiny_chat_model, tmp_path, length_reward,
+                                                      monkeypatch):
     import bupo
     real = bupo.aggregate
     n = []
@@ -431,7 +481,8 @@ def test_non_finite_update_is_skipped_and_never_saved(tiny_chat_model, tmp_path,
     w = load_file(tmp_path / "nan" / "checkpoints" / "step_000002" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in w.values())
     w0 = load_file(Path(tiny_chat_model) / "model.safetensors")
-    assert any(not torch.equal(w[k], w0[k]) for k in w0)                 # the finite updates were applied
+    # the finite updates were applied
+    assert any(not torch.equal(w[k], w0[k]) for k in w0)
 
 
 def test_non_finite_weights_are_never_written(tiny_dirs, tmp_path):

@@ -1,4 +1,5 @@
-"""Every bad checkpoint folder gives one clear line naming the file and the problem (see also test_errors.py)."""
+"""Every bad checkpoint folder gives one clear line naming the file and the problem (see also
+test_errors.py)."""
 import json
 import shutil
 import subprocess
@@ -59,7 +60,9 @@ def test_unsupported_model_type(folder):
 def test_unsupported_rope(folder):
     cfg = json.loads((folder / "config.json").read_text())
     cfg.pop("rope_parameters", None)
-    (folder / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    (folder / "config.json").write_text(json.dumps({**cfg,
+                                                    "rope_scaling": {"rope_type": "yarn",
+                                                                     "factor": 4.0}}))
     expect(folder, "rope_type 'yarn' is not supported")
 
 
@@ -111,14 +114,16 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert r.returncode != 0
-    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert (r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
+            and "Traceback" not in r.stderr)
 
 
 WRONG_VALUES = ["false", "12", 1.5, True, -3, [], {}]
 
 
 def _generated_config_cases():
-    """Every field the loader reads, replaced by every value of a type it does not have (a case per pair)."""
+    """Every field the loader reads, replaced by every value of a type it does not have (a case per
+    pair)."""
     from infra.checkpoint import CONFIG_FIELDS
     for key, (_, ok, _) in CONFIG_FIELDS.items():
         for v in WRONG_VALUES:
@@ -128,8 +133,8 @@ def _generated_config_cases():
 
 @pytest.mark.parametrize("key,value", list(_generated_config_cases()))
 def test_every_config_field_of_the_wrong_type_is_refused(folder, key, value):
-    """A quoted "false" for tie_word_embeddings used to load another model than the one on disk (bool("false")
-    is True); no field may be coerced."""
+    """A quoted "false" for tie_word_embeddings used to load another model than the one on disk
+    (bool("false") is True); no field may be coerced."""
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, key: value}))
     expect(folder, "config.json", key, "must be")

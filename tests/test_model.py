@@ -1,4 +1,5 @@
-"""model.py against transformers: logits, hidden states, greedy tokens; cache, padding, save/load."""
+"""model.py against transformers: logits, hidden states, greedy tokens; cache, padding,
+save/load."""
 from pathlib import Path
 
 import pytest
@@ -28,13 +29,15 @@ def test_parity_tiny(tiny_dirs, arch, tied):
     ours = Transformer.from_pretrained(tiny_dirs[arch, tied])
     assert ours.config.tie_word_embeddings == tied
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == tied
-    x = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))  # 40 > 16: llama3 scaling matters
+    # 40 > 16: llama3 scaling matters
+    x = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(x, output_hidden_states=True)
         logits, rec = ours(x, return_residuals=True)
     torch.testing.assert_close(logits, ref.logits, atol=1e-4, rtol=0)
     L = ours.config.num_layers
-    assert len(rec.resid) == L + 1 and all(len(t) == L for t in (rec.attn_in, rec.attn_out, rec.mlp_in, rec.mlp_out))
+    assert (len(rec.resid) == L + 1
+            and all(len(t) == L for t in (rec.attn_in, rec.attn_out, rec.mlp_in, rec.mlp_out)))
     for l in range(L):  # transformers' hidden_states[l] is h_l for l < L ...
         torch.testing.assert_close(rec.resid[l], ref.hidden_states[l], atol=1e-5, rtol=0)
     # ... but its last entry is already through the final norm; ours is not
@@ -45,7 +48,8 @@ def test_parity_tiny(tiny_dirs, arch, tied):
 
 
 def test_llama3_rope_scaling_is_applied():
-    cfg = Config(head_dim=64, rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+    cfg = Config(head_dim=64, rope_theta=500000.0,
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0,
                  "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     plain = rope_inv_freq(Config(head_dim=64, rope_theta=500000.0))
     scaled = rope_inv_freq(cfg)
@@ -77,11 +81,14 @@ def test_residual_identity(tiny_dirs, arch):
         _, rec = model(torch.randint(0, 128, (2, 12)), return_residuals=True)
     L = model.config.num_layers
     for l in range(1, L + 1):  # h_l = h_{l-1} + a_l + f_l, literally: bit-exact
-        assert torch.equal(rec.resid[l], rec.resid[l - 1] + rec.attn_out[l - 1] + rec.mlp_out[l - 1])
-    total = rec.resid[0] + sum(rec.attn_out) + sum(rec.mlp_out)  # paper eq. 4 (other summation order)
+        assert torch.equal(rec.resid[l],
+                           rec.resid[l - 1] + rec.attn_out[l - 1] + rec.mlp_out[l - 1])
+    # paper eq. 4 (other summation order)
+    total = rec.resid[0] + sum(rec.attn_out) + sum(rec.mlp_out)
     torch.testing.assert_close(rec.resid[L], total, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rec.attn_in[0], model.layers[0].input_layernorm(rec.resid[0]))
-    torch.testing.assert_close(rec.mlp_in[0], model.layers[0].post_attention_layernorm(rec.resid[0] + rec.attn_out[0]))
+    torch.testing.assert_close(rec.mlp_in[0],
+                               model.layers[0].post_attention_layernorm(rec.resid[0] + rec.attn_out[0]))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -91,7 +98,8 @@ def test_kv_cache_equals_recompute(tiny_dirs, arch):
     with torch.no_grad():
         full = model(x)
         cache = model.new_cache(3, 30)
-        parts = [model(x[:, :17], cache=cache)]  # prefill 17, then a chunk of 3, then one token at a time
+        # prefill 17, then a chunk of 3, then one token at a time
+        parts = [model(x[:, :17], cache=cache)]
         parts.append(model(x[:, 17:20], cache=cache))
         parts += [model(x[:, t:t + 1], cache=cache) for t in range(20, 30)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
@@ -121,7 +129,8 @@ def test_left_padded_batch_equals_rows_alone(tiny_dirs, arch):
         batch_steps = torch.cat([model(new[:, t:t + 1], cache=cache) for t in range(5)], dim=1)
         for i, r in enumerate(rows):
             alone = model(torch.cat([r, new[i]])[None])
-            torch.testing.assert_close(batch_logits[i, T - len(r):], alone[0, :len(r)], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batch_logits[i, T - len(r):], alone[0, :len(r)], atol=1e-5,
+                                       rtol=0)
             torch.testing.assert_close(batch_steps[i], alone[0, len(r):], atol=1e-5, rtol=0)
         assert torch.isfinite(batch_logits).all()  # padding rows attend to themselves, no NaN
 
@@ -166,9 +175,9 @@ def test_bf16_load_and_forward(tiny_dirs):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_autocast_forward_keeps_the_fp32_islands(tiny_dirs, arch):
-    """Mixed precision (infra/precision.py) over fp32 weights: the KV cache and the attention inputs take the
-    compute dtype, the residual stream and the un-normed internal-policy logits stay fp32, and a cached decode
-    equals the recompute in bf16 as it does in fp32."""
+    """Mixed precision (infra/precision.py) over fp32 weights: the KV cache and the attention inputs
+    take the compute dtype, the residual stream and the un-normed internal-policy logits stay fp32,
+    and a cached decode equals the recompute in bf16 as it does in fp32."""
     import bupo
     model = Transformer.from_pretrained(tiny_dirs[arch, False])
     x = torch.randint(0, 128, (2, 12))
@@ -179,15 +188,19 @@ def test_autocast_forward_keeps_the_fp32_islands(tiny_dirs, arch):
         internal = bupo.layer_logits(model, rec.resid[1], 1)
     assert cache.k.dtype == cache.v.dtype == torch.bfloat16 and full.dtype == torch.bfloat16
     assert all(h.dtype == torch.float32 for h in rec.resid) and internal.dtype == torch.float32
-    exact = rec.resid[1].double() @ model.W_U.double().T                # fp32 internal logits, not bf16 ones
+    # fp32 internal logits, not bf16 ones
+    exact = rec.resid[1].double() @ model.W_U.double().T
     assert (internal.double() - exact).abs().max() < 1e-4 * exact.abs().max()
-    torch.testing.assert_close(step.float(), full.float(), atol=0.05 * full.float().std().item(), rtol=0)
+    torch.testing.assert_close(step.float(), full.float(), atol=0.05 * full.float().std().item(),
+                               rtol=0)
     with torch.no_grad():
-        torch.testing.assert_close(full.float(), model(x), atol=0.1 * full.float().std().item(), rtol=0)
+        torch.testing.assert_close(full.float(), model(x), atol=0.1 * full.float().std().item(),
+                                   rtol=0)
 
 
 def test_the_readme_residual_record_snippet_runs(default_model_dir, monkeypatch):
-    """README's first code block is run as written (from the repository root), so that it cannot break again."""
+    """README's first code block is run as written (from the repository root), so that it cannot
+    break again."""
     import re
     root = Path(__file__).resolve().parents[1]
     code = re.search(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S).group(1)
@@ -197,5 +210,6 @@ def test_the_readme_residual_record_snippet_runs(default_model_dir, monkeypatch)
     rec, model = scope["rec"], scope["model"]
     L = model.config.num_layers
     assert len(rec.resid) == L + 1 and len(rec.attn_out) == len(rec.mlp_out) == L
-    assert all(torch.equal(rec.resid[l], rec.resid[l - 1] + rec.attn_out[l - 1] + rec.mlp_out[l - 1])
+    assert all(torch.equal(rec.resid[l],
+                           rec.resid[l - 1] + rec.attn_out[l - 1] + rec.mlp_out[l - 1])
                for l in range(1, L + 1))

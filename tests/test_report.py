@@ -1,4 +1,5 @@
-"""experiments/report.py on a small synthetic runs folder: tables, spreads over seeds, plots, copies."""
+"""experiments/report.py on a small synthetic runs folder: tables, spreads over seeds, plots,
+copies."""
 import json
 import subprocess
 import sys
@@ -7,20 +8,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fake_run(d: Path, algo: str, seed: int, rewards: list[float], layer: int = 29, steps: int | None = None,
+def fake_run(d: Path, algo: str, seed: int, rewards: list[float], layer: int = 29,
+             steps: int | None = None,
              marker: bool = True):
-    """A finished run of len(rewards) steps; `steps` sets its --steps, `marker` writes run.sh's .done."""
+    """A finished run of len(rewards) steps; `steps` sets its --steps, `marker` writes run.sh's
+    .done."""
     d.mkdir(parents=True)
-    args = {"algo": algo, "seed": seed, "eval_samples": 4, "internal_steps": 1, "internal_layer": "auto"}
+    args = {"algo": algo, "seed": seed, "eval_samples": 4, "internal_steps": 1,
+            "internal_layer": "auto"}
     (d / "args.json").write_text(json.dumps({**args, **({"steps": steps} if steps else {})}))
     rows = [{"step": 0, "eval/greedy_acc": 0.5, "eval/avg@4": 0.25, "eval/pass@4": 0.5}]
     for step, r in enumerate(rewards, 1):
         internal = algo == "bupo" and step == 1
-        row = {"step": step, "phase": "internal" if internal else "full", "policy_layer": layer if internal else 30,
-               "reward": r, "frac_reward_zero_std": 0.5, "entropy": 0.5, "completions/mean_length": 20.0,
+        row = {"step": step, "phase": "internal" if internal else "full",
+               "policy_layer": layer if internal else 30,
+               "reward": r, "frac_reward_zero_std": 0.5, "entropy": 0.5,
+               "completions/mean_length": 20.0,
                "step_time": 10.0, "tokens_per_s": 5.0, "peak_memory_mb": 100.0}
         if algo == "bupo":
-            row.update({"internal/entropy": 0.1, "internal/kl_to_policy": 20.0, "internal/cos_to_top": 0.6})
+            row.update({"internal/entropy": 0.1, "internal/kl_to_policy": 20.0,
+                        "internal/cos_to_top": 0.6})
         rows.append(row)
     rows[-1].update({"eval/greedy_acc": rewards[-1], "eval/avg@4": rewards[-1], "eval/pass@4": 1.0})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -34,80 +41,101 @@ def test_report_tables(tmp_path):
         fake_run(runs / f"grpo-s{seed}", "grpo", seed, [0.2, g])
         fake_run(runs / f"bupo-s{seed}", "bupo", seed, [0.3, b])
         fake_run(runs / f"bupo-l8-s{seed}", "bupo", seed, [0.3, l8], layer=8)
-    fake_run(runs / "bupo-l4-s0", "bupo", 0, [0.1, 0.0, 0.0, 0.0, 0.4, 0.0], layer=4)   # stalls at steps 2-4
-    for seed in (0, 1):                                            # the s_inter sweep at l = 8, two seeds
+    # stalls at steps 2-4
+    fake_run(runs / "bupo-l4-s0", "bupo", 0, [0.1, 0.0, 0.0, 0.0, 0.4, 0.0], layer=4)
+    for seed in (0, 1):
+        # the s_inter sweep at l = 8, two seeds
         fake_run(runs / f"bupo-l8-inter2-s{seed}", "bupo", seed, [0.3, 0.6], layer=8)
     (runs / "unfinished-s0").mkdir()
     (runs / "unfinished-s0" / "args.json").write_text("{}")
-    (runs / "unfinished-s0" / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "rew')   # a run mid-write
-    (runs / "started-s0").mkdir()                                  # killed before it wrote its arguments
+    # a run mid-write
+    (runs / "unfinished-s0" / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "rew')
+    # killed before it wrote its arguments
+    (runs / "started-s0").mkdir()
     (runs / "started-s0" / "metrics.jsonl").write_text("")
-    layers = [{"layer": l, "H_resid": 11.0 - l, "dH_mlp": 0.1 if l < 2 else -0.1, "dH_attn": 0.0} for l in (1, 2, 3, 4)]
+    layers = [{"layer": l, "H_resid": 11.0 - l, "dH_mlp": 0.1 if l < 2 else -0.1, "dH_attn": 0.0}
+              for l in (1, 2, 3, 4)]
     (runs / "flow-x").mkdir()
     (runs / "flow-x" / "entropy.json").write_text(json.dumps({
         "model": "x", "num_layers": 4, "num_tokens": 10, "layers": layers, "H_policy": 7.0, "boundary_layer": 1,
         "internal_layer": 1, "internal_layer_rule": "boundary"}))
-    kl = [{"layer": l, "H_resid": 1.0, "dH_mlp": -0.1, "dH_attn": 0.0, "KL_resid": k} for l, k in ((1, 9.0), (2, 3.5),
-                                                                                                (3, 6.0), (4, 0.0))]
+    kl = [{"layer": l, "H_resid": 1.0, "dH_mlp": -0.1, "dH_attn": 0.0, "KL_resid": k} for l,
+          k in ((1, 9.0), (2, 3.5),
+                                                                                                (3,
+                                                                                                 6.0), (4, 0.0))]
     (runs / "flow-y").mkdir()
     (runs / "flow-y" / "entropy.json").write_text(json.dumps({
         "model": "y", "num_layers": 4, "num_tokens": 10, "layers": kl, "H_policy": 1.0, "boundary_layer": None,
         "internal_layer": 2, "internal_layer_rule": "closest"}))
-    done = subprocess.run([sys.executable, "experiments/report.py", "--runs", str(runs), "--out", str(out)],
+    done = subprocess.run([sys.executable, "experiments/report.py", "--runs", str(runs), "--out",
+                           str(out)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = (out / "results.md").read_text()
-    # grpo's final greedy accuracies 0.5, 0.6, 0.7: mean 0.6, SE 0.1 / sqrt(3) = 0.058; 2 steps of 10 s = 0.33 min
+    # grpo's final greedy accuracies 0.5, 0.6, 0.7: mean 0.6, SE 0.1 / sqrt(3) = 0.058; 2 steps of
+    # 10 s = 0.33 min
     assert "| grpo | GRPO | 3 | 0.500 ± 0.000 | 0.600 ± 0.058 | 0.250 ± 0.000 | 0.600 ± 0.058 |" in text
-    assert "| bupo | BuPO l=29 (auto), s_inter=1 | 3 |" in text and "| bupo-l8 | BuPO l=8 (auto), s_inter=1 | 3 |" in text
-    # bupo - grpo per seed: 0.1, 0.0, 0.2 -> mean 0.1, SE 0.0577, t(2) = 4.303: [-0.148, +0.348]; 2 better, 0 worse
+    assert ("| bupo | BuPO l=29 (auto), s_inter=1 | 3 |" in text
+            and "| bupo-l8 | BuPO l=8 (auto), s_inter=1 | 3 |" in text)
+    # bupo - grpo per seed: 0.1, 0.0, 0.2 -> mean 0.1, SE 0.0577, t(2) = 4.303: [-0.148, +0.348]; 2
+    # better, 0 worse
     assert "| bupo − grpo | 0, 1, 2 | +0.100 [-0.148, +0.348] |" in text and "| 2 / 0 |" in text
     assert "| bupo-l8 − bupo | 0, 1, 2 | -0.033 [" in text
     assert "| flow-x | 4 | 10 | 10.00 |" in text and "1 (boundary)" in text
-    # flow-y: its least KL, the KL at L-1, the project's closest layer, and auto's layer by the current rule (the
-    # file's own "closest" pick is not what auto does now)
+    # flow-y: its least KL, the KL at L-1, the project's closest layer, and auto's layer by the
+    # current rule (the file's own "closest" pick is not what auto does now)
     assert "| none | 3.5 at l = 2 | 6.0 | 2 | 3 (penultimate) |" in text
     assert "Not finished, left out: unfinished-s0" in text
-    # the s_inter sweep against s_inter = 4 at its layer, and nothing else against that run: per seed +0.1, -0.1,
-    # t(1) = 12.706, SD 0.141: [-1.271, +1.271]
+    # the s_inter sweep against s_inter = 4 at its layer, and nothing else against that run: per
+    # seed +0.1, -0.1, t(1) = 12.706, SD 0.141: [-1.271, +1.271]
     part = text[text.index("### A longer phase 1 against s_inter = 4 at the same layer (bupo-l8)"):]
     part = part[:part.index("###", 3)]
-    assert "| bupo-l8-inter2 − bupo-l8 | 0, 1 | +0.000 [-1.271, +1.271] |" in part and "| 1 / 1 |" in part
+    assert ("| bupo-l8-inter2 − bupo-l8 | 0, 1 | +0.000 [-1.271, +1.271] |" in part
+            and "| 1 / 1 |" in part)
     assert "grpo − bupo-l8" not in part and "bupo − bupo-l8" not in part
-    # every run on its own line: accuracies at each evaluation, mean train reward, wall minutes, peak GiB
+    # every run on its own line: accuracies at each evaluation, mean train reward, wall minutes,
+    # peak GiB
     assert "| grpo-s1 | GRPO | 1 | 0.500 / 0.600 | 0.250 / 0.600 | 0 / 2 | 0.400 | 0 | 0 | 0.1 |" in text
-    # a stall (3+ steps in a row at reward 0, where GRPO has no gradient): its longest stretch, and the count per
-    # configuration
+    # a stall (3+ steps in a row at reward 0, where GRPO has no gradient): its longest stretch, and
+    # the count per configuration
     assert "| 0 / 6 | 0.083 | 3 | 1 | 0.1 |" in text and "| 0.000 | 0.083 | 1 | 1 | 0.1 |" in text
     assert "| 0.600 ± 0.058 | 0.400 ± 0.029 | 0 | 0 ± 0 | 0.1 |" in text        # grpo: no stall
     # phase 1 (step 1) and the 5 steps after (step 2), next to GRPO on the same steps and seeds
     assert "| 0.30 ± 0.00 (GRPO 0.20) | 0.70 ± 0.10 (GRPO 0.60) |" in text
     assert text.index("| grpo |") < text.index("| bupo |") < text.index("| bupo-l8 |")
-    for f in ("flow.png", "training.png", "layers.png", "inter.png", "dynamics.png", "runs/grpo-s1/metrics.jsonl",
+    for f in ("flow.png", "training.png", "layers.png", "inter.png", "dynamics.png",
+              "runs/grpo-s1/metrics.jsonl",
               "runs/flow-x/entropy.json"):
         assert (out / f).stat().st_size > 0
 
 
 def test_report_cost(tmp_path):
-    """--cost: one table of s/step per configuration and phase, from the runs of experiments/cost.sh."""
+    """--cost: one table of s/step per configuration and phase, from the runs of
+    experiments/cost.sh."""
     runs, out = tmp_path / "cost", tmp_path / "out"
     fake_run(runs / "grpo", "grpo", 0, [0.2, 0.5, 0.7])
     fake_run(runs / "bupo", "bupo", 0, [0.2, 0.5, 0.7])
-    done = subprocess.run([sys.executable, "experiments/report.py", "--cost", str(runs), "--out", str(out)],
+    done = subprocess.run([sys.executable, "experiments/report.py", "--cost", str(runs), "--out",
+                           str(out)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = (out / "cost.md").read_text()
-    assert "| bupo | internal | 1 | 10 | 5.0 | 100 |" in text and "| grpo | full | 3 | 10 ± 0 | 5.0 ± 0.0 | 100 |" in text
+    assert ("| bupo | internal | 1 | 10 | 5.0 | 100 |" in text
+            and "| grpo | full | 3 | 10 ± 0 | 5.0 ± 0.0 | 100 |" in text)
     assert (out / "cost" / "grpo" / "metrics.jsonl").exists()
-    missing = subprocess.run([sys.executable, "experiments/report.py", "--cost", str(tmp_path / "nope"), "--out",
+    missing = subprocess.run([sys.executable, "experiments/report.py", "--cost",
+                              str(tmp_path / "nope"), "--out",
                               str(out)], cwd=ROOT, capture_output=True, text=True)
-    assert missing.returncode != 0 and missing.stderr.startswith("error: --cost") and "Traceback" not in missing.stderr
+    assert (missing.returncode != 0 and missing.stderr.startswith("error: --cost")
+            and "Traceback" not in missing.stderr)
 
 
 def test_layer_rule_script(tmp_path, tiny_chat_model):
-    """experiments/layer_rule.py: train.py's quick analysis per seed, and the rule applied to its KL."""
+    """experiments/layer_rule.py: train.py's quick analysis per seed, and the rule applied to its
+    KL."""
     out = tmp_path / "rule.json"
-    done = subprocess.run([sys.executable, "experiments/layer_rule.py", "--model", str(tiny_chat_model), "-n", "2",
+    done = subprocess.run([sys.executable, "experiments/layer_rule.py", "--model",
+                           str(tiny_chat_model), "-n", "2",
                            "--max-new-tokens", "4", "--seeds", "0", "1", "--device", "cpu", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -117,18 +145,22 @@ def test_layer_rule_script(tmp_path, tiny_chat_model):
     assert [r["seed"] for r in result["seeds"]] == [0, 1] and result["command"].endswith(str(out))
     for r in result["seeds"]:
         kl = r["KL_resid"]
-        assert len(kl) == result["num_layers"] and kl[-1] == 0 and r["closest_layer"] == analyze.closest_layer(kl)
+        assert (len(kl) == result["num_layers"] and kl[-1] == 0
+                and r["closest_layer"] == analyze.closest_layer(kl))
         L, b = result["num_layers"], r["boundary_layer"]
-        assert r["auto"] == ([b, "boundary"] if b is not None and b < L else [L - 1, "penultimate"])  # not the KL's
+        # not the KL's
+        assert r["auto"] == ([b, "boundary"] if b is not None and b < L else [L - 1, "penultimate"])
         assert r["least_kl_layer"] == 1 + min(range(len(kl) - 1), key=kl.__getitem__)
         assert f"seed {r['seed']}: " in done.stdout
-    bad = subprocess.run([sys.executable, "experiments/layer_rule.py", "--model", str(tmp_path / "none")], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "experiments/layer_rule.py", "--model",
+                          str(tmp_path / "none")], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
 
 
 def test_curves_of_a_sweep_average_the_same_seeds():
-    """layers.png and inter.png: GRPO's 5 seeds are cut to the 3 a sweep has, so the curves are paired."""
+    """layers.png and inter.png: GRPO's 5 seeds are cut to the 3 a sweep has, so the curves are
+    paired."""
     sys.path.insert(0, str(ROOT / "experiments"))
     import report
     configs = {"grpo": {k: f"g{k}" for k in range(5)}, "bupo-l8": {k: f"b{k}" for k in range(3)},
@@ -137,19 +169,24 @@ def test_curves_of_a_sweep_average_the_same_seeds():
     assert shown == {"grpo": {0: "g0", 1: "g1", 2: "g2"}, "bupo-l8": {0: "b0", 1: "b1", 2: "b2"}}
     assert note == "seeds 0, 1, 2"
     shown, note = report.on_shared_seeds(configs, ["grpo", "bupo-l8", "bupo-l15"])
-    assert {c: list(r) for c, r in shown.items()} == {"grpo": [1, 2], "bupo-l8": [1, 2], "bupo-l15": [1, 2]}
+    assert ({c: list(r) for c, r in shown.items()}
+            == {"grpo": [1, 2], "bupo-l8": [1, 2], "bupo-l15": [1, 2]})
     shown, note = report.on_shared_seeds({"a": {0: 1}, "b": {1: 2}}, ["a", "b"])
     assert shown == {"a": {0: 1}, "b": {1: 2}} and note.startswith("unpaired")
 
 
 def test_report_from_its_own_copies(tmp_path):
-    """The copies under OUT/runs carry no .done marker: a run whose last step is its --steps counts as finished,
-    so `--runs OUT/runs --out OUT` rebuilds the same tables (and copies nothing onto itself)."""
+    """The copies under OUT/runs carry no .done marker: a run whose last step is its --steps counts
+    as finished, so `--runs OUT/runs --out OUT` rebuilds the same tables (and copies nothing onto
+    itself)."""
     out = tmp_path / "results"
     for seed in (0, 1):
-        fake_run(out / "runs" / f"grpo-s{seed}", "grpo", seed, [0.2, 0.5 + 0.1 * seed], steps=2, marker=False)
-    fake_run(out / "runs" / "grpo-s2", "grpo", 2, [0.2, 0.9], steps=5, marker=False)   # stopped at step 2 of 5
-    done = subprocess.run([sys.executable, "experiments/report.py", "--runs", str(out / "runs"), "--out", str(out)],
+        fake_run(out / "runs" / f"grpo-s{seed}", "grpo", seed, [0.2, 0.5 + 0.1 * seed], steps=2,
+                 marker=False)
+    # stopped at step 2 of 5
+    fake_run(out / "runs" / "grpo-s2", "grpo", 2, [0.2, 0.9], steps=5, marker=False)
+    done = subprocess.run([sys.executable, "experiments/report.py", "--runs", str(out / "runs"),
+                           "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     text = (out / "results.md").read_text()
@@ -162,8 +199,9 @@ def check_quickstart(run: Path):
 
 
 def test_check_quickstart(tmp_path):
-    """The quick-start check matches records by step: the reference itself agrees, a changed metric is named with
-    its step, and a shorter run with other arguments is compared on the steps both have, with a note."""
+    """The quick-start check matches records by step: the reference itself agrees, a changed metric
+    is named with its step, and a shorter run with other arguments is compared on the steps both
+    have, with a note."""
     ref = ROOT / "experiments" / "results" / "quickstart"
     rows = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
     args = json.loads((ref / "args.json").read_text())
@@ -174,35 +212,41 @@ def test_check_quickstart(tmp_path):
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "args.json").write_text(json.dumps({**args, **changed, "out": "elsewhere"}))
 
-    write([{**r, "step_time": 1.0} if "step_time" in r else r for r in rows])   # timings never count
+    # timings never count
+    write([{**r, "step_time": 1.0} if "step_time" in r else r for r in rows])
     done = check_quickstart(tmp_path / "run")
     assert done.returncode == 0 and f"all {len(rows)} steps equal" in done.stdout, done.stdout
     write([{**r, "reward": 0.5} if r["step"] == 2 else r for r in rows])
     done = check_quickstart(tmp_path / "run")
     assert done.returncode == 1 and "step 2: reward = 0.5" in done.stdout, done.stdout
-    short = [r for r in rows if 1 <= r["step"] <= 2]                            # --steps 2 --eval-every 0
+    # --steps 2 --eval-every 0
+    short = [r for r in rows if 1 <= r["step"] <= 2]
     write(short, steps=2, eval_every=0)
     done = check_quickstart(tmp_path / "run")
     assert done.returncode == 1 and "--steps 2 (reference 6)" in done.stdout, done.stdout
     assert "the 2 steps both have agree" in done.stdout, done.stdout
     (run / "metrics.jsonl").write_text('{"step": 1, "rew')
     done = check_quickstart(tmp_path / "run")
-    assert done.returncode == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert (done.returncode == 1 and done.stderr.startswith("error: ")
+            and "Traceback" not in done.stderr)
 
 
 def test_plan_verdict_follows_the_plan():
-    """experiments/PLAN.md's verdicts, decided in advance: interim before 20 pairs; then a difference when the 95%
-    interval excludes 0, equivalence when the 90% interval lies within +-0.05, else inconclusive."""
+    """experiments/PLAN.md's verdicts, decided in advance: interim before 20 pairs; then a
+    difference when the 95% interval excludes 0, equivalence when the 90% interval lies within
+    +-0.05, else inconclusive."""
     sys.path.insert(0, str(ROOT / "experiments"))
     import report
 
     def configs(diffs):
-        run = lambda acc: {"rows": [{"step": 0, "eval/greedy_acc": 0.4}, {"step": 40, "eval/greedy_acc": acc}]}  # noqa: E731
+        run = lambda acc: {"rows": [{"step": 0, "eval/greedy_acc": 0.4},
+                                    {"step": 40, "eval/greedy_acc": acc}]}  # noqa: E731
         return {"grpo": {s: run(0.5) for s in range(len(diffs))},
                 "bupo": {s: run(0.5 + d) for s, d in enumerate(diffs)}}
     assert "Interim: no verdict" in report.plan_verdict(configs([0.01, -0.01, 0.02]))
     assert "3 of 20 pairs" in report.plan_verdict(configs([0.01, -0.01, 0.02]))
-    small = [0.01 * (-1) ** s for s in range(20)]                          # mean 0, SD 0.01: equivalent
+    # mean 0, SD 0.01: equivalent
+    small = [0.01 * (-1) ** s for s in range(20)]
     assert "Verdict: BuPO and GRPO are equivalent within 5 points" in report.plan_verdict(configs(small))
     better = [0.04 + 0.01 * (-1) ** s for s in range(20)]                  # 95% interval above 0
     assert "Verdict: BuPO is better than GRPO by +0.040" in report.plan_verdict(configs(better))

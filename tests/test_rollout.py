@@ -1,4 +1,5 @@
-"""rollout.py: greedy parity with transformers, batch invariance, cached log-probs, stops, filters."""
+"""rollout.py: greedy parity with transformers, batch invariance, cached log-probs, stops,
+filters."""
 import pytest
 import torch
 
@@ -7,7 +8,8 @@ from tokenizer import Tokenizer
 from model import Transformer
 from rollout import filter_logits, generate, prefill, sample
 
-QUESTIONS = ["What is the capital of France?", "Name a prime number larger than 10.", "Say hello in French."]
+QUESTIONS = ["What is the capital of France?", "Name a prime number larger than 10.",
+             "Say hello in French."]
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +19,13 @@ def tiny(tiny_dirs):
 
 def tiny_prompts(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 128, (int(k),), generator=g).tolist() for k in torch.randint(2, 12, (n,), generator=g)]
+    return [torch.randint(3, 128, (int(k),), generator=g).tolist()
+            for k in torch.randint(2, 12, (n,), generator=g)]
 
 
 def hf_greedy(hf, ids, n, eos):
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                      pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
@@ -30,7 +34,8 @@ def test_greedy_matches_transformers_default_model(default_model_dir):
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     ours, tok = Transformer.from_pretrained(default_model_dir), Tokenizer(default_model_dir)
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    ro = generate(ours, prompts, 1, 24, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok)
+    ro = generate(ours, prompts, 1, 24, temperature=0.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                  tokenizer=tok)
     for i, p in enumerate(prompts):  # ours in one padded batch, transformers one prompt at a time
         assert ro.records()[i]["response_ids"] == hf_greedy(hf, p, 24, sorted(tok.stop_ids))
     assert "Paris" in ro.text[0]
@@ -43,25 +48,32 @@ def test_greedy_matches_transformers_tiny_qwen3(tiny):
     ro = generate(tiny, prompts, 2, 20, temperature=0.0)
     for i, p in enumerate(prompts):
         ref = hf_greedy(hf, p, 20, None)
-        assert ro.records()[2 * i]["response_ids"] == ref and ro.records()[2 * i + 1]["response_ids"] == ref
+        assert (ro.records()[2 * i]["response_ids"] == ref
+                and ro.records()[2 * i + 1]["response_ids"] == ref)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_batch_equals_each_prompt_alone(tiny, temperature):
     prompts = tiny_prompts(4, seed=1)
-    stop = set(range(0, 128, 9))  # frequent stops: rows finish at different times and the cache is compacted
-    batch = generate(tiny, prompts, 3, 30, temperature=temperature, stop_ids=stop, seed=100).records()
+    # frequent stops: rows finish at different times and the cache is compacted
+    stop = set(range(0, 128, 9))
+    batch = generate(tiny, prompts, 3, 30, temperature=temperature, stop_ids=stop,
+                     seed=100).records()
     for i, p in enumerate(prompts):  # prompt i of a call samples with seed + i
-        alone = generate(tiny, [p], 3, 30, temperature=temperature, stop_ids=stop, seed=100 + i).records()
+        alone = generate(tiny, [p], 3, 30, temperature=temperature, stop_ids=stop,
+                         seed=100 + i).records()
         for j in range(3):
             b, a = batch[3 * i + j], alone[j]
-            assert b["response_ids"] == a["response_ids"] and b["finish_reason"] == a["finish_reason"]
+            assert (b["response_ids"] == a["response_ids"]
+                    and b["finish_reason"] == a["finish_reason"])
             assert b["logprobs"] == pytest.approx(a["logprobs"], abs=1e-5)
     assert len({tuple(r["response_ids"]) for r in batch}) > len(prompts) or temperature == 0.0
-    # a list of seeds: what a data-parallel rank passes for its share (prompts 1 and 3 of the call above)
+    # a list of seeds: what a data-parallel rank passes for its share (prompts 1 and 3 of the call
+    # above)
     share = generate(tiny, [prompts[1], prompts[3]], 3, 30, temperature=temperature, stop_ids=stop,
                      seed=[101, 103]).records()
-    assert [r["response_ids"] for r in share] == [r["response_ids"] for r in batch[3:6] + batch[9:12]]
+    assert ([r["response_ids"] for r in share]
+            == [r["response_ids"] for r in batch[3:6] + batch[9:12]])
 
 
 def test_logprobs_equal_a_fresh_forward_pass(tiny):
@@ -79,15 +91,19 @@ def test_logprobs_equal_a_fresh_forward_pass(tiny):
 
 def test_stop_handling_padding_and_masks(tiny):
     stop = set(range(0, 128, 4))
-    ro = generate(tiny, tiny_prompts(3, seed=3), 4, 40, temperature=1.0, stop_ids=stop, pad_id=0, seed=3)
+    ro = generate(tiny, tiny_prompts(3, seed=3), 4, 40, temperature=1.0, stop_ids=stop, pad_id=0,
+                  seed=3)
     reasons = set()
     for i in range(len(ro)):
         n = int(ro.response_mask[i].sum())
         ids, reason = ro.response_ids[i].tolist(), ro.finish_reason[i]
         reasons.add(reason)
-        assert ro.response_mask[i, :n].all() and not ro.response_mask[i, n:].any()  # mask is a prefix
-        assert all(t == 0 for t in ids[n:]) and (ro.logprobs[i, n:] == 0).all()       # padded after the end
-        assert all(t not in stop for t in ids[:n - 1])                                 # nothing after a stop
+        # mask is a prefix
+        assert ro.response_mask[i, :n].all() and not ro.response_mask[i, n:].any()
+        # padded after the end
+        assert all(t == 0 for t in ids[n:]) and (ro.logprobs[i, n:] == 0).all()
+        # nothing after a stop
+        assert all(t not in stop for t in ids[:n - 1])
         if reason == "stop":
             assert ids[n - 1] in stop
         else:
@@ -99,7 +115,8 @@ def test_stop_handling_padding_and_masks(tiny):
 def test_cache_allocated_once(tiny, monkeypatch):
     made = []
     real = model_module.KVCache.__init__
-    monkeypatch.setattr(model_module.KVCache, "__init__", lambda self, *a, **k: (made.append(a), real(self, *a, **k))[1])
+    monkeypatch.setattr(model_module.KVCache, "__init__", lambda self, *a,
+                        **k: (made.append(a), real(self, *a, **k))[1])
     generate(tiny, tiny_prompts(2), 4, 30, stop_ids=set(range(0, 128, 5)))
     # one cache for the prefill of the P prompts, one for the P * G rows: none while decoding
     assert [(a[1], a[2]) for a in made] == [(2, made[0][2]), (8, made[0][2] + 30)]
@@ -107,7 +124,8 @@ def test_cache_allocated_once(tiny, monkeypatch):
 
 def test_filters_keep_exactly_their_sets():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].nonzero()[:, 0].tolist()  # noqa: E731
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].nonzero()[:,
+                                                                                 0].tolist()  # noqa: E731
     assert kept(top_k=1) == [0] and kept(top_k=3) == [0, 1, 2] and kept(top_k=10) == [0, 1, 2, 3]
     assert kept(top_p=0.5) == [0] and kept(top_p=0.7) == [0, 1] and kept(top_p=0.8) == [0, 1]
     assert kept(top_p=0.81) == [0, 1, 2] and kept(top_p=1.0) == [0, 1, 2, 3]
@@ -142,23 +160,29 @@ def test_seeds_reproduce(tiny):
     p = tiny_prompts(2)
     a, b = generate(tiny, p, 2, 15, seed=5), generate(tiny, p, 2, 15, seed=5)
     c = generate(tiny, p, 2, 15, seed=6)
-    assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+    assert (torch.equal(a.response_ids, b.response_ids)
+            and not torch.equal(a.response_ids, c.response_ids))
 
 
 def test_a_shared_prefill_gives_the_same_rollouts(tiny):
-    """evaluate() prefills its prompts once for a greedy and a sampled call: each must equal the call that prefills
-    alone, bit for bit, and neither may change the prefill it was given."""
+    """evaluate() prefills its prompts once for a greedy and a sampled call: each must equal the
+    call that prefills alone, bit for bit, and neither may change the prefill it was given."""
     p = tiny_prompts(3, seed=2)
     pre = prefill(tiny, p, pad_id=0)
-    kept = [t.clone() for t in (pre.logits, pre.cache.k, pre.cache.v, pre.cache.valid, pre.cache.pos)]
+    kept = [t.clone()
+            for t in (pre.logits, pre.cache.k, pre.cache.v, pre.cache.valid, pre.cache.pos)]
     for kw in (dict(group_size=1, temperature=0.0), dict(group_size=4, temperature=1.0, seed=7),
                dict(group_size=1, temperature=0.0)):
-        shared, alone = generate(tiny, pre, max_new_tokens=12, **kw), generate(tiny, p, max_new_tokens=12, **kw)
-        for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs", "group"):
+        shared, alone = generate(tiny, pre, max_new_tokens=12, **kw), generate(tiny, p,
+                                                                               max_new_tokens=12,
+                                                                               **kw)
+        for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs",
+                     "group"):
             assert torch.equal(getattr(shared, name), getattr(alone, name)), name
     after = (pre.logits, pre.cache.k, pre.cache.v, pre.cache.valid, pre.cache.pos)
     assert all(torch.equal(a, b) for a, b in zip(kept, after))
-    pre.release = True                         # the last call frees the prefill's cache, and samples the same
+    # the last call frees the prefill's cache, and samples the same
+    pre.release = True
     last = generate(tiny, pre, max_new_tokens=12, group_size=4, temperature=1.0, seed=7)
     assert pre.cache is None
     assert torch.equal(last.response_ids, generate(tiny, p, 4, 12, seed=7).response_ids)
@@ -174,37 +198,45 @@ def test_bad_arguments(tiny):
 
 
 def test_static_cache_decodes_like_the_dynamic_one(tiny, monkeypatch):
-    """generate(compile=True) decodes over a StaticKVCache (all slots attended, masked; the slot a tensor). With
-    torch.compile replaced by the identity, that path runs eagerly: it must give the tokens of the usual cache,
-    through stops and cache compactions (a quarter of the rows stopping), greedy and sampled."""
+    """generate(compile=True) decodes over a StaticKVCache (all slots attended, masked; the slot a
+    tensor). With torch.compile replaced by the identity, that path runs eagerly: it must give the
+    tokens of the usual cache, through stops and cache compactions (a quarter of the rows stopping),
+    greedy and sampled."""
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
     stop = set(range(0, 128, 4))
     for temperature in (0.0, 1.0):
-        kw = dict(group_size=4, max_new_tokens=40, temperature=temperature, stop_ids=stop, pad_id=0, seed=5)
+        kw = dict(group_size=4, max_new_tokens=40, temperature=temperature, stop_ids=stop,
+                  pad_id=0, seed=5)
         want = generate(tiny, tiny_prompts(3, seed=4), **kw)
         got = generate(tiny, tiny_prompts(3, seed=4), compile=True, **kw)
         assert want.finish_reason.count("stop") >= 3            # compaction happened
-        assert torch.equal(got.response_ids, want.response_ids) and got.finish_reason == want.finish_reason
+        assert (torch.equal(got.response_ids, want.response_ids)
+                and got.finish_reason == want.finish_reason)
         torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
 
 
 def test_compile_unavailable_is_one_line_and_eager(tiny_dirs, monkeypatch, capsys):
     import torch._dynamo.exc
-    model = Transformer.from_pretrained(tiny_dirs["qwen3", True])       # a model of its own: nothing cached yet
+    # a model of its own: nothing cached yet
+    model = Transformer.from_pretrained(tiny_dirs["qwen3", True])
 
     def broken(*a, **k):
-        raise torch._dynamo.exc.BackendCompilerFailed(broken, RuntimeError("no C++ compiler found\nmore"), None)
+        raise torch._dynamo.exc.BackendCompilerFailed(broken,
+                                                      RuntimeError("no C++ compiler found\nmore"),
+                                                      None)
     monkeypatch.setattr(torch, "compile", lambda m, **kw: broken)
     got = generate(model, tiny_prompts(2), 2, 12, stop_ids={3}, seed=1, compile=True)
     want = generate(model, tiny_prompts(2), 2, 12, stop_ids={3}, seed=1)
     assert torch.equal(got.response_ids, want.response_ids)
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("warning: torch.compile is not available here") and "Traceback" not in err
+    assert (err.count("\n") == 1
+            and err.startswith("warning: torch.compile is not available here")
+            and "Traceback" not in err)
 
 
 def test_a_large_seed_samples_and_repeats():
-    """--seed 1700000000 (a Unix time) once overflowed the generator's 64-bit seed mid-run; small seeds keep their
-    streams exactly."""
+    """--seed 1700000000 (a Unix time) once overflowed the generator's 64-bit seed mid-run; small
+    seeds keep their streams exactly."""
     import rollout
     assert rollout.row_seed(5, 3) == (5 << 20) + 3
     big = [rollout.row_seed((1_700_000_000 << 32) + g, j) for g in range(3) for j in range(4)]

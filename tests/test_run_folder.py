@@ -1,5 +1,5 @@
-"""One place owns a run folder (runs.py): a lock for every writer, deletion of its own names only, absolute paths
-stored at the start. Each class of case here lost or corrupted a run before."""
+"""One place owns a run folder (runs.py): a lock for every writer, deletion of its own names only,
+absolute paths stored at the start. Each class of case here lost or corrupted a run before."""
 import json
 import shutil
 import subprocess
@@ -13,11 +13,14 @@ import tasks
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ["--prompts-per-step", "2", "--group-size", "4", "--mini-batches", "2", "--micro-batch-size", "2",
+TINY_RUN = ["--prompts-per-step", "2", "--group-size", "4", "--mini-batches", "2",
+            "--micro-batch-size", "2",
             "--max-new-tokens", "6", "--eval-problems", "2", "--eval-samples", "2", "--lr", "1e-3",
-            "--internal-layer", "2", "--internal-steps", "1", "--eval-every", "0", "--save-every", "1"]
+            "--internal-layer", "2", "--internal-steps", "1", "--eval-every", "0", "--save-every",
+            "1"]
 
-# a writer that stops before its second step until the file GO exists, so that another can try meanwhile
+# a writer that stops before its second step until the file GO exists, so that another can try
+# meanwhile
 PAUSED = """
 import sys, time, pathlib
 sys.path.insert(0, {root!r})
@@ -52,30 +55,35 @@ def writer_argv(kind, model, out, steps):
 
 
 @pytest.mark.parametrize("first", ["new", "resume", "overwrite"])
-def test_every_writer_started_twice_at_once(tiny_chat_model, tmp_path, length_reward, first, capsys):
-    """While one writer (a new run, a resume, an overwrite) is inside its run, each other writer of the same
-    folder is refused in one line, and the first one's metrics end as one line per step, in order."""
+def test_every_writer_started_twice_at_once(tiny_chat_model, tmp_path, length_reward, first,
+                                            capsys):
+    """While one writer (a new run, a resume, an overwrite) is inside its run, each other writer of
+    the same folder is refused in one line, and the first one's metrics end as one line per step, in
+    order."""
     out = tmp_path / "run"
     if first != "new":
         train.main(writer_argv("new", tiny_chat_model, out, 1))
     ready, go = tmp_path / "ready", tmp_path / "go"
     script = PAUSED.format(root=str(ROOT), ready=str(ready), go=str(go),
                            argv=writer_argv(first, tiny_chat_model, out, 3))
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE,
+                            text=True)
     try:
         t0 = time.time()
         while not ready.exists():
             assert proc.poll() is None, proc.stderr.read()
             assert time.time() - t0 < 120, "the first writer never reached its second step"
             time.sleep(0.05)
-        aside = sorted(p.name for p in tmp_path.iterdir() if ".old-" in p.name)   # the first writer's own
+        # the first writer's own
+        aside = sorted(p.name for p in tmp_path.iterdir() if ".old-" in p.name)
         for second in ("resume", "overwrite", "new"):
             with pytest.raises(train.UserError) as e:
                 train.main(writer_argv(second, tiny_chat_model, out, 4))
             msg = str(e.value)
             assert "\n" not in msg
             assert (f"pid {proc.pid}" in msg) if second != "new" else ("already holds a run" in msg), (second, msg)
-        assert sorted(p.name for p in tmp_path.iterdir() if ".old-" in p.name) == aside   # nothing moved aside
+        # nothing moved aside
+        assert sorted(p.name for p in tmp_path.iterdir() if ".old-" in p.name) == aside
     finally:
         go.touch()
         err = proc.communicate(timeout=300)[1]
@@ -88,7 +96,8 @@ def test_a_dead_writers_lock_is_taken_over(tiny_chat_model, tmp_path, length_rew
     train.main(writer_argv("new", tiny_chat_model, out, 1))
     (out / ".lock").write_text("999999999\n")          # a process killed while it held the lock
     train.main(writer_argv("resume", tiny_chat_model, out, 2))
-    assert "took over the lock of process 999999999" in capsys.readouterr().err and steps_of(out) == [1, 2]
+    assert ("took over the lock of process 999999999" in capsys.readouterr().err
+            and steps_of(out) == [1, 2])
 
 
 def test_pruning_deletes_only_checkpoints_it_wrote(tiny_chat_model, tmp_path, length_reward):
@@ -97,16 +106,19 @@ def test_pruning_deletes_only_checkpoints_it_wrote(tiny_chat_model, tmp_path, le
     ckpt = out / "checkpoints"
     shutil.copytree(ckpt / "step_000002", ckpt / "step_000002.bak")      # the user's own copies
     (ckpt / "step_1").mkdir(), (ckpt / "notes").mkdir(), (ckpt / "step_000001.txt").write_text("mine")
-    (ckpt / ".step_000003.old").mkdir(), (ckpt / "..step_000003.tmp.tmp").mkdir()   # an interrupted write's
+    # an interrupted write's
+    (ckpt / ".step_000003.old").mkdir(), (ckpt / "..step_000003.tmp.tmp").mkdir()
     train.main(["--resume", str(out), "--steps", "4", "--keep-checkpoints", "1"])
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == ["notes", "step_000001.txt", "step_000002.bak", "step_000004", "step_1"]
 
 
-def test_a_run_resumed_from_another_folder_keeps_its_tokenizer(tiny_chat_model, tmp_path, length_reward,
+def test_a_run_resumed_from_another_folder_keeps_its_tokenizer(tiny_chat_model, tmp_path,
+                                                               length_reward,
                                                               monkeypatch):
-    """--model and --out given relative to the folder the run started in: stored absolute, so a resume from
-    anywhere else writes complete checkpoints (tokenizer files included) and can be resumed again."""
+    """--model and --out given relative to the folder the run started in: stored absolute, so a
+    resume from anywhere else writes complete checkpoints (tokenizer files included) and can be
+    resumed again."""
     start, elsewhere = tmp_path / "a", tmp_path / "b"
     start.mkdir(), elsewhere.mkdir()
     shutil.copytree(tiny_chat_model, start / "model")

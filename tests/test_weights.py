@@ -1,4 +1,5 @@
-"""The GGUF conversion: tensor names, the Q/K row permutation, idempotence, and the model it produces."""
+"""The GGUF conversion: tensor names, the Q/K row permutation, idempotence, and the model it
+produces."""
 import numpy as np
 import pytest
 
@@ -6,8 +7,10 @@ from infra import weights
 
 
 def llama_cpp_permute(w, n_head):
-    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, the operation weights.unpermute undoes."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, the operation weights.unpermute
+    undoes."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1,
+                                                                                  2).reshape(w.shape)
 
 
 @pytest.mark.parametrize("n_head,head_dim", [(9, 64), (3, 64), (4, 8)])
@@ -22,7 +25,8 @@ def test_tensor_names():
     assert weights.hf_name("output.weight") == "lm_head.weight"
     assert weights.hf_name("output_norm.weight") == "model.norm.weight"
     assert weights.hf_name("blk.12.attn_q.bias") == "model.layers.12.self_attn.q_proj.bias"
-    assert weights.hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    assert (weights.hf_name("blk.0.ffn_norm.weight")
+            == "model.layers.0.post_attention_layernorm.weight")
     assert weights.hf_name("blk.3.ffn_down.weight") == "model.layers.3.mlp.down_proj.weight"
 
 
@@ -34,11 +38,13 @@ def test_ensure_is_idempotent(default_model_dir, monkeypatch):
 
 
 def test_default_model_knows_paris(default_model_dir):
-    """A wrong Q/K permutation, tensor name or tokenizer would not survive this: the converted model must work."""
+    """A wrong Q/K permutation, tensor name or tokenizer would not survive this: the converted model
+    must work."""
     from infra.cli import load
     from rollout import generate
     model, tok = load(default_model_dir)
     assert model.config.num_layers == 30 and model.config.tie_word_embeddings
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    out = generate(model, [ids], 1, 24, temperature=0.0, stop_ids=tok.stop_ids).response_ids[0].tolist()
+    out = generate(model, [ids], 1, 24, temperature=0.0,
+                   stop_ids=tok.stop_ids).response_ids[0].tolist()
     assert "Paris" in tok.decode(out) and out[-1] in tok.stop_ids
