@@ -1,7 +1,7 @@
 """
 Entropy flow of a model's internal policies on its own responses (paper section 2, Figs. 2 and 3).
 
-    python analyze.py --out runs/analysis                          # default model, 16 generated word problems
+    python analyze.py --out runs/analysis        # default model, 16 generated word problems
     python analyze.py --model DIR --out OUT --responses answers.jsonl
     python analyze.py --model DIR --out OUT --compare runs/analysis/entropy.json
 
@@ -51,7 +51,8 @@ def read_responses(path, tokenizer=None, vocab_size: int | None = None,
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"--responses {path}: cannot read ({getattr(e, 'strerror', None) or 'not UTF-8 text'})") from None
+        why = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise InputError(f"--responses {path}: cannot read ({why})") from None
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -73,8 +74,8 @@ def read_responses(path, tokenizer=None, vocab_size: int | None = None,
             if not r:
                 raise InputError(f"{where}: the response is empty")
         else:
-            raise InputError(f"{where}: expected {{\"prompt_ids\": [...], \"response_ids\": [...]}} or "
-                             "{\"prompt\": \"...\", \"response\": \"...\"}")
+            raise InputError(f"{where}: expected {{\"prompt_ids\": [...], \"response_ids\": "
+                             '[...]} or {"prompt": "...", "response": "..."}')
         if vocab_size is not None and max(p + r) >= vocab_size:
             raise InputError(f"{where}: token id {max(p + r)} is out of range for this model "
                              f"(vocab {vocab_size})")
@@ -188,7 +189,8 @@ def resolve_layer(value: str, model, tok, args) -> int:
     L = model.config.num_layers
     if value != "auto":
         if not 1 <= int(value) <= L:
-            raise UserError(f"--internal-layer {value}: this model has layers 1..{L} (1-based, h_l)")
+            raise UserError(f"--internal-layer {value}: this model has layers 1..{L} "
+                            "(1-based, h_l)")
         return int(value)
     if args.analysis:
         result = read_result(args.analysis, "--analysis")
@@ -310,8 +312,8 @@ def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
     save(fig, "dH.png")
 
     if heat:  # layers x positions of one response, with the top-1 token of each cell
-        show = lambda ids: tokenizer.decode(ids, skip_special_tokens=False).strip().replace("\n",
-                                                                                            "\\n")  # noqa: E731
+        def show(ids):
+            return tokenizer.decode(ids, skip_special_tokens=False).strip().replace("\n", "\\n")
         H = torch.tensor(heat["entropy"])
         fig, ax = plt.subplots(figsize=(max(8, 0.62 * H.shape[1]), max(5, 0.27 * H.shape[0])))
         im = ax.imshow(H, aspect="auto", origin="lower", cmap="viridis")

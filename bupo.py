@@ -6,7 +6,7 @@ means h_l = resid[l] (resid[0] = h_0, the embeddings), and the authors' code ind
 k = 5 is l = 6).
 
 Internal policies (paper section 2, eqs. 5 and 6), all at temperature 1 unless a caller divides:
-    pi^l_Layer = softmax(W_U h_l)       l = 0 .. L-1, with NO normalisation of h_l (the authors' definition)
+    pi^l_Layer = softmax(W_U h_l)       l = 0 .. L-1, h_l NOT normalised (the authors' definition)
     pi^L_Layer = softmax(W_U RMSNorm_final(h_L)) = the model's own policy
     pi^l_ATTN  = softmax(W_U a_l),  pi^l_FFN = softmax(W_U f_l)
 The logit-lens variant (norm=True) applies the final RMSNorm, its statistics recomputed for each
@@ -76,7 +76,9 @@ def policy_entropy(model: Transformer, x: torch.Tensor, norm: bool = False,
     logits. norm=True: through the final RMSNorm (the logit lens; for h_L, the model's own
     policy)."""
     chunk = chunk or chunk_rows(model)
-    return torch.cat([entropy(unembed(model, xs, norm)) for xs in x.split(chunk)]) if len(x) else x.new_zeros(0)
+    if not len(x):
+        return x.new_zeros(0)
+    return torch.cat([entropy(unembed(model, xs, norm)) for xs in x.split(chunk)])
 
 
 def token_logprobs(model: Transformer, h: torch.Tensor, tokens: torch.Tensor, layer: int,
@@ -201,8 +203,9 @@ def choose_internal_layer(dH_mlp: list) -> tuple[int, str]:
 #   ours                      TRL GRPOConfig.loss_type        verl actor.loss_agg_mode
 #   token-mean (default)      "dapo" (or "bnpo" per device)   "token-mean" (the authors' setting)
 #   seq-mean-token-mean       "grpo"                          "seq-mean-token-mean"
-#   seq-mean-token-sum-norm   "dr_grpo"                       "seq-mean-token-sum-norm" (verl divides the sum over the
-#                                                             batch by max_len only, not by the number of sequences)
+#   seq-mean-token-sum-norm   "dr_grpo"                       "seq-mean-token-sum-norm"
+# (verl's seq-mean-token-sum-norm divides the batch's sum by max_len only, not by the number of
+# sequences.)
 # Each is exact over a whole mini-batch however it is split in micro-batches: the caller passes the
 # mini-batch's totals (number of sequences, tokens, max length), and the micro-batch losses add up.
 
@@ -214,7 +217,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, mode: str = "grpo",
                      eps: float = 1e-6) -> torch.Tensor:
     """One advantage per response from the rewards of its group (rows g*G .. g*G+G-1 share a
     prompt).
-    grpo:   (R - mean) / (std + eps), std unbiased (N-1), as torch.std; a group of 1 gets mean 0, std 1
+    grpo:   (R - mean) / (std + eps), std unbiased (N-1) as torch.std; a group of 1: mean 0, std 1
     drgrpo: R - mean                   (Dr. GRPO: no division by the std)
     rloo:   R - mean of the other G-1  (leave-one-out baseline)"""
     r = rewards.float().view(-1, group_size)
@@ -344,7 +347,9 @@ def response_states(model: Transformer, batch: Batch, layers) -> dict:
     _, after = model(batch.ids[:, Tp:], attention_mask=batch.mask[:, Tp:], cache=cache,
                      upto_layer=top,
                      return_residuals=True)
-    return {l: torch.cat([before.resid[l][:, -1:].index_select(0, inverse), after.resid[l][:, :-1]], 1) for l in layers}
+    # the last prompt position predicts response token 0, from the prompt's pass
+    last = {l: before.resid[l][:, -1:].index_select(0, inverse) for l in layers}
+    return {l: torch.cat([last[l], after.resid[l][:, :-1]], 1) for l in layers}
 
 
 def policy_logprobs(model: Transformer, batch: Batch, layer: int,

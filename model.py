@@ -2,9 +2,9 @@
 A Llama / Qwen2 / Qwen3 decoder written out by hand, with the residual stream in plain sight.
 
     h_0 = embed(x)                                        resid[0]
-    a_l = Attn_l(RMSNorm_in_l(h_{l-1}))                   attn_out[l-1]   (attn_in[l-1] = the normed input)
+    a_l = Attn_l(RMSNorm_in_l(h_{l-1}))                   attn_out[l-1]  (attn_in[l-1]: normed)
     m_l = h_{l-1} + a_l
-    f_l = MLP_l(RMSNorm_post_l(m_l))                      mlp_out[l-1]    (mlp_in[l-1]  = the normed input)
+    f_l = MLP_l(RMSNorm_post_l(m_l))                      mlp_out[l-1]   (mlp_in[l-1]: normed)
     h_l = m_l + f_l                                       resid[l]
     logits = W_U RMSNorm_final(h_L)
 
@@ -111,10 +111,12 @@ class Config:
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
     """theta^(-2i/d) per pair of dims; Llama-3.x rescales the low frequencies (`llama3` rope
     scaling)."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim)
+    dims = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float()
+    inv_freq = 1.0 / cfg.rope_theta ** (dims / cfg.head_dim)
     if cfg.rope_scaling:  # llama3: divide long wavelengths by `factor`, interpolate the middle band
         s = cfg.rope_scaling
-        factor, lo, hi, old_len = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
         smooth = (old_len / wavelen - lo) / (hi - lo)
@@ -256,8 +258,8 @@ class SharedPromptCache(KVCache):
         # index_select, not k[rows]: the backward of advanced indexing with repeated rows
         # accumulates in a thread-dependent order on the CPU (runs stop being bit-for-bit
         # reproducible); index_select's does not
-        self.k, self.v = [k.index_select(0, rows) for k in self.k], [v.index_select(0, rows)
-                                                                     for v in self.v]
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
         self.valid, self.pos = self.valid[rows], self.pos[rows]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -430,8 +432,8 @@ class Transformer(nn.Module):
     # HF-layout checkpoints: our parameter names are transformers' without the "model." prefix
 
     def hf_state_dict(self) -> dict:
-        sd = {("" if k.startswith("lm_head.") else "model.") + k: v for k,
-              v in self.state_dict().items()}
+        sd = {("" if k.startswith("lm_head.") else "model.") + k: v
+              for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight")
         return sd

@@ -40,16 +40,11 @@ class Rollouts:
     prompt_ids: torch.Tensor      # [N, Tp] left-padded with pad_id
     prompt_mask: torch.Tensor     # [N, Tp] 1 = prompt token
     response_ids: torch.Tensor    # [N, R] right-padded with pad_id; the stop token is included
-    # [N, R] 1 = generated token (stop token included), 0 = padding after it led token under the
-    # sampling distribution; 0 on padding "stop" or
-    response_mask: torch.Tensor
-    # [N, R] log-prob of each samp
-    # "length", per row
-    logprobs: torch.Tensor
-    finish_reason: list
+    response_mask: torch.Tensor   # [N, R] 1 = generated token (stop token included), 0 = padding
+    logprobs: torch.Tensor        # [N, R] log-prob of each token under the sampling distribution
+    finish_reason: list           # "stop" or "length", per row
     group: torch.Tensor           # [N] index of the prompt each row answers
-    # decoded responses (special tokens skipped), when a tokenizer is given
-    text: list = field(default_factory=list)
+    text: list = field(default_factory=list)  # decoded responses, when a tokenizer is given
 
     def __len__(self):
         return len(self.finish_reason)
@@ -61,8 +56,10 @@ class Rollouts:
             n = int(self.response_mask[i].sum())
             out.append(dict(group=int(self.group[i]),
                             prompt_ids=self.prompt_ids[i][self.prompt_mask[i].bool()].tolist(),
-                            response_ids=self.response_ids[i, :n].tolist(), logprobs=self.logprobs[i, :n].tolist(),
-                            finish_reason=self.finish_reason[i], text=self.text[i] if self.text else None))
+                            response_ids=self.response_ids[i, :n].tolist(),
+                            logprobs=self.logprobs[i, :n].tolist(),
+                            finish_reason=self.finish_reason[i],
+                            text=self.text[i] if self.text else None))
         return out
 
 

@@ -2,10 +2,10 @@
 Tasks with exact answers, generated offline from a seed: prompts for the analysis and the RL
 training.
 
-    add         "What is 3 + 5?": one-digit sums, the task a 135M model can learn in tens of RL steps
+    add         "What is 3 + 5?": one-digit sums, which a 135M model learns in tens of RL steps
     arithmetic  "What is 37 + 48?"-style problems, small numbers, one or two operations
     word        short grade-school word problems (shopping, sharing, rates) with integer answers
-    sum2 .. sum4, sum2x3   sums of two 2- to 4-digit numbers, or of three 2-digit ones: a difficulty knob
+    sum2 .. sum4, sum2x3   sums of two 2- to 4-digit numbers, or of three 2-digit ones (difficulty)
 
 Every problem is asked with the authors' system prompt, so the answer is expected in \\boxed{}.
 Departure: the user message also ends with FORMAT_HINT ("... for example \\boxed{5}."); without it
@@ -225,7 +225,8 @@ def _occurrences(c: np.ndarray, word: str) -> np.ndarray:
 def _insert(c: np.ndarray, where: list, chars: str) -> str:
     """c with chars[i] inserted before index where[i] (equal indices keep their order), as a str."""
     idx = np.concatenate(where) if where else np.zeros(0, dtype=np.int64)
-    vals = np.concatenate([np.full(len(w), ord(ch), dtype=np.uint32) for w, ch in zip(where, chars)]) if where else idx
+    vals = (np.concatenate([np.full(len(w), ord(ch), dtype=np.uint32)
+                            for w, ch in zip(where, chars)]) if where else idx)
     return np.insert(c, idx, vals.astype(np.uint32)).tobytes().decode("utf-32-le", "surrogatepass")
 
 

@@ -27,7 +27,8 @@ class Tokenizer:
         try:
             self.tok = HFTokenizer.from_file(str(file))
         except Exception as e:
-            raise ModelLoadError(f"{file}: not a readable tokenizer ({str(e).splitlines()[0]})") from None
+            why = str(e).splitlines()[0]
+            raise ModelLoadError(f"{file}: not a readable tokenizer ({why})") from None
         self.config = _read_optional_json(path / "tokenizer_config.json")
         self.special = {k: _token_text(self.config.get(k))
                         for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
@@ -59,7 +60,8 @@ class Tokenizer:
             if t is not None and self.tok.token_to_id(t) is not None:
                 ids.add(self.tok.token_to_id(t))
         self.stop_ids = frozenset(ids)
-        self.eos_id = self.tok.token_to_id(self.special["eos_token"]) if self.special["eos_token"] else min(ids, default=None)
+        eos = self.special["eos_token"]
+        self.eos_id = self.tok.token_to_id(eos) if eos else min(ids, default=None)
         pad = self.special["pad_token"]
         self.pad_id = (self.tok.token_to_id(pad) if pad
                        and self.tok.token_to_id(pad) is not None else self.eos_id)
@@ -93,7 +95,8 @@ class Tokenizer:
             # the sandbox refusing an operation, raise_exception() in the template, a missing
             # variable, ...
             raise ModelLoadError(f"{self.folder}: the chat template failed ({type(e).__name__}: "
-                                 f"{_one_line(e)}); fix the template in tokenizer_config.json") from None
+                                 f"{_one_line(e)}); fix the template in "
+                                 "tokenizer_config.json") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     **kwargs) -> list[int]:

@@ -2,10 +2,11 @@
 GRPO and BuPO training of a decoder on a task with a verifiable reward (paper section 3;
 docs/method.md).
 
-    python train.py --algo bupo --out runs/bupo                # default model, one-digit sums, CPU-sized
+    python train.py --algo bupo --out runs/bupo      # default model, one-digit sums, CPU-sized
     python train.py --algo grpo --out runs/grpo --seed 1
-    python train.py --resume runs/bupo --steps 40              # continue exactly where it stopped
-    torchrun --standalone --nproc-per-node 8 train.py --device cuda --prompts-per-step 128 --out runs/dp
+    python train.py --resume runs/bupo --steps 40    # continue exactly where it stopped
+    torchrun --standalone --nproc-per-node 8 train.py --device cuda --prompts-per-step 128 \\
+        --out runs/dp
 
 One RL step (steps count from 1, like the authors' global_steps), in the order rl_step runs it:
   1. sample: P prompts of the task (a fixed function of --seed and the step) and G responses to
@@ -87,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder: args.json, metrics.jsonl, curves.png, checkpoints/")
     g.add_argument("--resume", default=None,
                    help="a run folder: continue from its newest complete checkpoint, "
-                   f"with the saved arguments (only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} "
-                   "may differ)")
+                   "with the saved arguments (only "
+                   + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
+                   + " may differ)")
     g.add_argument("--overwrite", action="store_true",
                    help="if --out holds a run, move it aside to "
                    "OUT.old-<time>/ (never deleted) and start a new one")
@@ -223,9 +225,8 @@ def rl_step(model, tok, opt, args, step, layer, ref=None, amp=contextlib.nullcon
     problems, ro = sample_step(model, tok, args, step, amp)
     device, batch = ro.response_ids.device, bupo.Batch.of(ro)
     # 2. score, and the advantages of each group (a rank holds whole groups)
-    rewards = torch.tensor([tasks.reward(t, problems[g].answer) for t,
-                            g in zip(ro.text, ro.group.tolist())],
-                           device=device)
+    rewards = torch.tensor([tasks.reward(t, problems[g].answer)
+                            for t, g in zip(ro.text, ro.group.tolist())], device=device)
     adv = bupo.group_advantages(rewards, G, args.advantage)
     # 3. the policy this step optimises (eq. 10), its old log-probs (start-of-step weights), the
     #    diagnostics
@@ -400,8 +401,8 @@ def _evaluate(model, tok, args) -> dict:
         # one prefill for both calls below
         part = prefill(model, prompts[i:i + size], tok.pad_id)
         greedy = generate(model, part, 1, args.max_new_tokens, temperature=0.0, **common)
-        greedy_right += sum(tasks.reward(t, p.answer) for t,
-                            p in zip(greedy.text, problems[i:i + size]))
+        greedy_right += sum(tasks.reward(t, p.answer)
+                            for t, p in zip(greedy.text, problems[i:i + size]))
         # the last use: freed before decoding
         part.release = True
         sampled = generate(model, part, n, args.max_new_tokens, temperature=args.temperature,

@@ -2,10 +2,10 @@
 Sampler throughput: rollout.generate against transformers' generate, on the same prompts, in the
 same run.
 
-    python bench/bench_rollout.py                        # default model, fp32, CPU, batch 1 and 8 x G=8
+    python bench/bench_rollout.py               # default model, fp32, CPU, batch 1 and 8 x G=8
     python bench/bench_rollout.py --stop --new-tokens 64
     python bench/bench_rollout.py --device cuda --dtype bfloat16 --stop
-    python bench/bench_rollout.py --stop --compile       # and the compiled decode step (generate(compile=True))
+    python bench/bench_rollout.py --stop --compile   # and the compiled decode step
 
 Both sides sample at T = 1 with no top-k / top-p and produce exactly --new-tokens tokens per
 response (stop tokens are ignored), so the work is identical. Timings include the prefill. With
@@ -77,8 +77,8 @@ def weight_bytes(model) -> int:
 
 def flops_per_token(model, context: int) -> float:
     c = model.config
-    matmul_params = sum(p.numel() for n,
-                        p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    matmul_params = sum(p.numel() for n, p in model.named_parameters()
+                        if p.dim() == 2 and "embed" not in n)
     if c.tie_word_embeddings:
         matmul_params += model.lm_head.weight.numel()
     # q.k and p.v over the context
@@ -154,35 +154,39 @@ def main(argv=None):
             T = ids.shape[1]
             stop = tok.stop_ids if args.stop else ()
             made = {}  # tokens produced by the timed run of each side
-            ours = timed(lambda: made.update(ours=int(generate(model, batch, G, args.new_tokens,
-                                                               stop_ids=stop,
-                                                                 seed=len(made)).response_mask.sum())), args.repeat)
+
+            def ours_run(key, **kw):
+                ro = generate(model, batch, G, args.new_tokens, stop_ids=stop, seed=len(made), **kw)
+                made[key] = int(ro.response_mask.sum())
+            ours = timed(lambda: ours_run("ours"), args.repeat)
             compiled = ""
             if args.compile:
-                run = lambda: made.update(compiled=int(generate(model, batch, G, args.new_tokens,
-                                                                stop_ids=stop,  # noqa: E731
-                                                                 seed=len(made), compile=True).response_mask.sum()))
                 t0 = time.perf_counter()
-                # compiles (again for a new shape), then decodes
-                run()
+                compiled_run = lambda: ours_run("compiled", compile=True)  # noqa: E731
+                compiled_run()   # compiles (again for a new shape), then decodes
                 first = time.perf_counter() - t0
-                steady = timed(run, args.repeat, warm_up=False)   # the first call was the warm-up
-                compiled = (f"  compiled {made['compiled'] / steady:7.1f} tok/s ({made['compiled'] / steady / (made['ours'] / ours):4.2f}x "
+                steady = timed(compiled_run, args.repeat, warm_up=False)   # that was the warm-up
+                rate = made["compiled"] / steady
+                compiled = (f"  compiled {rate:7.1f} tok/s ({rate / (made['ours'] / ours):4.2f}x "
                             f"eager; first call {first:.0f} s)")
             with torch.no_grad():
                 theirs = timed(lambda: made.update(theirs=hf_generate(hf, ids, mask, G,
-                                                                      args.new_tokens, stop)), args.repeat)
+                                                                      args.new_tokens, stop)),
+                               args.repeat)
             if P * G == 1:
-                bound, what = bw / weight_bytes(model), f"bandwidth bound {bw / 1e9:.1f} GB/s / {weight_bytes(model) / 1e6:.0f} MB"
+                bound = bw / weight_bytes(model)
+                what = f"bandwidth bound {bw / 1e9:.1f} GB/s / {weight_bytes(model) / 1e6:.0f} MB"
             else:
-                bound = peak / flops_per_token(model, T + args.new_tokens // 2)
-                what = f"matmul bound {peak / 1e9:.0f} GFLOP/s / {flops_per_token(model, T + args.new_tokens // 2) / 1e9:.2f} GFLOP per token"
+                flops = flops_per_token(model, T + args.new_tokens // 2)
+                bound = peak / flops
+                what = f"matmul bound {peak / 1e9:.0f} GFLOP/s / {flops / 1e9:.2f} GFLOP per token"
             r = (str(dtype).removeprefix("torch."), f"{P}x{G}", made["ours"] / ours,
                  made["theirs"] / theirs, bound, what)
+            produced = f"  [tokens produced: ours {made['ours']}, transformers {made['theirs']}]"
             print(f"{r[0]:9s} {r[1]:5s} ours {r[2]:7.1f} tok/s  transformers {r[3]:7.1f} tok/s  "
-                  f"ratio {r[2] / r[3]:4.2f}x  bound {r[4]:7.1f} tok/s ({r[5]}): ours at {100 * r[2] / r[4]:.0f}%" + compiled
-                  + (f"  [tokens produced: ours {made['ours']}, transformers {made['theirs']}]"
-                     if args.stop else ""), flush=True)
+                  f"ratio {r[2] / r[3]:4.2f}x  bound {r[4]:7.1f} tok/s ({r[5]}): "
+                  f"ours at {100 * r[2] / r[4]:.0f}%" + compiled + (produced if args.stop else ""),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ tokens, the clipped surrogate, backward) with our model against the same step wi
 model, on the same batch.
 
     python bench/bench_train.py                                        # default model, fp32, CPU
-    python bench/bench_train.py --device cuda --dtype bfloat16 --rows 32 --new-tokens 512 --peak-tflops 989
+    python bench/bench_train.py --device cuda --dtype bfloat16 --rows 32 --new-tokens 512 \\
+        --peak-tflops 989
 
 The batch is --rows chat prompts (left-padded) followed by --new-tokens random response tokens,
 advantages random. Both sides run the same loss code (bupo.policy_loss, token-mean); ours takes the
@@ -86,7 +87,8 @@ def main(argv=None):
     L = model.config.num_layers
     layer = args.layer or L // 4
     if layer >= L:
-        raise UserError(f"--layer {layer}: the model has {L} layers; phase 1 needs 1 <= l <= {L - 1}")
+        raise UserError(f"--layer {layer}: the model has {L} layers; phase 1 needs "
+                        f"1 <= l <= {L - 1}")
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
     ids, mask, Tp, adv = batch(tok, args.rows, args.new_tokens, model.config.vocab_size, device)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(dtype, device)
@@ -116,7 +118,8 @@ def main(argv=None):
         head = 2 * model.lm_head.weight.numel()
         flops = 3 * ((flops_per_token(model, context) - head) * depth / L * n_all + head * n_resp)
         mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
-        print(f"{name:28s} {dt * 1000:8.1f} ms/step  {n_resp / dt:9.1f} response tok/s  {n_all / dt:9.1f} tok/s  "
+        print(f"{name:28s} {dt * 1000:8.1f} ms/step  {n_resp / dt:9.1f} response tok/s  "
+              f"{n_all / dt:9.1f} tok/s  "
               f"MFU {100 * flops / dt / peak:5.1f}%{mem}", flush=True)
 
 

@@ -74,14 +74,16 @@ def main():
     with tempfile.TemporaryDirectory() as out:
         train.main(["--model", args.model, "--device", args.device, "--dtype", "bfloat16",
                     "--algo", "grpo",
-                    "--task", "sum2", "--steps", str(args.steps), "--prompts-per-step", "8", "--group-size", "8",
+                    "--task", "sum2", "--steps", str(args.steps), "--prompts-per-step", "8",
+                    "--group-size", "8",
                     "--max-new-tokens", "48", "--lr", "2e-5", "--eval-every", "0", "--save-every",
                     str(args.steps), "--out", str(Path(out) / "run")])
     # the probe is taken after each update, so the first one has no predecessor
     ok = state["stale"] == 0 and state["step_in_region"] == 0 and all(m > 0 for m in state["moved"])
     print(f"{'OK' if ok else 'FAIL'}: {state['updates']} updates, {state['checked']} autocast "
           f"matmuls checked, {state['stale']} stale, opt.step inside autocast "
-          f"{state['step_in_region']} times, probe moved after every update: {all(m > 0 for m in state['moved'])}")
+          f"{state['step_in_region']} times, probe moved after every update: "
+          f"{all(m > 0 for m in state['moved'])}")
     sys.exit(0 if ok else 1)
 
 

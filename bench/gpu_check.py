@@ -3,7 +3,7 @@ Correctness on a device in a dtype (made for CUDA in bf16): ours against transfo
 weights.
 
     python bench/gpu_check.py --device cuda --dtype bfloat16
-    python bench/gpu_check.py --device cpu --dtype float32      # the same checks here (fp32: bit-exact)
+    python bench/gpu_check.py --device cpu --dtype float32   # the same checks here (fp32: exact)
 
 For the default model and a tiny random Qwen3 (q/k-norm, head_dim != hidden/heads, untied W_U) it
 prints and checks: the largest |logit difference| against transformers relative to the logits'
@@ -62,13 +62,15 @@ def check(name, folder, device, dtype, prompts) -> bool:
         if g_ours != g_hf:
             t = next(i for i, (p, q) in enumerate(zip(g_ours, g_hf)) if p != q)
             with torch.no_grad():
-                top2 = ours(torch.tensor([ids + g_ours[:t]], device=device))[0,
-                                                                             -1].float().topk(2).values
-            note = f" (first differs at token {t}; top-2 logit margin there {float(top2[0] - top2[1]):.3g})"
+                logits = ours(torch.tensor([ids + g_ours[:t]], device=device))[0, -1]
+            top2 = logits.float().topk(2).values
+            note = (f" (first differs at token {t}; top-2 logit margin there "
+                    f"{float(top2[0] - top2[1]):.3g})")
         passed = diff <= tol and additive
         ok &= passed
         print(f"{name:10s} {str(dtype):15s} max|dlogit| {diff:.4g} (tol {tol:.3g}), residual "
-              f"additive {additive}, greedy 16 tokens equal {g_ours == g_hf}{note}: {'ok' if passed else 'FAIL'}")
+              f"additive {additive}, greedy 16 tokens equal {g_ours == g_hf}{note}: "
+              f"{'ok' if passed else 'FAIL'}")
     return ok
 
 
@@ -88,8 +90,7 @@ def main(argv=None):
         tiny_qwen3(Path(d))
         g = torch.Generator().manual_seed(1)
         ok &= check("tiny qwen3", d, args.device, dtype,
-                    [torch.randint(0, 128, (12,), generator=g).tolist()
-                                                         for _ in range(3)])
+                    [torch.randint(0, 128, (12,), generator=g).tolist() for _ in range(3)])
     return 0 if ok else 1
 
 

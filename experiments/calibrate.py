@@ -3,8 +3,8 @@ Base rate of a model on each task level, measured exactly as train.py evaluates 
 greedy accuracy and avg@n at T = 1 on held-out problems of the test split, with the worked example
 of --shots.
 
-    python experiments/calibrate.py                                   # default model, the sum* levels and add
-    python experiments/calibrate.py --tasks sum2 sum3 --problems 512  # more held-out problems, smaller error bars
+    python experiments/calibrate.py                     # default model, the sum* levels and add
+    python experiments/calibrate.py --tasks sum2 sum3 --problems 512   # smaller error bars
 
 Writes experiments/results/calibration.md (a table with the standard error of each accuracy) and
 prints it. The standard error of a greedy accuracy p over n distinct problems is sqrt(p (1 - p) /
@@ -64,7 +64,8 @@ def main(argv=None):
         distinct = len({q.question
                         for q in tasks.problems(task, args.problems, args.seed, split="test")})
         g = m["eval/greedy_acc"]
-        rows.append(f"| {task} | {args.problems} ({distinct}) | {g:.3f} | {math.sqrt(g * (1 - g) / distinct):.3f} | "
+        se = math.sqrt(g * (1 - g) / distinct)
+        rows.append(f"| {task} | {args.problems} ({distinct}) | {g:.3f} | {se:.3f} | "
                     f"{m[f'eval/avg@{args.samples}']:.3f} | {time.perf_counter() - t0:.0f} |")
         print(rows[-1], flush=True)
     cmd = "python experiments/calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:])

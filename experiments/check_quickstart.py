@@ -61,7 +61,8 @@ def main(argv):
     args_file = folder / "args.json"
     if args_file.is_file():
         # arguments added since the reference was made are left out (they did not exist)
-        mine, ref = json.loads(args_file.read_text()), json.loads((REFERENCE.parent / "args.json").read_text())
+        mine = json.loads(args_file.read_text())
+        ref = json.loads((REFERENCE.parent / "args.json").read_text())
         changed = [f"--{k.replace('_', '-')} {mine[k]} (reference {ref[k]})"
                    for k in sorted(set(mine) & set(ref) - PATHS) if mine[k] != ref[k]]
         if changed:

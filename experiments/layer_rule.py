@@ -6,8 +6,9 @@ paper's boundary layer, the layer of least KL, the project's closest layer (anal
 the lowest layer within 10% of the least KL; docs/method.md 5) and the layer auto picks (the
 boundary layer, else the penultimate one; the closest layer was tested and is not used).
 
-    python experiments/layer_rule.py                                   # default model, sum2, 8 answers, seeds 0-4
-    python experiments/layer_rule.py --task sum2 --shots 1 -n 8 --seeds 0 1 2 3 4 --out experiments/results/layer_rule.json
+    python experiments/layer_rule.py        # default model, sum2, 8 answers, seeds 0-4
+    python experiments/layer_rule.py --task sum2 --shots 1 -n 8 --seeds 0 1 2 3 4 \\
+        --out experiments/results/layer_rule.json
 """
 import json
 import sys
@@ -52,7 +53,8 @@ def main(argv=None):
         kl = means["KL_resid"]
         rows.append({"seed": seed, "KL_resid": kl,
                      "boundary_layer": bupo.boundary_layer(means["dH_mlp"]),
-                     "least_kl_layer": analyze.closest_layer(kl, tolerance=0.0), "closest_layer": analyze.closest_layer(kl),
+                     "least_kl_layer": analyze.closest_layer(kl, tolerance=0.0),
+                     "closest_layer": analyze.closest_layer(kl),
                      "auto": bupo.choose_internal_layer(means["dH_mlp"])})
         r = rows[-1]
         print(f"seed {seed}: boundary {r['boundary_layer']}, least KL at {r['least_kl_layer']} "

@@ -3,7 +3,7 @@ Tables and plots of the experiments, from the runs that experiments/run.sh write
 
     python experiments/report.py                     # runs/exp -> experiments/results/
     python experiments/report.py --runs DIR --out DIR
-    python experiments/report.py --cost runs/cost      # the step costs that experiments/cost.sh measures
+    python experiments/report.py --cost runs/cost    # the step costs experiments/cost.sh measures
 
 Writes OUT/results.md (the tables of docs/experiments.md), OUT/flow.png (the entropy flow and the KL
 of each layer policy to the model's), OUT/training.png, layers.png and inter.png (train reward and
@@ -42,9 +42,9 @@ def read_runs(root: Path) -> dict:
             runs[d.name] = {"flow": json.loads((d / "entropy.json").read_text())}
         elif (d / "metrics.jsonl").exists():
             if not (d / "args.json").exists():
-                # started too briefly to have written its arguments going
+                # started too briefly to have written its arguments
                 continue
-            # skips the half-written last line of a run still
+            # skips the half-written last line of a run still going
             rows = read_metrics(d)
             args = json.loads((d / "args.json").read_text())
             # finished: run.sh's marker, or (in the copies under experiments/results/runs) every
@@ -82,9 +82,10 @@ def flow_table(flows: dict) -> str:
         # that wrote it)
         auto = bupo.choose_internal_layer([x["dH_mlp"] for x in layers])
         rows.append([name, L, f["num_tokens"], f"{H[0]:.2f}", f"{at(.25):.2f}", f"{at(.5):.2f}",
-                     f"{at(.75):.2f}",
-                     f"{f['H_policy']:.2f}", f"{len(up)} of {L}", f["boundary_layer"] or "none",
-                     f"{kl[least - 1]:.1f} at l = {least}" if least else "-", f"{kl[L - 2]:.1f}" if least else "-",
+                     f"{at(.75):.2f}", f"{f['H_policy']:.2f}", f"{len(up)} of {L}",
+                     f["boundary_layer"] or "none",
+                     f"{kl[least - 1]:.1f} at l = {least}" if least else "-",
+                     f"{kl[L - 2]:.1f}" if least else "-",
                      analyze.closest_layer(kl) if has_kl else "-", f"{auto[0]} ({auto[1]})"])
     return table(["run", "L", "tokens", "H(π^1)", "H at L/4", "H at L/2", "H at 3L/4", "H(π_θ)",
                   "layers with ΔH_FFN > 0", "boundary", "least KL(π^l‖π_θ), l < L", "KL at L-1",
@@ -157,8 +158,8 @@ def plan_verdict(configs: dict) -> str:
     both = sorted(set(configs.get("grpo", {})) & set(configs.get("bupo", {})) & set(PLAN_SEEDS))
     if len(both) < 2:
         return "Not enough finished pairs yet."
-    d = [evals(configs["bupo"][s])[-1]["eval/greedy_acc"] - evals(configs["grpo"][s])[-1]["eval/greedy_acc"]
-         for s in both]
+    final = lambda run: evals(run)[-1]["eval/greedy_acc"]  # noqa: E731
+    d = [final(configs["bupo"][s]) - final(configs["grpo"][s]) for s in both]
     m, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
     lo95, hi95 = m - t95(len(d) - 1) * se, m + t95(len(d) - 1) * se
     lo90, hi90 = m - T90.get(len(d) - 1, 1.645) * se, m + T90.get(len(d) - 1, 1.645) * se
@@ -168,12 +169,14 @@ def plan_verdict(configs: dict) -> str:
     if len(both) < len(PLAN_SEEDS):
         return text + " Interim: no verdict until every planned pair is finished."
     if lo95 > 0 or hi95 < 0:
-        verdict = f"BuPO is {'better' if m > 0 else 'worse'} than GRPO by {m:+.3f} [{lo95:+.3f}, {hi95:+.3f}]."
+        verdict = (f"BuPO is {'better' if m > 0 else 'worse'} than GRPO by {m:+.3f} "
+                   f"[{lo95:+.3f}, {hi95:+.3f}].")
     elif -PLAN_MARGIN < lo90 and hi90 < PLAN_MARGIN:
-        verdict = f"BuPO and GRPO are equivalent within {PLAN_MARGIN * 100:.0f} points at this scale."
+        verdict = (f"BuPO and GRPO are equivalent within {PLAN_MARGIN * 100:.0f} points at this "
+                   "scale.")
     else:
-        verdict = (f"Inconclusive: neither a difference nor equivalence within {PLAN_MARGIN * 100:.0f} points "
-                   "is shown.")
+        verdict = ("Inconclusive: neither a difference nor equivalence within "
+                   f"{PLAN_MARGIN * 100:.0f} points is shown.")
     return text + " Verdict: " + verdict
 
 
@@ -183,7 +186,8 @@ def mean_se(xs: list[float], fmt="{:.3f}") -> str:
         return "-"
     if len(xs) == 1:
         return fmt.format(xs[0])
-    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs) / len(xs) ** 0.5)}"
+    se = statistics.stdev(xs) / len(xs) ** 0.5
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(se)}"
 
 
 def paired(xs: list[float], fmt="{:+.3f}") -> str:
@@ -214,7 +218,8 @@ def describe(run: dict) -> str:
         return "GRPO"
     layer = next((r["policy_layer"] for r in run["rows"] if r.get("phase") == "internal"),
                  args["internal_layer"])
-    return f"BuPO l={layer}{' (auto)' if args['internal_layer'] == 'auto' else ''}, s_inter={args['internal_steps']}"
+    auto = " (auto)" if args["internal_layer"] == "auto" else ""
+    return f"BuPO l={layer}{auto}, s_inter={args['internal_steps']}"
 
 
 def evals(run: dict) -> list[dict]:
@@ -250,23 +255,26 @@ def eval_table(configs: dict) -> str:
         first, last = [evals(r)[0] for r in rs], [evals(r)[-1] for r in rs]
         k = avg_key(rs[0])
         wall = [wall_minutes(run) for run in rs]
+        reward = [statistics.mean(r["reward"] for r in steps(run)) for run in rs]
+        peak = max(r["peak_memory_mb"] for run in rs for r in steps(run)) / 1024
         rows.append([cfg, describe(rs[0]), len(rs), mean_se([e["eval/greedy_acc"] for e in first]),
                      mean_se([e["eval/greedy_acc"] for e in last]), mean_se([e[k] for e in first]),
-                     mean_se([e[k] for e in last]), mean_se([statistics.mean(r["reward"] for r in steps(run))
-                                                             for run in rs]),
+                     mean_se([e[k] for e in last]), mean_se(reward),
                      sum(zero_stretch(run) >= STALL for run in rs),
-                     mean_se(wall, "{:.0f}"), f"{max(r['peak_memory_mb'] for run in rs for r in steps(run)) / 1024:.1f}"])
+                     mean_se(wall, "{:.0f}"), f"{peak:.1f}"])
     k = avg_key(next(iter(next(iter(configs.values())).values())))
     return table(["config", "algorithm", "seeds", "greedy before", "greedy after",
-                  f"{k[5:]} before",
-                  f"{k[5:]} after", "train reward, mean over steps", f"runs stalled ({STALL}+ steps at reward 0)",
-                  "minutes per run", "peak memory GiB"], rows)
+                  f"{k[5:]} before", f"{k[5:]} after", "train reward, mean over steps",
+                  f"runs stalled ({STALL}+ steps at reward 0)", "minutes per run",
+                  "peak memory GiB"], rows)
 
 
 def wall_minutes(run: dict) -> float:
     """A run's wall time: its steps and its evaluations (what it cost, pauses and CPU sharing
     included)."""
-    return (sum(r["step_time"] for r in steps(run)) + sum(e.get("eval_time", 0) for e in evals(run))) / 60
+    seconds = (sum(r["step_time"] for r in steps(run))
+               + sum(e.get("eval_time", 0) for e in evals(run)))
+    return seconds / 60
 
 
 def runs_table(configs: dict) -> str:
@@ -276,11 +284,13 @@ def runs_table(configs: dict) -> str:
     for cfg, runs in configs.items():
         for seed, run in runs.items():
             ev, k = evals(run), avg_key(run)
+            peak = max(r["peak_memory_mb"] for r in steps(run)) / 1024
             rows.append([f"{cfg}-s{seed}", describe(run), seed,
                          " / ".join(f"{e['eval/greedy_acc']:.3f}" for e in ev),
-                         " / ".join(f"{e[k]:.3f}" for e in ev), " / ".join(str(e["step"]) for e in ev),
-                         f"{statistics.mean(r['reward'] for r in steps(run)):.3f}", zero_stretch(run),
-                         f"{wall_minutes(run):.0f}", f"{max(r['peak_memory_mb'] for r in steps(run)) / 1024:.1f}"])
+                         " / ".join(f"{e[k]:.3f}" for e in ev),
+                         " / ".join(str(e["step"]) for e in ev),
+                         f"{statistics.mean(r['reward'] for r in steps(run)):.3f}",
+                         zero_stretch(run), f"{wall_minutes(run):.0f}", f"{peak:.1f}"])
     return table(["run", "algorithm", "seed", "greedy accuracy", "avg@n", "at steps",
                   "train reward, mean",
                   "longest stretch at reward 0 (steps)", "wall minutes", "peak memory GiB"], rows)
@@ -333,14 +343,13 @@ def internal_table(configs: dict) -> str:
             return text + (f" (GRPO {statistics.mean(window_reward(grpo, first, last)):.2f})"
                            if grpo else "")
         rows.append([cfg, describe(rs[0]), len(rs), at(1, "entropy"), at(s, "entropy"),
-                     at(s + 1, "entropy"),
-                     at(1, "internal/entropy"), at(s, "internal/entropy"), at(1, "internal/kl_to_policy"),
-                     at(s, "internal/kl_to_policy"), at(s + 1, "internal/kl_to_policy"), reward(1, s),
-                     reward(s + 1, s + 5)])
+                     at(s + 1, "entropy"), at(1, "internal/entropy"), at(s, "internal/entropy"),
+                     at(1, "internal/kl_to_policy"), at(s, "internal/kl_to_policy"),
+                     at(s + 1, "internal/kl_to_policy"), reward(1, s), reward(s + 1, s + 5)])
     return table(["config", "algorithm", "seeds", "H(π_θ) step 1", "H(π_θ) step s_inter",
-                  "H(π_θ) step s_inter+1",
-                  "H(π^l) step 1", "H(π^l) step s_inter", "KL(π^l‖π_θ) step 1", "KL step s_inter",
-                  "KL step s_inter+1", "train reward, phase 1", "train reward, 5 steps after"], rows)
+                  "H(π_θ) step s_inter+1", "H(π^l) step 1", "H(π^l) step s_inter",
+                  "KL(π^l‖π_θ) step 1", "KL step s_inter", "KL step s_inter+1",
+                  "train reward, phase 1", "train reward, 5 steps after"], rows)
 
 
 def cost_table(configs: dict) -> str:
@@ -455,8 +464,8 @@ def main(argv=None):
                         f"or pass its folder")
     check_writable_dir(args.out)
     if args.cost:
-        runs = {k: {v["args"]["seed"]: v} for k,
-                v in read_runs(Path(args.cost)).items() if "rows" in v}
+        runs = {k: {v["args"]["seed"]: v} for k, v in read_runs(Path(args.cost)).items()
+                if "rows" in v}
         text = "### Cost of one step, measured alone\n\n" + cost_table(runs) + "\n"
         write_atomic(Path(args.out) / "cost.md", lambda tmp: tmp.write_text(text))
         for name in runs:

@@ -128,7 +128,8 @@ def check_config(d: dict, where: str, architectures) -> None:
     does not implement."""
     mt = d.get("model_type")                                  # first: it says which fields apply
     if not isinstance(mt, str) or mt not in architectures:
-        raise ModelLoadError(f"{where}: model_type {mt!r} is not supported; supported: {', '.join(architectures)}")
+        raise ModelLoadError(f"{where}: model_type {mt!r} is not supported; supported: "
+                             f"{', '.join(architectures)}")
     for key, (required, ok, what) in CONFIG_FIELDS.items():
         v = d.get(key)
         if v is None and required:
@@ -150,7 +151,8 @@ def check_config(d: dict, where: str, architectures) -> None:
         raise ModelLoadError(f"{where}: rope_type {rope_type(rope)!r} is not supported; supported: "
                              f"default, llama3")
     if rope_type(rope) == "llama3" and not all(_number(rope.get(k)) for k in LLAMA3_KEYS):
-        raise ModelLoadError(f"{where}: llama3 rope scaling needs positive numbers {', '.join(LLAMA3_KEYS)}")
+        raise ModelLoadError(f"{where}: llama3 rope scaling needs positive numbers "
+                             f"{', '.join(LLAMA3_KEYS)}")
     heads, kv = d["num_attention_heads"], d.get("num_key_value_heads") or d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
     if heads % kv or head_dim % 2 or (not d.get("head_dim") and d["hidden_size"] % heads):
@@ -247,7 +249,8 @@ def _readable(file: Path) -> Path:
         with open(file, "rb") as f:
             f.read(8)
     except OSError as e:
-        raise ModelLoadError(f"{file}: cannot be read ({e.strerror}); check its permissions") from None
+        raise ModelLoadError(f"{file}: cannot be read ({e.strerror}); check its "
+                             "permissions") from None
     return file
 
 

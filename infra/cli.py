@@ -101,7 +101,8 @@ def finite(args, name, low=None, high=None, low_open=False, high_open=False, why
     if not math.isfinite(v) or bad_low or bad_high:
         lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
         hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-        raise UserError(f"{name} {v}: must be a finite number {' and '.join(x for x in (lo, hi) if x)}{why}")
+        bounds = " and ".join(x for x in (lo, hi) if x)
+        raise UserError(f"{name} {v}: must be a finite number {bounds}{why}")
 
 
 def sampling(args, training: bool):
@@ -126,7 +127,8 @@ def check_device(name: str) -> str:
         raise UserError(f"--device {name!r}: not a device name; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            cuda = torch.version.cuda
+            build = "a CPU-only build" if cuda is None else f"CUDA {cuda}"
             raise UserError(f"--device {name}: torch {torch.__version__} ({build}) sees no CUDA "
                             f"GPU here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():

@@ -14,8 +14,8 @@ islands).
     masters.
   - fp32: the RMSNorm statistics (model.RMSNorm), the residual stream h_l (fp32 embeddings plus bf16
     writes promote to fp32), the un-normed internal-policy logits W_U h_l (bupo.unembed turns
-    autocast off for them:
-    |W_U h_l| reaches the hundreds, and bf16 keeps 8 bits of mantissa), softmax, log-probs and entropies.
+    autocast off for them: |W_U h_l| reaches the hundreds, and bf16 keeps 8 bits of mantissa),
+    softmax, log-probs and entropies.
   - the KV cache in the compute dtype (model.Transformer.new_cache reads it from the open region).
 On a CPU the same path runs (slowly) with --dtype bfloat16, so that CPU tests catch mistakes of this
 kind.

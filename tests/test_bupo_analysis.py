@@ -69,8 +69,9 @@ def test_internal_policies(tiny):
     torch.testing.assert_close(bupo.layer_logits(tiny, h1, 1, norm=True),
                                tiny.lm_head(tiny.norm(h1)))
     lp = bupo.token_logprobs(tiny, h1, torch.arange(len(h1)) % 128, layer=1, temperature=0.7)
-    torch.testing.assert_close(lp,
-                               ((h1 @ tiny.lm_head.weight.T) / 0.7).log_softmax(-1)[torch.arange(len(h1)), torch.arange(len(h1)) % 128])
+    rows = torch.arange(len(h1))
+    want = ((h1 @ tiny.lm_head.weight.T) / 0.7).log_softmax(-1)[rows, rows % 128]
+    torch.testing.assert_close(lp, want)
 
 
 def test_boundary_layer():
@@ -157,13 +158,14 @@ def test_auto_layer_follows_the_current_rule(tmp_path, capsys):
     from types import SimpleNamespace
     model = SimpleNamespace(config=SimpleNamespace(num_layers=4))
     old = {"num_layers": 4, "internal_layer": 2, "internal_layer_rule": "closest", "norm": "none",
-           "layers": [{"layer": l, "dH_mlp": -0.1, "KL_resid": k} for l,
-                      k in ((1, 9.0), (2, 3.0), (3, 5.0), (4, 0.0))]}
+           "layers": [{"layer": l, "dH_mlp": -0.1, "KL_resid": k}
+                      for l, k in ((1, 9.0), (2, 3.0), (3, 5.0), (4, 0.0))]}
     f = tmp_path / "entropy.json"
     f.write_text(json.dumps(old))
     args = SimpleNamespace(analysis=str(f))
     assert analyze.resolve_layer("auto", model, None, args) == 3
-    assert "internal layer: 3 of 4, no boundary layer below L, so the penultimate layer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "internal layer: 3 of 4, no boundary layer below L, so the penultimate layer" in err
     old["layers"][1]["dH_mlp"] = 0.2                                     # a boundary layer at 2
     f.write_text(json.dumps(old))
     assert (analyze.resolve_layer("auto", model, None, args) == 2
@@ -188,7 +190,8 @@ def test_entropy_json_matches_transformers_hidden_states(default_model_dir):
         for name, mod in (("attn_in", layer.input_layernorm), ("attn", layer.self_attn),
                           ("mlp_in", layer.post_attention_layernorm), ("mlp", layer.mlp)):
             hooks.append(mod.register_forward_hook(
-                lambda m, a, out, key=(name, i): seen.__setitem__(key, out[0] if isinstance(out, tuple) else out)))
+                lambda m, a, out, key=(name, i):
+                    seen.__setitem__(key, out[0] if isinstance(out, tuple) else out)))
     with torch.no_grad():
         out = hf(torch.tensor([pairs[0][0] + pairs[0][1]]), output_hidden_states=True)
     for h in hooks:
@@ -206,8 +209,8 @@ def test_entropy_json_matches_transformers_hidden_states(default_model_dir):
         if l < L:
             # KL(pi^l || pi_theta), pi_theta from transformers' logits; a relative tolerance (tens
             # of nats)
-            p, q = (out.hidden_states[l][0, s] @ W.T).double().log_softmax(-1), out.logits[0,
-                                                                                           s].double().log_softmax(-1)
+            p = (out.hidden_states[l][0, s] @ W.T).double().log_softmax(-1)
+            q = out.logits[0, s].double().log_softmax(-1)
             assert (row["KL_resid"]
                     == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-4, abs=1e-3))
     # hidden_states[L] is transformers' normed last state, i.e. the model's policy
@@ -245,8 +248,8 @@ def test_cli_end_to_end_and_errors(tiny_dirs, tmp_path):
         # the tiny model borrows a tokenizer for the plots
         (d / name).write_bytes((weights.DEFAULT_MODEL_DIR / name).read_bytes())
     f = tmp_path / "r.jsonl"
-    f.write_text("\n".join(json.dumps({"prompt_ids": p, "response_ids": r}) for p,
-                           r in pairs_for(1)) + "\n")
+    f.write_text("\n".join(json.dumps({"prompt_ids": p, "response_ids": r})
+                           for p, r in pairs_for(1)) + "\n")
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(d),
                                      *a],  # noqa: E731
                                     capture_output=True, text=True)

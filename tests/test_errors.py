@@ -87,7 +87,8 @@ ROWS = [
     ("train", ["--weight-decay", "nan"], "--weight-decay nan"),
     ("train", ["--kl-coef", "-0.1"], "--kl-coef -0.1"),
     ("train", ["--prompts-per-step", "6", "--mini-batches", "4"], "multiple of --mini-batches 4"),
-    ("train", ["--internal-layer", "top"], "--internal-layer 'top': must be auto or a layer number"),
+    ("train", ["--internal-layer", "top"],
+     "--internal-layer 'top': must be auto or a layer number"),
     ("train", ["--group-size", "1", "--advantage", "rloo"], "--group-size 1 with --advantage rloo"),
     ("train", ["--algo", "ppo"], "argument --algo: invalid choice"),
     ("train", ["--task", "calculus"], "argument --task: invalid choice"),
@@ -198,7 +199,8 @@ def scratch(tmp_path_factory, tiny_chat_model):
                                                "internal_layer": 2, "norm": "final"}))
     (d / "no-dh.json").write_text(json.dumps({"num_layers": 3, "layers": [{"layer": 1}] * 3,
                                               "internal_layer": 2}))
-    (d / "long.jsonl").write_text(json.dumps({"prompt_ids": [1] * 40, "response_ids": [2] * 40}) + "\n")
+    long = {"prompt_ids": [1] * 40, "response_ids": [2] * 40}
+    (d / "long.jsonl").write_text(json.dumps(long) + "\n")
     return d
 
 
@@ -215,8 +217,8 @@ def test_bad_input_is_one_line(scratch, tiny_chat_model, tool, argv, fragments):
 
 
 def test_enough_rows():
-    assert len(ROWS) >= 40 and {r[0] for r in ROWS} >= {"train", "analyze", "rollout", "chat", "experiments/report",
-                                                          "bench/bench_train"}
+    tools = {"train", "analyze", "rollout", "chat", "experiments/report", "bench/bench_train"}
+    assert len(ROWS) >= 40 and {r[0] for r in ROWS} >= tools
 
 
 def test_missing_gpu_is_not_called_a_corrupt_file(tiny_chat_model):
@@ -238,7 +240,8 @@ def test_real_command_lines(tool, arg):
     r = subprocess.run([sys.executable, str(ROOT / tool), arg], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode in (1, 2) and r.stdout == ""
-    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    one_line = r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert one_line and "Traceback" not in r.stderr, r.stderr
 
 
 def test_ctrl_c_is_one_line(capsys):
@@ -318,7 +321,8 @@ def test_config_not_an_object(folder):
 
 def test_index_weight_map_shape(folder):
     (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model-00001-of-00001.safetensors"]}))
+    index = {"weight_map": ["model-00001-of-00001.safetensors"]}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     expect(folder, "model.safetensors.index.json", "weight_map must be an object")
 
 
@@ -352,19 +356,20 @@ def test_chat_template_errors_name_the_folder(tiny_chat_model, tmp_path):
     d = tmp_path / "t"
     shutil.copytree(tiny_chat_model, d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
-    (d / "tokenizer_config.json").write_text(json.dumps({**cfg,
-                                                         "chat_template": "{% for m in messages "
-                                                         "%}{{ m"}))
+    broken = {**cfg, "chat_template": "{% for m in messages %}{{ m"}
+    (d / "tokenizer_config.json").write_text(json.dumps(broken))
     with pytest.raises(ModelLoadError, match=f"{d}: the chat template is not valid Jinja"):
         Tokenizer(d)
     for template, fragment in (("{{ raise_exception('roles must alternate') }}",
                                 "roles must alternate"),
                                ("{{ messages.__class__.__mro__ }}", "chat template failed"),
-                               ("{{ messages[0].content.upper(1, 2, 3) }}", "chat template failed")):
+                               ("{{ messages[0].content.upper(1, 2, 3) }}",
+                                "chat template failed")):
         (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
         with pytest.raises(ModelLoadError) as e:
             Tokenizer(d).encode_chat([{"role": "user", "content": "hi"}])
-        assert str(d) in str(e.value) and fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+        msg = str(e.value)
+        assert str(d) in msg and fragment in msg and "\n" not in msg, msg
 
 
 # -----------------------------------------------------------------------------

@@ -60,9 +60,8 @@ def test_unsupported_model_type(folder):
 def test_unsupported_rope(folder):
     cfg = json.loads((folder / "config.json").read_text())
     cfg.pop("rope_parameters", None)
-    (folder / "config.json").write_text(json.dumps({**cfg,
-                                                    "rope_scaling": {"rope_type": "yarn",
-                                                                     "factor": 4.0}}))
+    yarn = {"rope_type": "yarn", "factor": 4.0}
+    (folder / "config.json").write_text(json.dumps({**cfg, "rope_scaling": yarn}))
     expect(folder, "rope_type 'yarn' is not supported")
 
 

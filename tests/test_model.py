@@ -49,8 +49,8 @@ def test_parity_tiny(tiny_dirs, arch, tied):
 
 def test_llama3_rope_scaling_is_applied():
     cfg = Config(head_dim=64, rope_theta=500000.0,
-                 rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                 "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     plain = rope_inv_freq(Config(head_dim=64, rope_theta=500000.0))
     scaled = rope_inv_freq(cfg)
     assert scaled[0] == plain[0]                        # high frequencies untouched
@@ -87,8 +87,8 @@ def test_residual_identity(tiny_dirs, arch):
     total = rec.resid[0] + sum(rec.attn_out) + sum(rec.mlp_out)
     torch.testing.assert_close(rec.resid[L], total, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rec.attn_in[0], model.layers[0].input_layernorm(rec.resid[0]))
-    torch.testing.assert_close(rec.mlp_in[0],
-                               model.layers[0].post_attention_layernorm(rec.resid[0] + rec.attn_out[0]))
+    m_1 = rec.resid[0] + rec.attn_out[0]
+    torch.testing.assert_close(rec.mlp_in[0], model.layers[0].post_attention_layernorm(m_1))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

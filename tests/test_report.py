@@ -57,16 +57,14 @@ def test_report_tables(tmp_path):
               for l in (1, 2, 3, 4)]
     (runs / "flow-x").mkdir()
     (runs / "flow-x" / "entropy.json").write_text(json.dumps({
-        "model": "x", "num_layers": 4, "num_tokens": 10, "layers": layers, "H_policy": 7.0, "boundary_layer": 1,
-        "internal_layer": 1, "internal_layer_rule": "boundary"}))
-    kl = [{"layer": l, "H_resid": 1.0, "dH_mlp": -0.1, "dH_attn": 0.0, "KL_resid": k} for l,
-          k in ((1, 9.0), (2, 3.5),
-                                                                                                (3,
-                                                                                                 6.0), (4, 0.0))]
+        "model": "x", "num_layers": 4, "num_tokens": 10, "layers": layers, "H_policy": 7.0,
+        "boundary_layer": 1, "internal_layer": 1, "internal_layer_rule": "boundary"}))
+    kl = [{"layer": l, "H_resid": 1.0, "dH_mlp": -0.1, "dH_attn": 0.0, "KL_resid": k}
+          for l, k in ((1, 9.0), (2, 3.5), (3, 6.0), (4, 0.0))]
     (runs / "flow-y").mkdir()
     (runs / "flow-y" / "entropy.json").write_text(json.dumps({
-        "model": "y", "num_layers": 4, "num_tokens": 10, "layers": kl, "H_policy": 1.0, "boundary_layer": None,
-        "internal_layer": 2, "internal_layer_rule": "closest"}))
+        "model": "y", "num_layers": 4, "num_tokens": 10, "layers": kl, "H_policy": 1.0,
+        "boundary_layer": None, "internal_layer": 2, "internal_layer_rule": "closest"}))
     done = subprocess.run([sys.executable, "experiments/report.py", "--runs", str(runs), "--out",
                            str(out)],
                           cwd=ROOT, capture_output=True, text=True)
@@ -74,7 +72,8 @@ def test_report_tables(tmp_path):
     text = (out / "results.md").read_text()
     # grpo's final greedy accuracies 0.5, 0.6, 0.7: mean 0.6, SE 0.1 / sqrt(3) = 0.058; 2 steps of
     # 10 s = 0.33 min
-    assert "| grpo | GRPO | 3 | 0.500 ± 0.000 | 0.600 ± 0.058 | 0.250 ± 0.000 | 0.600 ± 0.058 |" in text
+    assert ("| grpo | GRPO | 3 | 0.500 ± 0.000 | 0.600 ± 0.058 | 0.250 ± 0.000 | 0.600 ± 0.058 |"
+            in text)
     assert ("| bupo | BuPO l=29 (auto), s_inter=1 | 3 |" in text
             and "| bupo-l8 | BuPO l=8 (auto), s_inter=1 | 3 |" in text)
     # bupo - grpo per seed: 0.1, 0.0, 0.2 -> mean 0.1, SE 0.0577, t(2) = 4.303: [-0.148, +0.348]; 2
@@ -95,7 +94,8 @@ def test_report_tables(tmp_path):
     assert "grpo − bupo-l8" not in part and "bupo − bupo-l8" not in part
     # every run on its own line: accuracies at each evaluation, mean train reward, wall minutes,
     # peak GiB
-    assert "| grpo-s1 | GRPO | 1 | 0.500 / 0.600 | 0.250 / 0.600 | 0 / 2 | 0.400 | 0 | 0 | 0.1 |" in text
+    assert ("| grpo-s1 | GRPO | 1 | 0.500 / 0.600 | 0.250 / 0.600 | 0 / 2 | 0.400 | 0 | 0 | 0.1 |"
+            in text)
     # a stall (3+ steps in a row at reward 0, where GRPO has no gradient): its longest stretch, and
     # the count per configuration
     assert "| 0 / 6 | 0.083 | 3 | 1 | 0.1 |" in text and "| 0.000 | 0.083 | 1 | 1 | 0.1 |" in text
@@ -135,8 +135,8 @@ def test_layer_rule_script(tmp_path, tiny_chat_model):
     KL."""
     out = tmp_path / "rule.json"
     done = subprocess.run([sys.executable, "experiments/layer_rule.py", "--model",
-                           str(tiny_chat_model), "-n", "2",
-                           "--max-new-tokens", "4", "--seeds", "0", "1", "--device", "cpu", "--out", str(out)],
+                           str(tiny_chat_model), "-n", "2", "--max-new-tokens", "4",
+                           "--seeds", "0", "1", "--device", "cpu", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
@@ -247,7 +247,8 @@ def test_plan_verdict_follows_the_plan():
     assert "3 of 20 pairs" in report.plan_verdict(configs([0.01, -0.01, 0.02]))
     # mean 0, SD 0.01: equivalent
     small = [0.01 * (-1) ** s for s in range(20)]
-    assert "Verdict: BuPO and GRPO are equivalent within 5 points" in report.plan_verdict(configs(small))
+    verdict = report.plan_verdict(configs(small))
+    assert "Verdict: BuPO and GRPO are equivalent within 5 points" in verdict
     better = [0.04 + 0.01 * (-1) ** s for s in range(20)]                  # 95% interval above 0
     assert "Verdict: BuPO is better than GRPO by +0.040" in report.plan_verdict(configs(better))
     wide = [0.2 * (-1) ** s for s in range(20)]                            # mean 0, SD 0.2: neither

@@ -124,8 +124,8 @@ def test_cache_allocated_once(tiny, monkeypatch):
 
 def test_filters_keep_exactly_their_sets():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].nonzero()[:,
-                                                                                 0].tolist()  # noqa: E731
+    def kept(**kw):
+        return torch.isfinite(filter_logits(logits, **kw))[0].nonzero()[:, 0].tolist()
     assert kept(top_k=1) == [0] and kept(top_k=3) == [0, 1, 2] and kept(top_k=10) == [0, 1, 2, 3]
     assert kept(top_p=0.5) == [0] and kept(top_p=0.7) == [0, 1] and kept(top_p=0.8) == [0, 1]
     assert kept(top_p=0.81) == [0, 1, 2] and kept(top_p=1.0) == [0, 1, 2, 3]
@@ -173,9 +173,8 @@ def test_a_shared_prefill_gives_the_same_rollouts(tiny):
             for t in (pre.logits, pre.cache.k, pre.cache.v, pre.cache.valid, pre.cache.pos)]
     for kw in (dict(group_size=1, temperature=0.0), dict(group_size=4, temperature=1.0, seed=7),
                dict(group_size=1, temperature=0.0)):
-        shared, alone = generate(tiny, pre, max_new_tokens=12, **kw), generate(tiny, p,
-                                                                               max_new_tokens=12,
-                                                                               **kw)
+        shared = generate(tiny, pre, max_new_tokens=12, **kw)
+        alone = generate(tiny, p, max_new_tokens=12, **kw)
         for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs",
                      "group"):
             assert torch.equal(getattr(shared, name), getattr(alone, name)), name

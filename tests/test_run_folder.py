@@ -81,7 +81,8 @@ def test_every_writer_started_twice_at_once(tiny_chat_model, tmp_path, length_re
                 train.main(writer_argv(second, tiny_chat_model, out, 4))
             msg = str(e.value)
             assert "\n" not in msg
-            assert (f"pid {proc.pid}" in msg) if second != "new" else ("already holds a run" in msg), (second, msg)
+            want = f"pid {proc.pid}" if second != "new" else "already holds a run"
+            assert want in msg, (second, msg)
         # nothing moved aside
         assert sorted(p.name for p in tmp_path.iterdir() if ".old-" in p.name) == aside
     finally:
@@ -105,7 +106,8 @@ def test_pruning_deletes_only_checkpoints_it_wrote(tiny_chat_model, tmp_path, le
     train.main(writer_argv("new", tiny_chat_model, out, 2))
     ckpt = out / "checkpoints"
     shutil.copytree(ckpt / "step_000002", ckpt / "step_000002.bak")      # the user's own copies
-    (ckpt / "step_1").mkdir(), (ckpt / "notes").mkdir(), (ckpt / "step_000001.txt").write_text("mine")
+    (ckpt / "step_1").mkdir(), (ckpt / "notes").mkdir()
+    (ckpt / "step_000001.txt").write_text("mine")
     # an interrupted write's
     (ckpt / ".step_000003.old").mkdir(), (ckpt / "..step_000003.tmp.tmp").mkdir()
     train.main(["--resume", str(out), "--steps", "4", "--keep-checkpoints", "1"])
@@ -114,8 +116,7 @@ def test_pruning_deletes_only_checkpoints_it_wrote(tiny_chat_model, tmp_path, le
 
 
 def test_a_run_resumed_from_another_folder_keeps_its_tokenizer(tiny_chat_model, tmp_path,
-                                                               length_reward,
-                                                              monkeypatch):
+                                                               length_reward, monkeypatch):
     """--model and --out given relative to the folder the run started in: stored absolute, so a
     resume from anywhere else writes complete checkpoints (tokenizer files included) and can be
     resumed again."""

@@ -19,7 +19,8 @@ LLAMA3 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system
 QWEN3 = ("{%- for m in messages %}\n    {{- '<|im_start|>' + m.role + '\\n' + m.content + "
          "'<|im_end|>\\n' }}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- "
          "'<|im_start|>assistant\\n' }}\n    {%- if enable_thinking is defined and enable_thinking "
-         "is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n{%- endif %}")
+         "is false %}\n        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n"
+         "{%- endif %}")
 
 
 def test_default_model_template_matches_transformers(default_model_dir):

@@ -117,8 +117,8 @@ def test_phase1_gradients_stop_at_layer_k(tiny_dirs, arch, tied):
     opt.step()
     opt.zero_grad(set_to_none=True)
     for name, p in model.named_parameters():
-        assert torch.equal(p,
-                           before[name]) == name.startswith(("layers.1.", "layers.2.", "norm.")), name
+        above = name.startswith(("layers.1.", "layers.2.", "norm."))
+        assert torch.equal(p, before[name]) == above, name
 
 
 def test_internal_logprobs_at_L_are_the_policy(tiny_dirs):
@@ -165,15 +165,15 @@ def test_evaluate_in_chunks_gives_the_same_numbers(tiny_chat_model, length_rewar
 
 def run(model_dir, out, *extra):
     train.main(["--model", str(model_dir), "--out", str(out), "--prompts-per-step", "2",
-                "--group-size", "4",
-                "--mini-batches", "2", "--micro-batch-size", "2", "--max-new-tokens", "6", "--eval-problems", "2",
-                "--eval-samples", "2", "--lr", "1e-3", "--internal-layer", "2", *extra])
+                "--group-size", "4", "--mini-batches", "2", "--micro-batch-size", "2",
+                "--max-new-tokens", "6", "--eval-problems", "2", "--eval-samples", "2",
+                "--lr", "1e-3", "--internal-layer", "2", *extra])
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def strip_timing(rows):
-    return [{k: v for k,
-             v in r.items() if k not in ("step_time", "tokens_per_s", "peak_memory_mb", "eval_time")} for r in rows]
+    timings = ("step_time", "tokens_per_s", "peak_memory_mb", "eval_time")
+    return [{k: v for k, v in r.items() if k not in timings} for r in rows]
 
 
 def test_three_steps_end_to_end(tiny_chat_model, tmp_path, length_reward):
@@ -273,7 +273,8 @@ def test_bf16_forwards_see_every_update(tiny_chat_model, tmp_path, length_reward
     assert seen["updates"] == 6                                   # 3 steps x 2 mini-batches
     # a forward after each update (6: the eval)
     assert set(range(7)) <= set(seen["checked"])
-    assert seen["stale"] == [], f"forwards after updates {sorted(set(seen['stale']))} used stale bf16 weights"
+    stale = sorted(set(seen["stale"]))
+    assert stale == [], f"forwards after updates {stale} used stale bf16 weights"
     for r in rows[1:]:
         # the later mini-batch of each step sees the first one's update: the ratio moved
         assert math.isfinite(r["loss"]) and r["kl"] != 0 and r["grad_norm"] > 0
@@ -288,17 +289,19 @@ def test_bf16_forwards_see_every_update(tiny_chat_model, tmp_path, length_reward
 
 
 def test_resume_loads_the_model_after_the_rank_device_is_chosen(tiny_chat_model, tmp_path,
-                                                                length_reward,
-                                                                 monkeypatch):
+                                                                length_reward, monkeypatch):
     """Under torchrun the rank's device is chosen in dp.setup; a model loaded onto a device before
     that lands on the default GPU on every rank. Resume checks its checkpoint on the meta device and
     loads after setup."""
     run(tiny_chat_model, tmp_path / "r", "--steps", "1", "--eval-every", "0", "--save-every", "1")
     events, real_setup, real_load = [], train.dp.setup, Transformer.from_pretrained.__func__
-    monkeypatch.setattr(train.dp, "setup", lambda *a,
-                        **k: events.append("setup") or real_setup(*a, **k))
-    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(
-        lambda cls, path, **k: events.append(f"load:{k.get('device', 'cpu')}") or real_load(cls, path, **k)))
+    monkeypatch.setattr(train.dp, "setup",
+                        lambda *a, **k: events.append("setup") or real_setup(*a, **k))
+
+    def load(cls, path, **k):
+        events.append(f"load:{k.get('device', 'cpu')}")
+        return real_load(cls, path, **k)
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(load))
     train.main(["--resume", str(tmp_path / "r"), "--steps", "2"])
     assert "setup" in events
     before = events[:events.index("setup")]
@@ -335,8 +338,8 @@ def test_shared_prompt_pass_is_the_per_row_pass(tiny_dirs, layer):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 128, (n,), generator=g) for n in (5, 3)]
     Tp, R, rows = 5, 4, [0, 1, 0, 1, 1]                        # row i answers prompt rows[i]
-    ids, mask = torch.zeros(len(rows), Tp + R, dtype=torch.long), torch.zeros(len(rows), Tp + R,
-                                                                              dtype=torch.long)
+    ids = torch.zeros(len(rows), Tp + R, dtype=torch.long)
+    mask = torch.zeros(len(rows), Tp + R, dtype=torch.long)
     for i, p in enumerate(rows):
         ids[i, Tp - len(prompts[p]):Tp], mask[i, Tp - len(prompts[p]):Tp] = prompts[p], 1
         n = 1 if i == 3 else R

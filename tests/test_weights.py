@@ -9,8 +9,8 @@ from infra import weights
 def llama_cpp_permute(w, n_head):
     """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, the operation weights.unpermute
     undoes."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1,
-                                                                                  2).reshape(w.shape)
+    shape = w.shape
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 @pytest.mark.parametrize("n_head,head_dim", [(9, 64), (3, 64), (4, 8)])
