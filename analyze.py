@@ -201,13 +201,14 @@ def resolve_layer(value: str, model, tok, args) -> int:
             raise UserError(f"--analysis {args.analysis}: made for a model of "
                             f"{result['num_layers']} layers, this one has {L}; analyse this model "
                             f"with analyze.py")
+        dH_mlp = [r["dH_mlp"] for r in result["layers"]]
     else:
         print("--internal-layer auto: analysing 8 of the model's answers to choose the layer ...",
               file=sys.stderr)
         pairs = sample_responses(model, tok, args.task, 8, min(args.max_new_tokens, 64), args.seed,
                                  args.shots)
-        result = summarize(Path(args.model).name, model, analyze(model, pairs)[0], 8, False)
-    layer, rule = bupo.choose_internal_layer([r["dH_mlp"] for r in result["layers"]])
+        dH_mlp = bupo.entropy_changes(analyze(model, pairs)[0])["dH_mlp"]
+    layer, rule = bupo.choose_internal_layer(dH_mlp)
     why = {"boundary": "the boundary layer (last layer with mean dH_mlp > 0)",
            "penultimate": "no boundary layer below L, so the penultimate layer (the authors' "
                           "choice for late-converging models; docs/method.md 5)"}[rule]

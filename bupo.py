@@ -334,8 +334,8 @@ def response_states(model: Transformer, batch: Batch, layers) -> dict:
 
     Each distinct prompt of the batch runs once and its keys/values are shared by every row that
     answers it (the G responses of a group): the same function as one pass over [prompt; response]
-    per row, for a fraction of the compute when the prompt is longer than the responses (a 119-token
-    prompt, ~30-token answers: 3-4x)."""
+    per row, for a fraction of the compute when the prompt is longer than the responses
+    (measured: docs/usage.md, "Training")."""
     Tp, top = batch.Tp, max(layers)
     prompts, inverse = torch.unique(torch.cat([batch.ids[:, :Tp], batch.mask[:, :Tp]], 1), dim=0,
                                     return_inverse=True)

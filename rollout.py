@@ -1,8 +1,8 @@
 """
 The grouped sampler: P prompts x G responses from the full policy, written by hand.
 
-    python rollout.py --prompt "What is 7 * 8?" -G 4    # sample G answers and print them
-    python bench/bench_rollout.py                       # tokens/s against transformers' generate
+    python chat.py --prompt "What is 7 * 8?" -G 4 --temperature 1   # G answers from this sampler
+    python bench/bench_rollout.py                  # tokens/s against transformers' generate
 
 How one call works:
   1. prefill: the P prompts, left-padded, go through the model once; only the last position's logits
@@ -25,12 +25,10 @@ T = 1 with no filter these are the "old policy" log-probs of GRPO.
 """
 import hashlib
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from infra import cli
 from model import KVCache, Transformer
 
 
@@ -177,12 +175,11 @@ def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, m
 
 def compiled_decode(model: Transformer):
     """The model's forward compiled for the one-token decode step over a StaticKVCache
-    (torch.compile), the way gpt-fast decodes. Compiled on its first call (62 s for the default
-    model at batch 1 on 2 CPU cores) and reused by every later step and call; a new cache shape
-    (another max_len or P x G, the cache compaction) compiles again once, after which torch makes
-    that dimension dynamic. Measured on a CPU it is slower than eager decoding (README, "Sampling"),
-    hence off by default. Where torch cannot compile (no C++ compiler), one line says so and
-    decoding stays eager."""
+    (torch.compile), the way gpt-fast decodes. Compiled on its first call and reused by every later
+    step and call; a new cache shape (another max_len or P x G, the cache compaction) compiles again
+    once, after which torch makes that dimension dynamic. Off by default: on a CPU it is slower than
+    eager decoding (the measurements: docs/usage.md, "Sampling"). Where torch cannot compile (no C++
+    compiler), one line says so and decoding stays eager."""
     slot = model.__dict__       # kept beside the model's attributes, not registered as a submodule
     if "compiled_decode" not in slot:
         compiled = torch.compile(model)
@@ -206,10 +203,9 @@ def compiled_decode(model: Transformer):
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_size: int = 1,
-             max_new_tokens: int = 256,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             stop_ids=(),
-             pad_id: int = 0, seed: int | list[int] = 0, tokenizer=None, progress: bool = False,
+             max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, stop_ids=(), pad_id: int = 0,
+             seed: int | list[int] = 0, tokenizer=None, progress: bool = False,
              compile: bool = False) -> Rollouts:
     """Sample `group_size` responses to each prompt (token id lists, or their prefill) from the
     model's full policy."""
@@ -280,56 +276,3 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
                     response_ids,
                     response_mask, logprobs[:, :R] * response_mask, finish,
                     torch.arange(P, device=device).repeat_interleave(G), text)
-
-
-# -----------------------------------------------------------------------------
-# command line: sample a few answers
-
-def parse_args(argv=None):
-    p = cli.Parser(description="Sample G answers to one chat prompt with the hand-written sampler.")
-    cli.add_model_args(p)
-    g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", default="What is 7 * 8? Put your final answer within \\boxed{}.",
-                   help="the user message")
-    g.add_argument("-G", "--group-size", type=int, default=4, help="responses to sample")
-    g.add_argument("--max-new-tokens", type=int, default=128,
-                   help="stop a response after this many tokens")
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus sampling mass, in (0, 1] (1 = off)")
-    g.add_argument("--min-p", type=float, default=0.0,
-                   help="drop tokens below min_p * the top probability (0 = off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
-    g.add_argument("--compile", action="store_true",
-                   help="compile the decode step (slower on a CPU; docs/usage.md, 'Sampling')")
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Every argument, before the model is loaded."""
-    cli.positive(args, "--group-size", "--max-new-tokens")
-    cli.sampling(args, training=False)
-    cli.check_device(args.device)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    check_args(args)
-    model, tok = cli.load(args.model, getattr(torch, args.dtype), args.device)
-    prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
-    cli.fits_context(len(prompt), args.max_new_tokens, model.config.max_position_embeddings)
-    t0 = time.perf_counter()
-    ro = generate(model, [prompt], args.group_size, args.max_new_tokens, args.temperature,
-                  args.top_k, args.top_p,
-                  args.min_p, tok.stop_ids, tok.pad_id, args.seed, tok, progress=True,
-                  compile=args.compile)
-    dt = time.perf_counter() - t0
-    for i, r in enumerate(ro.records()):
-        print(f"--- {i} ({len(r['response_ids'])} tokens, {r['finish_reason']}, "
-              f"mean log-prob {sum(r['logprobs']) / len(r['logprobs']):.3f})\n{r['text']}")
-    print(f"--- {int(ro.response_mask.sum())} tokens in {dt:.1f} s")
-
-
-if __name__ == "__main__":
-    cli.run(main, sys.argv[1:])

@@ -47,8 +47,6 @@ metrics.jsonl, curves.png, checkpoints/) and its safety rules: runs.py.
 import argparse
 import contextlib
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -59,9 +57,8 @@ from tqdm import tqdm
 import analyze
 import bupo
 import tasks
-from infra import cli, precision, runs, weights
+from infra import cli, memory, precision, runs, weights
 from infra import distributed as dp
-from infra.errors import UserError
 from model import Transformer
 from rollout import generate, prefill
 from tokenizer import Tokenizer
@@ -163,46 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="problems sampled together (memory only: the KV cache "
                    "grows with problems x samples; 0 = all at once)")
     return p
-
-
-def check_args(args):
-    """Every argument, before anything is loaded or written."""
-    cli.not_empty(args, "--model", "--out", "--resume", "--analysis")
-    cli.positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches",
-                 "--micro-batch-size",
-                 "--max-new-tokens", "--eval-problems", "--eval-samples", "--save-every",
-                 "--keep-checkpoints")
-    cli.non_negative(args, "--internal-steps", "--eval-every", "--seed", "--eval-batch")
-    cli.finite(args, "--lr", 0, low_open=True)
-    cli.finite(args, "--weight-decay", 0)
-    cli.finite(args, "--grad-clip", 0, low_open=True)
-    cli.finite(args, "--clip-low", 0, 1, high_open=True)
-    cli.finite(args, "--clip-high", 0)
-    cli.finite(args, "--kl-coef", 0)
-    cli.sampling(args, training=True)
-    if args.dual_clip != 0 and not (math.isfinite(args.dual_clip) and args.dual_clip > 1):
-        raise UserError(f"--dual-clip {args.dual_clip}: must be 0 (off) or a finite number > 1")
-    if args.prompts_per_step % args.mini_batches:
-        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of "
-                        f"--mini-batches {args.mini_batches}, so that every update sees whole "
-                        f"groups")
-    if args.internal_layer != "auto" and not args.internal_layer.isdigit():
-        raise UserError(f"--internal-layer {args.internal_layer!r}: must be auto or a layer number "
-                        f"(1-based)")
-    if args.group_size == 1 and args.advantage != "grpo":
-        raise UserError(f"--group-size 1 with --advantage {args.advantage}: every advantage would "
-                        f"be 0; use G >= 2")
-    if args.group_size == 1:
-        print("warning: --group-size 1: no group baseline; the advantage is the raw reward (verl's "
-              "convention for groups of one), so this is REINFORCE, not GRPO", file=sys.stderr)
-    if args.algo == "bupo" and args.internal_steps >= args.steps:
-        print(f"warning: --internal-steps {args.internal_steps} >= --steps {args.steps}: every "
-              f"step is phase 1, so the layers above l and the final norm are never trained (the "
-              f"paper: ~10% of steps)",
-              file=sys.stderr)
-    if args.analysis:
-        cli.existing_file(args.analysis, "--analysis")
-    cli.check_device(args.device)
 
 
 # -----------------------------------------------------------------------------
@@ -352,21 +309,13 @@ def step_metrics(step, policy_layer, L, G, rewards, sums, grad_norms, skipped, n
          "loss": sum(sums[f"loss/{k}"] for k in range(n_mini)) / n_mini,
          "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
          "skipped_steps": skipped,
-         "step_time": dt, "tokens_per_s": n_tok / dt, "peak_memory_mb": peak_memory_mb(device)}
+         "step_time": dt, "tokens_per_s": n_tok / dt,
+         "peak_memory_mb": memory.peak_memory_mb(device)}
     if "stat/entropy_layer" in sums:
         m.update({"internal/entropy": sums["stat/entropy_layer"] / n_tok,
                   "internal/kl_to_policy": sums["stat/kl_layer"] / n_tok,
                   "internal/cos_to_top": sums["stat/cos_layer"] / n_tok})
     return m
-
-
-def peak_memory_mb(device) -> float:
-    """Peak memory so far, MiB: CUDA memory allocated by torch on a GPU, the process's peak RSS on a
-    CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
 
 
 # -----------------------------------------------------------------------------
@@ -434,14 +383,15 @@ def main(argv=None):
 
 def run_training(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = build_parser()
-    args = p.parse_args(argv)
-    check_args(args)
-    # W_U h_l without the norm gives logits so spread that softmax underflows into subnormal floats,
-    # which CPUs compute ~5x slower (phase 1 at l=7 of SmolLM2: 6.0 s -> 1.15 s per micro-batch);
-    # flush them to 0 instead
+    args = build_parser().parse_args(argv)
+    cli.check_train(args)
+    # un-normed W_U h_l logits are so spread that softmax underflows into subnormal floats, which
+    # CPUs compute ~5x slower: flush them to 0 instead
     torch.set_flush_denormal(True)
-    args, state, model_dir = open_run(p, argv, args)
+    # the weights of a checkpoint to resume are checked on the meta device: the rank's device is
+    # not chosen yet, and under torchrun every rank would load onto the default GPU
+    args, state, model_dir = runs.open_run(args, argv, build_parser, RESUME_MAY_CHANGE,
+                                           lambda c: Transformer.from_pretrained(c, device="meta"))
     device = dp.setup(args.device, args.prompts_per_step, args.mini_batches, args.eval_problems,
                       args.eval_every > 0)
     # only rank 0 writes files and prints progress
@@ -453,17 +403,11 @@ def run_training(argv=None):
     ref = Transformer.from_pretrained(args.model, device=device) if args.kl_coef > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                             weight_decay=args.weight_decay)
-    start = 1
-    if state:
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"] + 1
-        if lead:
-            runs.repair_metrics(args.out, start)
-            runs.note_resume(args.out, start)
-    stop = stop_after_ctrl_c()
+    start = runs.restore(opt, state, args.out, lead)   # 1, or the step after the resumed one
+    stop = cli.stop_after_ctrl_c()
     # mixed precision: one autocast region per forward phase, opened inside rl_step / evaluate
     # (infra/precision.py)
-    dtype = precision.compute_dtype(getattr(args, "dtype", "auto"), device)
+    dtype = precision.compute_dtype(args.dtype, device)
     amp = lambda: precision.autocast(device, dtype)           # noqa: E731
     step, stopping = start - 1, False
     if start == 1 and args.eval_every:
@@ -489,37 +433,10 @@ def run_training(argv=None):
         if stopping:
             break
     if lead:
-        runs.plot_curves(args.out, f"{args.algo} on {Path(args.model).name}, task {args.task}"
-                         + (f", pi^{layer} for steps 1..{args.internal_steps}"
-                            if args.algo == "bupo" else ""))
-        print(f"{'stopped' if stopping else 'done'} at step {step}: {args.out}/metrics.jsonl, "
-              f"curves.png, checkpoints/", file=sys.stderr)
+        phase1 = f", pi^{layer} for steps 1..{args.internal_steps}" if args.algo == "bupo" else ""
+        runs.finish(args.out, f"{args.algo} on {Path(args.model).name}, task {args.task}{phase1}",
+                    step, stopping)
     dp.teardown()
-
-
-def open_run(p, argv, args):
-    """(args, trainer state or None, model folder): a new run's folder checked (a folder that holds
-    a run is refused before any work), or a resumed run's newest complete checkpoint and saved
-    arguments. Paths are made absolute once, so that a resume from another working folder finds
-    them."""
-    for k in ("model", "out", "analysis", "resume"):
-        if getattr(args, k):
-            setattr(args, k, os.path.abspath(getattr(args, k)))
-    if not args.resume:
-        runs.check_new(args.out, args.overwrite)
-        return args, None, args.model
-    # the checkpoint's weights are checked on the meta device: the rank's device is not chosen yet,
-    # and under torchrun every rank would load onto the default GPU
-    ckpt, state, _ = runs.resumable(args.resume,
-                                    lambda c: Transformer.from_pretrained(c, device="meta"),
-                                    writer=dp.launched_rank() == 0)
-    args = runs.resume_args(args, cli.explicit_flags(p, argv), state, build_parser(),
-                            RESUME_MAY_CHANGE)
-    if args.steps <= state["step"]:
-        raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of "
-                        f"{args.steps}; pass --steps N with N > {state['step']} to continue it")
-    print(f"resuming {args.out} from {ckpt.name}", file=sys.stderr)
-    return args, state, ckpt
 
 
 def load_policy(model_dir, state, args, device, lead):
@@ -538,20 +455,6 @@ def load_policy(model_dir, state, args, device, lead):
     if not state and args.algo == "bupo" and lead:
         layer = analyze.resolve_layer(args.internal_layer, model, tok, args)
     return model, tok, int(dp.all_sum({"layer": layer if lead else 0}, device)["layer"])
-
-
-def stop_after_ctrl_c() -> list:
-    """A list that the first Ctrl-C appends to: the loop finishes the step, saves and exits; a
-    second aborts."""
-    stop = []
-
-    def on_interrupt(*_):
-        stop.append(True)
-        print("\nCtrl-C: stopping after this step and saving a checkpoint (again to abort)",
-              file=sys.stderr)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, on_interrupt)
-    return stop
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ line; a traceback means a bug. Each tool checks its own arguments in one functio
 """
 import argparse
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -196,3 +197,57 @@ def load(model_dir, dtype=None, device="cpu"):
     weights.ensure_if_default(model_dir)
     return (Transformer.from_pretrained(model_dir, dtype=dtype or torch.float32, device=device),
             Tokenizer(model_dir))
+
+
+def check_train(args):
+    """Every argument of train.py, before anything is loaded or written."""
+    not_empty(args, "--model", "--out", "--resume", "--analysis")
+    positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches",
+                 "--micro-batch-size",
+                 "--max-new-tokens", "--eval-problems", "--eval-samples", "--save-every",
+                 "--keep-checkpoints")
+    non_negative(args, "--internal-steps", "--eval-every", "--seed", "--eval-batch")
+    finite(args, "--lr", 0, low_open=True)
+    finite(args, "--weight-decay", 0)
+    finite(args, "--grad-clip", 0, low_open=True)
+    finite(args, "--clip-low", 0, 1, high_open=True)
+    finite(args, "--clip-high", 0)
+    finite(args, "--kl-coef", 0)
+    sampling(args, training=True)
+    if args.dual_clip != 0 and not (math.isfinite(args.dual_clip) and args.dual_clip > 1):
+        raise UserError(f"--dual-clip {args.dual_clip}: must be 0 (off) or a finite number > 1")
+    if args.prompts_per_step % args.mini_batches:
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of "
+                        f"--mini-batches {args.mini_batches}, so that every update sees whole "
+                        f"groups")
+    if args.internal_layer != "auto" and not args.internal_layer.isdigit():
+        raise UserError(f"--internal-layer {args.internal_layer!r}: must be auto or a layer number "
+                        f"(1-based)")
+    if args.group_size == 1 and args.advantage != "grpo":
+        raise UserError(f"--group-size 1 with --advantage {args.advantage}: every advantage would "
+                        f"be 0; use G >= 2")
+    if args.group_size == 1:
+        print("warning: --group-size 1: no group baseline; the advantage is the raw reward (verl's "
+              "convention for groups of one), so this is REINFORCE, not GRPO", file=sys.stderr)
+    if args.algo == "bupo" and args.internal_steps >= args.steps:
+        print(f"warning: --internal-steps {args.internal_steps} >= --steps {args.steps}: every "
+              f"step is phase 1, so the layers above l and the final norm are never trained (the "
+              f"paper: ~10% of steps)",
+              file=sys.stderr)
+    if args.analysis:
+        existing_file(args.analysis, "--analysis")
+    check_device(args.device)
+
+
+def stop_after_ctrl_c() -> list:
+    """A list that the first Ctrl-C appends to: the loop finishes the step, saves and exits; a
+    second aborts."""
+    stop = []
+
+    def on_interrupt(*_):
+        stop.append(True)
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (again to abort)",
+              file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, on_interrupt)
+    return stop

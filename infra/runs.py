@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from infra.cli import explicit_flags
+from infra.distributed import launched_rank
 from infra.errors import UserError
 from infra.files import (check_writable_dir, claim_dir, describe_os_error, make_dir,
                          remove_partial, replace_dir,
@@ -167,6 +169,51 @@ def repair_metrics(out, start_step: int):
         print(f"resume: metrics.jsonl cut back to the {len(kept)} lines before step {start_step}; "
               f"{len(dropped)} later or broken lines moved to {aside}", file=sys.stderr)
     write_text(file, "".join(x + "\n" for x in kept))
+
+
+def open_run(args, argv, build_parser, may_change: tuple, load_meta):
+    """(args, trainer state or None, model folder): a new run's folder checked (a folder that holds
+    a run is refused before any work), or a resumed run's newest complete checkpoint and saved
+    arguments (`may_change`: the flags a resume may change; load_meta(folder) checks a checkpoint's
+    weights without placing them on a device). Paths are made absolute once, so that a resume from
+    another working folder finds them."""
+    for k in ("model", "out", "analysis", "resume"):
+        if getattr(args, k):
+            setattr(args, k, os.path.abspath(getattr(args, k)))
+    if not args.resume:
+        check_new(args.out, args.overwrite)
+        return args, None, args.model
+    # the checkpoint's weights are checked on the meta device: the rank's device is not chosen yet,
+    # and under torchrun every rank would load onto the default GPU
+    ckpt, state, _ = resumable(args.resume, load_meta, writer=launched_rank() == 0)
+    args = resume_args(args, explicit_flags(build_parser(), argv), state, build_parser(),
+                       may_change)
+    if args.steps <= state["step"]:
+        raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of "
+                        f"{args.steps}; pass --steps N with N > {state['step']} to continue it")
+    print(f"resuming {args.out} from {ckpt.name}", file=sys.stderr)
+    return args, state, ckpt
+
+
+def restore(opt, state: dict | None, out, writer: bool) -> int:
+    """The first step to run: 1 for a new run; for a resumed one, the step after its checkpoint,
+    with the optimizer state loaded and (by the writer) metrics.jsonl cut back to that checkpoint
+    and the resume noted in resumes.jsonl."""
+    if not state:
+        return 1
+    opt.load_state_dict(state["optimizer"])
+    start = state["step"] + 1
+    if writer:
+        repair_metrics(out, start)
+        note_resume(out, start)
+    return start
+
+
+def finish(out, title: str, step: int, stopped: bool):
+    """The end of a run (finished or stopped by Ctrl-C): its curves, and one line saying where."""
+    plot_curves(out, title)
+    print(f"{'stopped' if stopped else 'done'} at step {step}: {out}/metrics.jsonl, curves.png, "
+          f"checkpoints/", file=sys.stderr)
 
 
 def resume_args(args, given: set, state: dict, parser, may_change: tuple) -> argparse.Namespace:

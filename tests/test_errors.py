@@ -142,21 +142,19 @@ ROWS = [
      "long.jsonl:1:", "more than 64"),
     ("analyze", ["--model", "{model}", "--out", "{tmp}/a5", "--responses", "{tmp}/file.txt"],
      "file.txt:1: not valid JSON"),
-    # rollout.py
-    ("rollout", ["-G", "0"], "--group-size 0"),
-    ("rollout", ["--model", "{model}", "--max-new-tokens", "300"],
+    # chat.py: the sampler flags
+    ("chat", ["-G", "0"], "--group-size 0"),
+    ("chat", ["--model", "{model}", "--max-new-tokens", "300"],
      "exceed the model's context of 256 tokens"),
-    ("rollout", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
-    ("rollout", ["--temperature", "-1"], "--temperature -1.0"),
-    ("rollout", ["--top-k", "-1"], "--top-k -1"),
-    ("rollout", ["--top-p", "0"], "--top-p 0.0: must be a finite number > 0 and <= 1"),
-    ("rollout", ["--top-p", "1.5"], "--top-p 1.5"),
-    ("rollout", ["--min-p", "-0.1"], "--min-p -0.1"),
-    ("rollout", ["--min-p", "2"], "--min-p 2.0"),
-    ("rollout", ["--dtype", "int8"], "argument --dtype: invalid choice"),
-    ("rollout", ["--model", "{tmp}/file.txt"], "file.txt: is a file, not a model folder"),
-    # chat.py
     ("chat", ["--max-new-tokens", "0"], "--max-new-tokens 0"),
+    ("chat", ["--temperature", "-1"], "--temperature -1.0"),
+    ("chat", ["--top-k", "-1"], "--top-k -1"),
+    ("chat", ["--top-p", "0"], "--top-p 0.0: must be a finite number > 0 and <= 1"),
+    ("chat", ["--top-p", "1.5"], "--top-p 1.5"),
+    ("chat", ["--min-p", "-0.1"], "--min-p -0.1"),
+    ("chat", ["--min-p", "2"], "--min-p 2.0"),
+    ("chat", ["--dtype", "int8"], "argument --dtype: invalid choice"),
+    ("chat", ["--model", "{tmp}/file.txt"], "file.txt: is a file, not a model folder"),
     ("chat", ["--temperature", "nan"], "--temperature nan"),
     ("chat", ["--prompt", ""], "--prompt is empty"),
     ("chat", ["--model", "{tmp}/no-model"], "no-model: no such model folder"),
@@ -217,7 +215,7 @@ def test_bad_input_is_one_line(scratch, tiny_chat_model, tool, argv, fragments):
 
 
 def test_enough_rows():
-    tools = {"train", "analyze", "rollout", "chat", "experiments/report", "bench/bench_train"}
+    tools = {"train", "analyze", "chat", "experiments/report", "bench/bench_train"}
     assert len(ROWS) >= 40 and {r[0] for r in ROWS} >= tools
 
 
@@ -232,7 +230,7 @@ def test_missing_gpu_is_not_called_a_corrupt_file(tiny_chat_model):
 
 @pytest.mark.parametrize("tool,arg",
                          [("train.py", "--steps=0"), ("analyze.py", "-n=0"),
-                          ("rollout.py", "--top-p=2"),
+                          ("chat.py", "--top-p=2"),
                                       ("chat.py", "--max-new-tokens=-3")])
 def test_real_command_lines(tool, arg):
     """The scripts themselves, in a process of their own: exit code 1 or 2, one line on stderr, no

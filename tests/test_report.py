@@ -199,36 +199,65 @@ def check_quickstart(run: Path):
 
 
 def test_check_quickstart(tmp_path):
-    """The quick-start check matches records by step: the reference itself agrees, a changed metric
-    is named with its step, and a shorter run with other arguments is compared on the steps both
-    have, with a note."""
+    """The quick-start check tells the reference's own numbers (identical), another CPU's rounding,
+    a changed computation and a broken README range apart; a shorter run with other arguments is
+    compared on the steps both have, with a note."""
     ref = ROOT / "experiments" / "results" / "quickstart"
     rows = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
     args = json.loads((ref / "args.json").read_text())
     run = tmp_path / "run" / "bupo"
     run.mkdir(parents=True)
 
-    def write(rows, **changed):
+    def check(rows, **changed):
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "args.json").write_text(json.dumps({**args, **changed, "out": "elsewhere"}))
+        return check_quickstart(tmp_path / "run")
+
+    def at(step, **changed):
+        return [{**r, **changed} if r["step"] == step and "reward" in r else r for r in rows]
 
     # timings never count
-    write([{**r, "step_time": 1.0} if "step_time" in r else r for r in rows])
-    done = check_quickstart(tmp_path / "run")
-    assert done.returncode == 0 and f"all {len(rows)} steps equal" in done.stdout, done.stdout
-    write([{**r, "reward": 0.5} if r["step"] == 2 else r for r in rows])
-    done = check_quickstart(tmp_path / "run")
-    assert done.returncode == 1 and "step 2: reward = 0.5" in done.stdout, done.stdout
+    done = check([{**r, "step_time": 1.0} if "step_time" in r else r for r in rows])
+    assert done.returncode == 0 and f"identical: all {len(rows)} steps" in done.stdout, done.stdout
+    # another CPU: the step-1 entropy 1.6e-4 off, and the runs part ways later (a flipped token)
+    step1 = rows[1]["entropy"] * (1 + 1.6e-4)
+    drift = [{**r, "entropy": step1} if r["step"] == 1 else r for r in at(4, reward=0.96875)]
+    done = check(drift)
+    assert done.returncode == 0 and "verdict: rounding" in done.stdout, done.stdout
+    assert "step 1, the first difference, is float rounding" in done.stdout, done.stdout
+    # the same tokens, a loss 10% off: the computation changed
+    done = check(at(1, loss=rows[1]["loss"] * 1.1))
+    assert done.returncode == 1 and "moved by more than rounding" in done.stdout, done.stdout
+    # a flipped token that leaves README's range
+    done = check(at(2, reward=0.5))
+    assert done.returncode == 1 and "train reward at step 2 is 0.5" in done.stdout, done.stdout
+    # the untrained model's greedy answers samples nothing: a difference there is not rounding
+    done = check([{**r, "eval/greedy_acc": 0.625} if r["step"] == 0 else r for r in rows])
+    assert done.returncode == 1 and "step 0, the untrained model's" in done.stdout, done.stdout
     # --steps 2 --eval-every 0
-    short = [r for r in rows if 1 <= r["step"] <= 2]
-    write(short, steps=2, eval_every=0)
-    done = check_quickstart(tmp_path / "run")
-    assert done.returncode == 1 and "--steps 2 (reference 6)" in done.stdout, done.stdout
-    assert "the 2 steps both have agree" in done.stdout, done.stdout
+    done = check([r for r in rows if 1 <= r["step"] <= 2], steps=2, eval_every=0)
+    assert done.returncode == 0 and "--steps 2 (reference 6)" in done.stdout, done.stdout
+    assert "identical: the 2 steps both have" in done.stdout, done.stdout
     (run / "metrics.jsonl").write_text('{"step": 1, "rew')
     done = check_quickstart(tmp_path / "run")
     assert (done.returncode == 1 and done.stderr.startswith("error: ")
             and "Traceback" not in done.stderr)
+
+
+def test_check_quickstart_holds_the_analysis_to_the_same_rule(tmp_path):
+    """entropy.json beside the run: identical, rounding-level (passes), or the same tokens with an
+    entropy moved by more than rounding (fails)."""
+    ref = ROOT / "experiments" / "results" / "quickstart"
+    (tmp_path / "bupo").mkdir()
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "bupo" / "metrics.jsonl").write_text((ref / "metrics.jsonl").read_text())
+    flow = json.loads((ref / "entropy.json").read_text())
+    for factor, code, word in ((1.0, 0, "identical"), (1 + 1e-5, 0, "rounding"),
+                               (1.05, 1, "regression")):
+        flow["H_policy"] = json.loads((ref / "entropy.json").read_text())["H_policy"] * factor
+        (tmp_path / "analysis" / "entropy.json").write_text(json.dumps(flow))
+        done = check_quickstart(tmp_path)
+        assert done.returncode == code and f"verdict: {word}" in done.stdout, done.stdout
 
 
 def test_plan_verdict_follows_the_plan():

@@ -9,6 +9,7 @@ import torch
 import bupo
 import tasks
 import train
+from infra import cli
 from model import Transformer
 
 
@@ -367,10 +368,8 @@ def test_shared_prompt_pass_is_the_per_row_pass(tiny_dirs, layer):
 
 @pytest.mark.parametrize("argv,warned",
                          [(["--algo", "bupo", "--steps", "4", "--internal-steps", "4"], True),
-                                         (["--algo", "bupo", "--steps", "5", "--internal-steps",
-                                           "4"], False),
-                                         (["--algo", "grpo", "--steps", "4", "--internal-steps",
-                                           "4"], False)])
+                          (["--algo", "bupo", "--steps", "5", "--internal-steps", "4"], False),
+                          (["--algo", "grpo", "--steps", "4", "--internal-steps", "4"], False)])
 def test_a_run_that_is_all_phase_1_is_warned_about(argv, warned, capsys):
-    train.check_args(train.build_parser().parse_args(argv))
+    cli.check_train(train.build_parser().parse_args(argv))
     assert ("every step is phase 1" in capsys.readouterr().err) == warned
