@@ -61,7 +61,6 @@ from infra import cli, memory, precision, runs, weights
 from infra import distributed as dp
 from model import Transformer
 from rollout import generate, prefill
-from tokenizer import Tokenizer
 
 # flags that may differ from the saved run's when resuming: they change where or how often, not what
 # is computed
@@ -446,11 +445,11 @@ def load_policy(model_dir, state, args, device, lead):
         weights.ensure_if_default(model_dir)
     # rank 0 has built the default model, if it was missing
     dp.barrier()
-    model = Transformer.from_pretrained(model_dir, device=device)
-    tok = Tokenizer(model_dir)
+    # the weights and the tokenizer, checked against each other (infra/checkpoint.py)
+    model, tok = cli.load(model_dir, device=device)
     cli.fits_context(tasks.longest_prompt(tok, args.task, args.shots, args.seed),
-                     args.max_new_tokens,
-                     model.config.max_position_embeddings, f"the longest {args.task} prompt")
+                     args.max_new_tokens, model.config.max_position_embeddings,
+                     f"the longest {args.task} prompt")
     layer = state["internal_layer"] if state else model.config.num_layers
     if not state and args.algo == "bupo" and lead:
         layer = analyze.resolve_layer(args.internal_layer, model, tok, args)

@@ -280,3 +280,30 @@ def write_folder(path, tensors: dict, config: dict, copy_from=None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_tokenizer(folder, vocab_size: int, tok):
+    """The tokenizer against the weights' vocabulary: every id it can produce must index the
+    embedding, and the end-of-turn token it names must exist, or responses never stop. One
+    ModelLoadError naming the file and the fix; called by every load of a model folder
+    (infra/cli.load)."""
+    n = tok.vocab_size
+    if n > vocab_size:
+        raise ModelLoadError(f"{folder}: tokenizer.json has {n} tokens but the weights' vocabulary "
+                             f"has {vocab_size} (config.json vocab_size): ids {vocab_size} and up "
+                             f"would index past the embedding; use the tokenizer of these weights")
+    named = tok.special["eos_token"]
+    if named is not None and tok.tok.token_to_id(named) is None:
+        raise ModelLoadError(f"{folder / 'tokenizer_config.json'}: eos_token {named!r} is not a "
+                             f"token of tokenizer.json, so answers would never stop; name a token "
+                             f"the tokenizer has")
+    ids = {"a stop id (eos_token_id)": max(tok.stop_ids, default=None), "pad": tok.pad_id}
+    for what, i in ids.items():
+        if i is not None and i >= vocab_size:
+            raise ModelLoadError(f"{folder}: {what} {i} is outside the vocabulary of "
+                                 f"{vocab_size}; fix eos_token_id / the special tokens")
+    if not tok.stop_ids:
+        raise ModelLoadError(f"{folder}: no end-of-sequence token (eos_token_id in config.json or "
+                             f"generation_config.json, eos_token in tokenizer_config.json), so "
+                             f"answers would never stop; name one")
+

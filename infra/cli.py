@@ -10,6 +10,7 @@ line; a traceback means a bug. Each tool checks its own arguments in one functio
 """
 import argparse
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -49,6 +50,16 @@ def run(main, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # the reader of stdout has quit (`... | head`): end quietly, as Unix tools do (stdout goes
+        # to /dev/null so that the interpreter's last flush does not fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except OSError as e:
+        # a file error no check caught (the disk filled up mid-run, ...): still one line
+        from infra.files import describe_os_error
+        where = f"{e.filename}: " if e.filename else ""
+        sys.exit(f"error: {where}{describe_os_error(e)}")
     except RuntimeError as e:
         # torch.OutOfMemoryError on a GPU; the CPU allocator raises a plain RuntimeError
         if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
@@ -194,18 +205,20 @@ def load(model_dir, dtype=None, device="cpu"):
     from infra import weights
     from model import Transformer
     from tokenizer import Tokenizer
+    from infra.checkpoint import check_tokenizer
     weights.ensure_if_default(model_dir)
-    return (Transformer.from_pretrained(model_dir, dtype=dtype or torch.float32, device=device),
-            Tokenizer(model_dir))
+    model = Transformer.from_pretrained(model_dir, dtype=dtype or torch.float32, device=device)
+    tok = Tokenizer(model_dir)
+    check_tokenizer(Path(model_dir), model.config.vocab_size, tok)
+    return model, tok
 
 
 def check_train(args):
     """Every argument of train.py, before anything is loaded or written."""
     not_empty(args, "--model", "--out", "--resume", "--analysis")
     positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches",
-                 "--micro-batch-size",
-                 "--max-new-tokens", "--eval-problems", "--eval-samples", "--save-every",
-                 "--keep-checkpoints")
+             "--micro-batch-size", "--max-new-tokens", "--eval-problems", "--eval-samples",
+             "--save-every", "--keep-checkpoints")
     non_negative(args, "--internal-steps", "--eval-every", "--seed", "--eval-batch")
     finite(args, "--lr", 0, low_open=True)
     finite(args, "--weight-decay", 0)

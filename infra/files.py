@@ -8,13 +8,12 @@ aside. Nothing here deletes a user's file. Errors are infra/errors.py's.
 """
 import errno
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 from infra.errors import UserError
-
-
 
 
 def describe_os_error(e: OSError) -> str:
@@ -23,24 +22,65 @@ def describe_os_error(e: OSError) -> str:
         return "no space left on the device; free some disk space"
     if e.errno == errno.EDQUOT:
         return "disk quota exceeded; free some space"
+    if e.errno == errno.EFBIG:
+        return ("a file-size limit stopped the write (ulimit -f, or the file system's largest "
+                "file); raise the limit or write elsewhere")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "permission denied or read-only; choose a folder you can write to"
     return e.strerror or str(e)
 
 
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed, for an OSError and for the serializers' own errors, which are not
+    OSErrors (safetensors' SafetensorError "I/O error: ... (os error 28)", torch.save's
+    RuntimeError from its zip writer); None when `e` is not a failed write."""
+    if isinstance(e, OSError):
+        return describe_os_error(e)
+    text = str(e)
+    code = re.search(r"os error (\d+)", text)
+    if type(e).__name__ == "SafetensorError" and code:
+        n = int(code.group(1))
+        return describe_os_error(OSError(n, os.strerror(n)))
+    if type(e).__name__ == "SafetensorError" or (
+            isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text
+                                             or "inline_container" in text)):
+        return "the write stopped short: usually a full disk, a quota or a file-size limit"
+    return None
+
+
+def size_text(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def free_space(path) -> str:
+    """'N.N GiB free there': the free space of the file system of `path` (or its nearest existing
+    parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{size_text(shutil.disk_usage(p).free)} free there"
+    except OSError:
+        return "free space unknown"
+
+
 def write_atomic(path, write):
     """write(tmp_path) into a temporary file beside `path`, then rename it over `path`: a reader
-    sees the old file or the new one, never a mix. On any failure the temporary file is removed and
-    the error re-raised."""
+    sees the old file or the new one, never a mix. On any failure the temporary file is removed;
+    a failed write (disk full, quota, a serializer's own error) becomes one UserError naming the
+    path, anything else is re-raised."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        why = write_failure(e)
+        if why is None:
+            raise
+        raise UserError(f"writing {path} failed ({why}; {free_space(path)})") from None
 
 
 def write_text(path, text: str):

@@ -27,9 +27,9 @@ import torch
 from infra.cli import explicit_flags
 from infra.distributed import launched_rank
 from infra.errors import UserError
-from infra.files import (check_writable_dir, claim_dir, describe_os_error, make_dir,
-                         remove_partial, replace_dir,
-                         write_atomic, write_text)
+from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_space, make_dir,
+                         remove_partial, replace_dir, size_text, write_atomic, write_failure,
+                         write_text)
 
 MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
 
@@ -132,11 +132,18 @@ def unlock_all():
 
 
 def log(out, row: dict):
-    """Append one line to metrics.jsonl and make it durable before the next step starts."""
-    with open(Path(out) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line to metrics.jsonl and make it durable before the next step starts. A failed
+    append is one line; a line it cut short is repaired by the next resume (repair_metrics)."""
+    file = Path(out) / "metrics.jsonl"
+    try:
+        with open(file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"appending step {row.get('step')} to {file} failed "
+                        f"({describe_os_error(e)}; {free_space(file)}); the steps before it are "
+                        f"kept, and --resume {out} continues from the newest checkpoint") from None
 
 
 def read_metrics(out) -> list[dict]:
@@ -261,16 +268,18 @@ def save_checkpoint(model, opt, args, step: int, layer: int) -> Path:
                     "internal_layer": layer},
                    tmp / "trainer_state.pt")
         replace_dir(tmp, final)
-    except OSError as e:
+    except BaseException as e:
         remove_partial(tmp)
+        # a full disk, a quota or a size limit: OSError, or the serializers' own error types
+        why = write_failure(e)
+        if why is None:
+            raise
         last = newest(root)
-        raise UserError(f"writing checkpoint {final} failed ({describe_os_error(e)}); "
+        need = sum(p.numel() * p.element_size() for p in model.parameters()) * 3
+        raise UserError(f"writing checkpoint {final} failed ({why}; {free_space(root)}, a "
+                        f"checkpoint takes about {size_text(need)}); "
                         + (f"the last complete one is {last.name}: --resume {args.out} continues "
-                           f"from it"
-                           if last else "no checkpoint was written yet")) from None
-    except BaseException:
-        remove_partial(tmp)
-        raise
+                           f"from it" if last else "no checkpoint was written yet")) from None
     for old in sorted((p for p in root.glob("step_*") if 0 <= _step(p) <= step),
                       key=_step)[:-args.keep_checkpoints]:
         # only names this code writes: a user's step_000002.bak copy stays
@@ -314,6 +323,31 @@ def load_trainer_state(ckpt: Path) -> dict:
     return state
 
 
+def check_consistent(ckpt: Path, state: dict, model):
+    """The checkpoint's weights, its optimizer state and its saved step and layer belong together:
+    else (a trainer_state.pt of another run or model copied in) the first update would fail mid-step
+    or train the wrong layer. ValueError names the first mismatch."""
+    if _step(ckpt) != state["step"]:
+        raise ValueError(f"trainer_state.pt is of step {state['step']}, the folder of step "
+                         f"{_step(ckpt)}")
+    L = model.config.num_layers
+    if type(state["internal_layer"]) is not int or not 1 <= state["internal_layer"] <= L:
+        raise ValueError(f"trainer_state.pt's internal layer {state['internal_layer']!r} is not a "
+                         f"layer of this {L}-layer model")
+    params = list(model.parameters())
+    opt = state["optimizer"]
+    ids = [i for g in opt.get("param_groups", []) for i in g.get("params", [])]
+    if len(ids) != len(params):
+        raise ValueError(f"the optimizer state holds {len(ids)} parameters, the weights "
+                         f"{len(params)}: it is another model's")
+    for i, p in zip(ids, params):
+        for name, t in opt.get("state", {}).get(i, {}).items():
+            if isinstance(t, torch.Tensor) and t.dim() and tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"the optimizer's {name} of parameter {i} has shape "
+                                 f"{list(t.shape)}, the weight {list(p.shape)}: another model's "
+                                 f"optimizer state")
+
+
 def resumable(out, load_model, writer: bool = True) -> tuple:
     """(checkpoint folder, trainer state, model) of the newest checkpoint of OUT that loads
     completely. Newer ones that are incomplete or damaged are skipped with a warning, never deleted.
@@ -335,7 +369,9 @@ def resumable(out, load_model, writer: bool = True) -> tuple:
     for ckpt in found:
         try:
             state = load_trainer_state(ckpt)
-            return ckpt, state, load_model(ckpt)
+            model = load_model(ckpt)
+            check_consistent(ckpt, state, model)
+            return ckpt, state, model
         except (ValueError, UserError) as e:   # ModelLoadError is a UserError
             print(f"warning: skipping {ckpt}: {str(e).splitlines()[0]}; trying an earlier "
                   f"checkpoint",

@@ -143,3 +143,49 @@ def test_a_token_id_outside_the_vocabulary_is_refused(folder):
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [1, cfg["vocab_size"]]}))
     expect(folder, "config.json", f"token id {cfg['vocab_size']}", "outside the vocabulary")
+
+
+@pytest.fixture
+def paired(tiny_chat_model, tmp_path):
+    """A copy of the tiny chat model: weights and the default model's tokenizer."""
+    d = tmp_path / "pair"
+    shutil.copytree(tiny_chat_model, d)
+    return d
+
+
+def load_pair(folder, *fragments):
+    from infra import cli
+    with pytest.raises(ModelLoadError) as e:
+        cli.load(folder)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for f in fragments:
+        assert f in msg, msg
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(paired, tiny_dirs):
+    """Weights of a 128-token vocabulary with a 49152-token tokenizer: ids past the embedding
+    (an IndexError mid-rollout before) are refused when the folder is loaded."""
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_dirs["llama", True] / name, paired / name)
+    load_pair(paired, "tokenizer.json has 49152 tokens", "vocabulary has 128")
+
+
+def test_an_eos_token_the_tokenizer_lacks_is_refused(paired):
+    cfg = json.loads((paired / "tokenizer_config.json").read_text())
+    (paired / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "<|nope|>"}))
+    load_pair(paired, "tokenizer_config.json", "'<|nope|>' is not a token", "never stop")
+
+
+def test_no_end_of_sequence_token_at_all_is_refused(tiny_dirs, tmp_path):
+    """A word-level tokenizer with no end-of-turn token, and no eos_token_id anywhere."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+    d = tmp_path / "no-eos"
+    shutil.copytree(tiny_dirs["llama", True], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "eos_token_id": None, "bos_token_id": None}))
+    (d / "generation_config.json").unlink(missing_ok=True)
+    HFTokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(
+        str(d / "tokenizer.json"))
+    load_pair(d, "no end-of-sequence token", "never stop")

@@ -150,3 +150,32 @@ def test_a_model_path_that_is_a_link_loop_is_one_line(tmp_path):
     with pytest.raises(train.UserError, match="symbolic link loop"):
         train.main(["--model", str(tmp_path / "a"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_whose_optimizer_state_is_another_models_is_skipped(tiny_chat_model, tmp_path,
+                                                                         length_reward, capsys):
+    """The weights, the optimizer state and the saved step of a checkpoint are checked against each
+    other before any step: a trainer_state.pt of another model copied in used to load, and the
+    first update failed mid-step with a traceback."""
+    import torch
+    from infra import cli
+    out = tmp_path / "run"
+    train.main(writer_argv("new", tiny_chat_model, out, 2))
+    newest = out / "checkpoints" / "step_000002" / "trainer_state.pt"
+    state = torch.load(newest, weights_only=True)
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3, 5)   # another model's shapes
+    torch.save(state, newest)
+    train.main(["--resume", str(out), "--steps", "3"])
+    err = capsys.readouterr().err
+    assert "skipping" in err and "step_000002" in err and "another model's" in err, err
+    assert steps_of(out) == [1, 2, 3]      # continued from step 1, step 2 redone
+    # the only checkpoint damaged the same way: one line, nothing written
+    for name in ("step_000001", "step_000003"):
+        shutil.rmtree(out / "checkpoints" / name, ignore_errors=True)
+    torch.save({**state, "step": 2}, newest)
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.main, ["--resume", str(out), "--steps", "4"])
+    assert str(e.value.code).startswith("error: --resume") and "no complete checkpoint" in str(
+        e.value.code)
+    assert (out / "metrics.jsonl").read_text() == before
