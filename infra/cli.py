@@ -39,6 +39,23 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         sys.exit(f"error: {message} ({self.prog} --help lists the flags)")
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, then one line for a value that is not UTF-8 text: the shell passes raw bytes
+        (a Latin-1 file name, a pasted binary), which Python keeps as lone surrogates that the
+        tokenizer, JSON readers and terminals later refuse with a traceback."""
+        ns = super().parse_args(args, namespace)
+        for action in self._actions:
+            value = getattr(ns, action.dest, None)
+            for v in value if isinstance(value, list) else [value]:
+                bad = next((c for c in v if "\udc80" <= c <= "\udcff"), None) if isinstance(
+                    v, str) else None
+                if bad:
+                    flag = action.option_strings[0] if action.option_strings else action.dest
+                    sys.exit(f"error: {flag}: the value is not UTF-8 text (byte "
+                             f"0x{ord(bad) - 0xdc00:02x} at character {v.index(bad) + 1}); pass "
+                             f"UTF-8 text, or rename the file")
+        return ns
+
 
 def run(main, argv=None):
     """Call main(argv), ending a UserError with its one line (exit 1) and Ctrl-C with one line (exit
@@ -250,6 +267,8 @@ def check_train(args):
     if args.analysis:
         existing_file(args.analysis, "--analysis")
     check_device(args.device)
+    from infra.distributed import launcher_env
+    launcher_env()   # a launcher's variables without the launcher: one line, not a hang
 
 
 def stop_after_ctrl_c() -> list:

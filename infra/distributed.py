@@ -8,12 +8,17 @@ every optimizer step, so W ranks compute what one process computes, up to the or
 (tests/test_distributed.py). Metrics and evaluations are reduced across ranks; only rank 0 writes
 files. In a single process every helper here is the identity, so train.py reads the same either way.
 """
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
 from infra.errors import UserError
+
+LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# how long rank 0 waits for the other ranks to join (BUPO_INIT_TIMEOUT_S overrides it)
+INIT_TIMEOUT_S = 600
 
 
 def rank() -> int:
@@ -24,17 +29,51 @@ def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def launcher_env() -> dict | None:
+    """The launcher's variables when this process is one rank of several (WORLD_SIZE > 1), checked:
+    None for a single process. Variables a launcher left behind, or a half-set environment, give one
+    line instead of a hang or a traceback in the rendezvous."""
+    env = {k: os.environ.get(k) for k in LAUNCHER_VARS}
+    if env["WORLD_SIZE"] in (None, "", "1"):
+        return None
+    hint = (f"the environment has {', '.join(f'{k}={v}' for k, v in env.items() if v is not None)}"
+            f": start several ranks with torchrun --nproc-per-node N train.py ..., or unset "
+            f"{' '.join(LAUNCHER_VARS)} to run one process")
+    ints = {}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
+        v = env[k] if env[k] is not None or k != "LOCAL_RANK" else env["RANK"]
+        if v is None or not v.strip().isdigit():
+            what = "is not set" if v is None else f"is {v!r}, not a number"
+            raise UserError(f"{k} {what}; {hint}")
+        ints[k] = int(v)
+    if not env["MASTER_ADDR"]:
+        raise UserError(f"MASTER_ADDR is not set; {hint}")
+    if not ints["RANK"] < ints["WORLD_SIZE"] or ints["WORLD_SIZE"] < 2:
+        raise UserError(f"RANK {ints['RANK']} is not a rank of WORLD_SIZE {ints['WORLD_SIZE']}; "
+                        f"{hint}")
+    return {**env, **ints}
+
+
 def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: int,
           evaluates: bool) -> str:
     """Join the torchrun group when there is one (WORLD_SIZE > 1): gloo on a CPU, nccl with one GPU
     per rank. Returns this process's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    env = launcher_env()
+    if env is None:
         return device
     cuda = device.startswith("cuda")
     if cuda:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        device = f"cuda:{env['LOCAL_RANK']}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    wait = int(os.environ.get("BUPO_INIT_TIMEOUT_S", INIT_TIMEOUT_S))
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=wait))
+    except (RuntimeError, ValueError) as e:   # torch's DistError types are RuntimeErrors
+        why = " ".join(str(e).split())[:200]
+        raise UserError(f"rank {env['RANK']} of {env['WORLD_SIZE']} could not join the group at "
+                        f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} within {wait} s ({why}); if "
+                        f"no other ranks were started, unset {' '.join(LAUNCHER_VARS)}") from None
     W = world()
     if prompts_per_step % (mini_batches * W):
         raise UserError(f"--prompts-per-step ({prompts_per_step}) must be a multiple of "
@@ -49,7 +88,8 @@ def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: 
 def launched_rank() -> int:
     """This process's rank as torchrun announces it, before the group is joined (0 in a single
     process)."""
-    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    env = launcher_env()
+    return env["RANK"] if env else 0
 
 
 def all_sum(values: dict, device) -> dict:
