@@ -336,20 +336,20 @@ def response_states(model: Transformer, batch: Batch, layers) -> dict:
     answers it (the G responses of a group): the same function as one pass over [prompt; response]
     per row, for a fraction of the compute when the prompt is longer than the responses
     (measured: docs/usage.md, "Training")."""
-    Tp, top = batch.Tp, max(layers)
+    Tp, top, layers = batch.Tp, max(layers), tuple(layers)
     prompts, inverse = torch.unique(torch.cat([batch.ids[:, :Tp], batch.mask[:, :Tp]], 1), dim=0,
                                     return_inverse=True)
     cache = SharedPromptCache(len(prompts), batch.ids.shape[1], device=batch.ids.device)
+    # only the h_l asked for are kept (a pass without gradients holds no other layer's)
     _, before = model(prompts[:, :Tp], attention_mask=prompts[:, Tp:], cache=cache, upto_layer=top,
-                      return_residuals=True)
+                      keep_hidden=layers)
     # row i attends to its prompt's keys and values
     cache.keep(inverse)
     _, after = model(batch.ids[:, Tp:], attention_mask=batch.mask[:, Tp:], cache=cache,
-                     upto_layer=top,
-                     return_residuals=True)
+                     upto_layer=top, keep_hidden=layers)
     # the last prompt position predicts response token 0, from the prompt's pass
-    last = {l: before.resid[l][:, -1:].index_select(0, inverse) for l in layers}
-    return {l: torch.cat([last[l], after.resid[l][:, :-1]], 1) for l in layers}
+    last = {l: before[l][:, -1:].index_select(0, inverse) for l in layers}
+    return {l: torch.cat([last[l], after[l][:, :-1]], 1) for l in layers}
 
 
 def policy_logprobs(model: Transformer, batch: Batch, layer: int,
@@ -358,7 +358,13 @@ def policy_logprobs(model: Transformer, batch: Batch, layer: int,
     differentiable. layer = L: the model's policy (final norm); layer < L: pi^l = softmax(W_U h_l /
     T), no norm (eq. 5). The forward stops after block `layer`, so in phase 1 the blocks above l and
     the final norm get no gradient."""
-    h = response_states(model, batch, [layer])[layer]
+    return logprobs_of(model, response_states(model, batch, [layer])[layer], batch, layer,
+                       temperature)
+
+
+def logprobs_of(model: Transformer, h: torch.Tensor, batch: Batch, layer: int,
+                temperature: float = 1.0) -> torch.Tensor:
+    """policy_logprobs from the response states h = h_layer [n, R, d]."""
     keep = batch.response_mask.bool()
     logp = torch.zeros(keep.shape, device=h.device)
     logp[keep] = token_logprobs(model, h[keep], batch.ids[:, batch.Tp:][keep], layer,
@@ -367,14 +373,32 @@ def policy_logprobs(model: Transformer, batch: Batch, layer: int,
 
 
 @torch.no_grad()
+def old_logprobs_and_stats(model: Transformer, batch: Batch, layer: int, stats_layer: int,
+                           temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """The old log-probs of the step's policy pi^layer [n, R] and the diagnostics at stats_layer
+    (policy_stats), from one forward without gradients that keeps only the h_l they read."""
+    L = model.config.num_layers
+    h = response_states(model, batch, sorted({layer, stats_layer, L}))
+    return (logprobs_of(model, h[layer], batch, layer, temperature),
+            stats_of(model, h, batch, stats_layer, temperature))
+
+
+@torch.no_grad()
 def policy_stats(model: Transformer, batch: Batch, layer: int, temperature: float = 1.0,
                  chunk: int | None = None) -> dict:
     """Per-token diagnostics on the response tokens, flattened [N]: the entropy of the model's
     policy, and for layer < L also H(pi^l), KL(pi^l || pi_theta) and cos(h_l, h_L), the paper's
     "feature refinement" (Fig. 5)."""
+    L = model.config.num_layers
+    return stats_of(model, response_states(model, batch, sorted({layer, L})), batch, layer,
+                    temperature, chunk)
+
+
+def stats_of(model: Transformer, h: dict, batch: Batch, layer: int, temperature: float = 1.0,
+             chunk: int | None = None) -> dict:
+    """policy_stats from the response states h = {l: h_l [n, R, d]} (layer and L among them)."""
     chunk = chunk or chunk_rows(model)
     L = model.config.num_layers
-    h = response_states(model, batch, sorted({layer, L}))
     keep = batch.response_mask.bool()
     h_top, h_low = h[L][keep], h[layer][keep]
     out = {k: [] for k in ("entropy", "entropy_layer", "kl_layer", "cos_layer")}

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from infra import checkpoint
 from infra.errors import ModelLoadError  # noqa: F401  (re-exported: the loader's one-line error)
@@ -253,6 +254,9 @@ class SharedPromptCache(KVCache):
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.len, self.max_len = 0, max_len
+        # after keep: the prompts' keys/values are only read, so a block that attends to them is a
+        # pure function of its inputs (what activation checkpointing recomputes)
+        self.frozen = False
 
     def keep(self, rows: torch.Tensor):
         # index_select, not k[rows]: the backward of advanced indexing with repeated rows
@@ -261,13 +265,12 @@ class SharedPromptCache(KVCache):
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
         self.valid, self.pos = self.valid[rows], self.pos[rows]
+        self.frozen = True
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if layer < len(self.k):
-            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
-            self.k[layer], self.v[layer] = k, v
-        else:
-            self.k.append(k), self.v.append(v)
+        if self.frozen:   # the responses: the prompt's keys/values, then their own; nothing stored
+            return torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        self.k.append(k), self.v.append(v)
         return k, v
 
 
@@ -298,9 +301,18 @@ class Attention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)
         if cache is not None:
             k, v = cache.write(layer, k, v)                # [B, nkv, S, hd], S = slots so far
-        # each group of nh/nkv query heads shares one kv head (GQA); scale is hd^-0.5
+        # each group of nh/nkv query heads shares one kv head (GQA); scale is hd^-0.5. The kernel
+        # SDPA picks: on a CPU its flash kernel, with or without a mask, GQA included. On CUDA,
+        # with no mask (unpadded rows, no cache) the flash kernel; a mask rules flash out, and the
+        # memory-efficient kernel takes a mask but not enable_gqa, so there the kv heads are
+        # repeated for it (else the math kernel would hold [B, nh, T, S] fp32 probabilities)
+        gqa = True
+        if mask is not None and q.is_cuda and self.nh != self.nkv:
+            k = k.repeat_interleave(self.nh // self.nkv, 1)
+            v = v.repeat_interleave(self.nh // self.nkv, 1)
+            gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=True)
+                                           enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -361,6 +373,9 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # W_U = E
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # recompute each block in the backward pass instead of keeping its activations
+        # (train.py --grad-checkpoint): the same gradients for about one more forward
+        self.grad_checkpoint = False
 
     @property
     def W_U(self) -> torch.Tensor:
@@ -369,14 +384,16 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None,
                 return_residuals: bool = False, last_only: bool = False,
-                upto_layer: int | None = None):
+                upto_layer: int | None = None, keep_hidden: tuple | None = None):
         """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
 
         attention_mask [B, T]: 1 for real tokens, 0 for (left) padding. Positions count real tokens
         only, so position 0 is each row's first real token. With a cache, the T tokens are appended
         after its slots. With return_residuals, also returns the Residuals record. With upto_layer =
         l, only blocks 1..l run and the result is h_l [B, T, d] (no norm, no logits; the record too,
-        if asked): all that an internal policy pi^l needs.
+        if asked): all that an internal policy pi^l needs. With keep_hidden = (l, ...), the result
+        comes with {l: h_l} for just those layers instead of the whole record, so that a pass
+        without gradients holds no other layer's activations.
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -404,20 +421,30 @@ class Transformer(nn.Module):
         record = Residuals() if return_residuals else None
         # h_0; no absolute position embedding (RoPE acts inside attention)
         h = self.embed_tokens(input_ids)
+        kept = {0: h} if keep_hidden and 0 in keep_hidden else {}
         if record is not None:
             record.resid.append(h)
-        for block in self.layers[:upto_layer]:
-            h = block(h, cos, sin, mask, cache, record)
+        # checkpointing needs a block that is a pure function of its inputs: no record to append
+        # to, and a cache only when it is read-only (SharedPromptCache after keep)
+        recompute = (self.grad_checkpoint and torch.is_grad_enabled() and record is None
+                     and (cache is None or getattr(cache, "frozen", False)))
+        for l, block in enumerate(self.layers[:upto_layer], start=1):
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cache,
+                                                      use_reentrant=False)
+            else:
+                h = block(h, cos, sin, mask, cache, record)
             if record is not None:
                 record.resid.append(h)
+            if keep_hidden and l in keep_hidden:
+                kept[l] = h
         if cache is not None:
             cache.advance(attention_mask)
-        if upto_layer is not None:
-            return (h, record) if return_residuals else h
-        if last_only:
-            h = h[:, -1:]
-        logits = self.lm_head(self.norm(h))
-        return (logits, record) if return_residuals else logits
+        if upto_layer is None:
+            h = self.lm_head(self.norm(h[:, -1:] if last_only else h))
+        if keep_hidden:
+            return h, kept
+        return (h, record) if return_residuals else h
 
     def new_cache(self, batch: int, max_len: int, static: bool = False) -> KVCache:
         """A KV cache in the compute dtype: the weights' dtype, or under autocast its dtype (bf16

@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from model import KVCache, Transformer
 
@@ -46,6 +47,28 @@ class Rollouts:
 
     def __len__(self):
         return len(self.finish_reason)
+
+    @staticmethod
+    def cat(parts: list["Rollouts"], pad_id: int) -> "Rollouts":
+        """The rollouts of consecutive calls as one: prompts left-padded and responses
+        right-padded to the longest, group indices numbered on across the parts."""
+        Tp = max(p.prompt_ids.shape[1] for p in parts)
+        R = max(p.response_ids.shape[1] for p in parts)
+
+        def pad(t, width, value, left=False):
+            extra = width - t.shape[1]
+            return F.pad(t, (extra, 0) if left else (0, extra), value=value)
+        offsets = [0]
+        for p in parts[:-1]:
+            offsets.append(offsets[-1] + int(p.group.max()) + 1)
+        return Rollouts(torch.cat([pad(p.prompt_ids, Tp, pad_id, True) for p in parts]),
+                        torch.cat([pad(p.prompt_mask, Tp, 0, True) for p in parts]),
+                        torch.cat([pad(p.response_ids, R, pad_id) for p in parts]),
+                        torch.cat([pad(p.response_mask, R, 0) for p in parts]),
+                        torch.cat([pad(p.logprobs, R, 0.0) for p in parts]),
+                        [f for p in parts for f in p.finish_reason],
+                        torch.cat([p.group + o for p, o in zip(parts, offsets)]),
+                        [t for p in parts for t in p.text])
 
     def records(self) -> list[dict]:
         """One plain dict per response, padding removed."""
@@ -206,12 +229,22 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
              max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, stop_ids=(), pad_id: int = 0,
              seed: int | list[int] = 0, tokenizer=None, progress: bool = False,
-             compile: bool = False) -> Rollouts:
+             compile: bool = False, max_rows: int = 0) -> Rollouts:
     """Sample `group_size` responses to each prompt (token id lists, or their prefill) from the
-    model's full policy."""
+    model's full policy. max_rows > 0: at most that many rows (whole groups) at a time, so the KV
+    cache holds max_rows rows instead of all of them; every row is seeded by its prompt, so the
+    tokens are those of one call (up to the float rounding of other batch shapes, docs/usage.md)."""
     if max_new_tokens < 1 or group_size < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and group_size ({group_size}) must be "
                          f"at least 1")
+    P = len(prompts)
+    if max_rows and P * group_size > max_rows and not isinstance(prompts, Prefilled):
+        per = max(1, max_rows // group_size)
+        seeds = [seed + i for i in range(P)] if isinstance(seed, int) else list(seed)
+        return Rollouts.cat([generate(model, prompts[i:i + per], group_size, max_new_tokens,
+                                      temperature, top_k, top_p, min_p, stop_ids, pad_id,
+                                      seeds[i:i + per], tokenizer, progress, compile)
+                             for i in range(0, P, per)], pad_id)
     device = model.embed_tokens.weight.device
     pre = prompts if isinstance(prompts, Prefilled) else prefill(model, prompts, pad_id)
     prompt_ids, prompt_mask = pre.ids, pre.mask

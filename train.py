@@ -65,6 +65,7 @@ from rollout import generate, prefill
 # flags that may differ from the saved run's when resuming: they change where or how often, not what
 # is computed
 RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size",
+                     "rollout_batch", "grad_checkpoint",
                      "eval_batch")
 
 
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="sample with the compiled decode step (torch.compile; slower "
                    "than eager on a CPU, see docs/usage.md, 'Sampling')")
+    g.add_argument("--rollout-batch", type=int, default=0,
+                   help="responses sampled together, a multiple of --group-size (memory only: "
+                   "the KV cache holds this many rows; 0 = all of the step's at once)")
     g = p.add_argument_group("objective")
     g.add_argument("--algo", default="bupo", choices=["bupo", "grpo"],
                    help="bupo: phase 1 on pi^l, then GRPO")
@@ -140,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps per RL step (the authors: 4)")
     g.add_argument("--micro-batch-size", type=int, default=8,
                    help="responses per forward/backward pass (memory only)")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each block in the backward pass instead of keeping its "
+                   "activations (memory only: the same gradients, about one more forward)")
     g = p.add_argument_group("BuPO")
     g.add_argument("--internal-layer", default="auto",
                    help="paper layer l (1-based: pi^l = softmax(W_U h_l)) of "
@@ -216,7 +223,7 @@ def sample_step(model, tok, args, step, amp):
                       [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems],
                       args.group_size, args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
                       pad_id=tok.pad_id, seed=[first_seed + g for g in mine], tokenizer=tok,
-                      compile=args.compile)
+                      compile=args.compile, max_rows=args.rollout_batch)
     return problems, ro
 
 
@@ -231,11 +238,13 @@ def old_pass(model, ref, batch, groups, policy_layer, stats_layer, args, amp):
         for rows in (rows for mb in groups for rows in mb):
             mb_batch = batch.rows(rows)
             R = mb_batch.ids.shape[1] - mb_batch.Tp
-            old[rows, :R] = bupo.policy_logprobs(model, mb_batch, policy_layer, args.temperature)
+            # one forward for both: the old log-probs and the diagnostics
+            old[rows, :R], mb_stats = bupo.old_logprobs_and_stats(model, mb_batch, policy_layer,
+                                                                  stats_layer, args.temperature)
             if ref is not None:   # the same policy (pi^l in phase 1) of the frozen initial model
                 ref_logp[rows, :R] = bupo.policy_logprobs(ref, mb_batch, policy_layer,
                                                           args.temperature)
-            for k, v in bupo.policy_stats(model, mb_batch, stats_layer, args.temperature).items():
+            for k, v in mb_stats.items():
                 stats[k] = stats.get(k, 0.0) + v.sum().item()
     return old, ref_logp, stats
 
@@ -399,14 +408,19 @@ def run_training(argv=None):
     if not state and lead:
         # args.json, metrics.jsonl; an old run moved aside
         runs.start(args.out, args, args.overwrite)
-    ref = Transformer.from_pretrained(args.model, device=device) if args.kl_coef > 0 else None
+    model.grad_checkpoint = args.grad_checkpoint
+    dtype = precision.compute_dtype(args.dtype, device)
+    # the frozen reference of --kl-coef only runs forwards: its weights in the compute dtype
+    ref = (Transformer.from_pretrained(args.model, dtype=dtype, device=device)
+           if args.kl_coef > 0 else None)
+    # fused AdamW on a GPU: one kernel, no foreach temporaries the size of the model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                            weight_decay=args.weight_decay)
+                            weight_decay=args.weight_decay,
+                            fused=torch.device(device).type == "cuda" or None)
     start = runs.restore(opt, state, args.out, lead)   # 1, or the step after the resumed one
     stop = cli.stop_after_ctrl_c()
     # mixed precision: one autocast region per forward phase, opened inside rl_step / evaluate
     # (infra/precision.py)
-    dtype = precision.compute_dtype(args.dtype, device)
     amp = lambda: precision.autocast(device, dtype)           # noqa: E731
     step, stopping = start - 1, False
     if start == 1 and args.eval_every:

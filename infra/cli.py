@@ -236,7 +236,11 @@ def check_train(args):
     positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches",
              "--micro-batch-size", "--max-new-tokens", "--eval-problems", "--eval-samples",
              "--save-every", "--keep-checkpoints")
-    non_negative(args, "--internal-steps", "--eval-every", "--seed", "--eval-batch")
+    non_negative(args, "--internal-steps", "--eval-every", "--seed", "--eval-batch",
+                 "--rollout-batch")
+    if args.rollout_batch % args.group_size:
+        raise UserError(f"--rollout-batch {args.rollout_batch}: must be a multiple of --group-size "
+                        f"{args.group_size} (whole groups are sampled together), or 0")
     finite(args, "--lr", 0, low_open=True)
     finite(args, "--weight-decay", 0)
     finite(args, "--grad-clip", 0, low_open=True)

@@ -81,8 +81,8 @@ def test_a_launchers_variables_without_the_launcher(tiny_chat_model, tmp_path, e
     clean = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK",
                                                               "MASTER_ADDR", "MASTER_PORT")}
     r = subprocess.run([sys.executable, "train.py", "--model", str(tiny_chat_model), "--out",
-                        str(out), "--steps", "2", "--internal-steps", "1"], cwd=ROOT, capture_output=True, text=True,
-                       env={**clean, **env}, timeout=120)
+                        str(out), "--steps", "2", "--internal-steps", "1"], cwd=ROOT,
+                       capture_output=True, text=True, env={**clean, **env}, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("error: ") and fragment in r.stderr, r.stderr
     assert not out.exists()

@@ -1,0 +1,120 @@
+"""The memory-saving paths compute what the plain ones do: chunked rollouts, checkpointed
+gradients, the lean no-grad pass; and the memory plan refuses what cannot fit."""
+import pytest
+import torch
+
+import bupo
+import model as model_module
+from model import Transformer
+from rollout import generate
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs):
+    return Transformer.from_pretrained(tiny_dirs["qwen3", False])
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (int(k),), generator=g).tolist()
+            for k in torch.randint(2, 12, (n,), generator=g)]
+
+
+def batch_of(model, n_prompts=3, G=4, seed=0):
+    ro = generate(model, prompts(n_prompts, seed), G, 10, temperature=1.0, stop_ids={5},
+                  seed=seed)
+    return bupo.Batch.of(ro)
+
+
+@pytest.mark.parametrize("max_rows", [4, 8, 12])
+def test_rollouts_in_chunks_are_the_rollouts_of_one_call(tiny, max_rows):
+    """--rollout-batch: 5 prompts x G = 4 sampled 1, 2 or 3 prompts at a time give the same rows
+    (tokens, log-probs, groups, finish reasons) as one call: every row is seeded by its prompt."""
+    ps = prompts(5, seed=3)
+    one = generate(tiny, ps, 4, 12, temperature=1.0, stop_ids={5, 9}, seed=11)
+    chunked = generate(tiny, ps, 4, 12, temperature=1.0, stop_ids={5, 9}, seed=11,
+                       max_rows=max_rows)
+    a, b = one.records(), chunked.records()
+    assert len(a) == len(b) == 20
+    for x, y in zip(a, b):
+        assert x["response_ids"] == y["response_ids"] and x["group"] == y["group"]
+        assert x["prompt_ids"] == y["prompt_ids"] and x["finish_reason"] == y["finish_reason"]
+        assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-6)
+
+
+def grads(model, batch, layer):
+    model.zero_grad(set_to_none=True)
+    logp = bupo.policy_logprobs(model, batch, layer)
+    (logp * batch.response_mask).sum().backward()
+    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+
+@pytest.mark.parametrize("layer", [2, 3])
+def test_checkpointed_blocks_give_the_same_gradients(tiny_dirs, layer, monkeypatch):
+    """--grad-checkpoint recomputes each block of the response pass in the backward pass; the
+    log-probs and every gradient are those of the plain pass, in phase 1 (l = 2) and 2 (L = 3)."""
+    model = Transformer.from_pretrained(tiny_dirs["llama", True])
+    batch = batch_of(model)
+    calls, real = [], model_module.Block.forward
+
+    def counted(block, *a, **k):
+        calls.extend([1] if block.layer == 0 else [])
+        return real(block, *a, **k)
+    monkeypatch.setattr(model_module.Block, "forward", counted)
+    plain_logp, plain = grads(model, batch, layer)
+    assert len(calls) == 2            # the prompts' pass and the responses'
+    model.grad_checkpoint = True
+    ckpt_logp, ckpt = grads(model, batch, layer)
+    assert len(calls) == 2 + 3        # and the responses' block again, in the backward pass
+    assert torch.equal(plain_logp, ckpt_logp)
+    assert plain.keys() == ckpt.keys() and plain
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_the_lean_pass_is_the_two_passes_it_replaces(tiny):
+    """The old log-probs and the diagnostics from one forward that keeps only h_l and h_L equal
+    policy_logprobs and policy_stats, computed apart."""
+    batch = batch_of(tiny, seed=1)
+    for layer, stats_layer in ((2, 2), (3, 2), (3, 3)):
+        with torch.no_grad():
+            want_logp = bupo.policy_logprobs(tiny, batch, layer)
+        want = bupo.policy_stats(tiny, batch, stats_layer)
+        logp, stats = bupo.old_logprobs_and_stats(tiny, batch, layer, stats_layer)
+        assert torch.equal(logp, want_logp)
+        assert stats.keys() == want.keys()
+        for k in want:
+            assert torch.equal(stats[k], want[k]), k
+
+
+def test_keep_hidden_holds_only_the_layers_asked_for(tiny):
+    ids = torch.tensor([prompts(1, seed=4)[0]])
+    h, kept = tiny(ids, upto_layer=3, keep_hidden=(1, 3))
+    _, record = tiny(ids, return_residuals=True)
+    assert sorted(kept) == [1, 3] and torch.equal(kept[3], h)
+    assert torch.equal(kept[1], record.resid[1]) and torch.equal(kept[3], record.resid[3])
+
+
+def test_train_with_the_memory_flags_trains_the_same(tiny_chat_model, tmp_path, monkeypatch):
+    """train.py with --rollout-batch (one group at a time) and --grad-checkpoint: the same
+    rewards, lengths and losses as without, step by step."""
+    import json
+
+    import tasks
+    import train
+    monkeypatch.setattr(tasks, "reward", lambda text, answer: float(len(text) % 2))
+    base = ["--model", str(tiny_chat_model), "--prompts-per-step", "2", "--group-size", "4",
+            "--mini-batches", "2", "--micro-batch-size", "2", "--max-new-tokens", "6",
+            "--eval-every", "0", "--lr", "1e-3", "--internal-layer", "2", "--internal-steps", "1",
+            "--steps", "2"]
+    rows = {}
+    for name, extra in (("plain", []), ("lean", ["--rollout-batch", "4", "--grad-checkpoint"])):
+        train.main(base + ["--out", str(tmp_path / name), *extra])
+        rows[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text()
+                      .splitlines()]
+    for a, b in zip(rows["plain"], rows["lean"]):
+        assert a["reward"] == b["reward"] and a["completions/mean_length"] == b[
+            "completions/mean_length"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
