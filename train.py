@@ -61,6 +61,7 @@ from infra import cli, memory, precision, runs, weights
 from infra import distributed as dp
 from model import Transformer
 from rollout import generate, prefill
+from tokenizer import Tokenizer
 
 # flags that may differ from the saved run's when resuming: they change where or how often, not what
 # is computed
@@ -459,10 +460,13 @@ def load_policy(model_dir, state, args, device, lead):
         weights.ensure_if_default(model_dir)
     # rank 0 has built the default model, if it was missing
     dp.barrier()
+    # the memory plan, from config.json and the longest prompt, refused before any weight is read
+    prompt = tasks.longest_prompt(Tokenizer(model_dir), args.task, args.shots, args.seed)
+    compute = precision.compute_dtype(args.dtype, device).itemsize
+    memory.check(model_dir, args, prompt, device, dp.world(), compute, lead)
     # the weights and the tokenizer, checked against each other (infra/checkpoint.py)
     model, tok = cli.load(model_dir, device=device)
-    cli.fits_context(tasks.longest_prompt(tok, args.task, args.shots, args.seed),
-                     args.max_new_tokens, model.config.max_position_embeddings,
+    cli.fits_context(prompt, args.max_new_tokens, model.config.max_position_embeddings,
                      f"the longest {args.task} prompt")
     layer = state["internal_layer"] if state else model.config.num_layers
     if not state and args.algo == "bupo" and lead:

@@ -1,7 +1,132 @@
 """
-Memory: what a run holds at its peak (metrics.jsonl's peak_memory_mb).
+Memory: what a training run will hold, planned before any weight is read, and what it held
+(metrics.jsonl's peak_memory_mb).
+
+The plan (train.py prints it at the start, and refuses a run that cannot fit, naming the flags that
+make it smaller) counts, per rank, in bytes:
+  weights, AdamW's two moments (fp32), and the gradients (fp32) during an update;
+  under bf16, autocast's bf16 copy of every weight while a forward region is open;
+  the optimizer step's temporaries (one model-sized fp32 buffer for foreach AdamW; none fused);
+  the frozen reference of --kl-coef (compute dtype);
+  the KV cache of one rollout call (--rollout-batch rows, or all of the rank's);
+  the activations of one micro-batch's forward with gradients (all blocks, or with
+  --grad-checkpoint each block's input plus one block), and its fp32 log-softmax and gradient;
+  the evaluation's KV cache (--eval-batch problems x --eval-samples).
+The phases do not overlap (rollout, update, evaluation), so the peak is the largest of them. These
+are estimates from the shapes (allocator overheads and fragmentation come on top): a plan that
+exceeds the device is refused, one within it is not a promise.
 """
+import sys
+from pathlib import Path
+
 import torch
+
+from infra.errors import UserError
+
+GiB = 2**30
+
+
+def params(cfg) -> int:
+    """The model's parameter count, from a copy built on the meta device (no memory used)."""
+    from model import Transformer
+    with torch.device("meta"):
+        return sum(p.numel() for p in Transformer(cfg).parameters())
+
+
+def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) -> dict:
+    """{phase: {item: bytes}} of one rank, for a model of config `cfg` trained with train.py's
+    `args`; compute_bytes: 2 under bf16 autocast, 4 in fp32."""
+    n, c = params(cfg), compute_bytes
+    L, d, inter = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    seq = prompt_tokens + args.max_new_tokens
+    rows = args.prompts_per_step * args.group_size // world
+    state = {"weights (fp32)": 4 * n, "AdamW moments (fp32)": 8 * n}
+    if c < 4:
+        state["bf16 copies of the weights (autocast)"] = c * n
+    if args.kl_coef > 0:
+        state["reference model (--kl-coef)"] = c * n
+    kv_bytes = 2 * L * kv * c                                   # keys and values, per token
+    chunk = min(args.rollout_batch or rows, rows)
+    # a block's saved tensors per token: fp32 residual terms and norms, the compute-dtype inputs
+    # of its matmuls, q / k / v / attention output, and the MLP's gate, up and their product
+    per_layer = 4 * 4 * d + c * (2 * d + 2 * q + 2 * kv + 4 * inter)
+    tokens = min(args.micro_batch_size, rows) * seq
+    blocks = (L * 4 * d + per_layer) if args.grad_checkpoint else L * per_layer
+    logits = 2 * 4 * cfg.vocab_size * min(args.micro_batch_size, rows) * args.max_new_tokens
+    fused = getattr(args, "device", "cpu").startswith("cuda")
+    evals = args.eval_batch or args.eval_problems
+    return {
+        "rollout": {**state, f"KV cache of {chunk} rows x {seq} tokens": chunk * seq * kv_bytes},
+        "update": {**state, "gradients (fp32)": 4 * n,
+                   f"activations of {min(args.micro_batch_size, rows)} rows x {seq} tokens":
+                       tokens * blocks,
+                   "log-softmax and its gradient (fp32)": logits,
+                   "optimizer step temporaries": 0 if fused else 4 * n},
+        "evaluation": {**state, f"KV cache of {evals // world or 1} problems x "
+                                f"{args.eval_samples} samples": (evals // world or 1)
+                       * args.eval_samples * seq * kv_bytes} if args.eval_every else state,
+    }
+
+
+def peak(phases: dict) -> tuple[str, int]:
+    """(phase, bytes) of the largest phase."""
+    name = max(phases, key=lambda k: sum(phases[k].values()))
+    return name, sum(phases[name].values())
+
+
+def available(device: str) -> int | None:
+    """Bytes a run may use on `device`: a GPU's total memory, a CPU's available RAM (Linux)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def describe(phases: dict, limit: int | None) -> str:
+    """The plan as a few lines: each phase's items and total, the device's memory."""
+    lines = []
+    for name, items in phases.items():
+        total = sum(items.values())
+        lines.append(f"  {name}: {total / GiB:.1f} GiB = " + ", ".join(
+            f"{k} {v / GiB:.2f}" for k, v in items.items() if v))
+    where = f"{limit / GiB:.1f} GiB available" if limit else "available memory unknown"
+    return "memory plan per rank (estimates, GiB; " + where + "):\n" + "\n".join(lines)
+
+
+# what makes each phase smaller
+FIXES = {"rollout": "sample fewer rows at a time (--rollout-batch, a multiple of --group-size)",
+         "update": "train on fewer rows at a time (--micro-batch-size 1) and recompute the blocks "
+                   "(--grad-checkpoint), or shorten --max-new-tokens",
+         "evaluation": "evaluate fewer problems at a time (--eval-batch)"}
+
+
+def check(model_dir, args, prompt_tokens: int, device: str, world: int, compute_bytes: int,
+          lead: bool = True) -> dict:
+    """The plan of train.py's run from the model's config.json, printed by rank 0; a run whose peak
+    exceeds the device is refused in one line, before any weight is read."""
+    from infra.checkpoint import read_json
+    from model import Config
+    file = Path(model_dir) / "config.json"
+    cfg = Config.from_hf(read_json(file), where=str(file))
+    phases = plan(cfg, args, prompt_tokens, world, compute_bytes)
+    limit = available(device)
+    if lead:
+        print(describe(phases, limit), file=sys.stderr, flush=True)
+    name, need = peak(phases)
+    if limit and need > limit:
+        state = sum(v for k, v in phases["rollout"].items() if not k.startswith("KV"))
+        fix = (FIXES[name] if state < limit else
+               "the weights and AdamW state alone do not fit: a smaller model, or more devices "
+               "with the state sharded")
+        raise UserError(f"this run needs about {need / GiB:.1f} GiB per rank (its {name}, "
+                        f"{params(cfg) / 1e9:.2f}B parameters) and {device} has "
+                        f"{limit / GiB:.1f} GiB available; {fix}")
+    return phases
 
 
 def peak_memory_mb(device) -> float:
@@ -11,3 +136,4 @@ def peak_memory_mb(device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
+
