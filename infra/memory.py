@@ -55,7 +55,9 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
     blocks = (L * 4 * d + per_layer) if args.grad_checkpoint else L * per_layer
     logits = 2 * 4 * cfg.vocab_size * min(args.micro_batch_size, rows) * args.max_new_tokens
     fused = getattr(args, "device", "cpu").startswith("cuda")
-    evals = args.eval_batch or args.eval_problems
+    # a rank evaluates every W-th problem, --eval-batch of them at a time
+    share = -(-args.eval_problems // world)
+    evals = min(args.eval_batch or share, share)
     return {
         "rollout": {**state, f"KV cache of {chunk} rows x {seq} tokens": chunk * seq * kv_bytes},
         "update": {**state, "gradients (fp32)": 4 * n,
@@ -63,9 +65,8 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
                        tokens * blocks,
                    "log-softmax and its gradient (fp32)": logits,
                    "optimizer step temporaries": 0 if fused else 4 * n},
-        "evaluation": {**state, f"KV cache of {evals // world or 1} problems x "
-                                f"{args.eval_samples} samples": (evals // world or 1)
-                       * args.eval_samples * seq * kv_bytes} if args.eval_every else state,
+        "evaluation": {**state, f"KV cache of {evals} problems x {args.eval_samples} samples":
+                       evals * args.eval_samples * seq * kv_bytes} if args.eval_every else state,
     }
 
 

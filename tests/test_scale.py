@@ -118,3 +118,67 @@ def test_train_with_the_memory_flags_trains_the_same(tiny_chat_model, tmp_path, 
             "completions/mean_length"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+# the paper's setting: 128 prompts x 8 responses, 1k-token prompts, 8k-token answers, bf16 on CUDA
+PAPER = dict(prompts_per_step=128, group_size=8, max_new_tokens=8192, kl_coef=0.0,
+             device="cuda", eval_every=10, eval_problems=512, eval_samples=16)
+LEAN = dict(rollout_batch=16, micro_batch_size=1, grad_checkpoint=True, eval_batch=1)
+PLAIN = dict(rollout_batch=0, micro_batch_size=8, grad_checkpoint=False, eval_batch=0)
+
+
+def paper_plan(name, world, flags):
+    import argparse
+    import json
+
+    from infra import memory
+    from model import Config
+    cfg = Config.from_hf(json.loads((DATA / f"{name}.config.json").read_text()), where=name)
+    phases = memory.plan(cfg, argparse.Namespace(**PAPER, **flags), 1024, world, 2)
+    return {k: round(sum(v.values()) / 2**30, 1) for k, v in phases.items()}, memory.params(cfg)
+
+
+@pytest.mark.parametrize("name,world,flags,want,n", [
+    # GiB per GPU: rollout, update, evaluation (docs/scaling.md, "Memory plan")
+    ("qwen3-4b", 1, PLAIN, (1348.4, 511.2, 10420.4), 4_022_468_096),
+    ("qwen3-4b", 1, LEAN, (72.7, 81.2, 72.7), 4_022_468_096),
+    ("qwen3-4b", 8, PLAIN, (214.4, 511.2, 1348.4), 4_022_468_096),
+    ("qwen3-4b", 8, LEAN, (72.7, 81.2, 72.7), 4_022_468_096),
+    ("qwen3-8b", 1, LEAN, (127.0, 153.4, 127.0), 8_190_735_360),
+    ("qwen3-8b", 8, LEAN, (127.0, 153.4, 127.0), 8_190_735_360),
+])
+def test_the_memory_plan_at_the_papers_sizes(name, world, flags, want, n):
+    """Qwen3-4B and 8B built on the meta device from their config.json keys: the parameter counts,
+    and the plan's per-GPU phases on 1 GPU and 8 (data parallel: replicated state, 1/8 of the
+    rows). The state alone (weights, AdamW, bf16 copies) is 52.4 GiB for 4B and 106.8 GiB for 8B,
+    which only sharding it across GPUs would divide."""
+    got, params = paper_plan(name, world, flags)
+    assert params == n
+    assert (got["rollout"], got["update"], got["evaluation"]) == want, got
+
+
+def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(default_model_dir, tmp_path):
+    """Qwen3-8B's config.json, its MLP widened until training it needs 10x this machine's
+    available memory, and no weights at all: train.py is refused with the number, in one line,
+    before it looks for the weights (no --out folder made)."""
+    import json
+    import shutil
+
+    import train
+    from infra import cli, memory
+    cfg = json.loads((DATA / "qwen3-8b.config.json").read_text())
+    # an update holds at least 20 bytes per parameter (fp32 weights, 2 moments, gradients, temps)
+    wide = 10 * memory.available("cpu") // (20 * 3 * cfg["hidden_size"] * cfg["num_hidden_layers"])
+    d = tmp_path / "huge"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": int(wide) + 1}))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / f, d / f)
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.main, ["--model", str(d), "--out", str(tmp_path / "run"), "--steps", "2"])
+    msg = str(e.value.code)
+    assert msg.startswith("error: this run needs about") and "GiB available" in msg, msg
+    need, have = (float(x.split()[0]) for x in (msg.split("about ")[1], msg.split("has ")[1]))
+    assert need > 9 * have and "\n" not in msg, msg
+    assert not (tmp_path / "run").exists()
