@@ -89,16 +89,20 @@ def read_responses(path, tokenizer=None, vocab_size: int | None = None,
     return pairs
 
 
-def sample_responses(model, tok, task: str, n: int, max_new_tokens: int, seed: int, shots: int = 0,
+def sample_responses(model, tok, src, n: int, max_new_tokens: int, seed: int,
                      max_tokens: int | None = None):
-    """The model's own answers to n problems of `task` (T = 1, one answer each), each at most
-    max_tokens long (prompt + response; the model's context by default)."""
+    """The model's own answers to n problems of the source `src` (tasks.Source: a generated task's
+    test split, or a seeded draw of a data file; T = 1, one answer each), each at most max_tokens
+    long (prompt + response; the model's context by default)."""
     from rollout import generate
-    prompts = [tok.encode_chat(tasks.chat(p, task, shots))
-               for p in tasks.problems(task, n, seed, split="test")]
+    if src.train is None:
+        problems = tasks.problems(src.task, n, seed, split="test")
+    else:
+        problems = [src.train[i] for i in tasks.epoch_draw(len(src.train), 1, n, seed)]
+    prompts = [src.encode(tok, p) for p in problems]
     cli.fits_context(max(map(len, prompts)), max_new_tokens,
                      max_tokens or model.config.max_position_embeddings,
-                     f"the longest {task} prompt",
+                     "the longest prompt",
                      "--max-tokens (at most the model's context)" if max_tokens
                      else "the model's context")
     ro = generate(model, prompts, 1, max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids,
@@ -181,7 +185,7 @@ def closest_layer(kl: list, tolerance: float = CLOSEST_TOLERANCE) -> int:
     return next(l for l, d in enumerate(below, start=1) if d <= (1 + tolerance) * min(below))
 
 
-def resolve_layer(value: str, model, tok, args) -> int:
+def resolve_layer(value: str, model, tok, args, src=None) -> int:
     """train.py's --internal-layer: a paper (1-based) layer l, where pi^l = softmax(W_U h_l) (the
     authors' k = l - 1), or auto: bupo.choose_internal_layer on the dH_mlp of --analysis (the
     current rule, whatever the file's own internal_layer says), or on a quick analysis of 8 of the
@@ -205,8 +209,8 @@ def resolve_layer(value: str, model, tok, args) -> int:
     else:
         print("--internal-layer auto: analysing 8 of the model's answers to choose the layer ...",
               file=sys.stderr)
-        pairs = sample_responses(model, tok, args.task, 8, min(args.max_new_tokens, 64), args.seed,
-                                 args.shots)
+        pairs = sample_responses(model, tok, src or tasks.source(args), 8,
+                                 min(args.max_new_tokens, 64), args.seed)
         dH_mlp = bupo.entropy_changes(analyze(model, pairs)[0])["dH_mlp"]
     layer, rule = bupo.choose_internal_layer(dH_mlp)
     why = {"boundary": "the boundary layer (last layer with mean dH_mlp > 0)",
@@ -344,7 +348,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("responses")
     g.add_argument("--task", default="word", choices=sorted(tasks.TASKS), help=tasks.HELP)
     g.add_argument("--shots", type=int, default=0, choices=[0, 1],
-                   help="worked examples before each question")
+                   help="worked examples before each question (of a generated --task)")
     g.add_argument("-n", "--num-responses", type=int, default=16,
                    help="how many problems the model answers")
     g.add_argument("--max-new-tokens", type=int, default=128, help="longest response to sample")
@@ -354,6 +358,7 @@ def parse_args(argv=None):
                    help="longest prompt + response analysed (the residual "
                    "record of one sequence is held in memory); never more than the model's context")
     g.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampler")
+    cli.add_data_args(p, train=False)
     g = p.add_argument_group("analysis and output")
     g.add_argument("--norm", default="none", choices=["none", "final"],
                    help="none: softmax(W_U x), the paper's definition; final: the logit lens, W_U "
@@ -390,15 +395,18 @@ def main(argv=None):
     other = check_args(args)
     # subnormal softmax tails of the un-normed policies are slow on CPUs (train.py)
     torch.set_flush_denormal(True)
+    src = tasks.source(args)   # a --data file read and checked before the model loads
+    if args.data and args.shots:
+        raise UserError("--shots 1 gives a generated task's worked example, and a --data file "
+                        "has none; drop --shots")
     model, tok = cli.load(args.model, getattr(torch, args.dtype), args.device)
     max_tokens = min(args.max_tokens, model.config.max_position_embeddings)
     t0 = time.perf_counter()
     if args.responses:
         pairs = read_responses(args.responses, tok, model.config.vocab_size, max_tokens)
     else:
-        pairs = sample_responses(model, tok, args.task, args.num_responses, args.max_new_tokens,
-                                 args.seed,
-                                 args.shots, max_tokens)
+        pairs = sample_responses(model, tok, src, args.num_responses, args.max_new_tokens,
+                                 args.seed, max_tokens)
     flow, heat = analyze(model, pairs, norm=args.norm == "final")
     result = summarize(Path(args.model).name, model, flow, len(pairs), args.norm == "final")
     result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -22,11 +22,17 @@ and test are disjoint by construction: a question belongs to the test split when
 text is divisible by TEST_EVERY, so no test question is ever drawn for training, whatever the seeds
 and sizes.
 """
+import functools
+import json
 import random
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from infra import data
+from infra.errors import InputError
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 FORMAT_HINT = "Put the final answer in \\boxed{}, for example \\boxed{5}."
@@ -130,10 +136,18 @@ DEMOS = {
 }
 
 
-def chat(problem: Problem, task: str, shots: int = 0) -> list[dict]:
-    """The messages of a problem of `task` with `shots` (0 or 1) worked examples before it."""
+PROMPT_FORMATS = ("hint", "paper")
+
+
+def chat(problem: Problem, task: str | None, shots: int = 0, fmt: str = "hint") -> list[dict]:
+    """The messages of a problem of `task` (None: from a file). fmt "hint": the authors' system
+    prompt, `shots` (0 or 1) worked examples, the question with FORMAT_HINT (for small models);
+    "paper": the authors' system prompt and the question alone (section 5.1; a Qwen3 user's)."""
     if shots not in (0, 1):
         raise ValueError(f"--shots must be 0 or 1, not {shots}")
+    if fmt == "paper":
+        return [{"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": problem.question}]
     return problem.messages(demo=DEMOS[task] if shots else None)
 
 
@@ -156,6 +170,155 @@ def longest_prompt(tok, task: str, shots: int = 0, seed: int = 0, n: int = 64) -
     fit in a context, checked before any sampling (cli.fits_context)."""
     return max(len(tok.encode_chat(chat(p, task, shots))) for split in ("train", "test")
                for p in problems(task, n, seed, split))
+
+
+# -----------------------------------------------------------------------------
+# problems from files: train.py --data and --eval-data, analyze.py --data
+
+QUESTION_KEYS = ("question", "problem", "prompt")
+ANSWER_KEYS = ("answer", "final_answer", "solution")
+
+
+def read_problems(path, question_key: str | None = None, answer_key: str | None = None) -> list:
+    """The problems of a JSONL (or .parquet) file. The question is the first of QUESTION_KEYS a
+    record has, the answer the first of ANSWER_KEYS; question_key / answer_key name other fields.
+    An answer ending in "#### 42" (GSM8K) is its tail, one with a \\boxed{} (a MATH `solution`) its
+    last box. A record without them is refused as file:line (infra/data.py)."""
+    out = []
+    for where, rec in data.records(path):
+        q = _text(rec, where, question_key, QUESTION_KEYS, "question")
+        out.append(Problem(q, _answer(_text(rec, where, answer_key, ANSWER_KEYS, "answer"), where)))
+    return out
+
+
+def _text(rec: dict, where: str, key: str | None, keys: tuple, what: str) -> str:
+    found = [key] if key else [k for k in keys if k in rec]
+    if not found or found[0] not in rec:
+        looked = ", ".join(repr(k) for k in ([key] if key else keys))
+        raise InputError(f"{where}: no {what} (looked for {looked}); name the field with "
+                         f"--{what}-key")
+    v = rec[found[0]]
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)) or not str(v).strip():
+        raise InputError(f"{where}: the {what} ({found[0]!r}) is {json.dumps(v)[:40]}, not text "
+                         f"or a number")
+    return str(v).strip()
+
+
+def _answer(text: str, where: str) -> str:
+    """The reference answer of a field: GSM8K's "#### 42" tail, MATH's last \\boxed{}, or as is."""
+    if "####" in text:
+        text = text.rsplit("####", 1)[1].strip()
+    elif "\\boxed" in text:
+        boxed = last_boxed(text)
+        try:
+            text = remove_boxed(boxed).strip() if boxed else ""
+        except ValueError:   # a "\\fbox{}", which is no boxed answer
+            text = ""
+        if not text:
+            raise InputError(f"{where}: the answer's last \\boxed{{}} is empty or unbalanced")
+    if not text:
+        raise InputError(f"{where}: the answer after '####' is empty")
+    return text
+
+
+def epoch_draw(n: int, step: int, per_step: int, seed: int) -> list[int]:
+    """The indices of RL step `step`'s problems (1-based steps) among n: the file is drawn without
+    replacement in seeded epochs, each a fresh permutation, so every problem comes once per epoch
+    and a step's problems are a fixed function of (seed, step): a resumed run draws what an
+    uninterrupted one would, mid-epoch included."""
+    first = (step - 1) * per_step
+    return [_epoch(n, seed, i // n)[i % n] for i in range(first, first + per_step)]
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch(n: int, seed: int, epoch: int) -> tuple:
+    order = list(range(n))
+    random.Random(f"epoch/{seed}/{epoch}").shuffle(order)
+    return tuple(order)
+
+
+@dataclass
+class Source:
+    """Where a run's problems come from: a generated task (its test split for evaluation), or a
+    data file, plus any benchmark files to evaluate on; how each problem is asked (the prompt
+    format, worked examples, the chat template's keyword arguments)."""
+    task: str
+    shots: int = 1
+    fmt: str = "hint"
+    template_kwargs: dict = field(default_factory=dict)
+    train: list | None = None                   # a data file's problems; None: generated
+    benchmarks: dict = field(default_factory=dict)   # name -> problems
+
+    def step(self, step: int, per_step: int, seed: int) -> list:
+        """The problems of RL step `step`: a fixed function of (seed, step)."""
+        if self.train is None:
+            return problems(self.task, per_step, seed=seed * 1_000_003 + step)
+        return [self.train[i] for i in epoch_draw(len(self.train), step, per_step, seed)]
+
+    def encode(self, tok, problem) -> list[int]:
+        msgs = chat(problem, self.task if self.train is None else None, self.shots, self.fmt)
+        return tok.encode_chat(msgs, **self.template_kwargs)
+
+    def longest_prompt(self, tok, args, say=print) -> int:
+        """Tokens in the longest prompt the run will ask: of 64 problems of each split of a
+        generated task, or of the files once prompts over --max-prompt-tokens are dropped (with a
+        count) and an overlap of training and benchmark questions is reported (say=None: quiet,
+        the other ranks)."""
+        say = say or (lambda *_: None)
+        if self.train is None and not self.benchmarks:
+            return max(len(self.encode(tok, p)) for split in ("train", "test")
+                       for p in problems(self.task, 64, args.seed, split))
+        longest = self.drop_long(tok, args.max_prompt_tokens, say)
+        if self.overlap():
+            say(self.overlap())
+        if self.train is None:   # a generated task with benchmark files beside it
+            longest = max(longest, max(len(self.encode(tok, p)) for split in ("train", "test")
+                                       for p in problems(self.task, 64, args.seed, split)))
+        return longest
+
+    def drop_long(self, tok, limit: int, say=print) -> int:
+        """Drop the problems whose prompt is longer than `limit` tokens (the paper: 1,024), each
+        set counted in one line; the longest prompt kept."""
+        longest = 0
+        sets = {"--data": self.train} if self.train is not None else {}
+        for name, ps in {**sets, **self.benchmarks}.items():
+            lengths = [len(self.encode(tok, p)) for p in ps]
+            kept = [p for p, n in zip(ps, lengths) if n <= limit]
+            if len(kept) < len(ps):
+                say(f"{name}: {len(ps) - len(kept)} of {len(ps)} problems have prompts longer "
+                    f"than --max-prompt-tokens {limit}; left out")
+            if not kept:
+                raise InputError(f"{name}: every prompt is longer than --max-prompt-tokens "
+                                 f"{limit}; raise it")
+            ps[:] = kept
+            longest = max([longest] + [n for n in lengths if n <= limit])
+        return longest
+
+    def overlap(self) -> str | None:
+        """A line on the training questions that are also in a benchmark, or None."""
+        if self.train is None:
+            return None
+        seen = {" ".join(p.question.split()) for p in self.train}
+        for name, ps in self.benchmarks.items():
+            both = [p for p in ps if " ".join(p.question.split()) in seen]
+            if both:
+                return (f"warning: {len(both)} of {len(ps)} questions of {name} are also in --data "
+                        f"(first: {both[0].question[:80]!r}); its scores are not held-out")
+        return None
+
+
+def source(args) -> Source:
+    """The Source of train.py's / analyze.py's arguments, every file read and checked."""
+    keys = (getattr(args, "question_key", None), getattr(args, "answer_key", None))
+    train = read_problems(args.data, *keys) if getattr(args, "data", None) else None
+    files = [f for f in (getattr(args, "eval_data", None) or "").split(",") if f]
+    names = [Path(f).stem for f in files]
+    if len(set(names)) < len(names):
+        raise InputError(f"--eval-data {args.eval_data}: two files have the same name; each "
+                         f"benchmark is named by its file (eval/<name>/...)")
+    return Source(args.task, args.shots, getattr(args, "prompt_format", "hint"),
+                  getattr(args, "chat_template_kwargs", None) or {}, train,
+                  {n: read_problems(f, *keys) for n, f in zip(names, files)})
 
 
 # -----------------------------------------------------------------------------

@@ -102,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the prompts, the sampler and the held-out draws")
     g = p.add_argument_group("task and rollout")
     g.add_argument("--task", default="add", choices=sorted(tasks.TASKS), help=tasks.HELP)
-    g.add_argument("--shots", type=int, default=1, choices=[0, 1],
-                   help="1: a worked example of the task before each "
-                   "question (tasks.py; 0: the authors' zero-shot prompt, which a 135M model "
-                   "rarely answers in a box)")
+    g.add_argument("--shots", type=int, default=None, choices=[0, 1],
+                   help="1: a worked example of the task before each question (tasks.py; 0: "
+                   "the authors' zero-shot prompt, which a 135M model rarely answers in a box); "
+                   "default 1 for a --task, 0 for --data")
     g.add_argument("--prompts-per-step", type=int, default=8,
                    help="P prompts per step (the authors: 128)")
     g.add_argument("--group-size", type=int, default=8,
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-batch", type=int, default=0,
                    help="responses sampled together, a multiple of --group-size (memory only: "
                    "the KV cache holds this many rows; 0 = all of the step's at once)")
+    cli.add_data_args(p, train=True)
     g = p.add_argument_group("objective")
     g.add_argument("--algo", default="bupo", choices=["bupo", "grpo"],
                    help="bupo: phase 1 on pi^l, then GRPO")
@@ -180,13 +181,13 @@ def micro_batches(n: int, args):
             for mb in torch.arange(n).chunk(args.mini_batches)]
 
 
-def rl_step(model, tok, opt, args, step, layer, ref=None, amp=contextlib.nullcontext):
+def rl_step(model, tok, src, opt, args, step, layer, ref=None, amp=contextlib.nullcontext):
     """One RL step, in the order of the module docstring's algorithm. amp: a fresh autocast region
     per forward phase, never around opt.step() (infra/precision.py)."""
     t0 = time.perf_counter()
     L, G = model.config.num_layers, args.group_size
     # 1. sample G responses to each of this rank's prompts, from the full policy
-    problems, ro = sample_step(model, tok, args, step, amp)
+    problems, ro = sample_step(model, tok, src, args, step, amp)
     device, batch = ro.response_ids.device, bupo.Batch.of(ro)
     # 2. score, and the advantages of each group (a rank holds whole groups)
     rewards = torch.tensor([tasks.reward(t, problems[g].answer)
@@ -211,17 +212,17 @@ def rl_step(model, tok, opt, args, step, layer, ref=None, amp=contextlib.nullcon
                         skipped, len(groups), time.perf_counter() - t0, device)
 
 
-def sample_step(model, tok, args, step, amp):
+def sample_step(model, tok, src, args, step, amp):
     """This rank's prompts of the step (a fixed function of --seed and the step) and G responses to
     each."""
-    problems = tasks.problems(args.task, args.prompts_per_step, seed=args.seed * 1_000_003 + step)
+    problems = src.step(step, args.prompts_per_step, args.seed)
     mine = dp.my_prompts(len(problems), args.mini_batches)      # all of them in a single process
     problems = [problems[g] for g in mine]
     # prompt g of the step: first_seed + g
     first_seed = (args.seed << 32) + step * args.prompts_per_step
     with amp():
         ro = generate(model,
-                      [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems],
+                      [src.encode(tok, p) for p in problems],
                       args.group_size, args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
                       pad_id=tok.pad_id, seed=[first_seed + g for g in mine], tokenizer=tok,
                       compile=args.compile, max_rows=args.rollout_batch)
@@ -336,49 +337,55 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, tok, args, amp=contextlib.nullcontext) -> dict:
-    """Held-out greedy accuracy, avg@n and pass@k; amp: the autocast region of this forward-only
-    phase."""
-    with amp():
-        return _evaluate(model, tok, args)
-
-
-def _evaluate(model, tok, args) -> dict:
+def evaluate(model, tok, src, args, amp=contextlib.nullcontext) -> dict:
+    """Held-out accuracy: the generated task's test split (eval/greedy_acc, eval/avg@n,
+    eval/pass@k) and each --eval-data benchmark (eval/<name>/...); amp: the autocast region of
+    this forward-only phase."""
     t0 = time.perf_counter()
-    problems = tasks.problems(args.task, args.eval_problems, seed=args.seed, split="test")
-    # a data-parallel rank answers every W-th problem
-    mine = dp.my_share(len(problems))
-    problems = [problems[g] for g in mine]
-    prompts = [tok.encode_chat(tasks.chat(p, args.task, args.shots)) for p in problems]
+    sets = {} if src.train is not None or not args.eval_problems else {"": tasks.problems(
+        args.task, args.eval_problems, seed=args.seed, split="test")}
+    out = {}
+    with amp():
+        for name, problems in {**sets, **src.benchmarks}.items():
+            greedy = not name or args.eval_greedy
+            prefix = f"eval/{name}/" if name else "eval/"
+            out.update({prefix + k: v for k, v in
+                        eval_set(model, tok, src, problems, args, greedy).items()})
+    return {**out, "eval_time": time.perf_counter() - t0}
+
+
+def eval_set(model, tok, src, problems, args, greedy: bool) -> dict:
+    """greedy_acc (when asked), avg@n and the unbiased pass@k for k = 1, 2, 4, ..., n over n =
+    --eval-samples samples at T, of one set of problems."""
+    mine = dp.my_share(len(problems))         # a data-parallel rank answers every W-th problem
+    prompts = [src.encode(tok, problems[g]) for g in mine]
     common = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok, progress=dp.rank() == 0,
                   compile=args.compile)
-    n, size = args.eval_samples, getattr(args, "eval_batch", 0) or len(prompts)
-    greedy_right, c = 0, []                              # c: right samples per problem, of n
-    for i in range(0, len(prompts), size):
-        # a chunk of problems at a time (--eval-batch)
-        # one prefill for both calls below
-        part = prefill(model, prompts[i:i + size], tok.pad_id)
-        greedy = generate(model, part, 1, args.max_new_tokens, temperature=0.0, **common)
-        greedy_right += sum(tasks.reward(t, p.answer)
-                            for t, p in zip(greedy.text, problems[i:i + size]))
-        # the last use: freed before decoding
-        part.release = True
-        sampled = generate(model, part, n, args.max_new_tokens, temperature=args.temperature,
-                           # a seed per problem: any
-                           seed=[12345 + g for g in mine[i:i + size]], **common)
-        # chunking samples the same
-        right = [0] * len(part)
-        for t, g in zip(sampled.text, sampled.group.tolist()):
-            right[g] += int(tasks.reward(t, problems[i + g].answer))
+    n, size = args.eval_samples, args.eval_batch or len(prompts)
+    greedy_right, c = 0, []                   # c: right samples per problem, of n
+    for i in range(0, len(prompts), size):    # a chunk of problems at a time (--eval-batch)
+        mine_i = mine[i:i + size]
+        part = prefill(model, prompts[i:i + size], tok.pad_id)   # one prefill for both calls
+        if greedy:
+            ro = generate(model, part, 1, args.max_new_tokens, temperature=0.0, **common)
+            greedy_right += sum(tasks.reward(t, problems[g].answer)
+                                for t, g in zip(ro.text, mine_i))
+        part.release = True                   # the last use: freed before decoding
+        # a seed per problem: any chunking samples the same
+        ro = generate(model, part, n, args.max_new_tokens, temperature=args.temperature,
+                      seed=[12345 + g for g in mine_i], **common)
+        right = [0] * len(mine_i)
+        for t, g in zip(ro.text, ro.group.tolist()):
+            right[g] += int(tasks.reward(t, problems[mine_i[g]].answer))
         c += right
-    ks = sorted({1, n})
+    ks = sorted({2**j for j in range(n.bit_length()) if 2**j <= n} | {n})
     sums = dp.all_sum({"greedy": greedy_right, "correct": sum(c),
                        **{f"pass@{k}": sum(pass_at_k(n, ci, k) for ci in c) for k in ks}},
                       next(model.parameters()).device)
-    P = args.eval_problems
-    return {"eval/greedy_acc": sums["greedy"] / P, f"eval/avg@{n}": sums["correct"] / (P * n),
-            **{f"eval/pass@{k}": sums[f"pass@{k}"] / P for k in ks},
-            "eval_time": time.perf_counter() - t0}
+    P = len(problems)
+    return {**({"greedy_acc": sums["greedy"] / P} if greedy else {}),
+            f"avg@{n}": sums["correct"] / (P * n),
+            **{f"pass@{k}": sums[f"pass@{k}"] / P for k in ks}}
 
 
 # -----------------------------------------------------------------------------
@@ -405,7 +412,8 @@ def run_training(argv=None):
                       args.eval_every > 0)
     # only rank 0 writes files and prints progress
     lead = dp.rank() == 0
-    model, tok, layer = load_policy(model_dir, state, args, device, lead)
+    src = tasks.source(args)    # every data file read and checked, before any weight
+    model, tok, layer = load_policy(model_dir, state, src, args, device, lead)
     if not state and lead:
         # args.json, metrics.jsonl; an old run moved aside
         runs.start(args.out, args, args.overwrite)
@@ -425,15 +433,15 @@ def run_training(argv=None):
     amp = lambda: precision.autocast(device, dtype)           # noqa: E731
     step, stopping = start - 1, False
     if start == 1 and args.eval_every:
-        row = {"step": 0, **evaluate(model, tok, args, amp)}
+        row = {"step": 0, **evaluate(model, tok, src, args, amp)}
         if lead:
             runs.log(args.out, row)
     bar = tqdm(range(start, args.steps + 1), initial=start - 1, total=args.steps, desc=args.algo,
                disable=not lead)
     for step in bar:
-        row = rl_step(model, tok, opt, args, step, layer, ref, amp)
+        row = rl_step(model, tok, src, opt, args, step, layer, ref, amp)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            row.update(evaluate(model, tok, args, amp))
+            row.update(evaluate(model, tok, src, args, amp))
         if lead:
             runs.log(args.out, row)
         bar.set_postfix(reward=f"{row['reward']:.2f}", phase=row["phase"],
@@ -453,7 +461,7 @@ def run_training(argv=None):
     dp.teardown()
 
 
-def load_policy(model_dir, state, args, device, lead):
+def load_policy(model_dir, state, src, args, device, lead):
     """The model on this rank's device, its tokenizer, and the internal layer l of BuPO's phase 1
     (rank 0's choice: analyze.resolve_layer for a new run, the saved one on resume)."""
     if not state and lead:
@@ -461,16 +469,16 @@ def load_policy(model_dir, state, args, device, lead):
     # rank 0 has built the default model, if it was missing
     dp.barrier()
     # the memory plan, from config.json and the longest prompt, refused before any weight is read
-    prompt = tasks.longest_prompt(Tokenizer(model_dir), args.task, args.shots, args.seed)
+    prompt = src.longest_prompt(Tokenizer(model_dir), args, say=print if lead else None)
     compute = precision.compute_dtype(args.dtype, device).itemsize
     memory.check(model_dir, args, prompt, device, dp.world(), compute, lead)
     # the weights and the tokenizer, checked against each other (infra/checkpoint.py)
     model, tok = cli.load(model_dir, device=device)
     cli.fits_context(prompt, args.max_new_tokens, model.config.max_position_embeddings,
-                     f"the longest {args.task} prompt")
+                     "the longest prompt")
     layer = state["internal_layer"] if state else model.config.num_layers
     if not state and args.algo == "bupo" and lead:
-        layer = analyze.resolve_layer(args.internal_layer, model, tok, args)
+        layer = analyze.resolve_layer(args.internal_layer, model, tok, args, src)
     return model, tok, int(dp.all_sum({"layer": layer if lead else 0}, device)["layer"])
 
 

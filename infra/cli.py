@@ -214,6 +214,52 @@ def add_model_args(p, dtype: bool = True):
     return g
 
 
+def template_kwargs(text: str) -> dict:
+    """--chat-template-kwargs "enable_thinking=false,x=1": keyword arguments for the chat
+    template, true / false / integers / decimals as such, anything else as text."""
+    out = {}
+    for item in (t for t in text.split(",") if t.strip()):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"{item!r} is not name=value")
+        v = value.strip()
+        lower = v.lower()
+        out[key.strip()] = (lower == "true" if lower in ("true", "false") else
+                            int(v) if v.lstrip("-").isdigit() else
+                            float(v) if v.replace(".", "", 1).lstrip("-").isdigit() else v)
+    return out
+
+
+def add_data_args(p, train: bool):
+    """The flags of where the problems come from and how they are asked, shared by train.py and
+    analyze.py (tasks.source reads them)."""
+    import tasks
+    g = p.add_argument_group("problems")
+    g.add_argument("--data", default=None,
+                   help="a .jsonl (or .parquet) file of problems to use instead of --task: a "
+                   "question under question/problem/prompt, an answer under answer/final_answer, "
+                   "a MATH solution's last \\boxed{}, or GSM8K's '#### 42'")
+    if train:
+        g.add_argument("--eval-data", default=None,
+                       help="comma-separated benchmark files to evaluate on, each named by its "
+                       "file (eval/<name>/avg@n, pass@k); the same record formats")
+        g.add_argument("--eval-greedy", action="store_true",
+                       help="also a greedy answer per benchmark problem (eval/<name>/greedy_acc)")
+        g.add_argument("--max-prompt-tokens", type=int, default=1024,
+                       help="file problems with a longer prompt are left out, with a count (the "
+                       "paper: 1024)")
+    g.add_argument("--question-key", default=None, help="the records' question field")
+    g.add_argument("--answer-key", default=None, help="the records' answer field")
+    g.add_argument("--prompt-format", default="hint", choices=tasks.PROMPT_FORMATS,
+                   help="hint: the authors' system prompt, the worked example of --shots and a "
+                   "\\boxed{} hint (for small models); paper: the authors' system prompt and the "
+                   "question alone")
+    g.add_argument("--chat-template-kwargs", type=template_kwargs, default={},
+                   help="keyword arguments of the chat template, e.g. enable_thinking=false "
+                   "(Qwen3 without thinking, as the authors run it)")
+    return g
+
+
 def load(model_dir, dtype=None, device="cpu"):
     """(model, tokenizer) of an HF-layout folder; the default offline model is built on first
     use."""
@@ -232,12 +278,18 @@ def load(model_dir, dtype=None, device="cpu"):
 
 def check_train(args):
     """Every argument of train.py, before anything is loaded or written."""
-    not_empty(args, "--model", "--out", "--resume", "--analysis")
+    not_empty(args, "--model", "--out", "--resume", "--analysis", "--data", "--eval-data")
     positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches",
              "--micro-batch-size", "--max-new-tokens", "--eval-problems", "--eval-samples",
              "--save-every", "--keep-checkpoints")
     non_negative(args, "--internal-steps", "--eval-every", "--seed", "--eval-batch",
                  "--rollout-batch")
+    positive(args, "--max-prompt-tokens")
+    if args.shots is None:   # a generated task's worked example; a data file has none
+        args.shots = 0 if args.data else 1
+    if args.data and args.shots:
+        raise UserError("--shots 1 gives a generated task's worked example, and a --data file "
+                        "has none; drop --shots (or use --shots 0)")
     if args.rollout_batch % args.group_size:
         raise UserError(f"--rollout-batch {args.rollout_batch}: must be a multiple of --group-size "
                         f"{args.group_size} (whole groups are sampled together), or 0")

@@ -184,9 +184,11 @@ def open_run(args, argv, build_parser, may_change: tuple, load_meta):
     arguments (`may_change`: the flags a resume may change; load_meta(folder) checks a checkpoint's
     weights without placing them on a device). Paths are made absolute once, so that a resume from
     another working folder finds them."""
-    for k in ("model", "out", "analysis", "resume"):
-        if getattr(args, k):
+    for k in ("model", "out", "analysis", "resume", "data"):
+        if getattr(args, k, None):
             setattr(args, k, os.path.abspath(getattr(args, k)))
+    if getattr(args, "eval_data", None):
+        args.eval_data = ",".join(os.path.abspath(f) for f in args.eval_data.split(",") if f)
     if not args.resume:
         check_new(args.out, args.overwrite)
         return args, None, args.model
@@ -391,9 +393,11 @@ def plot_curves(out, title: str):
     import matplotlib.pyplot as plt
     rows = read_metrics(out)
     train = [r for r in rows if "reward" in r]
+    # one line per benchmark: eval/avg@n of the task, eval/<name>/avg@n of each --eval-data file
+    accuracy = sorted({k for r in rows for k in r if k.startswith("eval/")
+                       and (k.split("/")[-1].startswith("avg@") or k.endswith("/greedy_acc"))})
     panels = [("reward / accuracy (fraction)",
-               ["reward", "eval/greedy_acc"]
-               + sorted({k for r in rows for k in r if k.startswith("eval/avg@")})),
+               ["reward", "eval/greedy_acc"] + [k for k in accuracy if k != "eval/greedy_acc"]),
               ("entropy (nats)", ["entropy", "internal/entropy"]),
               ("response length (tokens)", ["completions/mean_length"]),
               ("KL(pi^l || pi_theta) (nats)", ["internal/kl_to_policy"]),

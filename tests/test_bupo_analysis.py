@@ -2,7 +2,6 @@
 computations."""
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ import torch
 
 import analyze
 import bupo
-from infra import weights
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,18 +239,16 @@ def test_read_responses(tmp_path, default_model_dir):
             analyze.read_responses(f, tok)
 
 
-def test_cli_end_to_end_and_errors(tiny_dirs, tmp_path):
-    d = tmp_path / "tiny"
-    shutil.copytree(tiny_dirs["qwen2", True], d)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        # the tiny model borrows a tokenizer for the plots
-        (d / name).write_bytes((weights.DEFAULT_MODEL_DIR / name).read_bytes())
+def test_cli_end_to_end_and_errors(tiny_chat_model, tmp_path):
+    # a tiny model with the default model's tokenizer (and vocabulary size)
+    d = tiny_chat_model
     f = tmp_path / "r.jsonl"
     f.write_text("\n".join(json.dumps({"prompt_ids": p, "response_ids": r})
                            for p, r in pairs_for(1)) + "\n")
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(d),
-                                     *a],  # noqa: E731
-                                    capture_output=True, text=True)
+
+    def run(*a):
+        return subprocess.run([sys.executable, str(ROOT / "analyze.py"), "--model", str(d), *a],
+                              capture_output=True, text=True)
     r = run("--out", str(tmp_path / "a"), "--responses", str(f))
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "a" / "entropy.json").read_text())

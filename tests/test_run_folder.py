@@ -27,12 +27,12 @@ sys.path.insert(0, {root!r})
 import tasks, train
 tasks.reward = lambda text, answer: float(len(text) % 2)
 real = train.rl_step
-def rl_step(model, tok, opt, args, step, *a, **k):
+def rl_step(model, tok, src, opt, args, step, *a, **k):
     if step == 2:
         pathlib.Path({ready!r}).touch()
         while not pathlib.Path({go!r}).exists():
             time.sleep(0.05)
-    return real(model, tok, opt, args, step, *a, **k)
+    return real(model, tok, src, opt, args, step, *a, **k)
 train.rl_step = rl_step
 train.main({argv!r})
 """

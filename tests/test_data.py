@@ -1,0 +1,185 @@
+"""Problems from files (tasks.read_problems, infra/data.py): the three record styles, the answer
+extraction, seeded epochs, the length filter, pass@k, and one file:line error per bad record."""
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import tasks
+import train
+from infra.errors import InputError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def jsonl(tmp_path, *records, name="d.jsonl") -> Path:
+    f = tmp_path / name
+    f.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return f
+
+
+def test_the_three_record_styles(tmp_path):
+    f = jsonl(tmp_path,
+              {"question": "What is 2 + 2?", "answer": "4"},                        # plain
+              {"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},  # MATH
+              {"question": "Sum?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},         # GSM8K
+              {"prompt": "Three?", "final_answer": 3},                              # a number
+              {"problem": "P?", "solution": "a \\boxed{1} then \\boxed{2}", "answer": "2"})
+    got = [(p.question, p.answer) for p in tasks.read_problems(f)]
+    assert got == [("What is 2 + 2?", "4"), ("Half of 1?", "\\frac{1}{2}"), ("Sum?", "7"),
+                   ("Three?", "3"), ("P?", "2")]
+    # named fields win over the detection
+    g = jsonl(tmp_path, {"q": "Why?", "gold": "because", "answer": "no"}, name="k.jsonl")
+    assert tasks.read_problems(g, "q", "gold")[0] == tasks.Problem("Why?", "because")
+
+
+def test_the_shipped_examples_read_in_each_style():
+    sizes = {f.stem: len(tasks.read_problems(f)) for f in sorted(EXAMPLES.glob("*.jsonl"))}
+    assert sizes == {"gsm8k_style": 40, "math_style": 40, "train": 240}
+    # and their answers are what the reward accepts
+    for f in EXAMPLES.glob("*.jsonl"):
+        for p in tasks.read_problems(f)[:5]:
+            assert tasks.reward(f"so \\boxed{{{p.answer}}}", p.answer) == 1.0
+
+
+@pytest.mark.parametrize("lines,fragment", [
+    (['{"question": "a", "answer": "1"}', "{not json"], "d.jsonl:2: not valid JSON"),
+    (['{"answer": "1"}'], "d.jsonl:1: no question (looked for 'question', 'problem', 'prompt')"),
+    (['{"question": "a"}'], "d.jsonl:1: no answer"),
+    (['{"question": "a", "answer": ""}'], "d.jsonl:1: the answer ('answer') is \"\""),
+    (['{"question": ["a"], "answer": "1"}'], "d.jsonl:1: the question ('question') is [\"a\"]"),
+    (['[1, 2]'], "d.jsonl:1: a JSON list, not an object"),
+    (['{"problem": "a", "solution": "no box \\\\boxed{"}'], "d.jsonl:1: the answer's last"),
+    (['{"question": "a", "answer": "work ####  "}'], "d.jsonl:1: the answer after '####' is empty"),
+    ([], "d.jsonl: empty"),
+])
+def test_a_bad_record_is_named_by_file_and_line(tmp_path, lines, fragment):
+    f = jsonl(tmp_path, *lines)
+    with pytest.raises(InputError) as e:
+        tasks.read_problems(f)
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"question": "a", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(InputError, match=r"d.jsonl:2: byte 0xe9 is not UTF-8"):
+        tasks.read_problems(f)
+
+
+def test_parquet_needs_pyarrow_or_reads(tmp_path):
+    f = tmp_path / "d.parquet"
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        f.write_bytes(b"PAR1")
+        with pytest.raises(InputError, match="reading .parquet needs pyarrow"):
+            tasks.read_problems(f)
+        return
+    pq.write_table(pa.table({"problem": ["a?"], "answer": ["1"]}), f)
+    assert tasks.read_problems(f) == [tasks.Problem("a?", "1")]
+
+
+def test_epochs_draw_every_problem_once_and_resume_exactly():
+    """13 problems, 4 a step: each epoch is a permutation of all 13, the steps run on across epoch
+    ends, and step s is the same whether or not the steps before it ran (what --resume needs)."""
+    n, per = 13, 4
+    drawn = [i for s in range(1, 14) for i in tasks.epoch_draw(n, s, per, seed=7)]   # 4 epochs
+    for e in range(4):
+        assert sorted(drawn[e * n:(e + 1) * n]) == list(range(n))
+    assert drawn[:n] != drawn[n:2 * n]                           # a fresh order each epoch
+    assert tasks.epoch_draw(n, 9, per, seed=7) == drawn[32:36]   # mid-epoch, computed alone
+    assert tasks.epoch_draw(n, 1, per, seed=8) != drawn[:4]      # the seed changes the order
+
+
+def test_prompts_over_the_limit_are_left_out_with_a_count(tmp_path):
+    class Words:   # a tokenizer of whitespace words
+        def encode_chat(self, messages, **kw):
+            return " ".join(m["content"] for m in messages).split()
+    long, short = {"question": "x " * 50, "answer": "1"}, {"question": "x", "answer": "1"}
+    f = jsonl(tmp_path, short, long, short)
+    src = tasks.Source("add", 0, "paper", {}, tasks.read_problems(f))
+    said = []
+    longest = src.drop_long(Words(), 20, said.append)
+    assert len(src.train) == 2 and longest == len(tasks.SYSTEM_PROMPT.split()) + 1
+    assert said == ["--data: 1 of 3 problems have prompts longer than --max-prompt-tokens 20; "
+                    "left out"]
+
+
+def test_a_training_question_in_a_benchmark_is_reported(tmp_path):
+    train_f = jsonl(tmp_path, {"question": "What is  2+2?", "answer": "4"},
+                    {"question": "b", "answer": "1"}, name="t.jsonl")
+    bench = jsonl(tmp_path, {"problem": "What is 2+2?", "answer": "4"},
+                  {"problem": "c", "answer": "2"}, name="b.jsonl")
+    src = tasks.Source("add", 0, "paper", {}, tasks.read_problems(train_f),
+                       {"b": tasks.read_problems(bench)})
+    assert src.overlap().startswith("warning: 1 of 2 questions of b are also in --data")
+
+
+def test_pass_at_k_is_the_fraction_of_k_subsets_with_a_right_answer():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            samples = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(samples, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert math.isclose(train.pass_at_k(n, c, k), brute), (n, c, k)
+
+
+def test_the_paper_prompt_format_is_the_question_alone():
+    p = tasks.Problem("What is 1 + 1?", "2")
+    assert tasks.chat(p, None, 0, "paper") == [
+        {"role": "system", "content": tasks.SYSTEM_PROMPT},
+        {"role": "user", "content": "What is 1 + 1?"}]
+    assert tasks.chat(p, "add", 1, "hint")[-1]["content"].endswith(tasks.FORMAT_HINT)
+
+
+def run_on_files(model, out, *extra):
+    train.main(["--model", str(model), "--out", str(out), "--data", str(EXAMPLES / "train.jsonl"),
+                "--eval-data", str(EXAMPLES / "math_style.jsonl"), "--prompts-per-step", "2",
+                "--group-size", "4", "--mini-batches", "2", "--micro-batch-size", "4",
+                "--max-new-tokens", "6", "--eval-samples", "2", "--eval-every", "2",
+                "--internal-layer", "2", "--internal-steps", "1", "--lr", "1e-3",
+                "--save-every", "1", *extra])
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(rows):
+    return [{k: v for k, v in r.items() if k not in train_timings} for r in rows]
+
+
+train_timings = ("step_time", "tokens_per_s", "peak_memory_mb", "eval_time")
+
+
+def test_training_on_files_evaluates_each_benchmark_and_resumes_exactly(tiny_chat_model, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(tasks, "reward", lambda text, answer: float(len(text) % 2))
+    whole = run_on_files(tiny_chat_model, tmp_path / "whole", "--steps", "3")
+    assert {"eval/math_style/avg@2", "eval/math_style/pass@1", "eval/math_style/pass@2"} <= set(
+        whole[0]) and "eval/greedy_acc" not in whole[0]
+    run_on_files(tiny_chat_model, tmp_path / "cut", "--steps", "2")
+    train.main(["--resume", str(tmp_path / "cut"), "--steps", "3"])
+    cut = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert untimed(cut) == untimed(whole)
+    saved = json.loads((tmp_path / "whole" / "args.json").read_text())
+    assert saved["shots"] == 0 and Path(saved["data"]).is_absolute()
+
+
+def test_a_bad_data_file_is_refused_before_the_model_loads(tiny_chat_model, tmp_path,
+                                                           monkeypatch):
+    from infra import cli
+    from model import Transformer
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the data file was checked")
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(no_load))
+    bad = jsonl(tmp_path, {"question": "a", "answer": "1"}, {"question": "b"})
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.main, ["--model", str(tiny_chat_model), "--out", str(tmp_path / "run"),
+                             "--data", str(bad)])
+    assert str(e.value.code) == (f"error: {bad}:2: no answer (looked for 'answer', "
+                                 f"'final_answer', 'solution'); name the field with --answer-key")
+    assert not (tmp_path / "run").exists()
