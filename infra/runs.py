@@ -194,7 +194,8 @@ def open_run(args, argv, build_parser, may_change: tuple, load_meta):
         return args, None, args.model
     # the checkpoint's weights are checked on the meta device: the rank's device is not chosen yet,
     # and under torchrun every rank would load onto the default GPU
-    ckpt, state, _ = resumable(args.resume, load_meta, writer=launched_rank() == 0)
+    ckpt, state, _ = resumable(args.resume, load_meta, writer=launched_rank() == 0,
+                               may_change=may_change)
     args = resume_args(args, explicit_flags(build_parser(), argv), state, build_parser(),
                        may_change)
     if args.steps <= state["step"]:
@@ -325,10 +326,23 @@ def load_trainer_state(ckpt: Path) -> dict:
     return state
 
 
-def check_consistent(ckpt: Path, state: dict, model):
-    """The checkpoint's weights, its optimizer state and its saved step and layer belong together:
-    else (a trainer_state.pt of another run or model copied in) the first update would fail mid-step
-    or train the wrong layer. ValueError names the first mismatch."""
+def check_consistent(ckpt: Path, state: dict, model, out=None, may_change: tuple = ()):
+    """The checkpoint's weights, its optimizer state, its saved step and layer and the run's
+    args.json belong together: else (a trainer_state.pt of another run or model copied in) the first
+    update would fail mid-step, train the wrong layer or continue another run's schedule. ValueError
+    names the first mismatch."""
+    started = Path(out) / "args.json" if out else None
+    if started and started.is_file():
+        try:
+            first = json.loads(started.read_text())
+        except (OSError, ValueError):
+            first = {}
+        skip = set(may_change) | {"out", "resume", "overwrite", "code", "model"}
+        for k in sorted(set(first) & set(state["args"]) - skip):
+            if first[k] != state["args"][k]:
+                raise ValueError(f"trainer_state.pt was saved with --{k.replace('_', '-')} "
+                                 f"{state['args'][k]}, but {started} says {first[k]}: another "
+                                 f"run's checkpoint")
     if _step(ckpt) != state["step"]:
         raise ValueError(f"trainer_state.pt is of step {state['step']}, the folder of step "
                          f"{_step(ckpt)}")
@@ -350,7 +364,7 @@ def check_consistent(ckpt: Path, state: dict, model):
                                  f"optimizer state")
 
 
-def resumable(out, load_model, writer: bool = True) -> tuple:
+def resumable(out, load_model, writer: bool = True, may_change: tuple = ()) -> tuple:
     """(checkpoint folder, trainer state, model) of the newest checkpoint of OUT that loads
     completely. Newer ones that are incomplete or damaged are skipped with a warning, never deleted.
     The writer (rank 0) takes the run's lock first and removes what an interrupted write left."""
@@ -372,7 +386,7 @@ def resumable(out, load_model, writer: bool = True) -> tuple:
         try:
             state = load_trainer_state(ckpt)
             model = load_model(ckpt)
-            check_consistent(ckpt, state, model)
+            check_consistent(ckpt, state, model, out, may_change)
             return ckpt, state, model
         except (ValueError, UserError) as e:   # ModelLoadError is a UserError
             print(f"warning: skipping {ckpt}: {str(e).splitlines()[0]}; trying an earlier "

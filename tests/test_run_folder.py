@@ -179,3 +179,18 @@ def test_a_checkpoint_whose_optimizer_state_is_another_models_is_skipped(tiny_ch
     assert str(e.value.code).startswith("error: --resume") and "no complete checkpoint" in str(
         e.value.code)
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_a_checkpoint_of_another_run_is_skipped(tiny_chat_model, tmp_path, length_reward, capsys):
+    """A trainer_state.pt saved by a run with other arguments (here GRPO into a BuPO run) disagrees
+    with the run's args.json: that checkpoint is skipped, the one before it resumed."""
+    import torch
+    out = tmp_path / "run"
+    train.main(writer_argv("new", tiny_chat_model, out, 2))
+    newest = out / "checkpoints" / "step_000002" / "trainer_state.pt"
+    state = torch.load(newest, weights_only=True)
+    torch.save({**state, "args": {**state["args"], "algo": "grpo"}}, newest)
+    train.main(["--resume", str(out), "--steps", "3"])
+    err = capsys.readouterr().err
+    assert "skipping" in err and "saved with --algo grpo" in err and "another run's" in err, err
+    assert steps_of(out) == [1, 2, 3]
