@@ -102,7 +102,7 @@ def sample_responses(model, tok, src, n: int, max_new_tokens: int, seed: int,
     prompts = [src.encode(tok, p) for p in problems]
     cli.fits_context(max(map(len, prompts)), max_new_tokens,
                      max_tokens or model.config.max_position_embeddings,
-                     "the longest prompt",
+                     f"the longest {'file' if src.train else src.task} prompt",
                      "--max-tokens (at most the model's context)" if max_tokens
                      else "the model's context")
     ro = generate(model, prompts, 1, max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids,

@@ -414,10 +414,8 @@ def run_training(argv=None):
     lead = dp.rank() == 0
     src = tasks.source(args)    # every data file read and checked, before any weight
     model, tok, layer = load_policy(model_dir, state, src, args, device, lead)
-    if not state and lead:
-        # args.json, metrics.jsonl; an old run moved aside
+    if not state and lead:   # args.json, metrics.jsonl; an old run moved aside
         runs.start(args.out, args, args.overwrite)
-    model.grad_checkpoint = args.grad_checkpoint
     dtype = precision.compute_dtype(args.dtype, device)
     # the frozen reference of --kl-coef only runs forwards: its weights in the compute dtype
     ref = (Transformer.from_pretrained(args.model, dtype=dtype, device=device)
@@ -428,8 +426,7 @@ def run_training(argv=None):
                             fused=torch.device(device).type == "cuda" or None)
     start = runs.restore(opt, state, args.out, lead)   # 1, or the step after the resumed one
     stop = cli.stop_after_ctrl_c()
-    # mixed precision: one autocast region per forward phase, opened inside rl_step / evaluate
-    # (infra/precision.py)
+    # mixed precision: one autocast region per forward phase, inside rl_step / evaluate
     amp = lambda: precision.autocast(device, dtype)           # noqa: E731
     step, stopping = start - 1, False
     if start == 1 and args.eval_every:
@@ -474,8 +471,9 @@ def load_policy(model_dir, state, src, args, device, lead):
     memory.check(model_dir, args, prompt, device, dp.world(), compute, lead)
     # the weights and the tokenizer, checked against each other (infra/checkpoint.py)
     model, tok = cli.load(model_dir, device=device)
+    model.grad_checkpoint = args.grad_checkpoint
     cli.fits_context(prompt, args.max_new_tokens, model.config.max_position_embeddings,
-                     "the longest prompt")
+                     f"the longest {'file' if args.data else args.task} prompt")
     layer = state["internal_layer"] if state else model.config.num_layers
     if not state and args.algo == "bupo" and lead:
         layer = analyze.resolve_layer(args.internal_layer, model, tok, args, src)
