@@ -57,7 +57,7 @@ from tqdm import tqdm
 import analyze
 import bupo
 import tasks
-from infra import cli, memory, precision, runs, weights
+from infra import checkpoint, cli, memory, precision, runs, weights
 from infra import distributed as dp
 from model import Transformer
 from rollout import generate, prefill
@@ -466,6 +466,7 @@ def load_policy(model_dir, state, src, args, device, lead):
     # rank 0 has built the default model, if it was missing
     dp.barrier()
     # the memory plan, from config.json and the longest prompt, refused before any weight is read
+    checkpoint.model_folder(model_dir, device)   # a folder that is there, and a usable device
     prompt = src.longest_prompt(Tokenizer(model_dir), args, say=print if lead else None)
     compute = precision.compute_dtype(args.dtype, device).itemsize
     memory.check(model_dir, args, prompt, device, dp.world(), compute, lead)

@@ -46,9 +46,8 @@ def main(argv=None):
     model, tok = cli.load(args.model, device=cli.check_device(args.device))
     L, rows = model.config.num_layers, []
     for seed in args.seeds:
-        pairs = analyze.sample_responses(model, tok, args.task, args.num_responses,
-                                         args.max_new_tokens, seed,
-                                         args.shots)
+        pairs = analyze.sample_responses(model, tok, tasks.Source(args.task, args.shots),
+                                         args.num_responses, args.max_new_tokens, seed)
         means = bupo.entropy_changes(analyze.analyze(model, pairs)[0])
         kl = means["KL_resid"]
         rows.append({"seed": seed, "KL_resid": kl,

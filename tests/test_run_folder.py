@@ -11,6 +11,7 @@ import pytest
 
 import tasks
 import train
+from infra.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--prompts-per-step", "2", "--group-size", "4", "--mini-batches", "2",
@@ -77,7 +78,7 @@ def test_every_writer_started_twice_at_once(tiny_chat_model, tmp_path, length_re
         # the first writer's own
         aside = sorted(p.name for p in tmp_path.iterdir() if ".old-" in p.name)
         for second in ("resume", "overwrite", "new"):
-            with pytest.raises(train.UserError) as e:
+            with pytest.raises(UserError) as e:
                 train.main(writer_argv(second, tiny_chat_model, out, 4))
             msg = str(e.value)
             assert "\n" not in msg
@@ -138,7 +139,7 @@ def test_a_run_resumed_from_another_folder_keeps_its_tokenizer(tiny_chat_model, 
 def test_an_empty_path_is_refused(tmp_path, flag, monkeypatch):
     """--out "$OUT" with OUT unset is --out "": it used to mean the current folder."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(train.UserError, match=f"{flag} '': an empty path"):
+    with pytest.raises(UserError, match=f"{flag} '': an empty path"):
         train.main([flag, ""])
     assert list(tmp_path.iterdir()) == []
 
@@ -147,7 +148,7 @@ def test_a_model_path_that_is_a_link_loop_is_one_line(tmp_path):
     """pathlib raises RuntimeError, not OSError, for a link loop on Python < 3.13."""
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
-    with pytest.raises(train.UserError, match="symbolic link loop"):
+    with pytest.raises(UserError, match="symbolic link loop"):
         train.main(["--model", str(tmp_path / "a"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 

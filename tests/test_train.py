@@ -151,17 +151,17 @@ def test_evaluate_in_chunks_gives_the_same_numbers(tiny_chat_model, length_rewar
     monkeypatch.setattr(train, "generate", lambda m, prompts, *a,
                         **k: sizes.append(len(prompts)) or real(m, prompts, *a, **k))
     ns = dict(task="add", eval_problems=7, eval_samples=3, seed=0, shots=1, max_new_tokens=5,
-              temperature=1.0,
-              compile=False)
-    whole = train.evaluate(model, tok, argparse.Namespace(**ns, eval_batch=0))
+              temperature=1.0, compile=False, eval_greedy=False)
+    src = tasks.Source("add", 1)
+    whole = train.evaluate(model, tok, src, argparse.Namespace(**ns, eval_batch=0))
     assert sizes == [7, 7]
     sizes.clear()
-    chunked = train.evaluate(model, tok, argparse.Namespace(**ns, eval_batch=3))
+    chunked = train.evaluate(model, tok, src, argparse.Namespace(**ns, eval_batch=3))
     # greedy and sampled, per chunk of 3, 3 and 1 problems
     assert sizes == [3, 3, 3, 3, 1, 1]
     whole.pop("eval_time"), chunked.pop("eval_time")
     assert chunked == pytest.approx(whole) and 0 < whole["eval/avg@3"] < 1 and set(whole) == {
-        "eval/greedy_acc", "eval/avg@3", "eval/pass@1", "eval/pass@3"}
+        "eval/greedy_acc", "eval/avg@3", "eval/pass@1", "eval/pass@2", "eval/pass@3"}
 
 
 def run(model_dir, out, *extra):
