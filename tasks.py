@@ -255,6 +255,12 @@ class Source:
             return problems(self.task, per_step, seed=seed * 1_000_003 + step)
         return [self.train[i] for i in epoch_draw(len(self.train), step, per_step, seed)]
 
+    def eval_sets(self, n: int, seed: int) -> dict:
+        """name -> held-out problems: n of a generated task's test split (named "", its metrics are
+        eval/<metric>), then each benchmark file (eval/<name>/<metric>)."""
+        own = {"": problems(self.task, n, seed, "test")} if self.train is None and n else {}
+        return {**own, **self.benchmarks}
+
     def encode(self, tok, problem) -> list[int]:
         msgs = chat(problem, self.task if self.train is None else None, self.shots, self.fmt)
         return tok.encode_chat(msgs, **self.template_kwargs)

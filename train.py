@@ -342,11 +342,9 @@ def evaluate(model, tok, src, args, amp=contextlib.nullcontext) -> dict:
     eval/pass@k) and each --eval-data benchmark (eval/<name>/...); amp: the autocast region of
     this forward-only phase."""
     t0 = time.perf_counter()
-    sets = {} if src.train is not None or not args.eval_problems else {"": tasks.problems(
-        args.task, args.eval_problems, seed=args.seed, split="test")}
     out = {}
     with amp():
-        for name, problems in {**sets, **src.benchmarks}.items():
+        for name, problems in src.eval_sets(args.eval_problems, args.seed).items():
             greedy = not name or args.eval_greedy
             prefix = f"eval/{name}/" if name else "eval/"
             out.update({prefix + k: v for k, v in
