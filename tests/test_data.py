@@ -183,3 +183,23 @@ def test_a_bad_data_file_is_refused_before_the_model_loads(tiny_chat_model, tmp_
     assert str(e.value.code) == (f"error: {bad}:2: no answer (looked for 'answer', "
                                  f"'final_answer', 'solution'); name the field with --answer-key")
     assert not (tmp_path / "run").exists()
+
+
+def test_analyze_measures_the_flow_on_a_files_problems(tiny_chat_model, tmp_path):
+    """analyze.py --data: the model answers a seeded draw of the file's problems, asked in the
+    paper's format, and the entropy flow is computed on those answers."""
+    import analyze
+    out = tmp_path / "a"
+    analyze.main(["--model", str(tiny_chat_model), "--out", str(out), "--data",
+                  str(EXAMPLES / "gsm8k_style.jsonl"), "-n", "2", "--max-new-tokens", "4",
+                  "--prompt-format", "paper", "--chat-template-kwargs", "enable_thinking=false"])
+    result = json.loads((out / "entropy.json").read_text())
+    assert result["num_responses"] == 2 and len(result["layers"]) == 3
+
+
+def test_chat_template_kwargs_are_parsed_into_values():
+    from infra import cli
+    assert cli.template_kwargs("enable_thinking=false, n=3,x=1.5,name=q") == {
+        "enable_thinking": False, "n": 3, "x": 1.5, "name": "q"}
+    with pytest.raises(Exception, match="not name=value"):
+        cli.template_kwargs("enable_thinking")
