@@ -66,7 +66,7 @@ from tokenizer import Tokenizer
 # flags that may differ from the saved run's when resuming: they change where or how often, not what
 # is computed
 RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size",
-                     "rollout_batch", "grad_checkpoint",
+                     "rollout_batch", "grad_checkpoint", "ignore_memory_plan",
                      "eval_batch")
 
 
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps per RL step (the authors: 4)")
     g.add_argument("--micro-batch-size", type=int, default=8,
                    help="responses per forward/backward pass (memory only)")
+    g.add_argument("--ignore-memory-plan", action="store_true",
+                   help="start even when the memory plan printed at the start exceeds the device "
+                   "(its estimates are upper bounds)")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block in the backward pass instead of keeping its "
                    "activations (memory only: the same gradients, about one more forward)")

@@ -68,10 +68,11 @@ def run(main, argv=None):
         print("\ninterrupted (Ctrl-C); nothing half-written was left behind", file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:
-        # the reader of stdout has quit (`... | head`): end quietly, as Unix tools do (stdout goes
+        # the reader of stdout has quit (`... | head`): end quietly with the status of a Unix tool
+        # that SIGPIPE ended, 128 + 13, so that a script sees the tool did not finish (stdout goes
         # to /dev/null so that the interpreter's last flush does not fail again)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+        sys.exit(141)
     except OSError as e:
         # a file error no check caught (the disk filled up mid-run, ...): still one line
         from infra.files import describe_os_error

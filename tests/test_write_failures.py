@@ -50,10 +50,11 @@ def test_a_write_that_hits_a_limit_is_one_line(tiny_chat_model, tmp_path, case):
 
 
 def test_a_reader_that_quits_ends_the_tool_quietly(tiny_chat_model):
-    """`python chat.py ... | head -0`: the reader is gone before the answer is printed."""
+    """`python chat.py ... | head -0`: the reader is gone before the answer is printed; no message,
+    and the status a Unix tool ended by SIGPIPE has (141), not success."""
     p = subprocess.Popen([sys.executable, "chat.py", "--model", str(tiny_chat_model),
                           "--max-new-tokens", "4"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     p.stdout.close()
     err = p.stderr.read()
-    assert p.wait() == 0 and err == "", err
+    assert p.wait() == 141 and err == "", err
