@@ -396,9 +396,6 @@ def main(argv=None):
     # subnormal softmax tails of the un-normed policies are slow on CPUs (train.py)
     torch.set_flush_denormal(True)
     src = tasks.source(args)   # a --data file read and checked before the model loads
-    if args.data and args.shots:
-        raise UserError("--shots 1 gives a generated task's worked example, and a --data file "
-                        "has none; drop --shots")
     model, tok = cli.load(args.model, getattr(torch, args.dtype), args.device)
     max_tokens = min(args.max_tokens, model.config.max_position_embeddings)
     t0 = time.perf_counter()

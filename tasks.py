@@ -275,8 +275,9 @@ class Source:
             return max(len(self.encode(tok, p)) for split in ("train", "test")
                        for p in problems(self.task, 64, args.seed, split))
         longest = self.drop_long(tok, args.max_prompt_tokens, say)
-        if self.overlap():
-            say(self.overlap())
+        shared = self.overlap()
+        if shared:
+            say(shared)
         if self.train is None:   # a generated task with benchmark files beside it
             longest = max(longest, max(len(self.encode(tok, p)) for split in ("train", "test")
                                        for p in problems(self.task, 64, args.seed, split)))
@@ -316,6 +317,9 @@ class Source:
 def source(args) -> Source:
     """The Source of train.py's / analyze.py's arguments, every file read and checked."""
     keys = (getattr(args, "question_key", None), getattr(args, "answer_key", None))
+    if getattr(args, "data", None) and args.shots:
+        raise InputError("--shots 1 gives a generated task's worked example, and a --data file "
+                         "has none; drop --shots (or use --shots 0)")
     train = read_problems(args.data, *keys) if getattr(args, "data", None) else None
     files = [f for f in (getattr(args, "eval_data", None) or "").split(",") if f]
     names = [Path(f).stem for f in files]

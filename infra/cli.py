@@ -286,11 +286,8 @@ def check_train(args):
     non_negative(args, "--internal-steps", "--eval-every", "--seed", "--eval-batch",
                  "--rollout-batch")
     positive(args, "--max-prompt-tokens")
-    if args.shots is None:   # a generated task's worked example; a data file has none
+    if args.shots is None:   # a task's worked example; a data file has none (tasks.source)
         args.shots = 0 if args.data else 1
-    if args.data and args.shots:
-        raise UserError("--shots 1 gives a generated task's worked example, and a --data file "
-                        "has none; drop --shots (or use --shots 0)")
     if args.rollout_batch % args.group_size:
         raise UserError(f"--rollout-batch {args.rollout_batch}: must be a multiple of --group-size "
                         f"{args.group_size} (whole groups are sampled together), or 0")
