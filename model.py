@@ -458,11 +458,12 @@ class Transformer(nn.Module):
     # -------------------------------------------------------------------------
     # HF-layout checkpoints: our parameter names are transformers' without the "model." prefix
 
-    def hf_state_dict(self) -> dict:
+    def hf_state_dict(self, state: dict | None = None) -> dict:
+        """transformers' names of our state dict (or of `state`, one in our names)."""
         sd = {("" if k.startswith("lm_head.") else "model.") + k: v
-              for k, v in self.state_dict().items()}
+              for k, v in (self.state_dict() if state is None else state).items()}
         if self.config.tie_word_embeddings:
-            sd.pop("lm_head.weight")
+            sd.pop("lm_head.weight", None)
         return sd
 
     @classmethod
@@ -486,9 +487,11 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(cfg).to(device)
         return model.eval()
 
-    def save_pretrained(self, path, copy_from=None):
+    def save_pretrained(self, path, copy_from=None, state: dict | None = None):
         """Write config.json + model.safetensors (+ tokenizer files of `copy_from`) atomically,
-        loadable by transformers; non-finite weights are refused (checkpoint.write_folder)."""
-        dtype = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
-        checkpoint.write_folder(path, self.hf_state_dict(),
+        loadable by transformers; non-finite weights are refused (checkpoint.write_folder).
+        state: the weights to write instead of this model's (a sharded model's, gathered)."""
+        sd = self.hf_state_dict(state)
+        dtype = str(sd["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+        checkpoint.write_folder(path, sd,
                                 {**self.config.to_hf(), "torch_dtype": dtype}, copy_from)

@@ -57,7 +57,7 @@ from tqdm import tqdm
 import analyze
 import bupo
 import tasks
-from infra import checkpoint, cli, memory, precision, runs, weights
+from infra import checkpoint, cli, fsdp, memory, precision, runs, weights
 from infra import distributed as dp
 from model import Transformer
 from rollout import generate, prefill
@@ -67,7 +67,7 @@ from tokenizer import Tokenizer
 # is computed
 RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size",
                      "rollout_batch", "grad_checkpoint", "ignore_memory_plan",
-                     "eval_batch")
+                     "eval_batch", "parallel")
 
 
 # -----------------------------------------------------------------------------
@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-memory-plan", action="store_true",
                    help="start even when the memory plan printed at the start exceeds the device "
                    "(its estimates are upper bounds)")
+    g.add_argument("--parallel", default="dp", choices=["dp", "fsdp"],
+                   help="under torchrun: dp replicates the model and optimizer on every rank; "
+                   "fsdp shards them (FSDP2, infra/fsdp.py), for models whose state does not fit "
+                   "one device")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block in the backward pass instead of keeping its "
                    "activations (memory only: the same gradients, about one more forward)")
@@ -223,8 +227,10 @@ def sample_step(model, tok, src, args, step, amp):
     problems = [problems[g] for g in mine]
     # prompt g of the step: first_seed + g
     first_seed = (args.seed << 32) + step * args.prompts_per_step
+    # a sharded model decodes from a full copy in the compute dtype, gathered once for the step
+    policy = fsdp.sampling_model(model, args)
     with amp():
-        ro = generate(model,
+        ro = generate(policy,
                       [src.encode(tok, p) for p in problems],
                       args.group_size, args.max_new_tokens, args.temperature, stop_ids=tok.stop_ids,
                       pad_id=tok.pad_id, seed=[first_seed + g for g in mine], tokenizer=tok,
@@ -287,8 +293,9 @@ def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, am
             loss_total += loss.item()
             for name, v in s.items():
                 sums[name] = sums.get(name, 0.0) + float(v)
-        dp.all_reduce_grads(model)
-        gn = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+        if not fsdp.is_sharded(model):       # FSDP sums its gradients itself (infra/fsdp.py)
+            dp.all_reduce_grads(model)
+        gn = fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
         if (math.isfinite(gn)
             and dp.all_sum({"bad": not math.isfinite(loss_total)}, device)["bad"] == 0):
             opt.step()
@@ -346,6 +353,8 @@ def evaluate(model, tok, src, args, amp=contextlib.nullcontext) -> dict:
     this forward-only phase."""
     t0 = time.perf_counter()
     out = {}
+    # a sharded model answers from a full copy in the compute dtype (infra/fsdp.py)
+    model = fsdp.sampling_model(model, args)
     with amp():
         for name, problems in src.eval_sets(args.eval_problems, args.seed).items():
             greedy = not name or args.eval_greedy
@@ -410,7 +419,7 @@ def run_training(argv=None):
     args, state, model_dir = runs.open_run(args, argv, build_parser, RESUME_MAY_CHANGE,
                                            lambda c: Transformer.from_pretrained(c, device="meta"))
     device = dp.setup(args.device, args.prompts_per_step, args.mini_batches, args.eval_problems,
-                      args.eval_every > 0)
+                      args.eval_every > 0, args.parallel)
     # only rank 0 writes files and prints progress
     lead = dp.rank() == 0
     src = tasks.source(args)    # every data file read and checked, before any weight
@@ -418,6 +427,10 @@ def run_training(argv=None):
     if not state and lead:   # args.json, metrics.jsonl; an old run moved aside
         runs.start(args.out, args, args.overwrite)
     dtype = precision.compute_dtype(args.dtype, device)
+    if args.parallel == "fsdp":
+        # each rank keeps 1/W of the weights, gradients and AdamW state; bf16 through FSDP2's
+        # mixed-precision policy instead of autocast regions (infra/fsdp.py)
+        fsdp.shard(model, device, dp.world(), dtype)
     # the frozen reference of --kl-coef only runs forwards: its weights in the compute dtype
     ref = (Transformer.from_pretrained(args.model, dtype=dtype, device=device)
            if args.kl_coef > 0 else None)
@@ -425,10 +438,17 @@ def run_training(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                             weight_decay=args.weight_decay,
                             fused=torch.device(device).type == "cuda" or None)
-    start = runs.restore(opt, state, args.out, lead)   # 1, or the step after the resumed one
+    # 1, or the step after the resumed one
+    start = runs.restore(lambda saved: fsdp.load_optimizer(model, opt, saved), state, args.out,
+                         lead)
+    if state and state.get("world_size", dp.world()) != dp.world() and lead:
+        print(f"resume: {dp.world()} rank(s) now, {state['world_size']} wrote the checkpoint: the "
+              f"same run up to the order of float sums, not bit for bit", file=sys.stderr)
     stop = cli.stop_after_ctrl_c()
-    # mixed precision: one autocast region per forward phase, inside rl_step / evaluate
-    amp = lambda: precision.autocast(device, dtype)           # noqa: E731
+    # mixed precision: one autocast region per forward phase, inside rl_step / evaluate (a
+    # sharded model casts through FSDP2's policy instead)
+    amp = (contextlib.nullcontext if fsdp.is_sharded(model)
+           else lambda: precision.autocast(device, dtype))
     step, stopping = start - 1, False
     if start == 1 and args.eval_every:
         row = {"step": 0, **evaluate(model, tok, src, args, amp)}
@@ -447,8 +467,10 @@ def run_training(argv=None):
         # every rank stops after the same step
         stopping = dp.all_sum({"stop": len(stop)}, device)["stop"] > 0
         if step % args.save_every == 0 or step == args.steps or stopping:
+            weights, optimizer = fsdp.full_state(model, opt)   # every rank takes part
             if lead:
-                runs.save_checkpoint(model, opt, args, step, layer)
+                runs.save_checkpoint(model, weights, optimizer, args, step, layer, dp.world())
+            del weights, optimizer
             dp.barrier()
         if stopping:
             break

@@ -55,11 +55,15 @@ def launcher_env() -> dict | None:
 
 
 def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: int,
-          evaluates: bool) -> str:
+          evaluates: bool, parallel: str = "dp") -> str:
     """Join the torchrun group when there is one (WORLD_SIZE > 1): gloo on a CPU, nccl with one GPU
     per rank. Returns this process's device."""
     env = launcher_env()
     if env is None:
+        if parallel == "fsdp":
+            raise UserError("--parallel fsdp shards the model across torchrun ranks, and this is "
+                            "one process: start it with torchrun --nproc-per-node N (N >= 2), or "
+                            "drop --parallel")
         return device
     cuda = device.startswith("cuda")
     if cuda:

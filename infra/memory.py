@@ -4,8 +4,11 @@ Memory: what a training run will hold, planned before any weight is read, and wh
 
 The plan (train.py prints it at the start, and refuses a run that cannot fit, naming the flags that
 make it smaller) counts, per rank, in bytes:
-  weights, AdamW's two moments (fp32), and the gradients (fp32) during an update;
-  under bf16, autocast's bf16 copy of every weight while a forward region is open;
+  weights, AdamW's two moments (fp32), and the gradients (fp32) during an update; with
+  --parallel fsdp, 1/W of each, plus the gathered weights of the root and two blocks (compute
+  dtype) and a block's unsharded gradients during an update, and the full copy in the compute
+  dtype that sampling and evaluation decode with (infra/fsdp.py);
+  under bf16 without fsdp, autocast's bf16 copy of every weight while a forward region is open;
   the optimizer step's temporaries (one model-sized fp32 buffer for foreach AdamW; none fused);
   the frozen reference of --kl-coef (compute dtype);
   the KV cache of one rollout call (--rollout-batch rows, or all of the rank's);
@@ -26,11 +29,13 @@ from infra.errors import UserError
 GiB = 2**30
 
 
-def params(cfg) -> int:
-    """The model's parameter count, from a copy built on the meta device (no memory used)."""
+def params(cfg, per_block: bool = False) -> int:
+    """The model's parameter count (or one block's), from a copy built on the meta device (no
+    memory used)."""
     from model import Transformer
     with torch.device("meta"):
-        return sum(p.numel() for p in Transformer(cfg).parameters())
+        m = Transformer(cfg)
+        return sum(p.numel() for p in (m.layers[0] if per_block else m).parameters())
 
 
 def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) -> dict:
@@ -41,8 +46,18 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     seq = prompt_tokens + args.max_new_tokens
     rows = args.prompts_per_step * args.group_size // world
-    state = {"weights (fp32)": 4 * n, "AdamW moments (fp32)": 8 * n}
-    if c < 4:
+    sharded = getattr(args, "parallel", "dp") == "fsdp" and world > 1
+    W = world if sharded else 1
+    of = f" 1/{W}" if sharded else ""
+    state = {f"weights (fp32{of})": 4 * n // W, f"AdamW moments (fp32{of})": 8 * n // W}
+    sampling, gathered = {}, {}
+    if sharded:
+        block = params(cfg, per_block=True)
+        root = n - L * block
+        sampling = {"full copy for decoding (compute dtype)": c * n}
+        gathered = {"gathered root and two blocks (compute dtype)": c * (root + 2 * block),
+                    "a block's and the root's unsharded gradients (fp32)": 4 * (root + block)}
+    elif c < 4:
         state["bf16 copies of the weights (autocast)"] = c * n
     if args.kl_coef > 0:
         state["reference model (--kl-coef)"] = c * n
@@ -59,13 +74,15 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
     share = -(-args.eval_problems // world)
     evals = min(args.eval_batch or share, share)
     return {
-        "rollout": {**state, f"KV cache of {chunk} rows x {seq} tokens": chunk * seq * kv_bytes},
-        "update": {**state, "gradients (fp32)": 4 * n,
+        "rollout": {**state, **sampling,
+                    f"KV cache of {chunk} rows x {seq} tokens": chunk * seq * kv_bytes},
+        "update": {**state, f"gradients (fp32{of})": 4 * n // W, **gathered,
                    f"activations of {min(args.micro_batch_size, rows)} rows x {seq} tokens":
                        tokens * blocks,
                    "log-softmax and its gradient (fp32)": logits,
-                   "optimizer step temporaries": 0 if fused else 4 * n},
-        "evaluation": {**state, f"KV cache of {evals} problems x {args.eval_samples} samples":
+                   "optimizer step temporaries": 0 if fused else 4 * n // W},
+        "evaluation": {**state, **sampling,
+                       f"KV cache of {evals} problems x {args.eval_samples} samples":
                        evals * args.eval_samples * seq * kv_bytes} if args.eval_every else state,
     }
 

@@ -205,13 +205,13 @@ def open_run(args, argv, build_parser, may_change: tuple, load_meta):
     return args, state, ckpt
 
 
-def restore(opt, state: dict | None, out, writer: bool) -> int:
+def restore(load_optimizer, state: dict | None, out, writer: bool) -> int:
     """The first step to run: 1 for a new run; for a resumed one, the step after its checkpoint,
-    with the optimizer state loaded and (by the writer) metrics.jsonl cut back to that checkpoint
-    and the resume noted in resumes.jsonl."""
+    with the optimizer state loaded (load_optimizer(saved state)) and (by the writer)
+    metrics.jsonl cut back to that checkpoint and the resume noted in resumes.jsonl."""
     if not state:
         return 1
-    opt.load_state_dict(state["optimizer"])
+    load_optimizer(state["optimizer"])
     start = state["step"] + 1
     if writer:
         repair_metrics(out, start)
@@ -259,16 +259,19 @@ def resume_args(args, given: set, state: dict, parser, may_change: tuple) -> arg
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(model, opt, args, step: int, layer: int) -> Path:
-    """OUT/checkpoints/step_N: the model (HF layout, loadable by transformers) and trainer_state.pt
-    (optimizer, step, arguments, internal layer), written into a temporary folder and renamed into
-    place; then all but the newest --keep-checkpoints of this run are removed."""
+def save_checkpoint(model, weights: dict, optimizer: dict, args, step: int, layer: int,
+                    world: int = 1) -> Path:
+    """OUT/checkpoints/step_N: the weights (HF layout, loadable by transformers) and
+    trainer_state.pt (optimizer state, step, arguments, internal layer, the number of ranks that
+    wrote it), written into a temporary folder and renamed into place; then all but the newest
+    --keep-checkpoints of this run are removed. weights, optimizer: model.state_dict() and
+    opt.state_dict(), or a sharded run's gathered to one process (fsdp.full_state)."""
     root = Path(args.out) / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
     try:
-        model.save_pretrained(tmp, copy_from=args.model)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "args": vars(args),
-                    "internal_layer": layer},
+        model.save_pretrained(tmp, copy_from=args.model, state=weights)
+        torch.save({"step": step, "optimizer": optimizer, "args": vars(args),
+                    "internal_layer": layer, "world_size": world},
                    tmp / "trainer_state.pt")
         replace_dir(tmp, final)
     except BaseException as e:
@@ -278,7 +281,7 @@ def save_checkpoint(model, opt, args, step: int, layer: int) -> Path:
         if why is None:
             raise
         last = newest(root)
-        need = sum(p.numel() * p.element_size() for p in model.parameters()) * 3
+        need = sum(w.numel() * w.element_size() for w in model.hf_state_dict(weights).values()) * 3
         raise UserError(f"writing checkpoint {final} failed ({why}; {free_space(root)}, a "
                         f"checkpoint takes about {size_text(need)}); "
                         + (f"the last complete one is {last.name}: --resume {args.out} continues "

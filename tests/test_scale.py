@@ -126,6 +126,7 @@ PAPER = dict(prompts_per_step=128, group_size=8, max_new_tokens=8192, kl_coef=0.
              device="cuda", eval_every=10, eval_problems=512, eval_samples=16)
 LEAN = dict(rollout_batch=16, micro_batch_size=1, grad_checkpoint=True, eval_batch=1)
 PLAIN = dict(rollout_batch=0, micro_batch_size=8, grad_checkpoint=False, eval_batch=0)
+SHARDED = dict(LEAN, parallel="fsdp")
 
 
 def paper_plan(name, world, flags):
@@ -147,12 +148,15 @@ def paper_plan(name, world, flags):
     ("qwen3-4b", 8, LEAN, (72.7, 81.2, 72.7), 4_022_468_096),
     ("qwen3-8b", 1, LEAN, (127.0, 153.4, 127.0), 8_190_735_360),
     ("qwen3-8b", 8, LEAN, (127.0, 153.4, 127.0), 8_190_735_360),
+    # --parallel fsdp: 1/8 of the state, plus the full bf16 copy that decodes (infra/fsdp.py)
+    ("qwen3-4b", 8, SHARDED, (33.4, 24.1, 33.4), 4_022_468_096),
+    ("qwen3-8b", 8, SHARDED, (46.9, 39.7, 46.9), 8_190_735_360),
 ])
 def test_the_memory_plan_at_the_papers_sizes(name, world, flags, want, n):
     """Qwen3-4B and 8B built on the meta device from their config.json keys: the parameter counts,
     and the plan's per-GPU phases on 1 GPU and 8 (data parallel: replicated state, 1/8 of the
-    rows). The state alone (weights, AdamW, bf16 copies) is 52.4 GiB for 4B and 106.8 GiB for 8B,
-    which only sharding it across GPUs would divide."""
+    rows; sharded: 1/8 of the state). The replicated state (weights, AdamW, bf16 copies) is 52.4
+    GiB for 4B and 106.8 GiB for 8B; sharded over 8 GPUs, 5.6 and 11.4 GiB."""
     got, params = paper_plan(name, world, flags)
     assert params == n
     assert (got["rollout"], got["update"], got["evaluation"]) == want, got
