@@ -480,12 +480,16 @@ class Transformer(nn.Module):
         skip = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
         state = checkpoint.read_tensors(path, model.hf_state_dict(), skip, cfg.model_type, dtype,
                                         device)
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()},
-                              strict=False, assign=True)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.inv_freq = rope_inv_freq(cfg).to(device)
-        return model.eval()
+        return model.assign({k.removeprefix("model."): v for k, v in state.items()}, device)
+
+    def assign(self, state: dict, device) -> "Transformer":
+        """This model (built on the meta device) holding the tensors of `state` (our names; a tied
+        lm_head.weight may be left out) themselves, no copy; the rotary buffer on `device`."""
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        return self.eval()
 
     def save_pretrained(self, path, copy_from=None, state: dict | None = None):
         """Write config.json + model.safetensors (+ tokenizer files of `copy_from`) atomically,

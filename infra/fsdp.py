@@ -33,7 +33,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from infra.precision import compute_dtype
-from model import Transformer, rope_inv_freq
+from model import Transformer
 
 
 def shard(model: Transformer, device: str, world: int, dtype: torch.dtype) -> Transformer:
@@ -65,16 +65,11 @@ def sampling_model(model: Transformer, args) -> Transformer:
         return model
     dtype = compute_dtype(args.dtype, args.device)
     model.reshard()      # the root's gathered weights may be of before the last update
-    cfg = model.config
     with torch.device("meta"):
-        copy = Transformer(cfg)
+        copy = Transformer(model.config)
     full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().to(dtype)
             for name, p in model.named_parameters()}
-    copy.load_state_dict(full, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        copy.lm_head.weight = copy.embed_tokens.weight
-    copy.inv_freq = rope_inv_freq(cfg).to(next(iter(full.values())).device)
-    return copy.eval().requires_grad_(False)
+    return copy.assign(full, next(iter(full.values())).device).requires_grad_(False)
 
 
 def grad_norm(total) -> float:
