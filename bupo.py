@@ -372,15 +372,25 @@ def logprobs_of(model: Transformer, h: torch.Tensor, batch: Batch, layer: int,
     return logp
 
 
+def logprobs_and_stats(model: Transformer, batch: Batch, layer: int, stats_layer: int,
+                       temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """policy_logprobs of pi^layer [n, R] (differentiable) and the diagnostics at stats_layer
+    (policy_stats, without gradients), from one forward that keeps only the h_l they read. The
+    forward runs up to max(layer, stats_layer, L)."""
+    L = model.config.num_layers
+    h = response_states(model, batch, sorted({layer, stats_layer, L}))
+    with torch.no_grad():
+        stats = stats_of(model, {k: v.detach() for k, v in h.items()}, batch, stats_layer,
+                         temperature)
+    return logprobs_of(model, h[layer], batch, layer, temperature), stats
+
+
 @torch.no_grad()
 def old_logprobs_and_stats(model: Transformer, batch: Batch, layer: int, stats_layer: int,
                            temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
     """The old log-probs of the step's policy pi^layer [n, R] and the diagnostics at stats_layer
-    (policy_stats), from one forward without gradients that keeps only the h_l they read."""
-    L = model.config.num_layers
-    h = response_states(model, batch, sorted({layer, stats_layer, L}))
-    return (logprobs_of(model, h[layer], batch, layer, temperature),
-            stats_of(model, h, batch, stats_layer, temperature))
+    (policy_stats), from one forward without gradients."""
+    return logprobs_and_stats(model, batch, layer, stats_layer, temperature)
 
 
 @torch.no_grad()

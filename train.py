@@ -15,7 +15,9 @@ One RL step (steps count from 1, like the authors' global_steps), in the order r
   3. the policy of the step: bupo.phase_layer, pi^l while step <= --internal-steps in BuPO (phase
      1), pi_theta after (eq. 10). Its "old" log-probs, no grad, with the weights of the start of the
      step (bupo.policy_logprobs), and diagnostics: H(pi_theta) always, H(pi^l), KL(pi^l ||
-     pi_theta), cos(h_l, h_L) for BuPO in both phases (bupo.policy_stats).
+     pi_theta), cos(h_l, h_L) for BuPO in both phases (bupo.policy_stats). On pi_theta in fp32
+     the sampler's own log-probs are the old ones (--old-logprobs auto): no old pass, and the
+     diagnostics come from the updates' forwards.
   4. update: --mini-batches AdamW updates on consecutive slices of the P*G responses (1 epoch, no
      shuffle), each the clipped surrogate of the same policy (bupo.policy_loss; on pi^l it is eq.
      9), token-mean, grad-norm clip 1.0, and zero_grad(set_to_none=True), so that in phase 1 the
@@ -65,6 +67,10 @@ from tokenizer import Tokenizer
 
 # flags that may differ from the saved run's when resuming: they change where or how often, not what
 # is computed
+OLD_LOGPROBS = ("auto", "sampler", "recompute")
+# a flag added since a run was saved takes this value on its resume (what the run did), not the
+# default
+BEFORE_THE_FLAG = {"old_logprobs": "recompute"}
 RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size",
                      "rollout_batch", "grad_checkpoint", "ignore_memory_plan",
                      "eval_batch", "parallel")
@@ -137,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl-coef", type=float, default=0.0,
                    help="weight of a KL penalty to the frozen initial model")
     g.add_argument("--kl-type", default="k3", choices=["k1", "k3"], help="KL estimator")
+    g.add_argument("--old-logprobs", default="auto", choices=OLD_LOGPROBS,
+                   help="the old policy's log-probs when a step optimises pi_theta: sampler = "
+                   "the rollout's own (no old pass; the diagnostics come from the updates' "
+                   "forwards), recompute = a no-grad pass at the step's start weights; auto = "
+                   "sampler in fp32 without --kl-coef, else recompute (phase 1 always recomputes)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-6,
                    help="AdamW learning rate, constant (the authors: 1e-6)")
@@ -188,9 +199,11 @@ def micro_batches(n: int, args):
             for mb in torch.arange(n).chunk(args.mini_batches)]
 
 
-def rl_step(model, tok, src, opt, args, step, layer, ref=None, amp=contextlib.nullcontext):
+def rl_step(model, tok, src, opt, args, step, layer, ref=None, amp=contextlib.nullcontext,
+            sampler_old: bool = False):
     """One RL step, in the order of the module docstring's algorithm. amp: a fresh autocast region
-    per forward phase, never around opt.step() (infra/precision.py)."""
+    per forward phase, never around opt.step() (infra/precision.py). sampler_old: the rollout's
+    log-probs serve as the old ones whenever the step optimises pi_theta (old_logprobs_source)."""
     t0 = time.perf_counter()
     L, G = model.config.num_layers, args.group_size
     # 1. sample G responses to each of this rank's prompts, from the full policy
@@ -203,13 +216,19 @@ def rl_step(model, tok, src, opt, args, step, layer, ref=None, amp=contextlib.nu
     # 3. the policy this step optimises (eq. 10), its old log-probs (start-of-step weights), the
     #    diagnostics
     policy_layer = bupo.phase_layer(args.algo, step, args.internal_steps, layer, L)
+    stats_layer = layer if args.algo == "bupo" else L
     groups = micro_batches(len(batch.ids), args)
-    old, ref_logp, stats = old_pass(model, ref, batch, groups, policy_layer,
-                                    layer if args.algo == "bupo" else L,
-                                    args, amp)
+    if sampler_old and policy_layer == L:
+        # the sampler drew each token from pi_theta_old itself (T, no filter): its log-probs are the
+        # old ones, and the diagnostics come from the updates' forwards
+        old, ref_logp, stats = ro.logprobs, None, None
+    else:
+        old, ref_logp, stats = old_pass(model, ref, batch, groups, policy_layer, stats_layer,
+                                        args, amp)
     # 4. the updates: one AdamW step per mini-batch, on the clipped surrogate of the same policy
     sums, grad_norms, skipped = update(model, opt, batch, groups, old, ref_logp, adv, policy_layer,
-                                       args, amp)
+                                       args, amp, stats_layer if stats is None else None)
+    stats = stats if stats is not None else sums.pop("stats")
     # 5. the metrics of the whole step
     sums.update(n_tok=int(batch.response_mask.sum()),
                 clipped=sum(f == "length" for f in ro.finish_reason),
@@ -217,6 +236,18 @@ def rl_step(model, tok, src, opt, args, step, layer, ref=None, amp=contextlib.nu
     return step_metrics(step, policy_layer, L, G, dp.all_gather(rewards), dp.all_sum(sums, device),
                         grad_norms,
                         skipped, len(groups), time.perf_counter() - t0, device)
+
+
+def old_logprobs_source(args, dtype, ref) -> str:
+    """Where a step on pi_theta takes its old log-probs (--old-logprobs; phase 1 always recomputes
+    pi^l's). The sampler's are log softmax(logits / T) of the same policy, token and prefix
+    (training has no top-k/p filter), computed by the KV-cache decode instead of one pass: equal up
+    to the float rounding of other shapes in fp32 (a test bounds it). In bf16 the two paths round
+    apart by more, so auto recomputes there, as verl and TRL do beside an inference engine; with
+    --kl-coef the old pass also computes the reference's log-probs."""
+    if args.old_logprobs != "auto":
+        return args.old_logprobs
+    return "sampler" if dtype == torch.float32 and ref is None else "recompute"
 
 
 def sample_step(model, tok, src, args, step, amp):
@@ -260,12 +291,14 @@ def old_pass(model, ref, batch, groups, policy_layer, stats_layer, args, amp):
     return old, ref_logp, stats
 
 
-def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, amp):
+def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, amp,
+           stats_layer=None):
     """One AdamW step per mini-batch of `groups` (1 epoch, no shuffle) on the clipped surrogate;
     returns the sums of the loss statistics, the grad norms of the steps taken and how many were
-    skipped."""
+    skipped. stats_layer: also the sums of the diagnostics at that layer from the same forwards
+    (sums["stats"]; mini-batch k at the weights after k updates, as TRL logs its entropy)."""
     device = batch.ids.device
-    sums, grad_norms, skipped = {}, [], 0
+    sums, grad_norms, skipped, stats = {}, [], 0, {}
     for k, mb in enumerate(groups):
         rows_all = torch.cat(mb)
         # the loss is normalised by the whole mini-batch, all ranks together (exact token-mean,
@@ -279,7 +312,13 @@ def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, am
             mb_batch = batch.rows(rows)
             with amp():
                 # the forward only; backward and opt.step outside
-                logp = bupo.policy_logprobs(model, mb_batch, policy_layer, args.temperature)
+                if stats_layer is None:
+                    logp = bupo.policy_logprobs(model, mb_batch, policy_layer, args.temperature)
+                else:
+                    logp, mb_stats = bupo.logprobs_and_stats(model, mb_batch, policy_layer,
+                                                             stats_layer, args.temperature)
+                    for k_, v in mb_stats.items():
+                        stats[k_] = stats.get(k_, 0.0) + v.sum().item()
             R, rm = logp.shape[1], mb_batch.response_mask
             tok_loss, s = bupo.policy_loss(logp, old[rows, :R], adv[rows], rm, args.clip_low,
                                            args.clip_high,
@@ -308,6 +347,8 @@ def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, am
         opt.zero_grad(set_to_none=True)
         # this rank's share of mini-batch k's loss
         sums[f"loss/{k}"] = loss_total
+    if stats_layer is not None:
+        sums["stats"] = stats
     return sums, grad_norms, skipped
 
 
@@ -417,6 +458,7 @@ def run_training(argv=None):
     # the weights of a checkpoint to resume are checked on the meta device: the rank's device is
     # not chosen yet, and under torchrun every rank would load onto the default GPU
     args, state, model_dir = runs.open_run(args, argv, build_parser, RESUME_MAY_CHANGE,
+                                           BEFORE_THE_FLAG,
                                            lambda c: Transformer.from_pretrained(c, device="meta"))
     device = dp.setup(args.device, args.prompts_per_step, args.mini_batches, args.eval_problems,
                       args.eval_every > 0, args.parallel)
@@ -449,6 +491,7 @@ def run_training(argv=None):
     # sharded model casts through FSDP2's policy instead)
     amp = (contextlib.nullcontext if fsdp.is_sharded(model)
            else lambda: precision.autocast(device, dtype))
+    sampler_old = old_logprobs_source(args, dtype, ref) == "sampler"
     step, stopping = start - 1, False
     if start == 1 and args.eval_every:
         row = {"step": 0, **evaluate(model, tok, src, args, amp)}
@@ -457,7 +500,7 @@ def run_training(argv=None):
     bar = tqdm(range(start, args.steps + 1), initial=start - 1, total=args.steps, desc=args.algo,
                disable=not lead)
     for step in bar:
-        row = rl_step(model, tok, src, opt, args, step, layer, ref, amp)
+        row = rl_step(model, tok, src, opt, args, step, layer, ref, amp, sampler_old)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             row.update(evaluate(model, tok, src, args, amp))
         if lead:

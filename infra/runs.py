@@ -178,11 +178,12 @@ def repair_metrics(out, start_step: int):
     write_text(file, "".join(x + "\n" for x in kept))
 
 
-def open_run(args, argv, build_parser, may_change: tuple, load_meta):
+def open_run(args, argv, build_parser, may_change: tuple, before: dict, load_meta):
     """(args, trainer state or None, model folder): a new run's folder checked (a folder that holds
     a run is refused before any work), or a resumed run's newest complete checkpoint and saved
-    arguments (`may_change`: the flags a resume may change; load_meta(folder) checks a checkpoint's
-    weights without placing them on a device). Paths are made absolute once, so that a resume from
+    arguments (`may_change`: the flags a resume may change; `before`: the value of a flag added
+    since, for a run saved without it; load_meta(folder) checks a checkpoint's weights without
+    placing them on a device). Paths are made absolute once, so that a resume from
     another working folder finds them."""
     for k in ("model", "out", "analysis", "resume", "data"):
         if getattr(args, k, None):
@@ -197,7 +198,7 @@ def open_run(args, argv, build_parser, may_change: tuple, load_meta):
     ckpt, state, _ = resumable(args.resume, load_meta, writer=launched_rank() == 0,
                                may_change=may_change)
     args = resume_args(args, explicit_flags(build_parser(), argv), state, build_parser(),
-                       may_change)
+                       may_change, before)
     if args.steps <= state["step"]:
         raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of "
                         f"{args.steps}; pass --steps N with N > {state['step']} to continue it")
@@ -226,11 +227,12 @@ def finish(out, title: str, step: int, stopped: bool):
           f"checkpoints/", file=sys.stderr)
 
 
-def resume_args(args, given: set, state: dict, parser, may_change: tuple) -> argparse.Namespace:
+def resume_args(args, given: set, state: dict, parser, may_change: tuple,
+                before: dict | None = None) -> argparse.Namespace:
     """The saved run's arguments, with the flags that may change taken from the command line; any
-    other flag given with a different value is refused (it would silently not apply)."""
-    # + flags added since the run started
-    saved = {**vars(parser.parse_args([])), **state["args"]}
+    other flag given with a different value is refused (it would silently not apply). A flag added
+    since the run started takes its value in `before` (what such a run did), else its default."""
+    saved = {**vars(parser.parse_args([])), **(before or {}), **state["args"]}
     for k in sorted(given - {"resume", "out", "overwrite"} - set(may_change)):
         if getattr(args, k) != saved.get(k):
             raise UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the resumed "

@@ -208,8 +208,8 @@ def test_first_minibatch_ratio_is_one(tiny_chat_model, tmp_path, length_reward):
         rows = run(tiny_chat_model, tmp_path / algo, "--algo", algo, "--steps", "1",
                    "--mini-batches", "1",
                    "--eval-every", "0")
-        # one mini-batch: evaluated with the weights of the old pass, so log ratio 0 up to float
-        # noise
+        # one mini-batch: evaluated with the weights of the old log-probs (BuPO's phase 1: the old
+        # pass; GRPO: the sampler's, --old-logprobs auto), so log ratio 0 up to float noise
         assert (abs(rows[0]["kl"]) < 1e-6
                 and rows[0]["clip_ratio/low"] == rows[0]["clip_ratio/high"] == 0)
 
@@ -373,3 +373,90 @@ def test_shared_prompt_pass_is_the_per_row_pass(tiny_dirs, layer):
 def test_a_run_that_is_all_phase_1_is_warned_about(argv, warned, capsys):
     cli.check_train(train.build_parser().parse_args(argv))
     assert ("every step is phase 1" in capsys.readouterr().err) == warned
+
+
+def test_sampler_logprobs_are_the_old_pass(default_model_dir):
+    """--old-logprobs sampler: the rollout's log-probs of its own tokens (KV-cache decode) against
+    the old pass's (one pass per micro-batch), on the real model in fp32: equal up to rounding."""
+    model, tok = cli.load(str(default_model_dir))
+    src = tasks.Source("sum2", 1)
+    prompts = [src.encode(tok, p) for p in tasks.problems("sum2", 2, seed=3)]
+    ro = train.generate(model, prompts, 4, 24, 1.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,
+                        seed=5)
+    batch = bupo.Batch.of(ro)
+    L = model.config.num_layers
+    old, _ = bupo.old_logprobs_and_stats(model, batch, L, L)
+    keep = batch.response_mask.bool()
+    assert keep.sum() > 40 and (ro.logprobs[~keep] == 0).all()
+    assert (ro.logprobs - old).abs().max() < 2e-4     # measured: ~1e-5 on logs-probs down to -20
+
+
+def test_old_logprobs_from_the_sampler(tiny_chat_model, tmp_path, length_reward):
+    """A run on the sampler's old log-probs is the recomputing run up to rounding: same rewards
+    and lengths, the loss, ratio and diagnostics within float noise, BuPO's internal diagnostics in
+    phase 2 too (from the updates' forwards); the old pass is skipped only where the step optimises
+    pi_theta."""
+    calls = []
+    real = train.old_pass
+    train.old_pass = lambda *a, **k: calls.append(a[4]) or real(*a, **k)
+    try:
+        rows = {how: run(tiny_chat_model, tmp_path / how, "--steps", "3", "--internal-steps", "1",
+                         "--eval-every", "0", "--old-logprobs", how)
+                for how in ("recompute", "sampler")}
+    finally:
+        train.old_pass = real
+    # recompute: every step; sampler: phase 1 (pi^2) only
+    assert calls == [2, 3, 3, 2]
+    a, b = rows["recompute"], rows["sampler"]
+    for r, s in zip(a, b):
+        for k in ("reward", "completions/mean_length", "phase", "policy_layer"):
+            assert r[k] == s[k]
+        for k in ("loss", "kl", "grad_norm"):
+            assert s[k] == pytest.approx(r[k], rel=1e-3, abs=1e-5), k
+        # the diagnostics of mini-batch 2 are taken after one update (lr 1e-3 here): close, not
+        # equal
+        for k in ("entropy", "internal/entropy", "internal/kl_to_policy", "internal/cos_to_top"):
+            assert s[k] == pytest.approx(r[k], rel=0.05), k
+    # auto is the sampler in fp32 without --kl-coef
+    auto = run(tiny_chat_model, tmp_path / "auto", "--steps", "3", "--internal-steps", "1",
+               "--eval-every", "0")
+    assert strip_timing(auto) == strip_timing(b)
+
+
+def test_old_logprobs_flag(tmp_path):
+    from infra.errors import UserError
+    p = train.build_parser()
+    args = p.parse_args(["--kl-coef", "0.1", "--old-logprobs", "sampler", "--out", "x"])
+    with pytest.raises(UserError, match="--old-logprobs sampler with --kl-coef 0.1"):
+        cli.check_train(args)
+    bf16 = torch.bfloat16
+    for how, dtype, ref, want in [("auto", torch.float32, None, "sampler"),
+                                  ("auto", bf16, None, "recompute"),
+                                  ("auto", torch.float32, object(), "recompute"),
+                                  ("sampler", bf16, None, "sampler"),
+                                  ("recompute", torch.float32, None, "recompute")]:
+        args = p.parse_args(["--old-logprobs", how])
+        assert train.old_logprobs_source(args, dtype, ref) == want
+
+
+def test_a_run_saved_before_the_flag_resumes_as_it_ran(tiny_chat_model, tmp_path, length_reward):
+    """A run folder from before --old-logprobs existed recomputed its old log-probs: its resume
+    keeps doing so (the default would change the run mid-way)."""
+    straight = run(tiny_chat_model, tmp_path / "s", "--steps", "3", "--save-every", "2",
+                   "--eval-every", "0", "--old-logprobs", "recompute")
+    run(tiny_chat_model, tmp_path / "r", "--steps", "2", "--save-every", "2", "--eval-every", "0",
+        "--old-logprobs", "recompute")
+    # as such a run's folder holds it: no old_logprobs in args.json or in the checkpoint's state
+    for f in [tmp_path / "r" / "args.json"]:
+        saved = json.loads(f.read_text())
+        saved.pop("old_logprobs")
+        f.write_text(json.dumps(saved))
+    ckpt = tmp_path / "r" / "checkpoints" / "step_000002"
+    state_file = next(ckpt.glob("trainer_state*"))
+    state = torch.load(state_file, weights_only=True)
+    state["args"].pop("old_logprobs")
+    torch.save(state, state_file)
+    train.main(["--resume", str(tmp_path / "r"), "--steps", "3"])
+    resumed = [json.loads(line)
+               for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert strip_timing(resumed) == strip_timing(straight)
