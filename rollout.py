@@ -14,11 +14,17 @@ How one call works:
      max_new_tokens. Once a quarter of the rows in the cache have stopped, the cache is compacted
      (KVCache.keep), so finished rows stop costing compute without a copy at every single stop.
   4. sampling: temperature, then top-k, top-p, min-p (the order of transformers and vLLM), then
-     inverse-CDF sampling with one uniform number per row from the row's own seeded torch.Generator.
-     A row's tokens therefore depend on its prompt and its seed only, not on the other rows of the
-     batch: prompt i of a call uses the seed `seed + i` (or `seed[i]`, given a list), response j of
-     it a generator seeded with that and j, so a data-parallel rank that samples prompts 4..7 of a
-     step gets the tokens one process would.
+     inverse-CDF sampling with one uniform number per row. The uniforms come from a counter-based
+     generator (Philox4x32-10, the one cuRAND and torch use on a GPU): the number of row r at
+     token t is philox(counter = t, key = the row's seed), so one vectorised call draws every
+     row's, on the device, and a row's tokens depend on its prompt and its seed only, not on the
+     other rows of the batch: prompt i of a call uses the seed `seed + i` (or `seed[i]`, given a
+     list), response j of it the key row_seed(that, j), so a data-parallel rank that samples
+     prompts 4..7 of a step gets the tokens one process would.
+  5. stops: the bookkeeping stays on the device (which rows stopped, their lengths); the host
+     looks at it once every SYNC_EVERY tokens on a GPU (every token on a CPU, where it costs
+     nothing), to end the call or compact the cache. Rows that stopped in between are fed padding
+     and ignored, so the tokens are the same whatever the interval.
 The log-prob returned for each token is under the distribution it was sampled from (after
 temperature and the filters; for greedy decoding, temperature 0, under the model's own softmax). At
 T = 1 with no filter these are the "old policy" log-probs of GRPO.
@@ -108,34 +114,97 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
     return logits
 
 
-def sample(logits: torch.Tensor, generators: list, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0,
-           min_p: float = 0.0):
-    """logits [n, V] (fp32) -> (tokens [n], log-probs [n]); row i draws one uniform from
-    generators[i] only."""
+def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, min_p: float = 0.0):
+    """logits [n, V] (fp32), u [n] uniforms in [0, 1) (fp64, uniforms()) -> (tokens [n], log-probs
+    [n]); row i's token depends on its logits and u[i] only."""
     if temperature == 0.0:
         tok = logits.argmax(-1)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
-    logp = filter_logits(logits / temperature, top_k, top_p, min_p).log_softmax(-1)
-    # inverse-CDF sampling: the first token whose cumulative probability exceeds u ~ U[0, 1); a
-    # token of probability 0 never is that first one. fp64 sums keep the tail of a 150k vocabulary
-    # accurate.
-    cdf = logp.exp().double().cumsum_(-1)
-    u = torch.cat([torch.rand(1, generator=g, device=g.device, dtype=torch.float64)
-                   for g in generators])
-    # stays below the total
-    x = torch.minimum(u * cdf[:, -1], cdf[:, -1].nextafter(torch.zeros_like(u)))
-    tok = torch.searchsorted(cdf, x[:, None], right=True)[:, 0]
+    logits = logits if temperature == 1.0 else logits / temperature
+    logp = filter_logits(logits, top_k, top_p, min_p).log_softmax(-1)
+    tok = inverse_cdf(logp.exp(), u)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+CDF_BLOCK = 256
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first token whose cumulative probability exceeds u * total, per row; a token of
+    probability 0 is never that first one. In two levels, so that no [n, V] fp64 copy is made: the
+    sums of blocks of CDF_BLOCK tokens (fp32 sums of 256 numbers, accumulated in fp64 across the
+    blocks, which keeps the tail of a 150k vocabulary accurate) pick the block, then the cumulative
+    sum inside that one block picks the token."""
+    n, V = probs.shape
+    pad = -V % CDF_BLOCK
+    blocks = F.pad(probs, (0, pad)).view(n, -1, CDF_BLOCK)
+    block_cdf = blocks.sum(-1).double().cumsum(-1)                          # [n, V / 256]
+    total = block_cdf[:, -1]
+    # stays below the total
+    x = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
+    b = torch.searchsorted(block_cdf, x[:, None], right=True)[:, 0].clamp_(max=blocks.shape[1] - 1)
+    before = torch.where(b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    inside = blocks[torch.arange(n, device=probs.device), b].double().cumsum(-1)  # [n, 256]
+    j = torch.searchsorted(inside, (x - before)[:, None], right=True)[:, 0]
+    # rounding can put x - before past the block's own sum: its last token of probability > 0
+    last = (blocks[torch.arange(n, device=probs.device), b] > 0).long().cumsum(-1).argmax(-1)
+    return b * CDF_BLOCK + torch.minimum(j, last)
+
+
+# -----------------------------------------------------------------------------
+# the counter-based generator: Philox4x32-10 (Salmon et al., SC'11; Random123)
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of a * m for 32-bit a (int64 tensor) and constant m, in int64 without
+    overflow: m is split into 16-bit halves."""
+    p_lo, p_hi = a * (m & 0xFFFF), a * (m >> 16)                 # each < 2^48
+    t = p_lo + ((p_hi & 0xFFFF) << 16)                            # < 2^49
+    return (p_hi >> 16) + (t >> 32), t & MASK32
+
+
+def philox(counter: list, key: list) -> list:
+    """Philox4x32-10: four 32-bit counter words and two key words (int64 tensors that broadcast, or
+    ints) -> four 32-bit random words. Ten rounds, the key bumped by the Weyl constants between
+    them."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+        hi0, lo0 = _mulhilo(c0, PHILOX_M[0])
+        hi1, lo1 = _mulhilo(c2, PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return [c0, c1, c2, c3]
+
+
+def row_keys(seeds: list[int], group_size: int, device) -> torch.Tensor:
+    """[P * G, 2] Philox keys: response j to a prompt seeded s gets the 64 bits of
+    row_seed(s, j)."""
+    k = [row_seed(s, j) for s in seeds for j in range(group_size)]
+    return torch.tensor([[x & MASK32, x >> 32] for x in k], dtype=torch.long, device=device)
+
+
+def uniforms(keys: torch.Tensor, t: int) -> torch.Tensor:
+    """[n] fp64 uniforms in [0, 1), 53 bits each, of rows with Philox keys [n, 2] at token t: one
+    vectorised call for all rows, and each row's number a function of its key and t only."""
+    zero = torch.zeros_like(keys[:, 0])
+    x = philox([zero + t, zero, zero, zero], [keys[:, 0], keys[:, 1]])
+    return ((x[0] >> 5) * 2**26 + (x[1] >> 6)).double() * 2.0**-53
 
 
 # -----------------------------------------------------------------------------
 # prefill, copy to the group, decode
 
 def row_seed(seed: int, j: int) -> int:
-    """The generator seed of response j to a prompt seeded `seed`: (seed << 20) + j while that fits
-    the 64 bits a torch.Generator takes, else 64 bits of its sha256 (a Unix time as --seed would
-    otherwise overflow)."""
+    """The 64-bit Philox key of response j to a prompt seeded `seed`: (seed << 20) + j while that
+    fits in 64 bits, else 64 bits of its sha256 (a Unix time as --seed would otherwise
+    overflow)."""
     v = (seed << 20) + j
     return (v if 0 <= v < 2**64
             else int.from_bytes(hashlib.sha256(str(v).encode()).digest()[:8], "little"))
@@ -149,6 +218,15 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
         ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, T - len(p):] = 1
     return ids.to(device), mask.to(device)
+
+
+SYNC_EVERY = 8
+
+
+def sync_every(device) -> int:
+    """Tokens between two looks of the host at the stop bookkeeping: SYNC_EVERY on a GPU (each look
+    waits for the device), 1 on a CPU (there it costs nothing, and stops are noticed at once)."""
+    return SYNC_EVERY if torch.device(device).type == "cuda" else 1
 
 
 @dataclass
@@ -264,8 +342,8 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
     if len(seeds) != P:
         raise ValueError(f"generate() got {len(seeds)} seeds for {P} prompts; give one seed per "
                          f"prompt, or an int")
-    generators = [torch.Generator(device).manual_seed(row_seed(s, j)) for s in seeds
-                  for j in range(G)]
+    keys = row_keys(seeds, G, device)            # response r draws philox(t, keys[r]) at token t
+    every = sync_every(device)
 
     out = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(N, max_new_tokens, device=device)
@@ -278,25 +356,26 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
         from tqdm import tqdm
         steps = tqdm(steps, desc="sampling", leave=False)
     for t in steps:
-        live = running.nonzero()[:, 0]
-        rows_logits = logits if len(live) == len(running) else logits[live]
-        tok, lp = sample(rows_logits, [generators[r] for r in row[live].tolist()], temperature,
-                         top_k, top_p, min_p)
-        out[row[live], t], logprobs[row[live], t] = tok, lp
-        stopped = torch.isin(tok, stop)
-        length[row[live[stopped]]] = t + 1
-        running[live[stopped]] = False
-        if t == max_new_tokens - 1 or not running.any():
+        # every row of the cache samples; those that stopped are ignored (no host sync to find them)
+        tok, lp = sample(logits, uniforms(keys[row], t), temperature, top_k, top_p, min_p)
+        out[row, t] = torch.where(running, tok, pad_id)
+        logprobs[row, t] = torch.where(running, lp, 0.0)
+        stopped = running & torch.isin(tok, stop)
+        length[row] = torch.where(stopped, t + 1, length[row])
+        running = running & ~stopped
+        if t == max_new_tokens - 1:
             break
-        next_tok = torch.full_like(running, pad_id, dtype=torch.long)
-        # finished rows not yet dropped are fed padding, then ignored
-        next_tok[live] = tok
-        if (~running).sum() * 4 >= len(running):
-            # a quarter of the cache is dead: drop those rows
-            keep = running.nonzero()[:, 0]
-            cache.keep(keep)
-            row, running, next_tok = row[keep], running[keep], next_tok[keep]
-        logits = decode(next_tok[:, None], cache=cache, last_only=True)[:, -1].float()
+        if (t + 1) % every == 0:      # the host looks: all done? a quarter of the cache dead?
+            n_running = int(running.sum())
+            if n_running == 0:
+                break
+            if (len(running) - n_running) * 4 >= len(running):
+                keep = running.nonzero()[:, 0]
+                cache.keep(keep)
+                row, running, tok = row[keep], running[keep], tok[keep]
+        # rows that stopped but are still in the cache are fed padding
+        logits = decode(torch.where(running, tok, pad_id)[:, None], cache=cache,
+                        last_only=True)[:, -1].float()
 
     R = int(length.max())
     response_mask = (torch.arange(R, device=device)[None, :] < length[:, None]).long()

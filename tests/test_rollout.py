@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import model as model_module
+import rollout
 from tokenizer import Tokenizer
 from model import Transformer
 from rollout import filter_logits, generate, prefill, sample
@@ -148,8 +149,8 @@ def test_sampling_never_leaves_the_filtered_set(tiny, kw):
 def test_sample_follows_the_distribution():
     probs = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
     n = 20000
-    gens = [torch.Generator().manual_seed(i) for i in range(n)]
-    tok, lp = sample(probs.log().expand(n, -1).clone(), gens)
+    u = rollout.uniforms(rollout.row_keys(range(n), 1, "cpu"), 0)
+    tok, lp = sample(probs.log().expand(n, -1).clone(), u)
     freq = torch.bincount(tok, minlength=5).float() / n
     assert freq[4] == 0
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
@@ -241,3 +242,67 @@ def test_a_large_seed_samples_and_repeats():
     big = [rollout.row_seed((1_700_000_000 << 32) + g, j) for g in range(3) for j in range(4)]
     assert all(0 <= b < 2**64 for b in big) and len(set(big)) == len(big)
     assert rollout.row_seed(2**60, 1) == rollout.row_seed(2**60, 1) != rollout.row_seed(2**60, 2)
+
+
+def test_philox_known_answers():
+    """Philox4x32-10 against the known-answer vectors of Random123 (kat_vectors), on ints and on
+    tensors."""
+    M = 0xFFFFFFFF
+    cases = [([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+             ([M] * 4, [M, M], [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+             ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+              [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1])]
+    for ctr, key, want in cases:
+        assert rollout.philox(ctr, key) == want
+    ctr = [torch.tensor([c[0][i] for c in cases]) for i in range(4)]
+    key = [torch.tensor([c[1][i] for c in cases]) for i in range(2)]
+    got = torch.stack(rollout.philox(ctr, key), 1)
+    assert got.tolist() == [c[2] for c in cases]
+
+
+def test_uniforms_are_each_rows_own_and_uniform():
+    keys = rollout.row_keys([3, 4], 5, "cpu")
+    u = torch.stack([rollout.uniforms(keys, t) for t in range(2000)])     # [T, 10]
+    # a row's number depends on its key and t only: any subset of rows draws the same numbers
+    assert torch.equal(rollout.uniforms(keys[[7, 2]], 11), u[11, [7, 2]])
+    assert u.dtype == torch.float64 and (u >= 0).all() and (u < 1).all()
+    assert len(set(u.flatten().tolist())) == u.numel()
+    # mean 1/2, variance 1/12, and no correlation between rows or between consecutive tokens
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
+    c = torch.corrcoef(torch.cat([u[:-1], u[1:, :1]], 1).T)
+    assert (c - torch.eye(11, dtype=c.dtype)).abs().max() < 0.1
+
+
+def test_inverse_cdf_is_the_plain_one():
+    """The two-level search (block sums, then inside one block) picks the token a full fp64
+    cumulative sum picks, on a vocabulary that is not a multiple of the block, with zeros."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, 1000, generator=g) ** 4
+    probs[:, 300:700] = 0
+    probs[:, -1] = 0
+    probs = probs / probs.sum(-1, keepdim=True)
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    u[:4] = torch.tensor([0.0, 1 - 2**-53, 0.5, 0.999999], dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    x = torch.minimum(u * cdf[:, -1], cdf[:, -1].nextafter(torch.zeros_like(u)))
+    want = torch.searchsorted(cdf, x[:, None], right=True)[:, 0]
+    got = rollout.inverse_cdf(probs, u)
+    assert (got == want).float().mean() > 0.95 and (probs.gather(-1, got[:, None]) > 0).all()
+    # away from a boundary (where fp32 block sums may round across it) the two agree exactly
+    gap = (cdf - x[:, None]).abs().min(-1).values
+    assert torch.equal(got[gap > 1e-6], want[gap > 1e-6])
+
+
+@pytest.mark.parametrize("every", [3, 8])
+def test_looking_every_k_tokens_samples_the_same(tiny, monkeypatch, every):
+    """The host reads the stop bookkeeping every k tokens on a GPU: the same tokens, log-probs
+    and stops as looking at every token (rows that stopped between two looks are ignored)."""
+    prompts = tiny_prompts(4, seed=1)
+    stop = set(range(0, 128, 9))
+    base = generate(tiny, prompts, 3, 30, stop_ids=stop, seed=100)
+    monkeypatch.setattr(rollout, "sync_every", lambda device: every)
+    got = generate(tiny, prompts, 3, 30, stop_ids=stop, seed=100)
+    assert torch.equal(got.response_ids, base.response_ids)
+    assert torch.equal(got.response_mask, base.response_mask)
+    assert got.finish_reason == base.finish_reason
+    torch.testing.assert_close(got.logprobs, base.logprobs, atol=1e-5, rtol=0)
