@@ -54,7 +54,13 @@ def instrument():
     model_mod.Transformer.forward = fwd
     train.old_pass = timer("2 old pass (no grad, with diagnostics)", train.old_pass)
     train.update = timer("3 updates", train.update)
-    train.bupo.policy_logprobs = timer("3.1 forwards (with grad)", bupo.policy_logprobs)
+    # the updates' forwards: log-probs only, or with the diagnostics (--old-logprobs sampler)
+    bupo.policy_logprobs = timer("3.1 forwards (with grad)", bupo.policy_logprobs)
+    with_stats, timed = bupo.logprobs_and_stats, timer("3.1 forwards (with grad)",
+                                                      bupo.logprobs_and_stats)
+    # the old pass calls it too, without gradients: that time is the old pass's
+    bupo.logprobs_and_stats = lambda *a, **kw: (timed if torch.is_grad_enabled()
+                                                else with_stats)(*a, **kw)
     backward = torch.Tensor.backward
     torch.Tensor.backward = timer("3.2 backwards", backward)
     clip = torch.nn.utils.clip_grad_norm_
@@ -70,6 +76,8 @@ def main(argv=None):
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--top", type=int, default=15, help="operators listed")
+    p.add_argument("--old-logprobs", default="auto", choices=train.OLD_LOGPROBS,
+                   help="train.py's flag (recompute: with the old pass)")
     p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
     cli.positive(args, "--prompts", "--group-size", "--max-new-tokens", "--top")
@@ -100,7 +108,8 @@ def main(argv=None):
                     str(args.prompts), "--group-size", str(args.group_size), "--max-new-tokens",
                     str(args.max_new_tokens), "--mini-batches", "4", "--micro-batch-size", "16",
                     "--lr", "2e-5", "--clip-low", "0.2", "--clip-high", "0.2", "--dual-clip", "0",
-                    "--eval-every", "0", "--save-every", str(10**6), "--device", "cpu"])
+                    "--eval-every", "0", "--save-every", str(10**6), "--device", "cpu",
+                    "--old-logprobs", args.old_logprobs])
     (seconds, calls), m = rows["phases"], rows["metrics"]
     total = m["step_time"]
     lines = [f"one RL step (the second): {args.prompts} prompts x {args.group_size} responses, "
