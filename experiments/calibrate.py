@@ -1,5 +1,5 @@
 """
-Base rate of a model on each task level, measured exactly as train.py evaluates (train.evaluate):
+Base rate of a model on each task level, measured as train.py evaluates (infra/evaluation.py):
 greedy accuracy and avg@n at T = 1 on held-out problems of the test split, with the worked example
 of --shots.
 
@@ -21,9 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from infra import cli  # noqa: E402
-from infra import files  # noqa: E402
+from infra import evaluation, files  # noqa: E402
 import tasks  # noqa: E402
-import train  # noqa: E402
 from infra import weights  # noqa: E402
 
 
@@ -57,10 +56,10 @@ def main(argv=None):
     for task in args.tasks:
         t0 = time.perf_counter()
         ns = argparse.Namespace(task=task, eval_problems=args.problems, eval_samples=args.samples,
-                                seed=args.seed,
-                                shots=args.shots, max_new_tokens=args.max_new_tokens,
-                                temperature=1.0)
-        m = train.evaluate(model, tok, ns)
+                                seed=args.seed, shots=args.shots,
+                                max_new_tokens=args.max_new_tokens, temperature=1.0,
+                                eval_batch=0, eval_greedy=False, compile=False)
+        m = evaluation.evaluate(model, tok, tasks.Source(task, args.shots), ns)
         distinct = len({q.question
                         for q in tasks.problems(task, args.problems, args.seed, split="test")})
         g = m["eval/greedy_acc"]

@@ -9,6 +9,7 @@ import pytest
 
 import tasks
 import train
+from infra import evaluation
 from infra.errors import InputError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -126,7 +127,7 @@ def test_pass_at_k_is_the_fraction_of_k_subsets_with_a_right_answer():
             for k in range(1, n + 1):
                 subsets = list(itertools.combinations(samples, k))
                 brute = sum(any(s) for s in subsets) / len(subsets)
-                assert math.isclose(train.pass_at_k(n, c, k), brute), (n, c, k)
+                assert math.isclose(evaluation.pass_at_k(n, c, k), brute), (n, c, k)
 
 
 def test_the_paper_prompt_format_is_the_question_alone():

@@ -9,7 +9,7 @@ import torch
 import bupo
 import tasks
 import train
-from infra import cli
+from infra import cli, evaluation
 from model import Transformer
 
 
@@ -89,9 +89,10 @@ def test_phase_switch():
 
 
 def test_pass_at_k():
-    assert train.pass_at_k(4, 0, 1) == 0 and train.pass_at_k(4, 4, 2) == 1
-    assert train.pass_at_k(4, 1, 1) == pytest.approx(0.25) and train.pass_at_k(4, 1, 4) == 1.0
-    assert train.pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))
+    assert evaluation.pass_at_k(4, 0, 1) == 0 and evaluation.pass_at_k(4, 4, 2) == 1
+    assert evaluation.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert evaluation.pass_at_k(4, 1, 4) == 1.0
+    assert evaluation.pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))
 
 
 # -----------------------------------------------------------------------------
@@ -147,8 +148,8 @@ def test_evaluate_in_chunks_gives_the_same_numbers(tiny_chat_model, length_rewar
     import argparse
     model, tok = train.cli.load(str(tiny_chat_model))
     sizes = []
-    real = train.generate
-    monkeypatch.setattr(train, "generate", lambda m, prompts, *a,
+    real = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda m, prompts, *a,
                         **k: sizes.append(len(prompts)) or real(m, prompts, *a, **k))
     ns = dict(task="add", eval_problems=7, eval_samples=3, seed=0, shots=1, max_new_tokens=5,
               temperature=1.0, compile=False, eval_greedy=False)
