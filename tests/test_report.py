@@ -229,8 +229,8 @@ def test_check_quickstart(tmp_path):
     done = check(at(1, loss=rows[1]["loss"] * 1.1))
     assert done.returncode == 1 and "moved by more than rounding" in done.stdout, done.stdout
     # a flipped token that leaves README's range
-    done = check(at(2, reward=0.5))
-    assert done.returncode == 1 and "train reward at step 2 is 0.5" in done.stdout, done.stdout
+    done = check(at(2, reward=0.125))
+    assert done.returncode == 1 and "train reward at step 2 is 0.125" in done.stdout, done.stdout
     # the untrained model's greedy answers samples nothing: a difference there is not rounding
     done = check([{**r, "eval/greedy_acc": 0.625} if r["step"] == 0 else r for r in rows])
     assert done.returncode == 1 and "step 0, the untrained model's" in done.stdout, done.stdout
