@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from infra.philox import MASK32, philox
 from model import KVCache, Transformer
 
 
@@ -145,43 +146,15 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     x = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
     b = torch.searchsorted(block_cdf, x[:, None], right=True)[:, 0].clamp_(max=blocks.shape[1] - 1)
     before = torch.where(b > 0, block_cdf.gather(-1, (b - 1).clamp(min=0)[:, None])[:, 0], 0.0)
-    inside = blocks[torch.arange(n, device=probs.device), b].double().cumsum(-1)  # [n, 256]
-    j = torch.searchsorted(inside, (x - before)[:, None], right=True)[:, 0]
+    block = blocks[torch.arange(n, device=probs.device), b]                      # [n, 256]
+    j = torch.searchsorted(block.double().cumsum(-1), (x - before)[:, None], right=True)[:, 0]
     # rounding can put x - before past the block's own sum: its last token of probability > 0
-    last = (blocks[torch.arange(n, device=probs.device), b] > 0).long().cumsum(-1).argmax(-1)
+    last = (block > 0).long().cumsum(-1).argmax(-1)
     return b * CDF_BLOCK + torch.minimum(j, last)
 
 
 # -----------------------------------------------------------------------------
-# the counter-based generator: Philox4x32-10 (Salmon et al., SC'11; Random123)
-
-PHILOX_M = (0xD2511F53, 0xCD9E8D57)
-PHILOX_W = (0x9E3779B9, 0xBB67AE85)
-MASK32 = 0xFFFFFFFF
-
-
-def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit words of a * m for 32-bit a (int64 tensor) and constant m, in int64 without
-    overflow: m is split into 16-bit halves."""
-    p_lo, p_hi = a * (m & 0xFFFF), a * (m >> 16)                 # each < 2^48
-    t = p_lo + ((p_hi & 0xFFFF) << 16)                            # < 2^49
-    return (p_hi >> 16) + (t >> 32), t & MASK32
-
-
-def philox(counter: list, key: list) -> list:
-    """Philox4x32-10: four 32-bit counter words and two key words (int64 tensors that broadcast, or
-    ints) -> four 32-bit random words. Ten rounds, the key bumped by the Weyl constants between
-    them."""
-    c0, c1, c2, c3 = counter
-    k0, k1 = key
-    for r in range(10):
-        if r:
-            k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
-        hi0, lo0 = _mulhilo(c0, PHILOX_M[0])
-        hi1, lo1 = _mulhilo(c2, PHILOX_M[1])
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return [c0, c1, c2, c3]
-
+# each row's uniforms, from the counter-based generator (infra/philox.py)
 
 def row_keys(seeds: list[int], group_size: int, device) -> torch.Tensor:
     """[P * G, 2] Philox keys: response j to a prompt seeded s gets the 64 bits of

@@ -221,17 +221,17 @@ def rl_step(model, tok, src, opt, args, step, layer, ref=None, amp=contextlib.nu
     policy_layer = bupo.phase_layer(args.algo, step, args.internal_steps, layer, L)
     stats_layer = layer if args.algo == "bupo" else L
     groups = micro_batches(len(batch.ids), args)
-    if sampler_old and policy_layer == L:
+    from_sampler = sampler_old and policy_layer == L
+    if from_sampler:
         # the sampler drew each token from pi_theta_old itself (T, no filter): its log-probs are the
         # old ones, and the diagnostics come from the updates' forwards
-        old, ref_logp, stats = ro.logprobs, None, None
+        old, ref_logp, stats = ro.logprobs, None, {}
     else:
         old, ref_logp, stats = old_pass(model, ref, batch, groups, policy_layer, stats_layer,
                                         args, amp)
     # 4. the updates: one AdamW step per mini-batch, on the clipped surrogate of the same policy
     sums, grad_norms, skipped = update(model, opt, batch, groups, old, ref_logp, adv, policy_layer,
-                                       args, amp, stats_layer if stats is None else None)
-    stats = stats if stats is not None else sums.pop("stats")
+                                       args, amp, stats_layer if from_sampler else None)
     # 5. the metrics of the whole step
     sums.update(n_tok=int(batch.response_mask.sum()),
                 clipped=sum(f == "length" for f in ro.finish_reason),
@@ -289,8 +289,7 @@ def old_pass(model, ref, batch, groups, policy_layer, stats_layer, args, amp):
             if ref is not None:   # the same policy (pi^l in phase 1) of the frozen initial model
                 ref_logp[rows, :R] = bupo.policy_logprobs(ref, mb_batch, policy_layer,
                                                           args.temperature)
-            for k, v in mb_stats.items():
-                stats[k] = stats.get(k, 0.0) + v.sum().item()
+            add_sums(stats, mb_stats)
     return old, ref_logp, stats
 
 
@@ -299,9 +298,9 @@ def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, am
     """One AdamW step per mini-batch of `groups` (1 epoch, no shuffle) on the clipped surrogate;
     returns the sums of the loss statistics, the grad norms of the steps taken and how many were
     skipped. stats_layer: also the sums of the diagnostics at that layer from the same forwards
-    (sums["stats"]; mini-batch k at the weights after k updates, as TRL logs its entropy)."""
+    (sums["stat/..."]; mini-batch k at the weights after k updates, as TRL logs its entropy)."""
     device = batch.ids.device
-    sums, grad_norms, skipped, stats = {}, [], 0, {}
+    sums, grad_norms, skipped = {}, [], 0
     for k, mb in enumerate(groups):
         rows_all = torch.cat(mb)
         # the loss is normalised by the whole mini-batch, all ranks together (exact token-mean,
@@ -320,8 +319,7 @@ def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, am
                 else:
                     logp, mb_stats = bupo.logprobs_and_stats(model, mb_batch, policy_layer,
                                                              stats_layer, args.temperature)
-                    for k_, v in mb_stats.items():
-                        stats[k_] = stats.get(k_, 0.0) + v.sum().item()
+                    add_sums(sums, mb_stats, "stat/")
             R, rm = logp.shape[1], mb_batch.response_mask
             tok_loss, s = bupo.policy_loss(logp, old[rows, :R], adv[rows], rm, args.clip_low,
                                            args.clip_high,
@@ -333,8 +331,7 @@ def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, am
             loss = bupo.aggregate(tok_loss, rm, args.loss_agg, **totals)
             loss.backward()
             loss_total += loss.item()
-            for name, v in s.items():
-                sums[name] = sums.get(name, 0.0) + float(v)
+            add_sums(sums, s)
         if not fsdp.is_sharded(model):       # FSDP sums its gradients itself (infra/fsdp.py)
             dp.all_reduce_grads(model)
         gn = fsdp.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
@@ -350,9 +347,13 @@ def update(model, opt, batch, groups, old, ref_logp, adv, policy_layer, args, am
         opt.zero_grad(set_to_none=True)
         # this rank's share of mini-batch k's loss
         sums[f"loss/{k}"] = loss_total
-    if stats_layer is not None:
-        sums["stats"] = stats
     return sums, grad_norms, skipped
+
+
+def add_sums(into: dict, values: dict, prefix: str = ""):
+    """into[prefix + name] += the sum of each value (a tensor of any shape)."""
+    for name, v in values.items():
+        into[prefix + name] = into.get(prefix + name, 0.0) + float(v.sum())
 
 
 def step_metrics(step, policy_layer, L, G, rewards, sums, grad_norms, skipped, n_mini, dt,

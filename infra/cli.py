@@ -318,7 +318,7 @@ def check_train(args):
               f"step is phase 1, so the layers above l and the final norm are never trained (the "
               f"paper: ~10% of steps)",
               file=sys.stderr)
-    if args.kl_coef > 0 and getattr(args, "old_logprobs", "auto") == "sampler":
+    if args.kl_coef > 0 and args.old_logprobs == "sampler":
         raise UserError(f"--old-logprobs sampler with --kl-coef {args.kl_coef}: the reference's "
                         f"log-probs come from the old pass; use --old-logprobs auto or recompute")
     if args.analysis:
