@@ -376,13 +376,23 @@ def logprobs_and_stats(model: Transformer, batch: Batch, layer: int, stats_layer
                        temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
     """policy_logprobs of pi^layer [n, R] (differentiable) and the diagnostics at stats_layer
     (policy_stats, without gradients), from one forward that keeps only the h_l they read. The
-    forward runs up to max(layer, stats_layer, L)."""
+    forward runs up to max(layer, stats_layer, L). The diagnostics read the policy's own logits,
+    which they always need (pi^L's or pi^l's), so each position is unembedded once less."""
     L = model.config.num_layers
     h = response_states(model, batch, sorted({layer, stats_layer, L}))
-    with torch.no_grad():
-        stats = stats_of(model, {k: v.detach() for k, v in h.items()}, batch, stats_layer,
-                         temperature)
-    return logprobs_of(model, h[layer], batch, layer, temperature), stats
+    keep = batch.response_mask.bool()
+    tokens, h = batch.ids[:, batch.Tp:][keep], {k: v[keep] for k, v in h.items()}   # [N], [N, d]
+    chunk, logp, parts = chunk_rows(model), [], []
+    for s in (slice(i, i + chunk) for i in range(0, len(tokens), chunk)):
+        z = layer_logits(model, h[layer][s], layer) / temperature        # token_logprobs' logits
+        logp.append(z.log_softmax(-1).gather(-1, tokens[s, None])[:, 0])
+        with torch.no_grad():
+            parts.append(chunk_stats(model, {k: v[s].detach() for k, v in h.items()}, stats_layer,
+                                     temperature, given={layer: z.detach()}))
+    out = torch.zeros(keep.shape, device=keep.device)
+    if logp:
+        out[keep] = torch.cat(logp)
+    return out, {k: torch.cat([part[k] for part in parts]) for k in (parts[0] if parts else {})}
 
 
 @torch.no_grad()
@@ -400,24 +410,24 @@ def policy_stats(model: Transformer, batch: Batch, layer: int, temperature: floa
     policy, and for layer < L also H(pi^l), KL(pi^l || pi_theta) and cos(h_l, h_L), the paper's
     "feature refinement" (Fig. 5)."""
     L = model.config.num_layers
-    return stats_of(model, response_states(model, batch, sorted({layer, L})), batch, layer,
-                    temperature, chunk)
-
-
-def stats_of(model: Transformer, h: dict, batch: Batch, layer: int, temperature: float = 1.0,
-             chunk: int | None = None) -> dict:
-    """policy_stats from the response states h = {l: h_l [n, R, d]} (layer and L among them)."""
-    chunk = chunk or chunk_rows(model)
-    L = model.config.num_layers
     keep = batch.response_mask.bool()
-    h_top, h_low = h[L][keep], h[layer][keep]
-    out = {k: [] for k in ("entropy", "entropy_layer", "kl_layer", "cos_layer")}
-    for s in (slice(i, i + chunk) for i in range(0, len(h_top), chunk)):
-        top = layer_logits(model, h_top[s], L) / temperature
-        out["entropy"].append(entropy(top))
-        if layer < L:
-            low = layer_logits(model, h_low[s], layer) / temperature
-            out["entropy_layer"].append(entropy(low))
-            out["kl_layer"].append(kl_divergence(low, top))
-            out["cos_layer"].append(F.cosine_similarity(h_low[s].float(), h_top[s].float(), dim=-1))
-    return {k: torch.cat(v) for k, v in out.items() if v}
+    h = {k: v[keep] for k, v in response_states(model, batch, sorted({layer, L})).items()}
+    chunk = chunk or chunk_rows(model)
+    parts = [chunk_stats(model, {k: v[i:i + chunk] for k, v in h.items()}, layer, temperature)
+             for i in range(0, int(keep.sum()), chunk)]
+    return {k: torch.cat([part[k] for part in parts]) for k in (parts[0] if parts else {})}
+
+
+def chunk_stats(model: Transformer, h: dict, layer: int, temperature: float = 1.0,
+                given: dict | None = None) -> dict:
+    """policy_stats of some positions from their states h = {l: h_l [N, d]} (layer and L among
+    them); given = {l: logits / T [N, V]} already computed for some l."""
+    L = model.config.num_layers
+    given = given or {}
+    top = given[L] if L in given else layer_logits(model, h[L], L) / temperature
+    out = {"entropy": entropy(top)}
+    if layer < L:
+        low = given[layer] if layer in given else layer_logits(model, h[layer], layer) / temperature
+        out.update(entropy_layer=entropy(low), kl_layer=kl_divergence(low, top),
+                   cos_layer=F.cosine_similarity(h[layer].float(), h[L].float(), dim=-1))
+    return out

@@ -274,6 +274,18 @@ class SharedPromptCache(KVCache):
         return k, v
 
 
+def on_tokens(fn, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """fn(x) for x [B, T, d] -> [B, T, d'], computed on the real tokens only: real = their indices
+    in x.flatten(0, 1) (None: every token). Padding gets zeros, which nothing reads (attention masks
+    it), so the linear layers, nearly all the FLOPs, skip the padding of a batch whose rows differ
+    in length (the responses of a micro-batch padded to the longest one, left-padded prompts)."""
+    if real is None:
+        return fn(x)
+    y = fn(x.flatten(0, 1).index_select(0, real))                   # [N, d']
+    out = y.new_zeros(x.shape[0] * x.shape[1], y.shape[-1])         # [B*T, d']
+    return out.index_copy(0, real, y).view(x.shape[0], x.shape[1], -1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -287,11 +299,11 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, real=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd)    # [B, T, nh, hd]
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd)   # [B, T, nkv, hd]
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        q = on_tokens(self.q_proj, x, real).view(B, T, self.nh, self.hd)    # [B, T, nh, hd]
+        k = on_tokens(self.k_proj, x, real).view(B, T, self.nkv, self.hd)   # [B, T, nkv, hd]
+        v = on_tokens(self.v_proj, x, real).view(B, T, self.nkv, self.hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
@@ -313,7 +325,7 @@ class Attention(nn.Module):
             gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        return on_tokens(self.o_proj, y.transpose(1, 2).reshape(B, T, self.nh * self.hd), real)
 
 
 class MLP(nn.Module):
@@ -347,12 +359,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, mask, cache=None, record: Residuals | None = None):
+    def forward(self, h, cos, sin, mask, cache=None, record: Residuals | None = None, real=None):
         attn_in = self.input_layernorm(h)
-        a = self.self_attn(attn_in, cos, sin, mask, cache, self.layer)
+        a = self.self_attn(attn_in, cos, sin, mask, cache, self.layer, real)
         m = h + a                                   # m_l = h_{l-1} + a_l
         mlp_in = self.post_attention_layernorm(m)
-        f = self.mlp(mlp_in)
+        f = on_tokens(self.mlp, mlp_in, real)
         if record is not None:
             record.attn_in.append(attn_in), record.attn_out.append(a)
             record.mlp_in.append(mlp_in), record.mlp_out.append(f)
@@ -417,6 +429,11 @@ class Transformer(nn.Module):
             # [B, 1, T, S]
             mask = mask[:, None]
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.embed_tokens.weight.dtype)
+        # the real tokens, when some are padding: the linear layers skip the rest (on_tokens). Not
+        # for a record (it holds every position) nor a decode step (one token per row, no sync)
+        real = None
+        if T > 1 and not return_residuals and not attention_mask.all():
+            real = attention_mask.flatten().nonzero()[:, 0]            # [N]
 
         record = Residuals() if return_residuals else None
         # h_0; no absolute position embedding (RoPE acts inside attention)
@@ -430,10 +447,10 @@ class Transformer(nn.Module):
                      and (cache is None or getattr(cache, "frozen", False)))
         for l, block in enumerate(self.layers[:upto_layer], start=1):
             if recompute:
-                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cache,
+                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cache, None, real,
                                                       use_reentrant=False)
             else:
-                h = block(h, cos, sin, mask, cache, record)
+                h = block(h, cos, sin, mask, cache, record, real)
             if record is not None:
                 record.resid.append(h)
             if keep_hidden and l in keep_hidden:

@@ -53,7 +53,13 @@ def test_fsdp_equals_one_process(runs, tiny_chat_model):
     w2 = load_file(root / "two" / "checkpoints" / "step_000004" / "model.safetensors")
     assert w1.keys() == w2.keys()
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], atol=2e-5, rtol=1e-4, msg=name)
+        # AdamW divides each gradient element by its own running scale: where a step's gradient
+        # nearly cancels the momentum, the rounding of another summation order (FSDP's
+        # reduce-scatter against one process's accumulation) moves that element by a few percent of
+        # lr (1e-3 here; seen: 1 element in 6,144 off by 3.5e-5). A wrong gradient moves all of them
+        off = ~torch.isclose(w2[name], w1[name], atol=2e-5, rtol=1e-4)
+        assert int(off.sum()) <= max(1, w1[name].numel() // 1000), name
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-4, rtol=1e-4, msg=name)
     # the optimizer state is written as one process writes it: a run resumes with any rank count
     s1, s2 = (torch.load(root / r / "checkpoints" / "step_000004" / "trainer_state.pt",
                          weights_only=True) for r in ("one", "two"))

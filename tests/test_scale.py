@@ -88,6 +88,49 @@ def test_the_lean_pass_is_the_two_passes_it_replaces(tiny):
             assert torch.equal(stats[k], want[k]), k
 
 
+def test_the_lean_pass_unembeds_each_position_once_less(tiny, monkeypatch):
+    """The diagnostics read the policy's own logits: one unembedding per chunk of positions for
+    GRPO (pi_theta's logits serve the log-probs and H(pi_theta)), two for BuPO (pi^l's and
+    pi_theta's), where computing them apart takes one more."""
+    batch, L = batch_of(tiny, seed=1), tiny.config.num_layers
+    calls = []
+    real = bupo.layer_logits
+    monkeypatch.setattr(bupo, "layer_logits", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    for layer, stats_layer, want in ((L, L, [L]), (L, 2, [L, 2]), (2, 2, [2, L])):
+        calls.clear()
+        bupo.logprobs_and_stats(tiny, batch, layer, stats_layer)
+        assert calls == want, (layer, stats_layer, calls)
+
+
+def test_linear_layers_skip_the_padding(tiny, monkeypatch):
+    """A padded batch (left-padded prompts, right-padded responses): every linear layer of the
+    blocks sees only the real tokens, and the log-probs and gradients are those of the same layers
+    run on every position (padding included), to the rounding of a matmul of other shape."""
+    batch, seen = batch_of(tiny, seed=2), []
+    n_real = int(batch.mask.sum())
+    assert n_real < batch.mask.numel()       # the case: some padding
+    hook = tiny.layers[0].mlp.gate_proj.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        tiny(batch.ids, attention_mask=batch.mask, upto_layer=1)
+    finally:
+        hook.remove()
+    assert seen == [n_real]
+
+    def grads_and_logp():
+        tiny.zero_grad(set_to_none=True)
+        logp = bupo.policy_logprobs(tiny, batch, tiny.config.num_layers)
+        logp.sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in tiny.named_parameters()}
+    logp, grads = grads_and_logp()
+    monkeypatch.setattr(model_module, "on_tokens", lambda fn, x, real: fn(x))   # every position
+    padded_logp, padded = grads_and_logp()
+    tiny.zero_grad(set_to_none=True)
+    torch.testing.assert_close(logp, padded_logp, rtol=0, atol=1e-6)
+    for n in padded:
+        torch.testing.assert_close(grads[n], padded[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_keep_hidden_holds_only_the_layers_asked_for(tiny):
     ids = torch.tensor([prompts(1, seed=4)[0]])
     h, kept = tiny(ids, upto_layer=3, keep_hidden=(1, 3))
