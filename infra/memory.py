@@ -9,7 +9,6 @@ make it smaller) counts, per rank, in bytes:
   dtype) and a block's unsharded gradients during an update, and the full copy in the compute
   dtype that sampling and evaluation decode with (infra/fsdp.py);
   under bf16 without fsdp, autocast's bf16 copy of every weight while a forward region is open;
-  the optimizer step's temporaries (one model-sized fp32 buffer for foreach AdamW; none fused);
   the frozen reference of --kl-coef (compute dtype);
   the KV cache of one rollout call (--rollout-batch rows, or all of the rank's);
   the activations of one micro-batch's forward with gradients (all blocks, or with
@@ -69,7 +68,6 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
     tokens = min(args.micro_batch_size, rows) * seq
     blocks = (L * 4 * d + per_layer) if args.grad_checkpoint else L * per_layer
     logits = 2 * 4 * cfg.vocab_size * min(args.micro_batch_size, rows) * args.max_new_tokens
-    fused = getattr(args, "device", "cpu").startswith("cuda")
     # a rank evaluates every W-th problem, --eval-batch of them at a time
     share = -(-args.eval_problems // world)
     evals = min(args.eval_batch or share, share)
@@ -79,8 +77,7 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
         "update": {**state, f"gradients (fp32{of})": 4 * n // W, **gathered,
                    f"activations of {min(args.micro_batch_size, rows)} rows x {seq} tokens":
                        tokens * blocks,
-                   "log-softmax and its gradient (fp32)": logits,
-                   "optimizer step temporaries": 0 if fused else 4 * n // W},
+                   "log-softmax and its gradient (fp32)": logits},   # fused AdamW: no temporaries
         "evaluation": {**state, **sampling,
                        f"KV cache of {evals} problems x {args.eval_samples} samples":
                        evals * args.eval_samples * seq * kv_bytes} if args.eval_every else state,
