@@ -392,7 +392,7 @@ def logprobs_and_stats(model: Transformer, batch: Batch, layer: int, stats_layer
     out = torch.zeros(keep.shape, device=keep.device)
     if logp:
         out[keep] = torch.cat(logp)
-    return out, {k: torch.cat([part[k] for part in parts]) for k in (parts[0] if parts else {})}
+    return out, joined(parts)
 
 
 @torch.no_grad()
@@ -415,6 +415,11 @@ def policy_stats(model: Transformer, batch: Batch, layer: int, temperature: floa
     chunk = chunk or chunk_rows(model)
     parts = [chunk_stats(model, {k: v[i:i + chunk] for k, v in h.items()}, layer, temperature)
              for i in range(0, int(keep.sum()), chunk)]
+    return joined(parts)
+
+
+def joined(parts: list) -> dict:
+    """The per-chunk dicts of chunk_stats as one dict of their concatenations ({} for no chunk)."""
     return {k: torch.cat([part[k] for part in parts]) for k in (parts[0] if parts else {})}
 
 
