@@ -430,9 +430,10 @@ class Transformer(nn.Module):
             mask = mask[:, None]
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.embed_tokens.weight.dtype)
         # the real tokens, when some are padding: the linear layers skip the rest (on_tokens). Not
-        # for a record (it holds every position) nor a decode step (one token per row, no sync)
+        # for a record (it holds every position). A decode step marks its stopped rows as padding on
+        # a CPU; on a GPU it passes no mask, since finding the real rows would sync every token
         real = None
-        if T > 1 and not return_residuals and not attention_mask.all():
+        if not return_residuals and not attention_mask.all():
             real = attention_mask.flatten().nonzero()[:, 0]            # [N]
 
         record = Residuals() if return_residuals else None
@@ -458,7 +459,9 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(attention_mask)
         if upto_layer is None:
-            h = self.lm_head(self.norm(h[:, -1:] if last_only else h))
+            # one token per row (a decode step): the padding rows are not unembedded either
+            h = on_tokens(lambda x: self.lm_head(self.norm(x)), h[:, -1:] if last_only else h,
+                          real if T == 1 else None)
         if keep_hidden:
             return h, kept
         return (h, record) if return_residuals else h

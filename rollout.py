@@ -12,7 +12,8 @@ How one call works:
      decoding.
   3. decode, one token per step. A row stops at a stop id (kept in the response) or at
      max_new_tokens. Once a quarter of the rows in the cache have stopped, the cache is compacted
-     (KVCache.keep), so finished rows stop costing compute without a copy at every single stop.
+     (KVCache.keep), so finished rows stop costing compute without a copy at every single stop;
+     in between, on a CPU, the linear layers and the unembedding already skip them.
   4. sampling: temperature, then top-k, top-p, min-p (the order of transformers and vLLM), then
      inverse-CDF sampling with one uniform number per row. The uniforms come from a counter-based
      generator (Philox4x32-10, the one cuRAND and torch use on a GPU): the number of row r at
@@ -346,9 +347,11 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
                 keep = running.nonzero()[:, 0]
                 cache.keep(keep)
                 row, running, tok = row[keep], running[keep], tok[keep]
-        # rows that stopped but are still in the cache are fed padding
-        logits = decode(torch.where(running, tok, pad_id)[:, None], cache=cache,
-                        last_only=True)[:, -1].float()
+        # rows that stopped but are still in the cache are fed padding; on a CPU they are marked as
+        # such, and the linear layers skip them (the host knows them at every token there)
+        logits = decode(torch.where(running, tok, pad_id)[:, None],
+                        attention_mask=running[:, None] if every == 1 and not compile else None,
+                        cache=cache, last_only=True)[:, -1].float()
 
     R = int(length.max())
     response_mask = (torch.arange(R, device=device)[None, :] < length[:, None]).long()

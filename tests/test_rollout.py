@@ -294,6 +294,30 @@ def test_inverse_cdf_is_the_plain_one():
     assert torch.equal(got[gap > 1e-6], want[gap > 1e-6])
 
 
+def test_stopped_rows_skip_the_linear_layers_and_the_unembedding(tiny):
+    """On a CPU (the host sees the stops at every token) a decode step runs the blocks' linear
+    layers and the unembedding on the rows still running only, not on the stopped rows the cache
+    still holds until it is compacted; the tokens are those of feeding every row (the test
+    below, which looks every k tokens and marks nothing)."""
+    prompts, seen = tiny_prompts(4, seed=1), {"mlp": [], "head": []}
+    hooks = [tiny.layers[0].mlp.gate_proj.register_forward_hook(
+                 lambda m, args, out: seen["mlp"].append(args[0].shape[:-1].numel())),
+             tiny.lm_head.register_forward_hook(
+                 lambda m, args, out: seen["head"].append(args[0].shape[:-1].numel()))]
+    try:
+        ro = generate(tiny, prompts, 3, 30, stop_ids=set(range(0, 128, 9)), seed=100)
+    finally:
+        for h in hooks:
+            h.remove()
+    length = ro.response_mask.sum(1)
+    # the decode forward after token t feeds the rows that did not stop at or before it
+    alive = [int((length > t + 1).sum()) for t in range(29)]
+    alive = [n for n in alive if n > 0]
+    assert 0 < min(alive) < len(ro) and len(set(alive)) > 2     # the case: rows stop one by one
+    assert seen["mlp"] == [sum(map(len, prompts))] + alive      # prefill: the real prompt tokens
+    assert seen["head"] == [len(prompts)] + alive               # prefill: each prompt's last one
+
+
 @pytest.mark.parametrize("every", [3, 8])
 def test_looking_every_k_tokens_samples_the_same(tiny, monkeypatch, every):
     """The host reads the stop bookkeeping every k tokens on a GPU: the same tokens, log-probs
