@@ -65,45 +65,13 @@ class Config:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "config.json") -> "Config":
-        """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters` style),
-        after checkpoint.check_config has checked the type and range of every field read here."""
-        checkpoint.check_config(d, where, ARCHITECTURES)
-        mt, rope = d["model_type"], d.get("rope_parameters") or d.get("rope_scaling") or {}
-        heads = d["num_attention_heads"]
-        attention_bias = d.get("attention_bias") or False
-        return cls(
-            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rms_norm_eps=float(d.get("rms_norm_eps") or 1e-6),
-            rope_theta=float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"}
-            if checkpoint.rope_type(rope) == "llama3"
-            else None,
-            max_position_embeddings=d.get("max_position_embeddings") or 8192,
-            tie_word_embeddings=d.get("tie_word_embeddings") or False,
-            # transformers' Qwen2 hard-codes q/k/v biases
-            qkv_bias=(mt == "qwen2") or attention_bias,
-            o_bias=attention_bias and mt != "qwen2", mlp_bias=d.get("mlp_bias") or False,
-            qk_norm=(mt == "qwen3"), bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"))
+        """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters` style): the
+        fields checked and translated in checkpoint.config_fields."""
+        return cls(**checkpoint.config_fields(d, where, ARCHITECTURES))
 
     def to_hf(self) -> dict:
         """The config.json that transformers (4.x and 5.x) reads back into the same architecture."""
-        d = dict(architectures=[ARCHITECTURES[self.model_type]], model_type=self.model_type,
-                 vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                 intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                 num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                 head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
-                 rope_scaling=self.rope_scaling,
-                 max_position_embeddings=self.max_position_embeddings,
-                 tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
-                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
-        if self.model_type != "qwen2":
-            d.update(attention_bias=self.o_bias, mlp_bias=self.mlp_bias)
-        return d
+        return checkpoint.hf_config(self, ARCHITECTURES)
 
 
 # -----------------------------------------------------------------------------
@@ -223,10 +191,19 @@ class StaticKVCache(KVCache):
         super().__init__(cfg, batch, max_len, dtype, device)
         # the slot the next token goes to
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.mark_static()
+
+    def mark_static(self):
+        """On a GPU the compiled step replays as a CUDA graph, which writes into these tensors at
+        the addresses it was recorded with: tell torch.compile that they stay where they are."""
+        if self.k.is_cuda:
+            for t in (self.k, self.v, self.valid, self.pos, self.slot):
+                torch._dynamo.mark_static_address(t)
 
     def keep(self, rows: torch.Tensor):
         self.len = int(self.slot)
         super().keep(rows)
+        self.mark_static()      # new tensors (fewer rows): a new graph, recorded once
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         self.k[layer].index_copy_(2, self.slot, k)   # one token: k [B, n_kv, 1, hd]
@@ -408,7 +385,8 @@ class Transformer(nn.Module):
         without gradients holds no other layer's activations.
         """
         B, T = input_ids.shape
-        if attention_mask is None:
+        padded = attention_mask is not None      # else every token is real, and no sync finds out
+        if not padded:
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
         attention_mask = attention_mask.bool()
         positions = attention_mask.long().cumsum(-1) - 1                 # [B, T]
@@ -420,7 +398,7 @@ class Transformer(nn.Module):
             key_valid = attention_mask
         positions = positions.clamp(min=0)
         mask = None  # None: plain causal attention, the fast path
-        if cache is not None or not attention_mask.all():
+        if cache is not None or (padded and not attention_mask.all()):
             # [T, 1], [1, S]
             q_slot, k_slot = q_slot[:, None], k_slot[None, :]
             # causal and not padding; a query always sees itself, so a padding row is never all -inf
@@ -431,9 +409,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.embed_tokens.weight.dtype)
         # the real tokens, when some are padding: the linear layers skip the rest (on_tokens). Not
         # for a record (it holds every position). A decode step marks its stopped rows as padding on
-        # a CPU; on a GPU it passes no mask, since finding the real rows would sync every token
+        # a CPU; on a GPU (and compiled) it passes no mask: finding the real rows would sync
         real = None
-        if not return_residuals and not attention_mask.all():
+        if padded and not return_residuals and not attention_mask.all():
             real = attention_mask.flatten().nonzero()[:, 0]            # [N]
 
         record = Residuals() if return_residuals else None

@@ -252,12 +252,22 @@ def compiled_decode(model: Transformer):
     """The model's forward compiled for the one-token decode step over a StaticKVCache
     (torch.compile), the way gpt-fast decodes. Compiled on its first call and reused by every later
     step and call; a new cache shape (another max_len or P x G, the cache compaction) compiles again
-    once, after which torch makes that dimension dynamic. Off by default: on a CPU it is slower than
-    eager decoding (the measurements: docs/usage.md, "Sampling"). Where torch cannot compile (no C++
-    compiler), one line says so and decoding stays eager."""
+    once, after which torch makes that dimension dynamic. On a GPU the compiled step also replays as
+    a CUDA graph (mode "reduce-overhead"): one launch per token instead of a few thousand kernels
+    from Python. Off by default: on a CPU it is slower than eager decoding (the measurements:
+    docs/usage.md, "Sampling"). Where torch cannot compile (no C++ compiler), one line says so and
+    decoding stays eager."""
     slot = model.__dict__       # kept beside the model's attributes, not registered as a submodule
     if "compiled_decode" not in slot:
-        compiled = torch.compile(model)
+        cuda = model.embed_tokens.weight.is_cuda
+        if cuda:
+            # each call's new cache moves the graphs' inputs, which re-records them; torch stops
+            # that (and replays nothing) after 128 times by default: a run samples every step
+            from torch._inductor import config as inductor
+            cfg = inductor.triton
+            cfg.cudagraph_unexpected_rerecord_limit = max(cfg.cudagraph_unexpected_rerecord_limit,
+                                                          1 << 20)
+        compiled = torch.compile(model, mode="reduce-overhead" if cuda else None)
 
         def first_call(*args, **kwargs):
             if "compiled_decode" in slot:
@@ -347,6 +357,9 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
                 keep = running.nonzero()[:, 0]
                 cache.keep(keep)
                 row, running, tok = row[keep], running[keep], tok[keep]
+        if compile and device.type == "cuda":
+            # a new step of the CUDA graph: the last step's outputs (read above) may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         # rows that stopped but are still in the cache are fed padding; on a CPU they are marked as
         # such, and the linear layers skip them (the host knows them at every token there)
         logits = decode(torch.where(running, tok, pad_id)[:, None],

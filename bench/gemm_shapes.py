@@ -10,7 +10,8 @@ bench_trl.py's 8 x 8 step, a few at its end); an update's micro-batch has its re
 (about 440 of 16 sum2 responses) and its distinct prompts' tokens (2 x 119). Each weight [out, in]
 appears as the forward x W^T, and in training also the backward's input gradient dY W and weight
 gradient dY^T X. Also the memory bandwidth (a copy of the weights), the floor of a decode step
-with few rows: all the weights are read once per token, whatever the number of rows.
+with few rows: all the weights are read once per token, whatever the number of rows. For a decode
+step, also the time of ways the model does not use (stacked weights, W x^T), against its own.
 """
 import sys
 import time
@@ -80,9 +81,29 @@ def main(argv=None):
               "weight grad dY^T X": lambda: dy.t() @ x}[part]
         r = 2 * M * out * inp / seconds(fn)
         return f"{r / 1e12:.3f} ({r / peak:.0%})"
+
+    def alternative(M, parts, fused):
+        """Time of another way to compute the same products over the layers' way (F.linear per
+        weight): one matmul of the weights stacked (`fused` [out, in]), or (None) W x^T for the
+        single weight of `parts`, transposed back to [M, out]."""
+        x = torch.randn(M, parts[0][1])
+        Ws = [torch.randn(o, i) for o, i in parts]
+        own = seconds(lambda: [torch.nn.functional.linear(x, W) for W in Ws])
+        if fused is None:
+            other = seconds(lambda: (Ws[0] @ x.t()).t().contiguous())
+        else:
+            stacked = torch.randn(*fused)
+            other = seconds(lambda: torch.nn.functional.linear(x, stacked))
+        return other / own
     for M in decode_rows:
         lines.append(f"decode, {M} rows: " + "; ".join(
             f"{name} {rate('forward x W^T', M, o, i)}" for name, (o, i) in shapes.items()))
+        lines.append(f"  alternatives at {M} rows, time against the layers' own: " + "; ".join(
+            f"{name} {alternative(M, parts, fused):.2f}x" for name, parts, fused in (
+                ("q|k|v as one matmul", [shapes["q, o"], shapes["k, v"], shapes["k, v"]],
+                 (shapes["q, o"][0] + 2 * kv, d)),
+                ("gate|up as one matmul", [shapes["gate, up"]] * 2, (2 * c.intermediate_size, d)),
+                ("the unembedding as W h^T", [shapes["unembedding"]], None))))
     for M in train_rows:
         for part in ("forward x W^T", "input grad dY W", "weight grad dY^T X"):
             lines.append(f"training, {M} rows, {part}: " + "; ".join(

@@ -169,6 +169,50 @@ def check_config(d: dict, where: str, architectures) -> None:
                              f"vocab_size")
 
 
+def config_fields(d: dict, where: str, architectures) -> dict:
+    """model.Config's fields from a transformers config.json (4.x `rope_scaling` or 5.x
+    `rope_parameters` style), after check_config has checked every field read here."""
+    check_config(d, where, architectures)
+    mt, rope = d["model_type"], d.get("rope_parameters") or d.get("rope_scaling") or {}
+    heads = d["num_attention_heads"]
+    attention_bias = d.get("attention_bias") or False
+    return dict(
+        model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        rms_norm_eps=float(d.get("rms_norm_eps") or 1e-6),
+        rope_theta=float(d.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"}
+        if rope_type(rope) == "llama3"
+        else None,
+        max_position_embeddings=d.get("max_position_embeddings") or 8192,
+        tie_word_embeddings=d.get("tie_word_embeddings") or False,
+        # transformers' Qwen2 hard-codes q/k/v biases
+        qkv_bias=(mt == "qwen2") or attention_bias,
+        o_bias=attention_bias and mt != "qwen2", mlp_bias=d.get("mlp_bias") or False,
+        qk_norm=(mt == "qwen3"), bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"))
+
+
+def hf_config(cfg, architectures) -> dict:
+    """The config.json of model.Config `cfg` that transformers (4.x and 5.x) reads back into the
+    same architecture."""
+    d = dict(architectures=[architectures[cfg.model_type]], model_type=cfg.model_type,
+             vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+             intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+             num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+             head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+             rope_scaling=cfg.rope_scaling,
+             max_position_embeddings=cfg.max_position_embeddings,
+             tie_word_embeddings=cfg.tie_word_embeddings, hidden_act="silu",
+             bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    if cfg.model_type != "qwen2":
+        d.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+    return d
+
+
 def read_tensors(path: Path, expected: dict, skip: tuple, model_type: str, dtype, device) -> dict:
     """{name: tensor} of every weight in `expected` ({name: tensor of the right shape}, e.g. on the
     meta device), read from the folder's safetensors file(s), checked, and cast to dtype on

@@ -216,6 +216,20 @@ def test_static_cache_decodes_like_the_dynamic_one(tiny, monkeypatch):
         torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-5, rtol=1e-5)
 
 
+def test_a_compiled_decode_step_is_one_graph(tiny):
+    """The decode step that compile=True compiles (on a GPU, replayed as a CUDA graph) traces into
+    one graph: a graph break is Python reading a tensor's value, a host sync that would stall a GPU
+    at every token and rule a CUDA graph out. Traced by dynamo alone: no C++ compiler needed."""
+    import torch._dynamo
+    pre = prefill(tiny, tiny_prompts(3, seed=4))
+    cache = rollout.copy_to_groups(tiny, pre.cache, 2, 32, static=True)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch._dynamo.explain(tiny)(torch.full((6, 1), 5), cache=cache, last_only=True)
+    torch._dynamo.reset()
+    assert out.graph_break_count == 0 and out.graph_count == 1, out.break_reasons
+
+
 def test_compile_unavailable_is_one_line_and_eager(tiny_dirs, monkeypatch, capsys):
     import torch._dynamo.exc
     # a model of its own: nothing cached yet
