@@ -31,63 +31,14 @@ from pathlib import Path
 import torch
 
 import bupo
-from infra import cli
-from infra import files
 import tasks
-from infra.errors import InputError, UserError
-
-
+from infra import cli, files, plots
+from infra.data import read_responses, read_result
+from infra.errors import UserError
 
 
 # -----------------------------------------------------------------------------
 # responses
-
-def read_responses(path, tokenizer=None, vocab_size: int | None = None,
-                   max_tokens: int | None = None):
-    """(prompt_ids, response_ids) pairs from a JSONL file. Every record is checked (ids are
-    non-negative integers below vocab_size, prompt + response at most max_tokens); a bad one raises
-    InputError naming file:line."""
-    pairs = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        why = getattr(e, "strerror", None) or "not UTF-8 text"
-        raise InputError(f"--responses {path}: cannot read ({why})") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
-        if isinstance(rec, dict) and "prompt_ids" in rec and "response_ids" in rec:
-            p, r = rec["prompt_ids"], rec["response_ids"]
-            if not all(isinstance(x, list) and x
-                       and all(type(t) is int and t >= 0 for t in x) for x in (p, r)):
-                raise InputError(f"{where}: prompt_ids and response_ids must be non-empty lists of "
-                                 f"integer token ids")
-        elif (isinstance(rec, dict) and isinstance(rec.get("prompt"), str)
-              and isinstance(rec.get("response"), str)):
-            p = tokenizer.encode_chat([{"role": "user", "content": rec["prompt"]}])
-            r = tokenizer.encode(rec["response"])
-            if not r:
-                raise InputError(f"{where}: the response is empty")
-        else:
-            raise InputError(f"{where}: expected {{\"prompt_ids\": [...], \"response_ids\": "
-                             '[...]} or {"prompt": "...", "response": "..."}')
-        if vocab_size is not None and max(p + r) >= vocab_size:
-            raise InputError(f"{where}: token id {max(p + r)} is out of range for this model "
-                             f"(vocab {vocab_size})")
-        if max_tokens is not None and len(p) + len(r) > max_tokens:
-            raise InputError(f"{where}: prompt + response is {len(p) + len(r)} tokens, more than "
-                             f"{max_tokens} (--max-tokens, at most the model's context); shorten "
-                             f"it or raise --max-tokens")
-        pairs.append((p, r))
-    if not pairs:
-        raise InputError(f"--responses {path}: no records")
-    return pairs
-
 
 def sample_responses(model, tok, src, n: int, max_new_tokens: int, seed: int,
                      max_tokens: int | None = None):
@@ -221,25 +172,7 @@ def resolve_layer(value: str, model, tok, args, src=None) -> int:
 
 
 # -----------------------------------------------------------------------------
-# output: JSON, table, plots
-
-def read_result(path, flag: str) -> dict:
-    """An entropy.json written by this tool, checked for the fields other tools read."""
-    try:
-        r = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{flag} {path}: not a readable entropy.json ({e}); pass the file "
-                         f"analyze.py wrote") from None
-    ok = (isinstance(r, dict) and isinstance(r.get("layers"), list)
-          and type(r.get("num_layers")) is int)
-    ok = ok and len(r["layers"]) == r["num_layers"] >= 1 and all(
-        isinstance(x, dict) and type(x.get("dH_mlp")) in (int, float) for x in r["layers"])
-    if (not ok or type(r.get("internal_layer")) is not int
-        or not 1 <= r["internal_layer"] <= r["num_layers"]):
-        raise InputError(f"{flag} {path}: not an entropy.json of analyze.py (num_layers, a dH_mlp "
-                         f"for each of its layers, internal_layer)")
-    return r
-
+# output: JSON, table (the plots: infra/plots.py)
 
 def print_table(result: dict):
     print(f"{result['model']}: {result['num_responses']} responses, {result['num_tokens']} tokens, "
@@ -255,89 +188,6 @@ def print_table(result: dict):
           f"{result['boundary_layer']}; internal layer for BuPO: {result['internal_layer']} "
           f"({result['internal_layer_rule']}); closest layer (KL rule, not used by auto): "
           f"{result['closest_layer']}")
-
-
-def plot(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | None = None):
-    import warnings
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    # tokens in scripts the font lacks
-    warnings.filterwarnings("ignore", message="Glyph .* missing from")
-    runs = [result] + ([other] if other else [])
-    # align depths of different models
-    relative = other is not None and other["num_layers"] != result["num_layers"]
-
-    def xs(run, offset=0.0):
-        L = run["num_layers"]
-        return [(r["layer"] - 1 + offset) / (L if relative else 1) for r in run["layers"]]
-
-    def save(fig, name):
-        files.write_atomic(out / name,
-                           lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
-        plt.close(fig)
-
-    # Fig. 2: the entropy of each internal policy along the depth, one line per kind of policy
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    policies = (("H_attn", 1 / 3, "s", "attention write a_l"),
-                ("H_mlp", 2 / 3, "^", "FFN write f_l"),
-                ("H_resid", 1.0, "o", "layer output h_l"))
-    for i, run in enumerate(runs):
-        for j, (key, offset, marker, name) in enumerate(policies):
-            # one colour per policy, or per model
-            color = f"C{j}" if len(runs) == 1 else ("C0", "C3")[i]
-            ax.plot(xs(run, offset), [r[key] for r in run["layers"]], marker=marker, ms=4,
-                    color=color,
-                    lw=1.8 if key == "H_resid" else 0.8, ls="-" if key == "H_resid" else ":",
-                    label=f"{name} ({run['model']})")
-    ax.set_xlabel("relative depth" if relative
-                  else "layer l (attention, then FFN, then the layer's output)")
-    ax.set_ylabel("entropy of softmax(W_U x) (nats)")
-    ax.set_title(f"Entropy flow of the internal policies (norm={result['norm']}; layer L is the "
-                 f"model's policy)")
-    ax.legend(fontsize=7, ncol=len(runs))
-    save(fig, "flow.png")
-
-    # Fig. 3: mean entropy change of attention (eq. 12) and FFN (eq. 13) per layer
-    fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
-    width = 0.8 / len(runs)
-    for i, run in enumerate(runs):
-        for ax, key, name in ((axes[0], "dH_attn", "attention"), (axes[1], "dH_mlp", "FFN")):
-            x = [v + (i - (len(runs) - 1) / 2) * width / (run["num_layers"] if relative else 1)
-                 for v in xs(run, 1)]
-            ax.bar(x, [r[key] for r in run["layers"]],
-                   width=width / (run["num_layers"] if relative else 1),
-                   label=run["model"])
-            ax.axhline(0, color="k", lw=0.5)
-            ax.set_ylabel(f"dH {name} (nats)")
-    axes[0].legend(fontsize=8)
-    axes[1].set_xlabel("relative depth" if relative else "layer l")
-    fig.suptitle("Mean entropy change per layer: > 0 widens the distribution, < 0 sharpens it")
-    save(fig, "dH.png")
-
-    if heat:  # layers x positions of one response, with the top-1 token of each cell
-        def show(ids):
-            return tokenizer.decode(ids, skip_special_tokens=False).strip().replace("\n", "\\n")
-        H = torch.tensor(heat["entropy"])
-        fig, ax = plt.subplots(figsize=(max(8, 0.62 * H.shape[1]), max(5, 0.27 * H.shape[0])))
-        im = ax.imshow(H, aspect="auto", origin="lower", cmap="viridis")
-        for l, row in enumerate(heat["top1"]):
-            for t, tok_id in enumerate(row):
-                ax.text(t, l, show([tok_id])[:5], ha="center", va="center", fontsize=6.5,
-                        color="w" if H[l, t] < H.max() * 0.6 else "k")
-        ax.set_xticks(range(len(heat["targets"])))
-        ax.set_xticklabels([show([t])[:8] for t in heat["targets"]], rotation=90, fontsize=8)
-        ax.set_xlabel("the response token each position predicts (cell text: the layer's top-1 "
-                      "token)")
-        ax.set_ylabel("layer l (h_l; the top row is the model's policy)")
-        # the end of the user turn
-        question = " ".join(tokenizer.decode(heat.get("prompt", [])).split())[-90:]
-        ax.set_title(f"Entropy of softmax(W_U h_l) on response 0, first {H.shape[1]} "
-                     f"tokens\nprompt: '...{question}'",
-                     fontsize=9)
-        fig.colorbar(im, label="entropy (nats)")
-        save(fig, "heatmap.png")
 
 
 # -----------------------------------------------------------------------------
@@ -412,7 +262,7 @@ def main(argv=None):
     if moved:
         print(f"--overwrite: the earlier analysis in {out} was moved to {moved}", file=sys.stderr)
     files.write_text(out / "entropy.json", json.dumps(result, indent=1) + "\n")
-    plot(result, heat, out, tok, other)
+    plots.flow(result, heat, out, tok, other)
     print_table(result)
     print(f"wrote {out / 'entropy.json'}, flow.png, dH.png, heatmap.png")
 

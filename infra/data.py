@@ -1,6 +1,7 @@
 """
 Reading records from a data file: JSONL (one JSON object per line), or .parquet when pyarrow is
-installed (an optional dependency, imported only for such a file). Every problem is one line:
+installed (an optional dependency, imported only for such a file); and analyze.py's two inputs, a
+JSONL of responses (read_responses) and an entropy.json (read_result). Every problem is one line:
 `file:line: what is wrong; what to do`, raised as InputError before any model is loaded.
 """
 import json
@@ -56,3 +57,71 @@ def _parquet(path: Path) -> list[tuple[str, dict]]:
     if not rows:
         raise InputError(f"{path}: no rows")
     return [(f"{path}:row {i}", r) for i, r in enumerate(rows, start=1)]
+
+
+# -----------------------------------------------------------------------------
+# analyze.py's inputs
+
+def read_responses(path, tokenizer=None, vocab_size: int | None = None,
+                   max_tokens: int | None = None):
+    """(prompt_ids, response_ids) pairs from a JSONL file. Every record is checked (ids are
+    non-negative integers below vocab_size, prompt + response at most max_tokens); a bad one raises
+    InputError naming file:line."""
+    pairs = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise InputError(f"--responses {path}: cannot read ({why})") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
+        if isinstance(rec, dict) and "prompt_ids" in rec and "response_ids" in rec:
+            p, r = rec["prompt_ids"], rec["response_ids"]
+            if not all(isinstance(x, list) and x
+                       and all(type(t) is int and t >= 0 for t in x) for x in (p, r)):
+                raise InputError(f"{where}: prompt_ids and response_ids must be non-empty lists of "
+                                 f"integer token ids")
+        elif (isinstance(rec, dict) and isinstance(rec.get("prompt"), str)
+              and isinstance(rec.get("response"), str)):
+            p = tokenizer.encode_chat([{"role": "user", "content": rec["prompt"]}])
+            r = tokenizer.encode(rec["response"])
+            if not r:
+                raise InputError(f"{where}: the response is empty")
+        else:
+            raise InputError(f"{where}: expected {{\"prompt_ids\": [...], \"response_ids\": "
+                             '[...]} or {"prompt": "...", "response": "..."}')
+        if vocab_size is not None and max(p + r) >= vocab_size:
+            raise InputError(f"{where}: token id {max(p + r)} is out of range for this model "
+                             f"(vocab {vocab_size})")
+        if max_tokens is not None and len(p) + len(r) > max_tokens:
+            raise InputError(f"{where}: prompt + response is {len(p) + len(r)} tokens, more than "
+                             f"{max_tokens} (--max-tokens, at most the model's context); shorten "
+                             f"it or raise --max-tokens")
+        pairs.append((p, r))
+    if not pairs:
+        raise InputError(f"--responses {path}: no records")
+    return pairs
+
+
+def read_result(path, flag: str) -> dict:
+    """An entropy.json written by this tool, checked for the fields other tools read."""
+    try:
+        r = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{flag} {path}: not a readable entropy.json ({e}); pass the file "
+                         f"analyze.py wrote") from None
+    ok = (isinstance(r, dict) and isinstance(r.get("layers"), list)
+          and type(r.get("num_layers")) is int)
+    ok = ok and len(r["layers"]) == r["num_layers"] >= 1 and all(
+        isinstance(x, dict) and type(x.get("dH_mlp")) in (int, float) for x in r["layers"])
+    if (not ok or type(r.get("internal_layer")) is not int
+        or not 1 <= r["internal_layer"] <= r["num_layers"]):
+        raise InputError(f"{flag} {path}: not an entropy.json of analyze.py (num_layers, a dH_mlp "
+                         f"for each of its layers, internal_layer)")
+    return r

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from infra import plots
 from infra.cli import explicit_flags
 from infra.distributed import launched_rank
 from infra.errors import UserError
 from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_space, make_dir,
-                         remove_partial, replace_dir, size_text, write_atomic, write_failure,
+                         remove_partial, replace_dir, size_text, write_failure,
                          write_text)
 
 MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
@@ -222,7 +223,7 @@ def restore(load_optimizer, state: dict | None, out, writer: bool) -> int:
 
 def finish(out, title: str, step: int, stopped: bool):
     """The end of a run (finished or stopped by Ctrl-C): its curves, and one line saying where."""
-    plot_curves(out, title)
+    plots.curves(read_metrics(out), Path(out) / "curves.png", title)
     print(f"{'stopped' if stopped else 'done'} at step {step}: {out}/metrics.jsonl, curves.png, "
           f"checkpoints/", file=sys.stderr)
 
@@ -399,43 +400,3 @@ def resumable(out, load_model, writer: bool = True, may_change: tuple = ()) -> t
                   file=sys.stderr)
     raise UserError(f"--resume {out}: no complete checkpoint in {out / 'checkpoints'}; start a new "
                     f"run with --out")
-
-
-# -----------------------------------------------------------------------------
-# the curves
-
-def plot_curves(out, title: str):
-    """curves.png: reward and held-out accuracy, entropies, response length, and (BuPO) how far pi^l
-    is from the policy; one panel per quantity, each with its own labelled axis, phase 1 shaded."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = read_metrics(out)
-    train = [r for r in rows if "reward" in r]
-    # one line per benchmark: eval/avg@n of the task, eval/<name>/avg@n of each --eval-data file
-    accuracy = sorted({k for r in rows for k in r if k.startswith("eval/")
-                       and (k.split("/")[-1].startswith("avg@") or k.endswith("/greedy_acc"))})
-    panels = [("reward / accuracy (fraction)",
-               ["reward", "eval/greedy_acc"] + [k for k in accuracy if k != "eval/greedy_acc"]),
-              ("entropy (nats)", ["entropy", "internal/entropy"]),
-              ("response length (tokens)", ["completions/mean_length"]),
-              ("KL(pi^l || pi_theta) (nats)", ["internal/kl_to_policy"]),
-              ("cos(h_l, h_L)", ["internal/cos_to_top"])]
-    panels = [(label, keys) for label, keys in panels if any(k in r for r in rows for k in keys)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    internal = [r["step"] for r in train if r.get("phase") == "internal"]
-    for ax, (label, keys) in zip(axes[0], panels):
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if k in r]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", label=k)
-        if internal:
-            ax.axvspan(min(internal) - 0.5, max(internal) + 0.5, color="orange", alpha=0.15,
-                       label="phase 1 (pi^l)")
-        ax.set_xlabel("RL step")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    write_atomic(Path(out) / "curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)

@@ -11,6 +11,7 @@ import torch
 
 import analyze
 import bupo
+from infra.errors import InputError
 from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +236,7 @@ def test_read_responses(tmp_path, default_model_dir):
                      ('{"prompt_ids": [1, "x"], "response_ids": [2]}\n', "r.jsonl:1:"),
                      ("\n", "no records")):
         f.write_text(bad)
-        with pytest.raises(analyze.InputError, match=msg):
+        with pytest.raises(InputError, match=msg):
             analyze.read_responses(f, tok)
 
 
