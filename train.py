@@ -40,13 +40,9 @@ Departures from the authors' code, on purpose:
      ratios of the authors' schedule (s_inter = 10% of the steps, 4 updates per step) are kept.
   5. On pi_theta in fp32 the sampler's log-probs are the old ones (--old-logprobs auto; the authors
      recompute them, as --old-logprobs recompute does).
-Data parallelism under torchrun: distributed.py. Metrics (OUT/metrics.jsonl, one line per step,
-TRL's names where TRL has one): reward, reward_std, frac_reward_zero_std, completions/mean_length,
-completions/clipped_ratio, clip_ratio/low|high|dual, kl (verl's ppo_kl: mean -log ratio, new vs. old
-policy, over the updates), kl_ref (with --kl-coef), entropy (the full policy, always), loss,
-grad_norm, skipped_steps, step_time, tokens_per_s, peak_memory_mb; for BuPO also internal/entropy,
-internal/kl_to_policy, internal/cos_to_top; eval/* when evaluated. The run folder (args.json,
-metrics.jsonl, curves.png, checkpoints/) and its safety rules: runs.py.
+Data parallelism under torchrun: infra/distributed.py, sharding: infra/fsdp.py. What each metric of
+OUT/metrics.jsonl means (one line per step, TRL's names where TRL has one): infra/metrics.py. The
+run folder (args.json, metrics.jsonl, curves.png, checkpoints/) and its safety rules: infra/runs.py.
 """
 import argparse
 import contextlib
@@ -61,12 +57,11 @@ from tqdm import tqdm
 import analyze
 import bupo
 import tasks
-from infra import checkpoint, cli, fsdp, memory, precision, runs, weights
+from infra import cli, fsdp, metrics, precision, runs
 from infra.evaluation import evaluate
 from infra import distributed as dp
 from model import Transformer
 from rollout import generate
-from tokenizer import Tokenizer
 
 # flags that may differ from the saved run's when resuming: they change where or how often, not what
 # is computed
@@ -236,9 +231,9 @@ def rl_step(model, tok, src, opt, args, step, layer, ref=None, amp=contextlib.nu
     sums.update(n_tok=int(batch.response_mask.sum()),
                 clipped=sum(f == "length" for f in ro.finish_reason),
                 **{f"stat/{name}": v for name, v in stats.items()})
-    return step_metrics(step, policy_layer, L, G, dp.all_gather(rewards), dp.all_sum(sums, device),
-                        grad_norms,
-                        skipped, len(groups), time.perf_counter() - t0, device)
+    return metrics.step_row(step, policy_layer, L, G, dp.all_gather(rewards),
+                            dp.all_sum(sums, device), grad_norms, skipped, len(groups),
+                            time.perf_counter() - t0, device)
 
 
 def old_logprobs_source(args, dtype, ref) -> str:
@@ -356,33 +351,6 @@ def add_sums(into: dict, values: dict, prefix: str = ""):
         into[prefix + name] = into.get(prefix + name, 0.0) + float(v.sum())
 
 
-def step_metrics(step, policy_layer, L, G, rewards, sums, grad_norms, skipped, n_mini, dt,
-                 device) -> dict:
-    """One line of metrics.jsonl from the step's sums over all ranks' tokens and responses (means
-    per token or per response; TRL's names where TRL has one)."""
-    n_tok, n = sums["n_tok"], len(rewards)
-    m = {"step": step, "phase": "internal" if policy_layer < L else "full",
-         "policy_layer": policy_layer,
-         "reward": rewards.mean().item(), "reward_std": rewards.std().item() if n > 1 else 0.0,
-         "frac_reward_zero_std": (rewards.view(-1, G).std(1) == 0).float().mean().item() if G > 1
-         else 1.0,
-         "completions/mean_length": n_tok / n, "completions/clipped_ratio": sums["clipped"] / n,
-         **{k: sums[k] / n_tok
-            for k in ("clip_ratio/low", "clip_ratio/high", "clip_ratio/dual", "kl_ref")
-            if k in sums},
-         "kl": sums["ppo_kl"] / n_tok, "entropy": sums["stat/entropy"] / n_tok,
-         "loss": sum(sums[f"loss/{k}"] for k in range(n_mini)) / n_mini,
-         "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-         "skipped_steps": skipped,
-         "step_time": dt, "tokens_per_s": n_tok / dt,
-         "peak_memory_mb": memory.peak_memory_mb(device)}
-    if "stat/entropy_layer" in sums:
-        m.update({"internal/entropy": sums["stat/entropy_layer"] / n_tok,
-                  "internal/kl_to_policy": sums["stat/kl_layer"] / n_tok,
-                  "internal/cos_to_top": sums["stat/cos_layer"] / n_tok})
-    return m
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -409,7 +377,12 @@ def run_training(argv=None):
     # only rank 0 writes files and prints progress
     lead = dp.rank() == 0
     src = tasks.source(args)    # every data file read and checked, before any weight
-    model, tok, layer = load_policy(model_dir, state, src, args, device, lead)
+    model, tok = cli.load_for_training(model_dir, not state, src, args, device, lead)
+    # the internal layer l of BuPO's phase 1: rank 0's choice for a new run, the saved one on resume
+    layer = state["internal_layer"] if state else model.config.num_layers
+    if not state and args.algo == "bupo" and lead:
+        layer = analyze.resolve_layer(args.internal_layer, model, tok, args, src)
+    layer = int(dp.all_sum({"layer": layer if lead else 0}, device)["layer"])
     if not state and lead:   # args.json, metrics.jsonl; an old run moved aside
         runs.start(args.out, args, args.overwrite)
     dtype = precision.compute_dtype(args.dtype, device)
@@ -426,10 +399,7 @@ def run_training(argv=None):
                             weight_decay=args.weight_decay, fused=True)
     # 1, or the step after the resumed one
     start = runs.restore(lambda saved: fsdp.load_optimizer(model, opt, saved), state, args.out,
-                         lead)
-    if state and state.get("world_size", dp.world()) != dp.world() and lead:
-        print(f"resume: {dp.world()} rank(s) now, {state['world_size']} wrote the checkpoint: the "
-              f"same run up to the order of float sums, not bit for bit", file=sys.stderr)
+                         lead, dp.world())
     stop = cli.stop_after_ctrl_c()
     # mixed precision: one autocast region per forward phase, inside rl_step / evaluate (a
     # sharded model casts through FSDP2's policy instead)
@@ -454,11 +424,7 @@ def run_training(argv=None):
         # every rank stops after the same step
         stopping = dp.all_sum({"stop": len(stop)}, device)["stop"] > 0
         if step % args.save_every == 0 or step == args.steps or stopping:
-            weights, optimizer = fsdp.full_state(model, opt)   # every rank takes part
-            if lead:
-                runs.save_checkpoint(model, weights, optimizer, args, step, layer, dp.world())
-            del weights, optimizer
-            dp.barrier()
+            runs.checkpoint(model, opt, args, step, layer, lead)   # every rank takes part
         if stopping:
             break
     if lead:
@@ -466,29 +432,6 @@ def run_training(argv=None):
         runs.finish(args.out, f"{args.algo} on {Path(args.model).name}, task {args.task}{phase1}",
                     step, stopping)
     dp.teardown()
-
-
-def load_policy(model_dir, state, src, args, device, lead):
-    """The model on this rank's device, its tokenizer, and the internal layer l of BuPO's phase 1
-    (rank 0's choice: analyze.resolve_layer for a new run, the saved one on resume)."""
-    if not state and lead:
-        weights.ensure_if_default(model_dir)
-    # rank 0 has built the default model, if it was missing
-    dp.barrier()
-    # the memory plan, from config.json and the longest prompt, refused before any weight is read
-    checkpoint.model_folder(model_dir, device)   # a folder that is there, and a usable device
-    prompt = src.longest_prompt(Tokenizer(model_dir), args, say=print if lead else None)
-    compute = precision.compute_dtype(args.dtype, device).itemsize
-    memory.check(model_dir, args, prompt, device, dp.world(), compute, lead)
-    # the weights and the tokenizer, checked against each other (infra/checkpoint.py)
-    model, tok = cli.load(model_dir, device=device)
-    model.grad_checkpoint = args.grad_checkpoint
-    cli.fits_context(prompt, args.max_new_tokens, model.config.max_position_embeddings,
-                     f"the longest {'file' if args.data else args.task} prompt")
-    layer = state["internal_layer"] if state else model.config.num_layers
-    if not state and args.algo == "bupo" and lead:
-        layer = analyze.resolve_layer(args.internal_layer, model, tok, args, src)
-    return model, tok, int(dp.all_sum({"layer": layer if lead else 0}, device)["layer"])
 
 
 if __name__ == "__main__":

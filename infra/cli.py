@@ -277,6 +277,31 @@ def load(model_dir, dtype=None, device="cpu"):
     return model, tok
 
 
+def load_for_training(model_dir, new_run: bool, src, args, device, lead: bool):
+    """train.py's model and tokenizer on this rank's device, after the checks that read no weight:
+    the default model built (by rank 0, for a new run), the folder and the device, and the memory
+    plan from config.json and the longest prompt (infra/memory.py); then the weights and the
+    tokenizer, checked against each other, and the longest prompt against the context."""
+    from infra import checkpoint, memory, precision, weights
+    from infra import distributed as dp
+    from tokenizer import Tokenizer
+    if new_run and lead:
+        weights.ensure_if_default(model_dir)
+    # rank 0 has built the default model, if it was missing
+    dp.barrier()
+    # the memory plan, from config.json and the longest prompt, refused before any weight is read
+    checkpoint.model_folder(model_dir, device)   # a folder that is there, and a usable device
+    prompt = src.longest_prompt(Tokenizer(model_dir), args, say=print if lead else None)
+    compute = precision.compute_dtype(args.dtype, device).itemsize
+    memory.check(model_dir, args, prompt, device, dp.world(), compute, lead)
+    # the weights and the tokenizer, checked against each other (infra/checkpoint.py)
+    model, tok = load(model_dir, device=device)
+    model.grad_checkpoint = args.grad_checkpoint
+    fits_context(prompt, args.max_new_tokens, model.config.max_position_embeddings,
+                 f"the longest {'file' if args.data else args.task} prompt")
+    return model, tok
+
+
 def check_train(args):
     """Every argument of train.py, before anything is loaded or written."""
     not_empty(args, "--model", "--out", "--resume", "--analysis", "--data", "--eval-data")

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from infra import plots
+from infra import distributed as dp
+from infra import fsdp, plots
 from infra.cli import explicit_flags
 from infra.distributed import launched_rank
 from infra.errors import UserError
@@ -207,14 +208,18 @@ def open_run(args, argv, build_parser, may_change: tuple, before: dict, load_met
     return args, state, ckpt
 
 
-def restore(load_optimizer, state: dict | None, out, writer: bool) -> int:
+def restore(load_optimizer, state: dict | None, out, writer: bool, world: int = 1) -> int:
     """The first step to run: 1 for a new run; for a resumed one, the step after its checkpoint,
     with the optimizer state loaded (load_optimizer(saved state)) and (by the writer)
-    metrics.jsonl cut back to that checkpoint and the resume noted in resumes.jsonl."""
+    metrics.jsonl cut back to that checkpoint and the resume noted in resumes.jsonl. world: the
+    number of ranks now; another number than the checkpoint's is said in one line."""
     if not state:
         return 1
     load_optimizer(state["optimizer"])
     start = state["step"] + 1
+    if state.get("world_size", world) != world and writer:
+        print(f"resume: {world} rank(s) now, {state['world_size']} wrote the checkpoint: the same "
+              f"run up to the order of float sums, not bit for bit", file=sys.stderr)
     if writer:
         repair_metrics(out, start)
         note_resume(out, start)
@@ -261,6 +266,17 @@ def resume_args(args, given: set, state: dict, parser, may_change: tuple,
 
 # -----------------------------------------------------------------------------
 # checkpoints
+
+def checkpoint(model, opt, args, step: int, layer: int, writer: bool):
+    """A checkpoint of step `step`, from every rank: the full weights and optimizer state are
+    gathered (infra/fsdp.py; a plain model's own), the writer saves them (save_checkpoint), and
+    every rank waits until it has."""
+    weights, optimizer = fsdp.full_state(model, opt)   # every rank takes part
+    if writer:
+        save_checkpoint(model, weights, optimizer, args, step, layer, dp.world())
+    del weights, optimizer
+    dp.barrier()
+
 
 def save_checkpoint(model, weights: dict, optimizer: dict, args, step: int, layer: int,
                     world: int = 1) -> Path:
