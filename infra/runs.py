@@ -27,7 +27,6 @@ import torch
 from infra import distributed as dp
 from infra import fsdp, plots
 from infra.cli import explicit_flags
-from infra.distributed import launched_rank
 from infra.errors import UserError
 from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_space, make_dir,
                          remove_partial, replace_dir, size_text, write_failure,
@@ -197,7 +196,7 @@ def open_run(args, argv, build_parser, may_change: tuple, before: dict, load_met
         return args, None, args.model
     # the checkpoint's weights are checked on the meta device: the rank's device is not chosen yet,
     # and under torchrun every rank would load onto the default GPU
-    ckpt, state, _ = resumable(args.resume, load_meta, writer=launched_rank() == 0,
+    ckpt, state, _ = resumable(args.resume, load_meta, writer=dp.launched_rank() == 0,
                                may_change=may_change)
     args = resume_args(args, explicit_flags(build_parser(), argv), state, build_parser(),
                        may_change, before)
@@ -217,10 +216,10 @@ def restore(load_optimizer, state: dict | None, out, writer: bool, world: int = 
         return 1
     load_optimizer(state["optimizer"])
     start = state["step"] + 1
-    if state.get("world_size", world) != world and writer:
-        print(f"resume: {world} rank(s) now, {state['world_size']} wrote the checkpoint: the same "
-              f"run up to the order of float sums, not bit for bit", file=sys.stderr)
     if writer:
+        if state.get("world_size", world) != world:
+            print(f"resume: {world} rank(s) now, {state['world_size']} wrote the checkpoint: the "
+                  f"same run up to the order of float sums, not bit for bit", file=sys.stderr)
         repair_metrics(out, start)
         note_resume(out, start)
     return start
