@@ -332,12 +332,14 @@ def newest(root: Path) -> Path | None:
 
 def load_trainer_state(ckpt: Path) -> dict:
     """trainer_state.pt of a checkpoint (weights_only: no pickle code runs), checked for what resume
-    needs."""
+    needs. Memory-mapped, copy-on-write: the ranks of one node that resume together share one copy
+    of the optimizer state in the page cache instead of each reading its own (the file is never
+    written; pages an update changes become the rank's own, as a read copy would be)."""
     file = ckpt / "trainer_state.pt"
     if not file.exists():
         raise ValueError("no trainer_state.pt (the write did not finish)")
     try:
-        state = torch.load(file, weights_only=True, map_location="cpu")
+        state = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
     except Exception as e:
         why = str(e).splitlines()[0][:120]
         raise ValueError(f"trainer_state.pt is unreadable ({why})") from None

@@ -195,3 +195,29 @@ def test_a_checkpoint_of_another_run_is_skipped(tiny_chat_model, tmp_path, lengt
     err = capsys.readouterr().err
     assert "skipping" in err and "saved with --algo grpo" in err and "another run's" in err, err
     assert steps_of(out) == [1, 2, 3]
+
+
+def test_a_resume_maps_the_optimizer_state_instead_of_reading_it(tmp_path):
+    """load_trainer_state memory-maps trainer_state.pt, so that the ranks of one node share one
+    copy of the optimizer state (docs/scaling.md): while the state is held the file is among the
+    process's mappings, its tensors equal what was saved, and changing them leaves the file as it
+    was (copy-on-write)."""
+    import torch
+
+    from infra import runs
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc/self/maps")
+    ckpt = tmp_path / "step_000001"
+    ckpt.mkdir()
+    exp_avg = torch.randn(4096)
+    torch.save({"step": 1, "args": {}, "internal_layer": 2,
+                "optimizer": {"state": {0: {"exp_avg": exp_avg}}, "param_groups": []}},
+               ckpt / "trainer_state.pt")
+    state = runs.load_trainer_state(ckpt)
+    assert str((ckpt / "trainer_state.pt").resolve()) in maps.read_text()
+    held = state["optimizer"]["state"][0]["exp_avg"]
+    assert torch.equal(held, exp_avg)
+    held.add_(1.0)                       # as AdamW updates it in place
+    again = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert torch.equal(again["optimizer"]["state"][0]["exp_avg"], exp_avg)
