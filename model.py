@@ -183,7 +183,7 @@ class KVCache:
 
 class StaticKVCache(KVCache):
     """The same cache with shapes that do not change while decoding, for a compiled one-token decode
-    step (rollout.compiled_decode): every step attends over all max_len slots, the unused ones
+    step (infra/compiled.py): every step attends over all max_len slots, the unused ones
     masked, and the current slot is a tensor, so no Python number changes from one step to the next
     and the step is not recompiled (only a compaction, which changes the batch, is a new shape)."""
 

@@ -31,12 +31,12 @@ temperature and the filters; for greedy decoding, temperature 0, under the model
 T = 1 with no filter these are the "old policy" log-probs of GRPO.
 """
 import hashlib
-import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from infra.compiled import compiled_decode
 from infra.philox import MASK32, philox
 from model import KVCache, Transformer
 
@@ -246,44 +246,6 @@ def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, m
     if static:
         cache.slot.fill_(T)
     return cache
-
-
-def compiled_decode(model: Transformer):
-    """The model's forward compiled for the one-token decode step over a StaticKVCache
-    (torch.compile), the way gpt-fast decodes. Compiled on its first call and reused by every later
-    step and call; a new cache shape (another max_len or P x G, the cache compaction) compiles again
-    once, after which torch makes that dimension dynamic. On a GPU the compiled step also replays as
-    a CUDA graph (mode "reduce-overhead"): one launch per token instead of a few thousand kernels
-    from Python. Off by default: on a CPU it is slower than eager decoding (the measurements:
-    docs/usage.md, "Sampling"). Where torch cannot compile (no C++ compiler), one line says so and
-    decoding stays eager."""
-    slot = model.__dict__       # kept beside the model's attributes, not registered as a submodule
-    if "compiled_decode" not in slot:
-        cuda = model.embed_tokens.weight.is_cuda
-        if cuda:
-            # each call's new cache moves the graphs' inputs, which re-records them; torch stops
-            # that (and replays nothing) after 128 times by default: a run samples every step
-            from torch._inductor import config as inductor
-            cfg = inductor.triton
-            cfg.cudagraph_unexpected_rerecord_limit = max(cfg.cudagraph_unexpected_rerecord_limit,
-                                                          1 << 20)
-        compiled = torch.compile(model, mode="reduce-overhead" if cuda else None)
-
-        def first_call(*args, **kwargs):
-            if "compiled_decode" in slot:
-                # decided by an earlier step of the same call
-                return slot["compiled_decode"](*args, **kwargs)
-            try:
-                out = compiled(*args, **kwargs)
-                slot["compiled_decode"] = compiled
-                return out
-            except torch._dynamo.exc.BackendCompilerFailed as e:
-                print(f"warning: torch.compile is not available here "
-                      f"({str(e).splitlines()[0][:120]}); decoding without it", file=sys.stderr)
-                slot["compiled_decode"] = model
-                return model(*args, **kwargs)
-        return first_call
-    return slot["compiled_decode"]
 
 
 @torch.no_grad()
