@@ -165,8 +165,9 @@ def resolve_layer(value: str, model, tok, args, src=None) -> int:
         dH_mlp = bupo.entropy_changes(analyze(model, pairs)[0])["dH_mlp"]
     layer, rule = bupo.choose_internal_layer(dH_mlp)
     why = {"boundary": "the boundary layer (last layer with mean dH_mlp > 0)",
-           "penultimate": "no boundary layer below L, so the penultimate layer (the authors' "
-                          "choice for late-converging models; docs/method.md 5)"}[rule]
+           "penultimate": "no boundary layer below L, so the penultimate layer (the project's "
+                          "fallback: the layer the authors trained on their late-converging Llama "
+                          "models; docs/method.md 5)"}[rule]
     print(f"internal layer: {layer} of {L}, {why}", file=sys.stderr)
     return layer
 
