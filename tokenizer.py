@@ -10,7 +10,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from infra.errors import ModelLoadError
+from infra.errors import ModelLoadError, first_line
 
 # end-of-turn / end-of-text tokens of the supported families; each one present in the vocabulary
 # stops sampling
@@ -27,8 +27,8 @@ class Tokenizer:
         try:
             self.tok = HFTokenizer.from_file(str(file))
         except Exception as e:
-            why = str(e).splitlines()[0]
-            raise ModelLoadError(f"{file}: not a readable tokenizer ({why})") from None
+            raise ModelLoadError(f"{file}: not a readable tokenizer ({first_line(e, None)})") \
+                from None
         self.config = _read_optional_json(path / "tokenizer_config.json")
         self.special = {k: _token_text(self.config.get(k))
                         for k in ("bos_token", "eos_token", "pad_token", "unk_token")}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from infra.errors import ModelLoadError, UserError
+from infra.errors import ModelLoadError, UserError, first_line
 from infra.files import replace_dir
 
 FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors dtype codes a weight may have
@@ -53,7 +53,7 @@ def model_folder(path, device="cpu") -> Path:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise ModelLoadError(f"device {str(device)!r} is not usable here "
-                             f"({str(e).splitlines()[0]}); use --device cpu") from None
+                             f"({first_line(e, None)}); use --device cpu") from None
     return path
 
 
@@ -231,7 +231,7 @@ def read_tensors(path: Path, expected: dict, skip: tuple, model_type: str, dtype
             raise
         except Exception as e:  # safetensors' own errors: truncated file, bad header, ...
             raise ModelLoadError(f"{file}: not a readable safetensors file "
-                                 f"({str(e).splitlines()[0]}); the file is corrupt or truncated, "
+                                 f"({first_line(e, None)}); the file is corrupt or truncated, "
                                  f"copy or convert it again") from None
     missing = sorted(set(expected) - set(state))
     if missing:

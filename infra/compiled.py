@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from infra.errors import first_line
 from model import Transformer
 
 
@@ -42,7 +43,7 @@ def compiled_decode(model: Transformer):
                 return out
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 print(f"warning: torch.compile is not available here "
-                      f"({str(e).splitlines()[0][:120]}); decoding without it", file=sys.stderr)
+                      f"({first_line(e)}); decoding without it", file=sys.stderr)
                 slot["compiled_decode"] = model
                 return model(*args, **kwargs)
         return first_call

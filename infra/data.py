@@ -7,7 +7,7 @@ JSONL of responses (read_responses) and an entropy.json (read_result). Every pro
 import json
 from pathlib import Path
 
-from infra.errors import InputError
+from infra.errors import InputError, first_line
 
 
 def records(path) -> list[tuple[str, dict]]:
@@ -52,7 +52,7 @@ def _parquet(path: Path) -> list[tuple[str, dict]]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as e:   # pyarrow's own error types: not a parquet file, truncated, ...
-        raise InputError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") \
+        raise InputError(f"{path}: not a readable parquet file ({first_line(e, None)})") \
             from None
     if not rows:
         raise InputError(f"{path}: no rows")

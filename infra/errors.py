@@ -18,3 +18,10 @@ class ModelLoadError(UserError):
 
 class InputError(UserError):
     """Bad user input; the message is one line naming the file (and line) and the problem."""
+
+
+def first_line(e: BaseException, limit: int | None = 120) -> str:
+    """The first line of an exception's message, for a one-line error; its type's name when the
+    message is empty (an EOFError of an empty file has none)."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]

@@ -27,7 +27,7 @@ import torch
 from infra import distributed as dp
 from infra import fsdp, plots
 from infra.cli import explicit_flags
-from infra.errors import UserError
+from infra.errors import UserError, first_line
 from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_space, make_dir,
                          remove_partial, replace_dir, size_text, write_failure,
                          write_text)
@@ -339,10 +339,12 @@ def load_trainer_state(ckpt: Path) -> dict:
     if not file.exists():
         raise ValueError("no trainer_state.pt (the write did not finish)")
     try:
-        state = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+        try:
+            state = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+        except (RuntimeError, OSError):     # a file system that cannot map it: read it instead
+            state = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as e:
-        why = str(e).splitlines()[0][:120]
-        raise ValueError(f"trainer_state.pt is unreadable ({why})") from None
+        raise ValueError(f"trainer_state.pt is unreadable ({first_line(e)})") from None
     if (not isinstance(state, dict)
         or not {"step", "optimizer", "args", "internal_layer"} <= set(state)):
         raise ValueError("trainer_state.pt lacks step / optimizer / args / internal_layer")
@@ -412,7 +414,7 @@ def resumable(out, load_model, writer: bool = True, may_change: tuple = ()) -> t
             check_consistent(ckpt, state, model, out, may_change)
             return ckpt, state, model
         except (ValueError, UserError) as e:   # ModelLoadError is a UserError
-            print(f"warning: skipping {ckpt}: {str(e).splitlines()[0]}; trying an earlier "
+            print(f"warning: skipping {ckpt}: {first_line(e, None)}; trying an earlier "
                   f"checkpoint",
                   file=sys.stderr)
     raise UserError(f"--resume {out}: no complete checkpoint in {out / 'checkpoints'}; start a new "

@@ -221,3 +221,44 @@ def test_a_resume_maps_the_optimizer_state_instead_of_reading_it(tmp_path):
     held.add_(1.0)                       # as AdamW updates it in place
     again = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     assert torch.equal(again["optimizer"]["state"][0]["exp_avg"], exp_avg)
+
+
+def test_a_state_that_cannot_be_mapped_is_read(tmp_path, monkeypatch):
+    """Where the file system cannot memory-map trainer_state.pt, load_trainer_state reads it
+    instead of calling the checkpoint unreadable."""
+    import torch
+
+    from infra import runs
+    ckpt = tmp_path / "step_000001"
+    ckpt.mkdir()
+    torch.save({"step": 1, "args": {}, "internal_layer": 2,
+                "optimizer": {"state": {}, "param_groups": []}}, ckpt / "trainer_state.pt")
+    load = torch.load
+
+    def no_mmap(*a, mmap=None, **k):
+        if mmap:
+            raise RuntimeError("mmap: operation not supported")
+        return load(*a, **k)
+    monkeypatch.setattr(torch, "load", no_mmap)
+    assert runs.load_trainer_state(ckpt)["step"] == 1
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_damaged_trainer_state_is_unreadable_not_a_crash(tmp_path, damage):
+    """A trainer_state.pt that is not a whole file (a copy cut short, another file's bytes) is a
+    ValueError naming it unreadable, which resume turns into skipping that checkpoint; never a
+    traceback, and never a crash later from a mapping of missing bytes."""
+    import torch
+
+    from infra import runs
+    ckpt = tmp_path / "step_000001"
+    ckpt.mkdir()
+    f = ckpt / "trainer_state.pt"
+    torch.save({"step": 1, "args": {}, "internal_layer": 2,
+                "optimizer": {"state": {0: {"exp_avg": torch.randn(50_000)}},
+                              "param_groups": []}}, f)
+    whole = f.read_bytes()
+    f.write_bytes({"garbage": b"not a checkpoint" * 100, "truncated": whole[:len(whole) // 2],
+                   "empty": b""}[damage])
+    with pytest.raises(ValueError, match="unreadable"):
+        runs.load_trainer_state(ckpt)
