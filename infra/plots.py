@@ -1,8 +1,7 @@
 """
 The plots of the tools' outputs: curves.png of a training run (train.py, from its metrics.jsonl)
 and flow.png, dH.png and heatmap.png of an entropy-flow analysis (analyze.py; the paper's Figs. 2
-and 3).
-matplotlib is imported only when a plot is drawn; every file is written atomically.
+and 3). matplotlib is imported only when a plot is drawn; every file is written atomically.
 """
 from pathlib import Path
 
