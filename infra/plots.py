@@ -10,13 +10,19 @@ import torch
 from infra.files import write_atomic
 
 
+def pyplot():
+    """matplotlib.pyplot without a display (the Agg backend), imported on the first plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def curves(rows: list[dict], path: Path, title: str):
     """curves.png (path) from the rows of a run's metrics.jsonl: reward and held-out accuracy,
     entropies, response length, and (BuPO) how far pi^l is from the policy; one panel per quantity,
     each with its own labelled axis, phase 1 shaded."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     train = [r for r in rows if "reward" in r]
     # one line per benchmark: eval/avg@n of the task, eval/<name>/avg@n of each --eval-data file
     accuracy = sorted({k for r in rows for k in r if k.startswith("eval/")
@@ -52,10 +58,7 @@ def flow(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
     the mean entropy change of each attention and FFN module) and heatmap.png (the layers x
     positions of one response) of an analysis `result` (entropy.json), `other` overlaid."""
     import warnings
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     # tokens in scripts the font lacks
     warnings.filterwarnings("ignore", message="Glyph .* missing from")
     runs = [result] + ([other] if other else [])
