@@ -393,9 +393,21 @@ def on_shared_seeds(configs: dict, names: list) -> tuple[dict, str]:
     shown = [c for c in names if c in configs]
     common = set.intersection(*(set(configs[c]) for c in shown)) if shown else set()
     if not common:
-        return {c: configs[c] for c in shown}, "unpaired: each over its own seeds"
+        return {c: configs[c] for c in shown}, "each one's own seeds (unpaired; n in the legend)"
     return ({c: {k: v for k, v in configs[c].items() if k in common} for c in shown},
-            f"seed{'s' * (len(common) > 1)} {', '.join(map(str, sorted(common)))}")
+            f"{len(common)} seed{'s' * (len(common) > 1)} ({seed_ranges(common)})")
+
+
+def seed_ranges(seeds) -> str:
+    """Seeds as runs of consecutive numbers: {0, 1, 2, 3, 5} -> '0-3, 5'."""
+    out, run = [], []
+    for s in sorted(seeds):
+        if run and s != run[-1] + 1:
+            out.append(run)
+            run = []
+        run.append(s)
+    out += [run] if run else []
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in out)
 
 
 def plot_training(configs: dict, names: list, out: Path, plt, file: str):
@@ -408,9 +420,9 @@ def plot_training(configs: dict, names: list, out: Path, plt, file: str):
         line = band(axes[0], runs, "reward", label, lw=1)
         band(axes[1], runs, "eval/greedy_acc", label, marker="o", color=line.get_color())
     axes[0].set(xlabel="RL step", ylabel="train reward (fraction correct, T = 1)",
-                title=f"train reward, mean ± SE ({seeds})")
+                title=f"train reward: mean, band ±1 SE over {seeds}")
     axes[1].set(xlabel="RL step", ylabel="held-out greedy accuracy",
-                title=f"held-out greedy accuracy ({seeds})")
+                title=f"held-out greedy accuracy: mean, band ±1 SE over {seeds}")
     for ax in axes:
         ax.legend(fontsize=7)
     write_atomic(out / file,
@@ -429,7 +441,7 @@ def plot_dynamics(configs: dict, names: list, out: Path, plt):
             c = line.get_color()
             band(axes[1], configs[cfg], "internal/entropy", cfg, color=c)
             band(axes[2], configs[cfg], "internal/kl_to_policy", cfg, color=c)
-            for ax in axes:
+            for ax in axes:     # the switch from pi^l to pi_theta, after step s_inter
                 ax.axvline(run0["args"]["internal_steps"] + 0.5, color=c, ls=":", lw=0.8)
     axes[0].set(xlabel="RL step", ylabel="nats",
                 title="H(π_θ), the policy's entropy on its samples")
@@ -437,6 +449,10 @@ def plot_dynamics(configs: dict, names: list, out: Path, plt):
     axes[2].set(xlabel="RL step", ylabel="nats", title="KL(π^l ‖ π_θ)")
     for ax in axes:
         ax.legend(fontsize=7)
+    fig.text(0.5, -0.06, "Lines: the mean over each configuration's own seeds (n in the legend: "
+             "the arms differ in n); bands: ±1 standard error over those n seeds; dotted lines, "
+             "in each BuPO configuration's colour: its switch from π^l to π_θ after step s_inter.",
+             ha="center", fontsize=8)
     write_atomic(out / "dynamics.png",
                  lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     plt.close(fig)

@@ -167,12 +167,14 @@ def test_curves_of_a_sweep_average_the_same_seeds():
                "bupo-l15": {1: "c1", 2: "c2", 7: "c7"}}
     shown, note = report.on_shared_seeds(configs, ["grpo", "bupo-l8", "missing"])
     assert shown == {"grpo": {0: "g0", 1: "g1", 2: "g2"}, "bupo-l8": {0: "b0", 1: "b1", 2: "b2"}}
-    assert note == "seeds 0, 1, 2"
+    assert note == "3 seeds (0-2)"
     shown, note = report.on_shared_seeds(configs, ["grpo", "bupo-l8", "bupo-l15"])
     assert ({c: list(r) for c, r in shown.items()}
             == {"grpo": [1, 2], "bupo-l8": [1, 2], "bupo-l15": [1, 2]})
     shown, note = report.on_shared_seeds({"a": {0: 1}, "b": {1: 2}}, ["a", "b"])
-    assert shown == {"a": {0: 1}, "b": {1: 2}} and note.startswith("unpaired")
+    assert shown == {"a": {0: 1}, "b": {1: 2}} and "unpaired" in note
+    assert report.seed_ranges({0, 1, 2, 3, 5, 7, 8}) == "0-3, 5, 7-8"
+    assert report.seed_ranges([4]) == "4" and report.seed_ranges([]) == ""
 
 
 def test_report_from_its_own_copies(tmp_path):
