@@ -29,7 +29,7 @@ from infra import fsdp, plots
 from infra.cli import explicit_flags
 from infra.errors import UserError, first_line
 from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_space, make_dir,
-                         remove_partial, replace_dir, size_text, write_failure,
+                         remove_partial, replace_dir, size_text, write_atomic, write_failure,
                          write_text)
 
 MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
@@ -67,13 +67,32 @@ def note_resume(out, start_step: int):
     """Append to OUT/resumes.jsonl the step a resume starts at and the code it runs (args.json keeps
     the code the run started with), and say so in one line when that code differs."""
     file, code = Path(out) / "resumes.jsonl", code_version()
-    saved = Path(out) / "args.json"
-    started = json.loads(saved.read_text()).get("code") if saved.exists() else None
-    if started and started.get("commit") != code["commit"]:
+    started = saved_args(out).get("code")
+    if (Path(out) / "args.json").exists() and not saved_args(out):
+        print(f"warning: {out}/args.json is not the JSON record of the run's arguments; it is left "
+              f"as it is (the resume takes its arguments from the checkpoint)", file=sys.stderr)
+    if isinstance(started, dict) and started.get("commit") != code["commit"]:
         print(f"resume: the code is at commit {code['commit']}, the run started at "
               f"{started.get('commit')} (recorded in {file})", file=sys.stderr)
-    old = file.read_text() if file.exists() else ""
-    write_text(file, old + json.dumps({"step": start_step, "code": code}) + "\n")
+    append_lines(file, [json.dumps({"step": start_step, "code": code}).encode()])
+
+
+def saved_args(out) -> dict:
+    """OUT/args.json, the arguments and code the run started with; {} where it is missing or not a
+    JSON object (it is a record: a resume takes its arguments from the checkpoint)."""
+    try:
+        record = json.loads((Path(out) / "args.json").read_bytes())
+    except (OSError, ValueError):       # a decoding error is a ValueError too
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def append_lines(file: Path, lines: list[bytes]):
+    """Rewrite `file` atomically with `lines` after its old bytes, which are kept as they are."""
+    old = file.read_bytes() if file.exists() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    write_atomic(file, lambda tmp: Path(tmp).write_bytes(old + b"".join(x + b"\n" for x in lines)))
 
 
 def code_version() -> dict:
@@ -148,16 +167,17 @@ def log(out, row: dict):
 
 
 def read_metrics(out) -> list[dict]:
-    """The well-formed lines of metrics.jsonl (a line cut mid-write by a crash is skipped)."""
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    """The well-formed lines of metrics.jsonl (a line cut mid-write by a crash, or one that is not
+    UTF-8 JSON, is skipped)."""
+    lines = (Path(out) / "metrics.jsonl").read_bytes().splitlines()
     return [json.loads(line) for line in lines if _step_of(line) is not None]
 
 
-def _step_of(line: str):
+def _step_of(line: bytes):
     """The step of one metrics line, or None for a line that is not a whole metrics record."""
     try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
+        row = json.loads(line.decode())
+    except ValueError:                  # not UTF-8, or not JSON
         return None
     return row["step"] if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
@@ -167,16 +187,15 @@ def repair_metrics(out, start_step: int):
     the other lines (later steps, a line cut mid-write) are appended to metrics.dropped.jsonl."""
     file, aside = Path(out) / "metrics.jsonl", Path(out) / "metrics.dropped.jsonl"
     kept, dropped = [], []
-    for line in (file.read_text().splitlines() if file.exists() else []):
+    for line in (file.read_bytes().splitlines() if file.exists() else []):
         step = _step_of(line)
         if line.strip():
             (kept if step is not None and step < start_step else dropped).append(line)
-    if dropped:
-        old = aside.read_text() if aside.exists() else ""
-        write_text(aside, old + "".join(x + "\n" for x in dropped))
+    if dropped:     # byte for byte, whatever they hold
+        append_lines(aside, dropped)
         print(f"resume: metrics.jsonl cut back to the {len(kept)} lines before step {start_step}; "
               f"{len(dropped)} later or broken lines moved to {aside}", file=sys.stderr)
-    write_text(file, "".join(x + "\n" for x in kept))
+    write_atomic(file, lambda tmp: Path(tmp).write_bytes(b"".join(x + b"\n" for x in kept)))
 
 
 def open_run(args, argv, build_parser, may_change: tuple, before: dict, load_meta):
@@ -357,11 +376,8 @@ def check_consistent(ckpt: Path, state: dict, model, out=None, may_change: tuple
     update would fail mid-step, train the wrong layer or continue another run's schedule. ValueError
     names the first mismatch."""
     started = Path(out) / "args.json" if out else None
-    if started and started.is_file():
-        try:
-            first = json.loads(started.read_text())
-        except (OSError, ValueError):
-            first = {}
+    if started:
+        first = saved_args(out)
         skip = set(may_change) | {"out", "resume", "overwrite", "code", "model"}
         for k in sorted(set(first) & set(state["args"]) - skip):
             if first[k] != state["args"][k]:

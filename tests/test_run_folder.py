@@ -11,6 +11,7 @@ import pytest
 
 import tasks
 import train
+from infra import runs
 from infra.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,3 +263,33 @@ def test_a_damaged_trainer_state_is_unreadable_not_a_crash(tmp_path, damage):
                    "empty": b""}[damage])
     with pytest.raises(ValueError, match="unreadable"):
         runs.load_trainer_state(ckpt)
+
+
+@pytest.mark.parametrize("damage", ["args-not-json", "args-a-list", "metrics-not-utf8",
+                                    "resumes-not-utf8"])
+def test_a_damaged_record_of_the_run_does_not_stop_a_resume(tiny_chat_model, tmp_path,
+                                                             length_reward, capsys, damage):
+    """args.json, metrics.jsonl and resumes.jsonl are records a user may have edited or a disk may
+    have damaged: a resume takes its arguments from the checkpoint, keeps every byte it cannot read
+    (a broken metrics line goes to metrics.dropped.jsonl as it was) and goes on, with no
+    traceback."""
+    out = tmp_path / "run"
+    train.main(writer_argv("new", tiny_chat_model, out, 2))
+    bad = b"\xff\xfe not UTF-8 {"
+    file, content = {"args-not-json": ("args.json", b"garbage\n"),
+                     "args-a-list": ("args.json", b"[1, 2]\n"),
+                     "metrics-not-utf8": ("metrics.jsonl", None),
+                     "resumes-not-utf8": ("resumes.jsonl", bad)}[damage]
+    if content is None:
+        content = (out / file).read_bytes() + bad + b"\n"
+    (out / file).write_bytes(content)
+    train.main(["--resume", str(out), "--steps", "3"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [r["step"] for r in runs.read_metrics(out)] == [1, 2, 3]
+    if file == "args.json":
+        assert (out / file).read_bytes() == content and "args.json is not the JSON record" in err
+    if file == "metrics.jsonl":
+        assert (out / "metrics.dropped.jsonl").read_bytes() == bad + b"\n"
+    if file == "resumes.jsonl":
+        assert (out / file).read_bytes().startswith(bad + b"\n{")
