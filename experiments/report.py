@@ -143,15 +143,21 @@ def t95(df: int) -> float:
     return T95.get(df, 1.96)
 
 
-# experiments/PLAN.md: its endpoint, its seeds, its margin and its three possible verdicts
-PLAN_SEEDS, PLAN_MARGIN = list(range(20)), 0.05
+# experiments/PLAN.md: its endpoint, its seeds, its margin and its three possible verdicts; the
+# steps after BuPO's phase 1 (s_inter = 4 of 40) for the train-reward endpoint
+PLAN_SEEDS, PLAN_MARGIN, PLAN_AFTER_PHASE1 = list(range(20)), 0.05, range(5, 41)
+
+
+def plan_pairs(configs: dict) -> list[int]:
+    """The planned seeds whose GRPO and BuPO arms have both finished."""
+    return sorted(set(configs.get("grpo", {})) & set(configs.get("bupo", {})) & set(PLAN_SEEDS))
 
 
 def plan_verdict(configs: dict) -> str:
     """experiments/PLAN.md's analysis of BuPO − GRPO (final held-out greedy accuracy, paired by
     seed): the 95% and 90% t intervals and, only once every planned pair is finished, the verdict
     decided in advance."""
-    both = sorted(set(configs.get("grpo", {})) & set(configs.get("bupo", {})) & set(PLAN_SEEDS))
+    both = plan_pairs(configs)
     if len(both) < 2:
         return "Not enough finished pairs yet."
     final = lambda run: evals(run)[-1]["eval/greedy_acc"]  # noqa: E731
@@ -174,6 +180,30 @@ def plan_verdict(configs: dict) -> str:
         verdict = ("Inconclusive: neither a difference nor equivalence within "
                    f"{PLAN_MARGIN * 100:.0f} points is shown.")
     return text + " Verdict: " + verdict
+
+
+def plan_secondary(configs: dict) -> str:
+    """experiments/PLAN.md's secondary endpoints, BuPO − GRPO paired by seed over the planned pairs
+    finished, each with its 95% t interval and no verdict of its own."""
+    both = plan_pairs(configs)
+
+    def at(step, key):
+        return lambda run: next((r[key] for r in evals(run) if r["step"] == step), None)
+
+    def after_phase1(run):
+        rewards = [r["reward"] for r in steps(run) if r["step"] in PLAN_AFTER_PHASE1]
+        return statistics.mean(rewards) if rewards else None
+    endpoints = [("held-out avg@2 at step 40", lambda run: evals(run)[-1].get(avg_key(run))),
+                 ("held-out greedy accuracy at step 20", at(20, "eval/greedy_acc")),
+                 (f"mean train reward, steps {PLAN_AFTER_PHASE1[0]}-{PLAN_AFTER_PHASE1[-1]}",
+                  after_phase1)]
+    rows = []
+    for name, value in endpoints:
+        pairs = [(value(configs["bupo"][s]), value(configs["grpo"][s])) for s in both]
+        d = [b - g for b, g in pairs if b is not None and g is not None]
+        rows.append([name, len(d), paired(d), f"{sum(x > 0 for x in d)} / {sum(x < 0 for x in d)}"])
+    return table(["secondary endpoint", "pairs", "BuPO − GRPO, 95% interval",
+                  "seeds better / worse"], rows)
 
 
 def mean_se(xs: list[float], fmt="{:.3f}") -> str:
@@ -515,6 +545,8 @@ def main(argv=None):
                   eval_table(configs),
                   "### experiments/PLAN.md: BuPO − GRPO over 20 paired seeds",
                   plan_verdict(configs),
+                  "Secondary endpoints (the plan: reported with their intervals, no verdict):",
+                  plan_secondary(configs),
                   "### Against GRPO, paired by seed (mean difference and its 95% t interval)",
                   paired_table(configs, "grpo"),
                   "### Against the main BuPO arm (the penultimate layer), paired by seed",

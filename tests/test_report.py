@@ -284,3 +284,26 @@ def test_plan_verdict_follows_the_plan():
     assert "Verdict: BuPO is better than GRPO by +0.040" in report.plan_verdict(configs(better))
     wide = [0.2 * (-1) ** s for s in range(20)]                            # mean 0, SD 0.2: neither
     assert "Verdict: Inconclusive" in report.plan_verdict(configs(wide))
+
+
+def test_plan_secondary_endpoints_are_paired_differences():
+    """The plan's secondary endpoints: avg@2 at step 40, greedy at step 20, and the mean train
+    reward over steps 5-40 (phase 1's steps 1-4 left out), each BuPO − GRPO paired by seed."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    def run(shift):
+        rows = [{"step": 0, "eval/greedy_acc": 0.4, "eval/avg@2": 0.2}]
+        rows += [{"step": s, "reward": (0.9 if s <= 4 else 0.5) + shift} for s in range(1, 41)]
+        rows[20].update({"eval/greedy_acc": 0.45 + shift, "eval/avg@2": 0.3})
+        rows[40].update({"eval/greedy_acc": 0.5, "eval/avg@2": 0.4 + 2 * shift})
+        return {"args": {"eval_samples": 2}, "rows": rows}
+    shifts = {0: 0.01, 1: 0.03, 2: -0.01}
+    configs = {"grpo": {s: run(0.0) for s in shifts},
+               "bupo": {s: run(d) for s, d in shifts.items()}}
+    text = report.plan_secondary(configs)
+    want = report.paired([0.02, 0.06, -0.02])          # avg@2: twice the shift
+    assert f"| held-out avg@2 at step 40 | 3 | {want} | 2 / 1 |" in text
+    want = report.paired([0.01, 0.03, -0.01])
+    assert f"| held-out greedy accuracy at step 20 | 3 | {want} | 2 / 1 |" in text
+    assert f"| mean train reward, steps 5-40 | 3 | {want} | 2 / 1 |" in text
