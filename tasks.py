@@ -24,6 +24,7 @@ and sizes.
 """
 import functools
 import json
+import math
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -183,11 +184,18 @@ def read_problems(path, question_key: str | None = None, answer_key: str | None 
     """The problems of a JSONL (or .parquet) file. The question is the first of QUESTION_KEYS a
     record has, the answer the first of ANSWER_KEYS; question_key / answer_key name other fields.
     An answer ending in "#### 42" (GSM8K) is its tail, one with a \\boxed{} (a MATH `solution`) its
-    last box. A record without them is refused as file:line (infra/data.py)."""
+    last box; a `solution` with neither is refused. A record without them is refused as file:line
+    (infra/data.py)."""
     out = []
     for where, rec in data.records(path):
         q = _text(rec, where, question_key, QUESTION_KEYS, "question")
-        out.append(Problem(q, _answer(_text(rec, where, answer_key, ANSWER_KEYS, "answer"), where)))
+        a = _text(rec, where, answer_key, ANSWER_KEYS, "answer")
+        solution = not answer_key and next(k for k in ANSWER_KEYS if k in rec) == "solution"
+        if solution and "####" not in a and "\\boxed" not in a:
+            # a worked solution without a marked final answer would be compared whole
+            raise InputError(f"{where}: the solution has no \\boxed{{}} or '####' final answer; "
+                             f"name the answer field with --answer-key")
+        out.append(Problem(q, _answer(a, where)))
     return out
 
 
@@ -198,7 +206,8 @@ def _text(rec: dict, where: str, key: str | None, keys: tuple, what: str) -> str
         raise InputError(f"{where}: no {what} (looked for {looked}); name the field with "
                          f"--{what}-key")
     v = rec[found[0]]
-    if isinstance(v, bool) or not isinstance(v, (str, int, float)) or not str(v).strip():
+    if (isinstance(v, bool) or not isinstance(v, (str, int, float)) or not str(v).strip()
+            or (isinstance(v, float) and not math.isfinite(v))):     # JSON's NaN, Infinity
         raise InputError(f"{where}: the {what} ({found[0]!r}) is {json.dumps(v)[:40]}, not text "
                          f"or a number")
     return str(v).strip()

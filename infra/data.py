@@ -18,7 +18,8 @@ def records(path) -> list[tuple[str, dict]]:
     if path.suffix == ".parquet":
         return _parquet(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        # a byte-order mark (as some editors save UTF-8) is not part of the first record
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise InputError(f"{path}:{line}: byte 0x{e.object[e.start]:02x} is not UTF-8; save the "
@@ -69,7 +70,7 @@ def read_responses(path, tokenizer=None, vocab_size: int | None = None,
     InputError naming file:line."""
     pairs = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_bytes().decode("utf-8").removeprefix("\ufeff").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         why = getattr(e, "strerror", None) or "not UTF-8 text"
         raise InputError(f"--responses {path}: cannot read ({why})") from None

@@ -55,12 +55,28 @@ def test_the_shipped_examples_read_in_each_style():
     (['{"problem": "a", "solution": "no box \\\\boxed{"}'], "d.jsonl:1: the answer's last"),
     (['{"question": "a", "answer": "work ####  "}'], "d.jsonl:1: the answer after '####' is empty"),
     ([], "d.jsonl: empty"),
+    (['{"question": "a", "answer": NaN}'], "d.jsonl:1: the answer ('answer') is NaN"),
+    (['{"question": "a", "answer": -Infinity}'], "d.jsonl:1: the answer ('answer') is -Infinity"),
+    # a worked solution with no marked final answer would be compared whole: refused
+    (['{"problem": "a", "solution": "add them: it is 7"}'],
+     "d.jsonl:1: the solution has no \\boxed{} or '####' final answer"),
 ])
 def test_a_bad_record_is_named_by_file_and_line(tmp_path, lines, fragment):
     f = jsonl(tmp_path, *lines)
     with pytest.raises(InputError) as e:
         tasks.read_problems(f)
     assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_byte_order_mark_and_crlf_lines_are_read(tmp_path):
+    """UTF-8 saved with a byte-order mark and Windows line ends (as some editors write it)."""
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"question": "a", "answer": "1"}\r\n'
+                  b'{"question": "b", "answer": 2}\r\n')
+    assert tasks.read_problems(f) == [tasks.Problem("a", "1"), tasks.Problem("b", "2")]
+    # a solution named as the answer field is taken as it is
+    g = jsonl(tmp_path, {"problem": "a", "solution": "7"}, name="g.jsonl")
+    assert tasks.read_problems(g, answer_key="solution") == [tasks.Problem("a", "7")]
 
 
 def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path):
