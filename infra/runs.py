@@ -67,8 +67,9 @@ def note_resume(out, start_step: int):
     """Append to OUT/resumes.jsonl the step a resume starts at and the code it runs (args.json keeps
     the code the run started with), and say so in one line when that code differs."""
     file, code = Path(out) / "resumes.jsonl", code_version()
-    started = saved_args(out).get("code")
-    if (Path(out) / "args.json").exists() and not saved_args(out):
+    record = saved_args(out)
+    started = record.get("code")
+    if (Path(out) / "args.json").exists() and not record:
         print(f"warning: {out}/args.json is not the JSON record of the run's arguments; it is left "
               f"as it is (the resume takes its arguments from the checkpoint)", file=sys.stderr)
     if isinstance(started, dict) and started.get("commit") != code["commit"]:
