@@ -182,6 +182,22 @@ def plan_verdict(configs: dict) -> str:
     return text + " Verdict: " + verdict
 
 
+def plan_pairs_table(configs: dict) -> str:
+    """Every finished planned pair: its final held-out greedy accuracies, their difference, and the
+    code each arm ran (args.json's `code`: commit, and `*` where the tree was not clean; "-" for
+    runs from before the record existed)."""
+    def code(run):
+        c = run["args"].get("code") or {}
+        return (c.get("commit") or "-")[:7] + ("" if c.get("clean", True) else "*")
+    rows = []
+    for s in plan_pairs(configs):
+        g, b = (evals(configs[a][s])[-1]["eval/greedy_acc"] for a in ("grpo", "bupo"))
+        rows.append([s, code(configs["grpo"][s]), code(configs["bupo"][s]), f"{g:.3f}", f"{b:.3f}",
+                     f"{b - g:+.3f}"])
+    return table(["seed", "GRPO's code", "BuPO's code", "GRPO, greedy after", "BuPO",
+                  "BuPO − GRPO"], rows)
+
+
 def plan_secondary(configs: dict) -> str:
     """experiments/PLAN.md's secondary endpoints, BuPO − GRPO paired by seed over the planned pairs
     finished, each with its 95% t interval and no verdict of its own."""
@@ -545,6 +561,8 @@ def main(argv=None):
                   eval_table(configs),
                   "### experiments/PLAN.md: BuPO − GRPO over 20 paired seeds",
                   plan_verdict(configs),
+                  "Each pair (`*`: the tree held an untracked file, docs/experiments.md):",
+                  plan_pairs_table(configs),
                   "Secondary endpoints (the plan: reported with their intervals, no verdict):",
                   plan_secondary(configs),
                   "### Against GRPO, paired by seed (mean difference and its 95% t interval)",

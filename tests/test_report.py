@@ -307,3 +307,20 @@ def test_plan_secondary_endpoints_are_paired_differences():
     want = report.paired([0.01, 0.03, -0.01])
     assert f"| held-out greedy accuracy at step 20 | 3 | {want} | 2 / 1 |" in text
     assert f"| mean train reward, steps 5-40 | 3 | {want} | 2 / 1 |" in text
+
+
+def test_plan_pairs_table_names_each_arms_code():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    def run(acc, code=None):
+        return {"args": {"code": code} if code else {},
+                "rows": [{"step": 0, "eval/greedy_acc": 0.4}, {"step": 40, "eval/greedy_acc": acc}]}
+    clean = {"commit": "0123456789ab", "clean": True}
+    dirty = {"commit": "fedcba987654", "clean": False}
+    configs = {"grpo": {0: run(0.5), 5: run(0.5, clean), 7: run(0.5, clean)},
+               "bupo": {0: run(0.25), 5: run(0.625, dirty), 6: run(0.5, clean)}}
+    text = report.plan_pairs_table(configs)
+    assert "| 0 | - | - | 0.500 | 0.250 | -0.250 |" in text
+    assert "| 5 | 0123456 | fedcba9* | 0.500 | 0.625 | +0.125 |" in text
+    assert "| 6 |" not in text and "| 7 |" not in text          # one arm only: not a pair
