@@ -148,6 +148,11 @@ def t95(df: int) -> float:
 PLAN_SEEDS, PLAN_MARGIN, PLAN_AFTER_PHASE1 = list(range(20)), 0.05, range(5, 41)
 
 
+def final_greedy(run: dict) -> float:
+    """The primary endpoint: held-out greedy accuracy at the run's last evaluation."""
+    return evals(run)[-1]["eval/greedy_acc"]
+
+
 def plan_pairs(configs: dict) -> list[int]:
     """The planned seeds whose GRPO and BuPO arms have both finished."""
     return sorted(set(configs.get("grpo", {})) & set(configs.get("bupo", {})) & set(PLAN_SEEDS))
@@ -160,8 +165,7 @@ def plan_verdict(configs: dict) -> str:
     both = plan_pairs(configs)
     if len(both) < 2:
         return "Not enough finished pairs yet."
-    final = lambda run: evals(run)[-1]["eval/greedy_acc"]  # noqa: E731
-    d = [final(configs["bupo"][s]) - final(configs["grpo"][s]) for s in both]
+    d = [final_greedy(configs["bupo"][s]) - final_greedy(configs["grpo"][s]) for s in both]
     m, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
     lo95, hi95 = m - t95(len(d) - 1) * se, m + t95(len(d) - 1) * se
     lo90, hi90 = m - T90.get(len(d) - 1, 1.645) * se, m + T90.get(len(d) - 1, 1.645) * se
@@ -191,7 +195,7 @@ def plan_pairs_table(configs: dict) -> str:
         return (c.get("commit") or "-")[:7] + ("" if c.get("clean", True) else "*")
     rows = []
     for s in plan_pairs(configs):
-        g, b = (evals(configs[a][s])[-1]["eval/greedy_acc"] for a in ("grpo", "bupo"))
+        g, b = (final_greedy(configs[a][s]) for a in ("grpo", "bupo"))
         rows.append([s, code(configs["grpo"][s]), code(configs["bupo"][s]), f"{g:.3f}", f"{b:.3f}",
                      f"{b - g:+.3f}"])
     return table(["seed", "GRPO's code", "BuPO's code", "GRPO, greedy after", "BuPO",
@@ -561,7 +565,8 @@ def main(argv=None):
                   eval_table(configs),
                   "### experiments/PLAN.md: BuPO − GRPO over 20 paired seeds",
                   plan_verdict(configs),
-                  "Each pair (`*`: the tree held an untracked file, docs/experiments.md):",
+                  "Each pair (`*`: its args.json records `clean: false`; docs/experiments.md says "
+                  "why):",
                   plan_pairs_table(configs),
                   "Secondary endpoints (the plan: reported with their intervals, no verdict):",
                   plan_secondary(configs),
