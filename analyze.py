@@ -211,15 +211,13 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampler")
     cli.add_data_args(p, train=False)
     g = p.add_argument_group("analysis and output")
-    g.add_argument("--norm", default="none", choices=["none", "final"],
-                   help="none: softmax(W_U x), the paper's definition; final: the logit lens, W_U "
-                   "RMSNorm_final(x)")
+    g.add_argument("--norm", default="none", choices=["none", "final"], help="none: softmax(W_U "
+                   "x), the paper's definition; final: the logit lens, W_U RMSNorm_final(x)")
     g.add_argument("--compare", default=None, help="another entropy.json to overlay on the plots")
     g.add_argument("--out", default="runs/analysis",
                    help="output folder for entropy.json and the plots")
-    g.add_argument("--overwrite", action="store_true",
-                   help="if --out holds an analysis, move it aside to "
-                   "OUT.old-<time>/ (never deleted)")
+    g.add_argument("--overwrite", action="store_true", help="if --out holds an analysis, move it "
+                   "aside to OUT.old-<time>/ (never deleted)")
     return p.parse_args(argv)
 
 

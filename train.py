@@ -93,9 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "with the saved arguments (only "
                    + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
                    + " may differ)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="if --out holds a run, move it aside to "
-                   "OUT.old-<time>/ (never deleted) and start a new one")
+    g.add_argument("--overwrite", action="store_true", help="if --out holds a run, move it aside "
+                   "to OUT.old-<time>/ (never deleted) and start a new one")
     g.add_argument("--steps", type=int, default=20,
                    help="RL steps in total (with --resume: the saved run's, unless given)")
     g.add_argument("--save-every", type=int, default=10,
@@ -115,12 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-size", type=int, default=8,
                    help="G responses per prompt (the authors: 8)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
-    g.add_argument("--temperature", type=float, default=1.0,
-                   help="rollout temperature, > 0 (also divides the "
-                   "training logits)")
-    g.add_argument("--compile", action="store_true",
-                   help="sample with the compiled decode step (torch.compile; slower "
-                   "than eager on a CPU, see docs/usage.md, 'Sampling')")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, > 0 (also "
+                   "divides the training logits)")
+    g.add_argument("--compile", action="store_true", help="sample with the compiled decode step "
+                   "(torch.compile; slower than eager on a CPU, see docs/usage.md, 'Sampling')")
     g.add_argument("--rollout-batch", type=int, default=0,
                    help="responses sampled together, a multiple of --group-size (memory only: "
                    "the KV cache holds this many rows; 0 = all of the step's at once)")
@@ -128,9 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("objective")
     g.add_argument("--algo", default="bupo", choices=["bupo", "grpo"],
                    help="bupo: phase 1 on pi^l, then GRPO")
-    g.add_argument("--advantage", default="grpo", choices=bupo.ADVANTAGES,
-                   help="group baseline: grpo z-score, "
-                   "drgrpo, rloo")
+    g.add_argument("--advantage", default="grpo", choices=bupo.ADVANTAGES, help="group baseline: "
+                   "grpo z-score, drgrpo, rloo")
     g.add_argument("--loss-agg", default="token-mean", choices=bupo.AGGREGATIONS,
                    help="loss aggregation (bupo.py)")
     g.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below 1, in [0, 1)")
@@ -155,13 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps per RL step (the authors: 4)")
     g.add_argument("--micro-batch-size", type=int, default=8,
                    help="responses per forward/backward pass (memory only)")
-    g.add_argument("--ignore-memory-plan", action="store_true",
-                   help="start even when the memory plan printed at the start exceeds the device "
-                   "(its estimates are upper bounds)")
-    g.add_argument("--parallel", default="dp", choices=["dp", "fsdp"],
-                   help="under torchrun: dp replicates the model and optimizer on every rank; "
-                   "fsdp shards them (FSDP2, infra/fsdp.py), for models whose state does not fit "
-                   "one device")
+    g.add_argument("--ignore-memory-plan", action="store_true", help="start even when the memory "
+                   "plan printed at the start exceeds the device (its estimates are upper bounds)")
+    g.add_argument("--parallel", default="dp", choices=["dp", "fsdp"], help="under torchrun: dp "
+                   "replicates the model and optimizer on every rank; fsdp shards them (FSDP2, "
+                   "infra/fsdp.py), for models whose state does not fit one device")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute each block in the backward pass instead of keeping its "
                    "activations (memory only: the same gradients, about one more forward)")
@@ -171,18 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "phase 1, or auto (bupo.choose_internal_layer on an analysis)")
     g.add_argument("--analysis", default=None,
                    help="entropy.json of analyze.py for auto (else a quick analysis)")
-    g.add_argument("--internal-steps", type=int, default=2,
-                   help="s_inter: steps 1..s_inter optimise pi^l (the "
-                   "authors: 30 of 300)")
+    g.add_argument("--internal-steps", type=int, default=2, help="s_inter: steps 1..s_inter "
+                   "optimise pi^l (the authors: 30 of 300)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=10,
                    help="evaluate every N steps, before and after (0 = never)")
     g.add_argument("--eval-problems", type=int, default=32, help="held-out problems per evaluation")
     g.add_argument("--eval-samples", type=int, default=4,
                    help="n samples per problem for avg@n and pass@k")
-    g.add_argument("--eval-batch", type=int, default=0,
-                   help="problems sampled together (memory only: the KV cache "
-                   "grows with problems x samples; 0 = all at once)")
+    g.add_argument("--eval-batch", type=int, default=0, help="problems sampled together (memory "
+                   "only: the KV cache grows with problems x samples; 0 = all at once)")
     return p
 
 
