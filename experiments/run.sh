@@ -39,7 +39,7 @@ done
 # layers: l = L/4, L/2, 3L/4, and 24, the layer the project's closest-layer rule picks on this model (the layer
 # policy closest to the model's; tested here, not used by auto: docs/method.md 5); l = L-1 = 29 is the main BuPO arm.
 # s_inter = 4
-for seed in 0 1 2; do for l in 8 15 23 24; do
+for seed in ${LAYER_SEEDS:-0 1 2}; do for l in 8 15 23 24; do
   RUNS+=("layers bupo-l$l-s$seed $TRAIN --algo bupo --internal-layer $l --internal-steps 4 --seed $seed --out runs/exp/bupo-l$l-s$seed")
 done; done
 # rule: seeds 3 and 4 of l = 24, so that the closest-layer rule and the penultimate layer are paired on all five seeds
@@ -48,7 +48,10 @@ for seed in 3 4; do
 done
 # inter: s_inter = 8 and 16 (20% and 40% of the steps) at BEST_LAYER, the layer the sweep above found best (set it
 # after reading the layer table of report.py); 0 is GRPO and 4 the layer sweep. Without BEST_LAYER they are left out.
-if [ -n "$BEST_LAYER" ]; then for seed in 0 1 2; do for s in 8 16; do
+# Seeds 3-5 of s_inter = 16 against 4 at l = 8, the follow-up of experiments/PLAN.md (its last section):
+# the two runs of a seed side by side:
+#   for k in 3 4 5; do LAYER_SEEDS=$k INTER_SEEDS=$k BEST_LAYER=8 bash experiments/run.sh bupo-l8-s$k bupo-l8-inter16-s$k; done
+if [ -n "$BEST_LAYER" ]; then for seed in ${INTER_SEEDS:-0 1 2}; do for s in 8 16; do
   RUNS+=("inter bupo-l$BEST_LAYER-inter$s-s$seed $TRAIN --algo bupo --internal-layer $BEST_LAYER --internal-steps $s --seed $seed --out runs/exp/bupo-l$BEST_LAYER-inter$s-s$seed")
 done; done; else echo "inter: left out; set BEST_LAYER (the best layer of the sweep) to run the s_inter sweep"; fi
 
