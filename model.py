@@ -181,44 +181,6 @@ class KVCache:
         self.pos += mask.sum(-1)
 
 
-class StaticKVCache(KVCache):
-    """The same cache with shapes that do not change while decoding, for a compiled one-token decode
-    step (infra/compiled.py): every step attends over all max_len slots, the unused ones
-    masked, and the current slot is a tensor, so no Python number changes from one step to the next
-    and the step is not recompiled (only a compaction, which changes the batch, is a new shape)."""
-
-    def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
-        super().__init__(cfg, batch, max_len, dtype, device)
-        # the slot the next token goes to
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.mark_static()
-
-    def mark_static(self):
-        """On a GPU the compiled step replays as a CUDA graph, which writes into these tensors at
-        the addresses it was recorded with: tell torch.compile that they stay where they are."""
-        if self.k.is_cuda:
-            for t in (self.k, self.v, self.valid, self.pos, self.slot):
-                torch._dynamo.mark_static_address(t)
-
-    def keep(self, rows: torch.Tensor):
-        self.len = int(self.slot)
-        super().keep(rows)
-        self.mark_static()      # new tensors (fewer rows): a new graph, recorded once
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        self.k[layer].index_copy_(2, self.slot, k)   # one token: k [B, n_kv, 1, hd]
-        self.v[layer].index_copy_(2, self.slot, v)
-        return self.k[layer], self.v[layer]
-
-    def extend(self, mask: torch.Tensor):
-        self.valid.index_copy_(1, self.slot, mask)
-        return self.slot, torch.arange(self.max_len, device=mask.device), self.valid
-
-    def advance(self, mask: torch.Tensor):
-        self.slot += 1
-        self.pos += mask.sum(-1)
-
-
 class SharedPromptCache(KVCache):
     """A cache that autograd can go through, for training on G responses that share one prompt: each
     distinct prompt runs once, `keep` hands its keys/values to every row that answers it (rows may
@@ -444,14 +406,14 @@ class Transformer(nn.Module):
             return h, kept
         return (h, record) if return_residuals else h
 
-    def new_cache(self, batch: int, max_len: int, static: bool = False) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, kind: type = KVCache) -> KVCache:
         """A KV cache in the compute dtype: the weights' dtype, or under autocast its dtype (bf16
-        keys and values, half the memory of fp32 masters'; infra/precision.py)."""
+        keys and values, half the memory of fp32 masters'; infra/precision.py). kind: KVCache, or
+        the compiled decode step's StaticKVCache (infra/compiled.py)."""
         p = self.embed_tokens.weight
         amp = torch.is_autocast_enabled(p.device.type)
         dtype = torch.get_autocast_dtype(p.device.type) if amp else p.dtype
-        return (StaticKVCache if static else KVCache)(self.config, batch, max_len, dtype=dtype,
-                                                      device=p.device)
+        return kind(self.config, batch, max_len, dtype=dtype, device=p.device)
 
     # -------------------------------------------------------------------------
     # HF-layout checkpoints: our parameter names are transformers' without the "model." prefix

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from infra.compiled import compiled_decode
+from infra.compiled import StaticKVCache, compiled_decode
 from infra.philox import MASK32, philox
 from model import KVCache, Transformer
 
@@ -236,7 +236,7 @@ def copy_to_groups(model: Transformer, prompt_cache: KVCache, group_size: int, m
     """A cache for P * G rows and max_len slots, whose rows g*G .. g*G+G-1 start as copies of prompt
     g."""
     L, P, H, T, D = prompt_cache.k.shape
-    cache = model.new_cache(P * group_size, max_len, static)
+    cache = model.new_cache(P * group_size, max_len, StaticKVCache if static else KVCache)
     for dst, src in ((cache.k, prompt_cache.k), (cache.v, prompt_cache.v)):
         # broadcast: no temporary copy
         dst[:, :, :, :T].view(L, P, group_size, H, T, D).copy_(src[:, :, None])

@@ -1,15 +1,53 @@
 """
 The sampler's compiled decode step (rollout.generate(compile=True)): the model's forward for one
-token over a StaticKVCache, compiled once with torch.compile and, on a GPU, replayed as a CUDA
-graph. Speed only: tests/test_rollout.py checks that its static-cache path gives the usual
-tokens and that the step traces into one graph.
+token over a StaticKVCache (model.KVCache with shapes that never change), compiled once with
+torch.compile and, on a GPU, replayed as a CUDA graph. Speed only: tests/test_rollout.py checks that
+its static-cache path gives the usual tokens and that the step traces into one graph.
 """
 import sys
 
 import torch
 
 from infra.errors import first_line
-from model import Transformer
+from model import Config, KVCache, Transformer
+
+
+class StaticKVCache(KVCache):
+    """model.KVCache with shapes that do not change while decoding, for the compiled one-token
+    decode step (compiled_decode): every step attends over all max_len slots, the unused ones
+    masked, and the current slot is a tensor, so no Python number changes from one step to the next
+    and the step is not recompiled (only a compaction, which changes the batch, is a new shape)."""
+
+    def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
+        super().__init__(cfg, batch, max_len, dtype, device)
+        # the slot the next token goes to
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.mark_static()
+
+    def mark_static(self):
+        """On a GPU the compiled step replays as a CUDA graph, which writes into these tensors at
+        the addresses it was recorded with: tell torch.compile that they stay where they are."""
+        if self.k.is_cuda:
+            for t in (self.k, self.v, self.valid, self.pos, self.slot):
+                torch._dynamo.mark_static_address(t)
+
+    def keep(self, rows: torch.Tensor):
+        self.len = int(self.slot)
+        super().keep(rows)
+        self.mark_static()      # new tensors (fewer rows): a new graph, recorded once
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer].index_copy_(2, self.slot, k)   # one token: k [B, n_kv, 1, hd]
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def extend(self, mask: torch.Tensor):
+        self.valid.index_copy_(1, self.slot, mask)
+        return self.slot, torch.arange(self.max_len, device=mask.device), self.valid
+
+    def advance(self, mask: torch.Tensor):
+        self.slot += 1
+        self.pos += mask.sum(-1)
 
 
 def compiled_decode(model: Transformer):
