@@ -48,9 +48,10 @@ for seed in 3 4; do
 done
 # inter: s_inter = 8 and 16 (20% and 40% of the steps) at BEST_LAYER, the layer the sweep above found best (set it
 # after reading the layer table of report.py); 0 is GRPO and 4 the layer sweep. Without BEST_LAYER they are left out.
-# Seeds 3-5 of s_inter = 16 against 4 at l = 8, the follow-up of experiments/PLAN.md (its last section):
-# the two runs of a seed side by side:
-#   for k in 3 4 5; do LAYER_SEEDS=$k INTER_SEEDS=$k BEST_LAYER=8 bash experiments/run.sh bupo-l8-s$k bupo-l8-inter16-s$k; done
+# Seeds 3-5 of s_inter = 16 against 4 at l = 8, the follow-up of experiments/PLAN.md (its last section), in one
+# call (the report at the end writes into experiments/results/; a run started after it records `clean: false`):
+#   LAYER_SEEDS="3 4 5" INTER_SEEDS="3 4 5" BEST_LAYER=8 bash experiments/run.sh \
+#     bupo-l8-s3 bupo-l8-s4 bupo-l8-s5 bupo-l8-inter16-s3 bupo-l8-inter16-s4 bupo-l8-inter16-s5
 if [ -n "$BEST_LAYER" ]; then for seed in ${INTER_SEEDS:-0 1 2}; do for s in 8 16; do
   RUNS+=("inter bupo-l$BEST_LAYER-inter$s-s$seed $TRAIN --algo bupo --internal-layer $BEST_LAYER --internal-steps $s --seed $seed --out runs/exp/bupo-l$BEST_LAYER-inter$s-s$seed")
 done; done; else echo "inter: left out; set BEST_LAYER (the best layer of the sweep) to run the s_inter sweep"; fi

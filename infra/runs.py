@@ -96,12 +96,13 @@ def append_lines(file: Path, lines: list[bytes]):
     write_atomic(file, lambda tmp: Path(tmp).write_bytes(old + b"".join(x + b"\n" for x in lines)))
 
 
-def code_version() -> dict:
-    """The git commit of the code that runs, and whether its tree was clean (no changes to tracked
-    or untracked, not ignored files); None for each where the code is not a git checkout or git is
-    missing."""
+def code_version(here=None) -> dict:
+    """The git commit of the code that runs (the checkout HERE, by default this file's), whether
+    its tree was clean (no changes to tracked or untracked, not ignored files), and where it was
+    not, the paths that differed (the first 20, then a count); None for each where the code is not
+    a git checkout or git is missing."""
     import subprocess
-    here = Path(__file__).resolve().parent
+    here = Path(here or Path(__file__).resolve().parent)
 
     def git(*a):
         try:
@@ -111,8 +112,13 @@ def code_version() -> dict:
             return None
         return r.stdout if r.returncode == 0 else None
     commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
-    return {"commit": commit.strip() if commit else None,
-            "clean": None if status is None else status == ""}
+    record = {"commit": commit.strip() if commit else None,
+              "clean": None if status is None else status == ""}
+    if status:    # porcelain lines are "XY path": two status letters, a space, the path
+        changed = [line[3:] for line in status.splitlines() if line.strip()]
+        more = [f"... {len(changed) - 20} more"] if len(changed) > 20 else []
+        record["changed"] = changed[:20] + more
+    return record
 
 
 # the open lock files of this process: a lock lasts as long as the process that holds it

@@ -293,3 +293,29 @@ def test_a_damaged_record_of_the_run_does_not_stop_a_resume(tiny_chat_model, tmp
         assert (out / "metrics.dropped.jsonl").read_bytes() == bad + b"\n"
     if file == "resumes.jsonl":
         assert (out / file).read_bytes().startswith(bad + b"\n{")
+
+
+def test_the_code_record_names_what_differed_from_the_commit(tmp_path):
+    """args.json's `code`: the commit, and where the checkout was not clean, the paths that were
+    not (a report written into a tracked folder makes a tree dirty without touching the code)."""
+    def git(*a):
+        subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+    if shutil.which("git") is None:
+        assert runs.code_version(tmp_path) == {"commit": None, "clean": None}
+        return
+    assert runs.code_version(tmp_path) == {"commit": None, "clean": None}   # not a checkout
+    git("init", "-q")
+    (tmp_path / "train.py").write_text("print(1)\n")
+    git("add", "train.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert runs.code_version(tmp_path) == {"commit": head, "clean": True}
+    (tmp_path / "train.py").write_text("print(2)\n")
+    (tmp_path / "results.md").write_text("new\n")
+    assert runs.code_version(tmp_path) == {"commit": head, "clean": False,
+                                           "changed": ["train.py", "results.md"]}
+    for i in range(25):
+        (tmp_path / f"n{i:02d}.md").write_text("x\n")
+    changed = runs.code_version(tmp_path)["changed"]
+    assert len(changed) == 21 and changed[-1] == "... 7 more" and changed[0] == "train.py"
