@@ -295,19 +295,21 @@ def test_a_damaged_record_of_the_run_does_not_stop_a_resume(tiny_chat_model, tmp
         assert (out / file).read_bytes().startswith(bad + b"\n{")
 
 
-def test_the_code_record_names_what_differed_from_the_commit(tmp_path):
+def test_the_code_record_names_what_differed_from_the_commit(tmp_path, monkeypatch):
     """args.json's `code`: the commit, and where the checkout was not clean, the paths that were
     not (a report written into a tracked folder makes a tree dirty without touching the code)."""
     def git(*a):
         subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
-    if shutil.which("git") is None:
-        assert runs.code_version(tmp_path) == {"commit": None, "clean": None}
-        return
+    # git looks no higher than tmp_path, wherever the temporary folder lies
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert runs.code_version(tmp_path) == {"commit": None, "clean": None}   # not a checkout
+    if shutil.which("git") is None:     # no git: the record says so, as just checked
+        return
     git("init", "-q")
     (tmp_path / "train.py").write_text("print(1)\n")
     git("add", "train.py")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit",
+        "-qm", "c")
     head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     assert runs.code_version(tmp_path) == {"commit": head, "clean": True}
