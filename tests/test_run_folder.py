@@ -299,7 +299,8 @@ def test_the_code_record_names_what_differed_from_the_commit(tmp_path, monkeypat
     """args.json's `code`: the commit, and where the checkout was not clean, the paths that were
     not (a report written into a tracked folder makes a tree dirty without touching the code)."""
     def git(*a):
-        subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+        return subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True,
+                              text=True).stdout.strip()
     # git looks no higher than tmp_path, wherever the temporary folder lies
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert runs.code_version(tmp_path) == {"commit": None, "clean": None}   # not a checkout
@@ -310,8 +311,7 @@ def test_the_code_record_names_what_differed_from_the_commit(tmp_path, monkeypat
     git("add", "train.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit",
         "-qm", "c")
-    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    head = git("rev-parse", "HEAD")
     assert runs.code_version(tmp_path) == {"commit": head, "clean": True}
     (tmp_path / "train.py").write_text("print(2)\n")
     (tmp_path / "results.md").write_text("new\n")
