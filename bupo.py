@@ -81,19 +81,6 @@ def policy_entropy(model: Transformer, x: torch.Tensor, norm: bool = False,
     return torch.cat([entropy(unembed(model, xs, norm)) for xs in x.split(chunk)])
 
 
-def token_logprobs(model: Transformer, h: torch.Tensor, tokens: torch.Tensor, layer: int,
-                   norm: bool = False,
-                   temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
-    """log pi^layer(token | position) for h [N, d] and tokens [N] -> [N] (fp32, differentiable).
-    h must be the position *before* each token (position t-1 predicts token t)."""
-    chunk = chunk or chunk_rows(model)
-    out = []
-    for hs, ts in zip(h.split(chunk), tokens.split(chunk)):
-        logp = (layer_logits(model, hs, layer, norm) / temperature).log_softmax(-1)
-        out.append(logp.gather(-1, ts[:, None])[:, 0])
-    return torch.cat(out)
-
-
 # -----------------------------------------------------------------------------
 # the entropy flow through the residual stream (eqs. 11-13)
 
@@ -328,21 +315,19 @@ def phase_layer(algo: str, step: int, internal_steps: int, layer: int, num_layer
 
 
 def response_states(model: Transformer, batch: Batch, layers) -> dict:
-    """{l: h_l [n, R, d]} at the positions that predict the response tokens (position Tp-1+t
-    predicts token t), for each paper layer l in `layers`; the forward stops after block
-    max(layers).
+    """{l: h_l [n, R, d]} at the positions that predict the response tokens, for each paper
+    layer l in `layers`; the forward stops after block max(layers).
 
-    Each distinct prompt of the batch runs once and its keys/values are shared by every row that
-    answers it (the G responses of a group): the same function as one pass over [prompt; response]
-    per row, for a fraction of the compute when the prompt is longer than the responses
-    (measured: docs/usage.md, "Training")."""
+    Position Tp-1+t predicts response token t. Each distinct prompt runs once, and its keys and
+    values are shared by every row that answers it (the G responses of a group): the same
+    function as one pass over [prompt; response] per row, for less compute."""
     Tp, top, layers = batch.Tp, max(layers), tuple(layers)
     prompts, inverse = torch.unique(torch.cat([batch.ids[:, :Tp], batch.mask[:, :Tp]], 1), dim=0,
                                     return_inverse=True)
     cache = SharedPromptCache(len(prompts), batch.ids.shape[1], device=batch.ids.device)
     # only the h_l asked for are kept (a pass without gradients holds no other layer's)
-    _, before = model(prompts[:, :Tp], attention_mask=prompts[:, Tp:], cache=cache, upto_layer=top,
-                      keep_hidden=layers)
+    _, before = model(prompts[:, :Tp], attention_mask=prompts[:, Tp:], cache=cache,
+                      upto_layer=top, keep_hidden=layers)
     # row i attends to its prompt's keys and values
     cache.keep(inverse)
     _, after = model(batch.ids[:, Tp:], attention_mask=batch.mask[:, Tp:], cache=cache,
@@ -352,81 +337,45 @@ def response_states(model: Transformer, batch: Batch, layers) -> dict:
     return {l: torch.cat([last[l], after[l][:, :-1]], 1) for l in layers}
 
 
-def policy_logprobs(model: Transformer, batch: Batch, layer: int,
-                    temperature: float = 1.0) -> torch.Tensor:
-    """log pi^layer(o_t | prompt, o_<t) of every response token [n, R], 0 on padding;
-    differentiable. layer = L: the model's policy (final norm); layer < L: pi^l = softmax(W_U h_l /
-    T), no norm (eq. 5). The forward stops after block `layer`, so in phase 1 the blocks above l and
-    the final norm get no gradient."""
-    return logprobs_of(model, response_states(model, batch, [layer])[layer], batch, layer,
-                       temperature)
+def policy_logprobs(model: Transformer, batch: Batch, layer: int, temperature: float = 1.0,
+                    stats_layer: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The log-probs of a step: log pi^layer(o_t | prompt, o_<t) of every response token.
 
-
-def logprobs_of(model: Transformer, h: torch.Tensor, batch: Batch, layer: int,
-                temperature: float = 1.0) -> torch.Tensor:
-    """policy_logprobs from the response states h = h_layer [n, R, d]."""
-    keep = batch.response_mask.bool()
-    logp = torch.zeros(keep.shape, device=h.device)
-    logp[keep] = token_logprobs(model, h[keep], batch.ids[:, batch.Tp:][keep], layer,
-                                temperature=temperature)
-    return logp
-
-
-def logprobs_and_stats(model: Transformer, batch: Batch, layer: int, stats_layer: int,
-                       temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """policy_logprobs of pi^layer [n, R] (differentiable) and the diagnostics at stats_layer
-    (policy_stats, without gradients), from one forward that keeps only the h_l they read. The
-    forward runs up to max(layer, stats_layer, L). The diagnostics read the policy's own logits,
-    which they always need (pi^L's or pi^l's), so each position is unembedded once less."""
+    Returns (logp [n, R], 0 on padding, differentiable; stats). Used for the old, the new and
+    the reference log-probs alike:
+      1. layer = L: the model's policy, through the final norm;
+      2. layer < L: pi^l = softmax(W_U h_l / T), no norm (eq. 5); the forward stops after
+         block l, so in phase 1 the blocks above l and the final norm get no gradient;
+      3. stats_layer: also the diagnostics at that layer (diagnostics), without gradients,
+         from the same forward (which then runs to L); else stats = {}.
+    Positions are unembedded in chunks of chunk_rows, so [N, V] logits are never held whole."""
     L = model.config.num_layers
-    h = response_states(model, batch, sorted({layer, stats_layer, L}))
+    layers = [layer] if stats_layer is None else sorted({layer, stats_layer, L})
+    h = response_states(model, batch, layers)
     keep = batch.response_mask.bool()
-    tokens, h = batch.ids[:, batch.Tp:][keep], {k: v[keep] for k, v in h.items()}   # [N], [N, d]
+    tokens, h = batch.ids[:, batch.Tp:][keep], {l: v[keep] for l, v in h.items()}  # [N], [N, d]
     chunk, logp, parts = chunk_rows(model), [], []
     for s in (slice(i, i + chunk) for i in range(0, len(tokens), chunk)):
-        z = layer_logits(model, h[layer][s], layer) / temperature        # token_logprobs' logits
+        z = layer_logits(model, h[layer][s], layer) / temperature
         logp.append(z.log_softmax(-1).gather(-1, tokens[s, None])[:, 0])
-        with torch.no_grad():
-            parts.append(chunk_stats(model, {k: v[s].detach() for k, v in h.items()}, stats_layer,
-                                     temperature, given={layer: z.detach()}))
+        if stats_layer is not None:
+            with torch.no_grad():
+                states = {l: v[s].detach() for l, v in h.items()}
+                parts.append(diagnostics(model, states, stats_layer, temperature,
+                                         given={layer: z.detach()}))
     out = torch.zeros(keep.shape, device=keep.device)
     if logp:
         out[keep] = torch.cat(logp)
-    return out, joined(parts)
+    return out, {k: torch.cat([part[k] for part in parts]) for k in (parts[0] if parts else {})}
 
 
-@torch.no_grad()
-def old_logprobs_and_stats(model: Transformer, batch: Batch, layer: int, stats_layer: int,
-                           temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """The old log-probs of the step's policy pi^layer [n, R] and the diagnostics at stats_layer
-    (policy_stats), from one forward without gradients."""
-    return logprobs_and_stats(model, batch, layer, stats_layer, temperature)
-
-
-@torch.no_grad()
-def policy_stats(model: Transformer, batch: Batch, layer: int, temperature: float = 1.0,
-                 chunk: int | None = None) -> dict:
-    """Per-token diagnostics on the response tokens, flattened [N]: the entropy of the model's
-    policy, and for layer < L also H(pi^l), KL(pi^l || pi_theta) and cos(h_l, h_L), the paper's
-    "feature refinement" (Fig. 5)."""
-    L = model.config.num_layers
-    keep = batch.response_mask.bool()
-    h = {k: v[keep] for k, v in response_states(model, batch, sorted({layer, L})).items()}
-    chunk = chunk or chunk_rows(model)
-    parts = [chunk_stats(model, {k: v[i:i + chunk] for k, v in h.items()}, layer, temperature)
-             for i in range(0, int(keep.sum()), chunk)]
-    return joined(parts)
-
-
-def joined(parts: list) -> dict:
-    """The per-chunk dicts of chunk_stats as one dict of their concatenations ({} for no chunk)."""
-    return {k: torch.cat([part[k] for part in parts]) for k in (parts[0] if parts else {})}
-
-
-def chunk_stats(model: Transformer, h: dict, layer: int, temperature: float = 1.0,
+def diagnostics(model: Transformer, h: dict, layer: int, temperature: float = 1.0,
                 given: dict | None = None) -> dict:
-    """policy_stats of some positions from their states h = {l: h_l [N, d]} (layer and L among
-    them); given = {l: logits / T [N, V]} already computed for some l."""
+    """Per-token diagnostics [N] from the states h = {l: h_l [N, d]} (layer and L among them):
+      1. entropy: H(pi_theta), the model's policy (eq. 7);
+      2. for layer < L: H(pi^l), KL(pi^l || pi_theta) and cos(h_l, h_L), the paper's
+         "feature refinement" (Fig. 5).
+    given = {l: logits / T [N, V]} already computed for some l."""
     L = model.config.num_layers
     given = given or {}
     top = given[L] if L in given else layer_logits(model, h[L], L) / temperature

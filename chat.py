@@ -11,7 +11,7 @@ It renders the model's own chat template (tokenizer.py); temperature 0 is greedy
 import sys
 import time
 
-from infra import cli
+from infra import cli, weights
 from infra.errors import UserError
 
 
@@ -50,10 +50,14 @@ def check_args(args):
 def main(argv=None):
     import torch
 
+    from model import Transformer
     from rollout import generate
+    from tokenizer import Tokenizer
     args = parse_args(argv)
     check_args(args)
-    model, tok = cli.load(args.model, getattr(torch, args.dtype), args.device)
+    weights.ensure_if_default(args.model)      # the default model is built on first use
+    model = Transformer.from_pretrained(args.model, getattr(torch, args.dtype), args.device)
+    tok = Tokenizer(args.model, model.config)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": args.prompt}]
     ids = tok.encode_chat(messages)

@@ -25,6 +25,7 @@ Checkpoints are HF-layout folders (config.json + model.safetensors or a sharded 
 """
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from infra import checkpoint
-from infra.errors import ModelLoadError  # noqa: F401  (re-exported: the loader's one-line error)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
@@ -68,6 +68,13 @@ class Config:
         """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters` style): the
         fields checked and translated in checkpoint.config_fields."""
         return cls(**checkpoint.config_fields(d, where, ARCHITECTURES))
+
+    @classmethod
+    def read(cls, path, device="cpu") -> "Config":
+        """The config.json of a model folder, after checking the folder and the device (one
+        line naming what is wrong, infra/checkpoint.py)."""
+        file = checkpoint.model_folder(path, device) / "config.json"
+        return cls.from_hf(checkpoint.read_json(file), where=str(file))
 
     def to_hf(self) -> dict:
         """The config.json that transformers (4.x and 5.x) reads back into the same architecture."""
@@ -427,13 +434,13 @@ class Transformer(nn.Module):
         return sd
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        """Load an HF-layout folder (config.json + model.safetensors or a sharded index); tensors
-        are read and checked one at a time (checkpoint.py), so the model is never twice in
-        memory."""
-        path = checkpoint.model_folder(path, device)
-        cfg = Config.from_hf(checkpoint.read_json(path / "config.json"),
-                             where=str(path / "config.json"))
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu",
+                        config: Config | None = None) -> "Transformer":
+        """Load an HF-layout folder (config.json + model.safetensors or a sharded index).
+        Tensors are read and checked one at a time (infra/checkpoint.py), so the model is never
+        twice in memory. config: the folder's Config.read, when the caller has it already."""
+        cfg = config or Config.read(path, device)
+        path = checkpoint.model_folder(path, device) if config is None else Path(path)
         with torch.device("meta"):
             model = cls(cfg)
         # a stored copy of the tied embedding
@@ -441,6 +448,13 @@ class Transformer(nn.Module):
         state = checkpoint.read_tensors(path, model.hf_state_dict(), skip, cfg.model_type, dtype,
                                         device)
         return model.assign({k.removeprefix("model."): v for k, v in state.items()}, device)
+
+    def copy_with(self, state: dict) -> "Transformer":
+        """A model of this config holding `state`'s tensors (our names) themselves, no copy: a
+        sharded model's gathered weights, to decode with (infra/distributed.py)."""
+        with torch.device("meta"):
+            copy = Transformer(self.config)
+        return copy.assign(state, next(iter(state.values())).device)
 
     def assign(self, state: dict, device) -> "Transformer":
         """This model (built on the meta device) holding the tensors of `state` (our names; a tied

@@ -31,14 +31,14 @@ temperature and the filters; for greedy decoding, temperature 0, under the model
 T = 1 with no filter these are the "old policy" log-probs of GRPO.
 """
 import hashlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from infra.compiled import StaticKVCache, compiled_decode
-from infra.philox import MASK32, philox
-from model import KVCache, Transformer
+from infra.errors import first_line
+from model import Config, KVCache, Transformer
 
 
 @dataclass
@@ -155,7 +155,40 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# each row's uniforms, from the counter-based generator (infra/philox.py)
+# each row's uniforms: Philox4x32-10, the counter-based generator of Salmon et al. (SC'11;
+# Random123), the one cuRAND and torch use on a GPU, in plain int64 tensor arithmetic so that it
+# runs the same on any device. philox(counter, key) is a pure function: each row owns a stream (its
+# key) and draws its number at token t (the counter) in one vectorised call. tests/test_rollout.py
+# checks Random123's known-answer vectors.
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of a * m for 32-bit a (int64 tensor) and constant m, in int64 without
+    overflow: m is split into 16-bit halves."""
+    p_lo, p_hi = a * (m & 0xFFFF), a * (m >> 16)                 # each < 2^48
+    t = p_lo + ((p_hi & 0xFFFF) << 16)                            # < 2^49
+    return (p_hi >> 16) + (t >> 32), t & MASK32
+
+
+def philox(counter: list, key: list) -> list:
+    """Philox4x32-10: four 32-bit counter words and two key words (int64 tensors that broadcast, or
+    ints) -> four 32-bit random words. Ten rounds, the key bumped by the Weyl constants between
+    them."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + PHILOX_W[0]) & MASK32, (k1 + PHILOX_W[1]) & MASK32
+        hi0, lo0 = _mulhilo(c0, PHILOX_M[0])
+        hi1, lo1 = _mulhilo(c2, PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return [c0, c1, c2, c3]
+
+
 
 def row_keys(seeds: list[int], group_size: int, device) -> torch.Tensor:
     """[P * G, 2] Philox keys: response j to a prompt seeded s gets the 64 bits of
@@ -339,3 +372,85 @@ def generate(model: Transformer, prompts: list[list[int]] | Prefilled, group_siz
                     response_ids,
                     response_mask, logprobs[:, :R] * response_mask, finish,
                     torch.arange(P, device=device).repeat_interleave(G), text)
+
+
+# -----------------------------------------------------------------------------
+# the compiled decode step (generate(compile=True)), speed only: the model's forward for one token
+# over a StaticKVCache (a KVCache whose shapes never change), compiled once with torch.compile and,
+# on a GPU, replayed as a CUDA graph. tests/test_rollout.py checks that it gives the usual tokens
+# and that the step traces into one graph.
+
+class StaticKVCache(KVCache):
+    """model.KVCache with shapes that do not change while decoding, for the compiled one-token
+    decode step (compiled_decode): every step attends over all max_len slots, the unused ones
+    masked, and the current slot is a tensor, so no Python number changes from one step to the next
+    and the step is not recompiled (only a compaction, which changes the batch, is a new shape)."""
+
+    def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
+        super().__init__(cfg, batch, max_len, dtype, device)
+        # the slot the next token goes to
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.mark_static()
+
+    def mark_static(self):
+        """On a GPU the compiled step replays as a CUDA graph, which writes into these tensors at
+        the addresses it was recorded with: tell torch.compile that they stay where they are."""
+        if self.k.is_cuda:
+            for t in (self.k, self.v, self.valid, self.pos, self.slot):
+                torch._dynamo.mark_static_address(t)
+
+    def keep(self, rows: torch.Tensor):
+        self.len = int(self.slot)
+        super().keep(rows)
+        self.mark_static()      # new tensors (fewer rows): a new graph, recorded once
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer].index_copy_(2, self.slot, k)   # one token: k [B, n_kv, 1, hd]
+        self.v[layer].index_copy_(2, self.slot, v)
+        return self.k[layer], self.v[layer]
+
+    def extend(self, mask: torch.Tensor):
+        self.valid.index_copy_(1, self.slot, mask)
+        return self.slot, torch.arange(self.max_len, device=mask.device), self.valid
+
+    def advance(self, mask: torch.Tensor):
+        self.slot += 1
+        self.pos += mask.sum(-1)
+
+
+def compiled_decode(model: Transformer):
+    """The model's forward compiled for the one-token decode step over a StaticKVCache
+    (torch.compile), the way gpt-fast decodes. Compiled on its first call and reused by every later
+    step and call; a new cache shape (another max_len or P x G, the cache compaction) compiles again
+    once, after which torch makes that dimension dynamic. On a GPU the compiled step also replays as
+    a CUDA graph (mode "reduce-overhead"): one launch per token instead of a few thousand kernels
+    from Python. Off by default: on a CPU it is slower than eager decoding (the measurements:
+    docs/usage.md, "Sampling"). Where torch cannot compile (no C++ compiler), one line says so and
+    decoding stays eager."""
+    slot = model.__dict__       # kept beside the model's attributes, not registered as a submodule
+    if "compiled_decode" not in slot:
+        cuda = model.embed_tokens.weight.is_cuda
+        if cuda:
+            # each call's new cache moves the graphs' inputs, which re-records them; torch stops
+            # that (and replays nothing) after 128 times by default: a run samples every step
+            from torch._inductor import config as inductor
+            cfg = inductor.triton
+            cfg.cudagraph_unexpected_rerecord_limit = max(cfg.cudagraph_unexpected_rerecord_limit,
+                                                          1 << 20)
+        compiled = torch.compile(model, mode="reduce-overhead" if cuda else None)
+
+        def first_call(*args, **kwargs):
+            if "compiled_decode" in slot:
+                # decided by an earlier step of the same call
+                return slot["compiled_decode"](*args, **kwargs)
+            try:
+                out = compiled(*args, **kwargs)
+                slot["compiled_decode"] = compiled
+                return out
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                print(f"warning: torch.compile is not available here "
+                      f"({first_line(e)}); decoding without it", file=sys.stderr)
+                slot["compiled_decode"] = model
+                return model(*args, **kwargs)
+        return first_call
+    return slot["compiled_decode"]

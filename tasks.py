@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infra import data
+from infra import cli, data
 from infra.errors import InputError
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -321,6 +321,35 @@ class Source:
                 return (f"warning: {len(both)} of {len(ps)} questions of {name} are also in --data "
                         f"(first: {both[0].question[:80]!r}); its scores are not held-out")
         return None
+
+
+def add_data_args(p, train: bool):
+    """The flags of where the problems come from and how they are asked, shared by train.py and
+    analyze.py (source reads them)."""
+    g = p.add_argument_group("problems")
+    g.add_argument("--data", default=None,
+                   help="a .jsonl (or .parquet) file of problems to use instead of --task: a "
+                   "question under question/problem/prompt, an answer under answer/final_answer, "
+                   "a MATH solution's last \\boxed{}, or GSM8K's '#### 42'")
+    if train:
+        g.add_argument("--eval-data", default=None,
+                       help="comma-separated benchmark files to evaluate on, each named by its "
+                       "file (eval/<name>/avg@n, pass@k); the same record formats")
+        g.add_argument("--eval-greedy", action="store_true",
+                       help="also a greedy answer per benchmark problem (eval/<name>/greedy_acc)")
+        g.add_argument("--max-prompt-tokens", type=int, default=1024,
+                       help="file problems with a longer prompt are left out, with a count (the "
+                       "paper: 1024)")
+    g.add_argument("--question-key", default=None, help="the records' question field")
+    g.add_argument("--answer-key", default=None, help="the records' answer field")
+    g.add_argument("--prompt-format", default="hint", choices=PROMPT_FORMATS,
+                   help="hint: the authors' system prompt, the worked example of --shots and a "
+                   "\\boxed{} hint (for small models); paper: the authors' system prompt and the "
+                   "question alone")
+    g.add_argument("--chat-template-kwargs", type=cli.template_kwargs, default={},
+                   help="keyword arguments of the chat template, e.g. enable_thinking=false "
+                   "(Qwen3 without thinking, as the authors run it)")
+    return g
 
 
 def source(args) -> Source:

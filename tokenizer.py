@@ -10,6 +10,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from infra.checkpoint import check_tokenizer
 from infra.errors import ModelLoadError, first_line
 
 # end-of-turn / end-of-text tokens of the supported families; each one present in the vocabulary
@@ -18,7 +19,10 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|e
 
 
 class Tokenizer:
-    def __init__(self, path):
+    def __init__(self, path, config=None):
+        """The tokenizer of the model folder `path`. config: the weights' model.Config, when the
+        caller has read it: its eos_token_id is used (config.json is not read again), and the
+        tokenizer is checked against its vocabulary (infra/checkpoint.py)."""
         from tokenizers import Tokenizer as HFTokenizer
         path = Path(path)
         file = path / "tokenizer.json"
@@ -50,7 +54,10 @@ class Tokenizer:
         # end-of-turn token
         ids = set()
         for cfg_file in ("config.json", "generation_config.json"):
-            eos = _read_optional_json(path / cfg_file).get("eos_token_id")
+            if cfg_file == "config.json" and config is not None:
+                eos = config.eos_token_id       # checked when the config was read
+            else:
+                eos = _read_optional_json(path / cfg_file).get("eos_token_id")
             eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
             if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i for i in eos):
                 raise ModelLoadError(f"{path / cfg_file}: eos_token_id must be a token id or a "
@@ -65,6 +72,8 @@ class Tokenizer:
         pad = self.special["pad_token"]
         self.pad_id = (self.tok.token_to_id(pad) if pad
                        and self.tok.token_to_id(pad) is not None else self.eos_id)
+        if config is not None:
+            check_tokenizer(path, config.vocab_size, self)
 
     @property
     def vocab_size(self) -> int:

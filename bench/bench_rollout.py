@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infra import cli  # noqa: E402
 from infra import weights  # noqa: E402
-from infra.cli import load  # noqa: E402
+from analyze import load  # noqa: E402
 from infra.errors import UserError  # noqa: E402
 from rollout import generate, left_pad  # noqa: E402
 

@@ -29,7 +29,7 @@ import bupo  # noqa: E402
 from infra import cli  # noqa: E402
 from infra import weights  # noqa: E402
 from bench_rollout import PROMPTS, flops_per_token, need_transformers, peak_flops, timed  # noqa: E402
-from infra.cli import load  # noqa: E402
+from analyze import load  # noqa: E402
 from infra.errors import UserError  # noqa: E402
 from rollout import left_pad  # noqa: E402
 

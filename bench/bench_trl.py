@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import analyze  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 from bench_rollout import flops_per_token, peak_flops  # noqa: E402
@@ -140,7 +141,7 @@ def main(argv=None):
         if not args.skip_trl:
             runs["TRL, gradient checkpointing on (its default)"] = theirs(args, tmp, True)
             runs["TRL, gradient checkpointing off"] = theirs(args, tmp, False)
-    model, tok = cli.load(args.model)
+    model, tok = analyze.load(args.model)
     prompts = [len(tok.encode_chat(tasks.chat(p, "sum2", 1)))
                for s in range(2, args.steps + 2)
                for p in tasks.problems("sum2", args.prompts, seed=s)]

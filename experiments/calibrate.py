@@ -1,5 +1,5 @@
 """
-Base rate of a model on each task level, measured as train.py evaluates (infra/evaluation.py):
+Base rate of a model on each task level, measured as train.py evaluates (analyze.evaluate):
 greedy accuracy and avg@n at T = 1 on held-out problems of the test split, with the worked example
 of --shots.
 
@@ -21,7 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from infra import cli  # noqa: E402
-from infra import evaluation, files  # noqa: E402
+from infra import files  # noqa: E402
+import analyze  # noqa: E402
 import tasks  # noqa: E402
 from infra import weights  # noqa: E402
 
@@ -45,7 +46,7 @@ def main(argv=None):
     cli.positive(args, "--problems", "--samples", "--max-new-tokens")
     files.check_writable_file(args.out)
     torch.set_flush_denormal(True)
-    model, tok = cli.load(args.model)
+    model, tok = analyze.load(args.model)
     for task in args.tasks:
         cli.fits_context(tasks.longest_prompt(tok, task, args.shots, args.seed),
                          args.max_new_tokens,
@@ -59,7 +60,7 @@ def main(argv=None):
                                 seed=args.seed, shots=args.shots,
                                 max_new_tokens=args.max_new_tokens, temperature=1.0,
                                 eval_batch=0, eval_greedy=False, compile=False)
-        m = evaluation.evaluate(model, tok, tasks.Source(task, args.shots), ns)
+        m = analyze.evaluate(model, tok, tasks.Source(task, args.shots), ns)
         distinct = len({q.question
                         for q in tasks.problems(task, args.problems, args.seed, split="test")})
         g = m["eval/greedy_acc"]

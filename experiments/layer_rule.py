@@ -43,7 +43,7 @@ def main(argv=None):
     if args.out:
         check_writable_file(args.out)
     torch.set_flush_denormal(True)
-    model, tok = cli.load(args.model, device=cli.check_device(args.device))
+    model, tok = analyze.load(args.model, device=cli.check_device(args.device))
     L, rows = model.config.num_layers, []
     for seed in args.seeds:
         pairs = analyze.sample_responses(model, tok, tasks.Source(args.task, args.shots),

@@ -215,6 +215,30 @@ def add_model_args(p, dtype: bool = True):
     return g
 
 
+def add_scale_args(p):
+    """train.py's flags of speed and memory: they change how the work is cut, not what it
+    computes (a resume may change them; infra/memory.py names them when a plan does not fit)."""
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--micro-batch-size", type=int, default=8,
+                   help="responses per forward/backward pass (memory only)")
+    g.add_argument("--rollout-batch", type=int, default=0,
+                   help="responses sampled together, a multiple of --group-size (memory only: "
+                   "the KV cache holds this many rows; 0 = all of the step's at once)")
+    g.add_argument("--eval-batch", type=int, default=0, help="problems sampled together (memory "
+                   "only: the KV cache grows with problems x samples; 0 = all at once)")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each block in the backward pass instead of keeping its "
+                   "activations (memory only: the same gradients, about one more forward)")
+    g.add_argument("--compile", action="store_true", help="sample with the compiled decode step "
+                   "(torch.compile; slower than eager on a CPU, see docs/usage.md, 'Sampling')")
+    g.add_argument("--parallel", default="dp", choices=["dp", "fsdp"], help="under torchrun: dp "
+                   "replicates the model and optimizer on every rank; fsdp shards them (FSDP2, "
+                   "infra/distributed.py), for models whose state does not fit one device")
+    g.add_argument("--ignore-memory-plan", action="store_true", help="start even when the memory "
+                   "plan printed at the start exceeds the device (its estimates are upper bounds)")
+    return g
+
+
 def template_kwargs(text: str) -> dict:
     """--chat-template-kwargs "enable_thinking=false,x=1": keyword arguments for the chat
     template, true / false / integers / decimals as such, anything else as text."""
@@ -229,77 +253,6 @@ def template_kwargs(text: str) -> dict:
                             int(v) if v.lstrip("-").isdigit() else
                             float(v) if v.replace(".", "", 1).lstrip("-").isdigit() else v)
     return out
-
-
-def add_data_args(p, train: bool):
-    """The flags of where the problems come from and how they are asked, shared by train.py and
-    analyze.py (tasks.source reads them)."""
-    import tasks
-    g = p.add_argument_group("problems")
-    g.add_argument("--data", default=None,
-                   help="a .jsonl (or .parquet) file of problems to use instead of --task: a "
-                   "question under question/problem/prompt, an answer under answer/final_answer, "
-                   "a MATH solution's last \\boxed{}, or GSM8K's '#### 42'")
-    if train:
-        g.add_argument("--eval-data", default=None,
-                       help="comma-separated benchmark files to evaluate on, each named by its "
-                       "file (eval/<name>/avg@n, pass@k); the same record formats")
-        g.add_argument("--eval-greedy", action="store_true",
-                       help="also a greedy answer per benchmark problem (eval/<name>/greedy_acc)")
-        g.add_argument("--max-prompt-tokens", type=int, default=1024,
-                       help="file problems with a longer prompt are left out, with a count (the "
-                       "paper: 1024)")
-    g.add_argument("--question-key", default=None, help="the records' question field")
-    g.add_argument("--answer-key", default=None, help="the records' answer field")
-    g.add_argument("--prompt-format", default="hint", choices=tasks.PROMPT_FORMATS,
-                   help="hint: the authors' system prompt, the worked example of --shots and a "
-                   "\\boxed{} hint (for small models); paper: the authors' system prompt and the "
-                   "question alone")
-    g.add_argument("--chat-template-kwargs", type=template_kwargs, default={},
-                   help="keyword arguments of the chat template, e.g. enable_thinking=false "
-                   "(Qwen3 without thinking, as the authors run it)")
-    return g
-
-
-def load(model_dir, dtype=None, device="cpu"):
-    """(model, tokenizer) of an HF-layout folder; the default offline model is built on first
-    use."""
-    import torch
-
-    from infra import weights
-    from model import Transformer
-    from tokenizer import Tokenizer
-    from infra.checkpoint import check_tokenizer
-    weights.ensure_if_default(model_dir)
-    model = Transformer.from_pretrained(model_dir, dtype=dtype or torch.float32, device=device)
-    tok = Tokenizer(model_dir)
-    check_tokenizer(Path(model_dir), model.config.vocab_size, tok)
-    return model, tok
-
-
-def load_for_training(model_dir, new_run: bool, src, args, device, lead: bool):
-    """train.py's model and tokenizer on this rank's device, after the checks that read no weight:
-    the default model built (by rank 0, for a new run), the folder and the device, and the memory
-    plan from config.json and the longest prompt (infra/memory.py); then the weights and the
-    tokenizer, checked against each other, and the longest prompt against the context."""
-    from infra import checkpoint, memory, precision, weights
-    from infra import distributed as dp
-    from tokenizer import Tokenizer
-    if new_run and lead:
-        weights.ensure_if_default(model_dir)
-    # rank 0 has built the default model, if it was missing
-    dp.barrier()
-    # the memory plan, from config.json and the longest prompt, refused before any weight is read
-    checkpoint.model_folder(model_dir, device)   # a folder that is there, and a usable device
-    prompt = src.longest_prompt(Tokenizer(model_dir), args, say=print if lead else None)
-    compute = precision.compute_dtype(args.dtype, device).itemsize
-    memory.check(model_dir, args, prompt, device, dp.world(), compute, lead)
-    # the weights and the tokenizer, checked against each other (infra/checkpoint.py)
-    model, tok = load(model_dir, device=device)
-    model.grad_checkpoint = args.grad_checkpoint
-    fits_context(prompt, args.max_new_tokens, model.config.max_position_embeddings,
-                 f"the longest {'file' if args.data else args.task} prompt")
-    return model, tok
 
 
 def check_train(args):

@@ -1,5 +1,6 @@
 """
-Data parallelism for train.py under torchrun: one process (rank) per CPU process slot or GPU.
+Data parallelism (--parallel dp) and sharded training (--parallel fsdp) for train.py under
+torchrun: one process (rank) per CPU process slot or GPU.
 
 Every rank holds the whole model and optimizer, samples its share of each step's prompts with the
 seeds one process would use, and trains on its own responses. Each rank divides its loss by the
@@ -13,8 +14,15 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from infra.errors import UserError
+from infra.precision import compute_dtype
 
 LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # how long rank 0 waits for the other ranks to join (BUPO_INIT_TIMEOUT_S overrides it)
@@ -116,15 +124,19 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_grads(model):
-    """Sum the gradients over ranks: each rank's loss is already divided by the token count of the
-    whole mini-batch (all ranks), so the sum is the gradient of the one-process loss. Parameters
-    without a gradient (above l in phase 1) have none on every rank."""
-    if world() > 1:
+def clip_grads(model, max_norm: float) -> float:
+    """The gradients summed over ranks, then clipped to a global norm of max_norm; the norm
+    before clipping. Each rank's loss is already divided by the token count of the whole
+    mini-batch (all ranks), so the sum is the gradient of the one-process loss. FSDP2 sums a
+    sharded model's gradients itself. Parameters without a gradient (above l in phase 1) have
+    none on every rank."""
+    if world() > 1 and not is_sharded(model):
         work = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()
                 if p.grad is not None]
         for w in work:
             w.wait()
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(total.full_tensor() if isinstance(total, DTensor) else total)
 
 
 def my_prompts(P: int, mini_batches: int) -> list[int]:
@@ -151,3 +163,90 @@ def barrier():
 def teardown():
     if world() > 1:
         dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# sharded training (--parallel fsdp), on torch's FSDP2 (torch.distributed.fsdp.fully_shard)
+#
+# Each rank keeps 1/W of every weight, gradient and AdamW moment, so a model whose fp32 state
+# does not fit one device (Qwen3-8B: ~131 GB) trains on several.
+#   - each block is sharded, then the root (embedding, final norm, unembedding; a tied W_U = E
+#     is one parameter of the root). A block's weights are gathered for its forward and
+#     backward and dropped after. The root's stay gathered from its forward until the backward
+#     is done (reshard_after_forward=False): the internal policies, entropies and diagnostics of
+#     bupo.py read W_U and the final norm after the model's forward.
+#   - mixed precision: FSDP2's MixedPrecisionPolicy (weights gathered in the compute dtype,
+#     gradients reduced in fp32) instead of autocast regions; the fp32 islands stay.
+#   - the gradients are summed over ranks, not averaged (divide factor 1): every rank's loss is
+#     already divided by the token count of the whole mini-batch (train.py, departure 2).
+#   - in phase 1 the blocks above l never run: never gathered, their gradients stay None.
+#   - sampling and evaluation decode token by token, from a full copy of the weights in the
+#     compute dtype gathered once per use (sampling_model), not from the sharded model.
+#   - checkpoints: the full weights and optimizer state are gathered to rank 0 and written as
+#     one process writes them (full_state): the folder loads in transformers, and a run
+#     resumes with any number of ranks, bit for bit with the same number.
+
+def shard(model, device: str, world: int, dtype: torch.dtype):
+    """Shard `model` (fp32 masters) in place across the `world` ranks, one mesh dimension on
+    `device`'s type; dtype: the compute dtype."""
+    mesh = init_device_mesh(torch.device(device).type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
+                              reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            # sums, not means (module docstring); plain SUM collectives, which gloo has too
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def sampling_model(model, args):
+    """The model to decode with: itself when it is not sharded; else a plain copy of its current
+    weights in the compute dtype (train.py's --dtype), gathered from the shards (every rank calls
+    it, in step)."""
+    if not is_sharded(model):
+        return model
+    dtype = compute_dtype(args.dtype, args.device)
+    model.reshard()      # the root's gathered weights may be of before the last update
+    full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().to(dtype)
+            for name, p in model.named_parameters()}
+    return model.copy_with(full).requires_grad_(False)
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model, opt) -> tuple[dict | None, dict | None]:
+    """(weights, optimizer state) as one process holds them (model.state_dict(), opt.state_dict()
+    with parameters numbered in model.parameters() order), on rank 0; every rank calls it, and the
+    others get (None, None). Unsharded: the model's and optimizer's own."""
+    if not is_sharded(model):
+        return model.state_dict(), opt.state_dict()
+    model.reshard()
+    weights = get_model_state_dict(model, options=FULL)
+    osd = get_optimizer_state_dict(model, opt, options=FULL)
+    if not weights:          # not rank 0
+        return None, None
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return weights, {"state": {index[k]: v for k, v in osd["state"].items()},
+                     "param_groups": [{**g, "params": [index[k] for k in g["params"]]}
+                                      for g in osd["param_groups"]]}
+
+
+def load_optimizer(model, opt, saved: dict):
+    """Load a one-process optimizer state (full_state's layout) into `opt`, sharded or not."""
+    if not is_sharded(model):
+        opt.load_state_dict(saved)
+        return
+    name = [n for n, _ in model.named_parameters()]
+    osd = {"state": {name[i]: v for i, v in saved["state"].items()},
+           "param_groups": [{**g, "params": [name[i] for i in g["params"]]}
+                            for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))

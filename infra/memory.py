@@ -1,6 +1,6 @@
 """
-Memory: what a training run will hold, planned before any weight is read, and what it held
-(metrics.jsonl's peak_memory_mb).
+Memory: what a training run will hold, planned before any weight is read (what it held is
+metrics.jsonl's peak_memory_mb, infra/metrics.py).
 
 The plan (train.py prints it at the start, and refuses a run that cannot fit, naming the flags that
 make it smaller) counts, per rank, in bytes:
@@ -19,7 +19,6 @@ are estimates from the shapes (allocator overheads and fragmentation come on top
 exceeds the device is refused, one within it is not a promise.
 """
 import sys
-from pathlib import Path
 
 import torch
 
@@ -29,12 +28,17 @@ GiB = 2**30
 
 
 def params(cfg, per_block: bool = False) -> int:
-    """The model's parameter count (or one block's), from a copy built on the meta device (no
-    memory used)."""
-    from model import Transformer
-    with torch.device("meta"):
-        m = Transformer(cfg)
-        return sum(p.numel() for p in (m.layers[0] if per_block else m).parameters())
+    """The model's parameter count (or one block's), from the config's fields."""
+    d, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    attention = 2 * d * q + 2 * d * kv                      # q, o; k, v
+    attention += (q + 2 * kv) * cfg.qkv_bias + d * cfg.o_bias + 2 * hd * cfg.qk_norm
+    mlp = 3 * d * inter + (2 * inter + d) * cfg.mlp_bias    # gate, up, down
+    block = attention + mlp + 2 * d                         # and two RMSNorm gains
+    if per_block:
+        return block
+    unembedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
+    return cfg.vocab_size * d + cfg.num_layers * block + d + unembedding
 
 
 def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) -> dict:
@@ -122,15 +126,11 @@ FIXES = {"rollout": "sample fewer rows at a time (--rollout-batch, a multiple of
          "evaluation": "evaluate fewer problems at a time (--eval-batch)"}
 
 
-def check(model_dir, args, prompt_tokens: int, device: str, world: int, compute_bytes: int,
+def check(cfg, args, prompt_tokens: int, device: str, world: int, compute_bytes: int,
           lead: bool = True) -> dict:
-    """The plan of train.py's run from the model's config.json, printed by rank 0; a run whose peak
-    exceeds the device is refused in one line, before any weight is read (with
+    """The plan of train.py's run from the model's config (its fields only), printed by rank 0; a
+    run whose peak exceeds the device is refused in one line, before any weight is read (with
     --ignore-memory-plan it is only warned about)."""
-    from infra.checkpoint import read_json
-    from model import Config
-    file = Path(model_dir) / "config.json"
-    cfg = Config.from_hf(read_json(file), where=str(file))
     phases = plan(cfg, args, prompt_tokens, world, compute_bytes)
     limit = available(device)
     if lead:
@@ -148,13 +148,3 @@ def check(model_dir, args, prompt_tokens: int, device: str, world: int, compute_
             raise UserError(why + " (or --ignore-memory-plan to try anyway)")
         print(f"warning: {why}", file=sys.stderr)
     return phases
-
-
-def peak_memory_mb(device) -> float:
-    """Peak memory so far, MiB: CUDA memory allocated by torch on a GPU, the process's peak RSS on a
-    CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
-

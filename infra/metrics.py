@@ -20,13 +20,13 @@ one):
     skipped_steps                 updates skipped for a loss or gradient norm that is not finite
     step_time, tokens_per_s       wall seconds of the step, response tokens per second
     peak_memory_mb                peak memory so far: torch's allocations on a GPU, the
-                                  process's peak RSS on a CPU (infra/memory.py)
+                                  process's peak RSS on a CPU
     internal/entropy              BuPO: H(pi^l), KL(pi^l || pi_theta) and cos(h_l, h_L) at the
     internal/kl_to_policy         internal layer l, in both phases
     internal/cos_to_top
     eval/*                        held-out accuracy when evaluated (infra/evaluation.py)
 """
-from infra import memory
+import torch
 
 
 def step_row(step, policy_layer, L, G, rewards, sums, grad_norms, skipped, n_mini, dt,
@@ -48,9 +48,19 @@ def step_row(step, policy_layer, L, G, rewards, sums, grad_norms, skipped, n_min
          "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
          "skipped_steps": skipped,
          "step_time": dt, "tokens_per_s": n_tok / dt,
-         "peak_memory_mb": memory.peak_memory_mb(device)}
+         "peak_memory_mb": peak_memory_mb(device)}
     if "stat/entropy_layer" in sums:
         m.update({"internal/entropy": sums["stat/entropy_layer"] / n_tok,
                   "internal/kl_to_policy": sums["stat/kl_layer"] / n_tok,
                   "internal/cos_to_top": sums["stat/cos_layer"] / n_tok})
     return m
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory so far, MiB: CUDA memory allocated by torch on a GPU, the process's peak RSS on a
+    CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
+

@@ -21,6 +21,7 @@ On a CPU the same path runs (slowly) with --dtype bfloat16, so that CPU tests ca
 kind.
 """
 import contextlib
+import functools
 
 import torch
 
@@ -32,6 +33,14 @@ def compute_dtype(name: str, device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def regions(device, dtype: torch.dtype):
+    """amp, for train.py: amp() opens a fresh autocast region for one forward phase (a no-op
+    context in fp32); torch's own context, so nothing of this file runs inside a step."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, torch.device(device).type, dtype=dtype)
 
 
 def autocast(device, dtype: torch.dtype):

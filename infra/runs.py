@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from infra import distributed as dp
-from infra import fsdp, plots
+from infra import plots
 from infra.cli import explicit_flags
 from infra.errors import UserError, first_line
 from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_space, make_dir,
@@ -33,6 +33,28 @@ from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_
                          write_text)
 
 MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
+
+
+def add_run_args(p, may_change: tuple):
+    """train.py's flags of the run folder: where, what to resume, how long, how often to save."""
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/train",
+                   help="output folder: args.json, metrics.jsonl, curves.png, checkpoints/")
+    g.add_argument("--resume", default=None,
+                   help="a run folder: continue from its newest complete checkpoint, with the "
+                   "saved arguments (only " + ", ".join("--" + k.replace("_", "-")
+                                                       for k in may_change) + " may differ)")
+    g.add_argument("--overwrite", action="store_true", help="if --out holds a run, move it "
+                   "aside to OUT.old-<time>/ (never deleted) and start a new one")
+    g.add_argument("--steps", type=int, default=20,
+                   help="RL steps in total (with --resume: the saved run's, unless given)")
+    g.add_argument("--save-every", type=int, default=10,
+                   help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="how many recent checkpoints to keep")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the prompts, the sampler and the held-out draws")
+    return g
 
 
 def check_new(out, overwrite: bool):
@@ -294,9 +316,9 @@ def resume_args(args, given: set, state: dict, parser, may_change: tuple,
 
 def checkpoint(model, opt, args, step: int, layer: int, writer: bool):
     """A checkpoint of step `step`, from every rank: the full weights and optimizer state are
-    gathered (infra/fsdp.py; a plain model's own), the writer saves them (save_checkpoint), and
+    gathered (dp.full_state; a plain model's own), the writer saves them (save_checkpoint), and
     every rank waits until it has."""
-    weights, optimizer = fsdp.full_state(model, opt)   # every rank takes part
+    weights, optimizer = dp.full_state(model, opt)   # every rank takes part
     if writer:
         save_checkpoint(model, weights, optimizer, args, step, layer, dp.world())
     del weights, optimizer
@@ -309,7 +331,7 @@ def save_checkpoint(model, weights: dict, optimizer: dict, args, step: int, laye
     trainer_state.pt (optimizer state, step, arguments, internal layer, the number of ranks that
     wrote it), written into a temporary folder and renamed into place; then all but the newest
     --keep-checkpoints of this run are removed. weights, optimizer: model.state_dict() and
-    opt.state_dict(), or a sharded run's gathered to one process (fsdp.full_state)."""
+    opt.state_dict(), or a sharded run's gathered to one process (dp.full_state)."""
     root = Path(args.out) / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
     try:

@@ -177,7 +177,7 @@ def test_entropy_json_matches_transformers_hidden_states(default_model_dir):
     record."""
     from transformers import AutoModelForCausalLM
 
-    from infra.cli import load
+    from analyze import load
     model, tok = load(default_model_dir)
     hf = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
     q = tok.encode_chat([{"role": "user", "content": "How many legs does a spider have?"}])

@@ -9,7 +9,7 @@ import pytest
 
 import tasks
 import train
-from infra import evaluation
+import analyze as evaluation
 from infra.errors import InputError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from infra import cli
 import tasks
-from model import ModelLoadError, Transformer
+from infra.errors import ModelLoadError
+from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import ModelLoadError, Transformer
+from infra.errors import ModelLoadError
+import analyze
+from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,8 +157,7 @@ def paired(tiny_chat_model, tmp_path):
 
 def load_pair(folder, *fragments):
     """expect(), through the loader of the tools: the weights and the tokenizer together."""
-    from infra import cli
-    expect(folder, *fragments, load=cli.load)
+    expect(folder, *fragments, load=analyze.load)
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(paired, tiny_dirs):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tokenizer import Tokenizer
-from model import ModelLoadError
+from infra.errors import ModelLoadError
 
 MESSAGES = [{"role": "system",
              "content": "Please reason step by step, and put your final answer within \\boxed{}."},

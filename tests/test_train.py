@@ -9,7 +9,8 @@ import torch
 import bupo
 import tasks
 import train
-from infra import cli, evaluation
+import analyze as evaluation
+from infra import cli
 from model import Transformer
 
 
@@ -146,7 +147,7 @@ def test_evaluate_in_chunks_gives_the_same_numbers(tiny_chat_model, length_rewar
     """--eval-batch bounds how many problems are sampled together (memory only): same seeds per
     problem, same metrics as all at once."""
     import argparse
-    model, tok = train.cli.load(str(tiny_chat_model))
+    model, tok = evaluation.load(str(tiny_chat_model))
     sizes = []
     real = evaluation.generate
     monkeypatch.setattr(evaluation, "generate", lambda m, prompts, *a,
@@ -379,7 +380,7 @@ def test_a_run_that_is_all_phase_1_is_warned_about(argv, warned, capsys):
 def test_sampler_logprobs_are_the_old_pass(default_model_dir):
     """--old-logprobs sampler: the rollout's log-probs of its own tokens (KV-cache decode) against
     the old pass's (one pass per micro-batch), on the real model in fp32: equal up to rounding."""
-    model, tok = cli.load(str(default_model_dir))
+    model, tok = evaluation.load(str(default_model_dir))
     src = tasks.Source("sum2", 1)
     prompts = [src.encode(tok, p) for p in tasks.problems("sum2", 2, seed=3)]
     ro = train.generate(model, prompts, 4, 24, 1.0, stop_ids=tok.stop_ids, pad_id=tok.pad_id,

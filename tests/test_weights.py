@@ -40,7 +40,7 @@ def test_ensure_is_idempotent(default_model_dir, monkeypatch):
 def test_default_model_knows_paris(default_model_dir):
     """A wrong Q/K permutation, tensor name or tokenizer would not survive this: the converted model
     must work."""
-    from infra.cli import load
+    from analyze import load
     from rollout import generate
     model, tok = load(default_model_dir)
     assert model.config.num_layers == 30 and model.config.tie_word_embeddings
