@@ -283,7 +283,7 @@ def parse_args(argv=None):
                    help="longest prompt + response analysed (the residual "
                    "record of one sequence is held in memory); never more than the model's context")
     g.add_argument("--seed", type=int, default=0, help="seed of the problems and of the sampler")
-    cli.add_data_args(p, train=False)
+    tasks.add_data_args(p, train=False)
     g = p.add_argument_group("analysis and output")
     g.add_argument("--norm", default="none", choices=["none", "final"], help="none: softmax(W_U "
                    "x), the paper's definition; final: the logit lens, W_U RMSNorm_final(x)")

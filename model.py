@@ -311,10 +311,81 @@ class Block(nn.Module):
         m = h + a                                   # m_l = h_{l-1} + a_l
         mlp_in = self.post_attention_layernorm(m)
         f = on_tokens(self.mlp, mlp_in, real)
+        h = m + f                                   # h_l = m_l + f_l
         if record is not None:
             record.attn_in.append(attn_in), record.attn_out.append(a)
-            record.mlp_in.append(mlp_in), record.mlp_out.append(f)
-        return m + f                                # h_l = m_l + f_l
+            record.mlp_in.append(mlp_in), record.mlp_out.append(f), record.resid.append(h)
+        return h
+
+
+@dataclass
+class Pass:
+    """What every block of one forward pass shares, and the speed paths of the pass:
+      1. positions and the attention mask (None: plain causal attention, the fast path);
+      2. RoPE's cos and sin;
+      3. real: the indices of the real tokens when some are padding (the linear layers skip the
+         rest, on_tokens);
+      4. recompute: activation checkpointing of each block (Transformer.grad_checkpoint)."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    attention_mask: torch.Tensor
+    cache: KVCache | None
+    real: torch.Tensor | None
+    recompute: bool
+
+    @classmethod
+    def of(cls, model, input_ids, attention_mask, cache, return_residuals) -> "Pass":
+        B, T = input_ids.shape
+        padded = attention_mask is not None      # else every token is real, and no sync finds out
+        if not padded:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        attention_mask = attention_mask.bool()
+        positions = attention_mask.long().cumsum(-1) - 1                 # [B, T]
+        if cache is not None:
+            positions = positions + cache.pos[:, None]
+            q_slot, k_slot, key_valid = cache.extend(attention_mask)     # [T], [S], [B, S]
+        else:
+            q_slot = k_slot = torch.arange(T, device=input_ids.device)
+            key_valid = attention_mask
+        mask = None
+        if cache is not None or (padded and not attention_mask.all()):
+            q_slot, k_slot = q_slot[:, None], k_slot[None, :]            # [T, 1], [1, S]
+            # causal and not padding; a query always sees itself, so that no padding row is all
+            # -inf (NaN)
+            mask = ((k_slot <= q_slot) & key_valid[:, None, :]) | (k_slot == q_slot)   # [B, T, S]
+            mask = mask[:, None]                                           # [B, 1, T, S]
+        cos, sin = rope_cos_sin(model.inv_freq, positions.clamp(min=0),
+                                model.embed_tokens.weight.dtype)
+        # the real tokens, when some are padding; not for a record (it holds every position). A
+        # decode step marks its stopped rows as padding on a CPU; on a GPU (and compiled) it
+        # passes no mask, as finding the real rows would sync
+        real = None
+        if padded and not return_residuals and not attention_mask.all():
+            real = attention_mask.flatten().nonzero()[:, 0]                # [N]
+        # checkpointing needs a block that is a pure function of its inputs: no record to append
+        # to, and a cache only when it is read-only (SharedPromptCache after keep)
+        recompute = (model.grad_checkpoint and torch.is_grad_enabled() and not return_residuals
+                     and (cache is None or getattr(cache, "frozen", False)))
+        return cls(cos, sin, mask, attention_mask, cache, real, recompute)
+
+    def block(self, block, h, record):
+        """h_l = block_l(h_{l-1}), recomputed in the backward pass when self.recompute."""
+        if self.recompute:
+            return torch.utils.checkpoint.checkpoint(block, h, self.cos, self.sin, self.mask,
+                                                     self.cache, None, self.real,
+                                                     use_reentrant=False)
+        return block(h, self.cos, self.sin, self.mask, self.cache, record, self.real)
+
+    def done(self):
+        """The cache's slots are used (after the last block)."""
+        if self.cache is not None:
+            self.cache.advance(self.attention_mask)
+
+    def unembed(self, model, h):
+        """W_U RMSNorm_final(h). One token per row (a decode step): padding rows are skipped."""
+        real = self.real if self.attention_mask.shape[1] == 1 else None
+        return on_tokens(lambda x: model.lm_head(model.norm(x)), h, real)
 
 
 # -----------------------------------------------------------------------------
@@ -343,72 +414,27 @@ class Transformer(nn.Module):
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None,
                 return_residuals: bool = False, last_only: bool = False,
                 upto_layer: int | None = None, keep_hidden: tuple | None = None):
-        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+        """input_ids [B, T] -> logits [B, T, V] ([B, 1, V] with last_only).
 
-        attention_mask [B, T]: 1 for real tokens, 0 for (left) padding. Positions count real tokens
-        only, so position 0 is each row's first real token. With a cache, the T tokens are appended
-        after its slots. With return_residuals, also returns the Residuals record. With upto_layer =
-        l, only blocks 1..l run and the result is h_l [B, T, d] (no norm, no logits; the record too,
-        if asked): all that an internal policy pi^l needs. With keep_hidden = (l, ...), the result
-        comes with {l: h_l} for just those layers instead of the whole record, so that a pass
-        without gradients holds no other layer's activations.
-        """
-        B, T = input_ids.shape
-        padded = attention_mask is not None      # else every token is real, and no sync finds out
-        if not padded:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-        attention_mask = attention_mask.bool()
-        positions = attention_mask.long().cumsum(-1) - 1                 # [B, T]
-        if cache is not None:
-            positions = positions + cache.pos[:, None]
-            q_slot, k_slot, key_valid = cache.extend(attention_mask)   # [T], [S], [B, S]
-        else:
-            q_slot = k_slot = torch.arange(T, device=input_ids.device)
-            key_valid = attention_mask
-        positions = positions.clamp(min=0)
-        mask = None  # None: plain causal attention, the fast path
-        if cache is not None or (padded and not attention_mask.all()):
-            # [T, 1], [1, S]
-            q_slot, k_slot = q_slot[:, None], k_slot[None, :]
-            # causal and not padding; a query always sees itself, so a padding row is never all -inf
-            # (NaN)
-            mask = ((k_slot <= q_slot) & key_valid[:, None, :]) | (k_slot == q_slot)   # [B, T, S]
-            # [B, 1, T, S]
-            mask = mask[:, None]
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.embed_tokens.weight.dtype)
-        # the real tokens, when some are padding: the linear layers skip the rest (on_tokens). Not
-        # for a record (it holds every position). A decode step marks its stopped rows as padding on
-        # a CPU; on a GPU (and compiled) it passes no mask: finding the real rows would sync
-        real = None
-        if padded and not return_residuals and not attention_mask.all():
-            real = attention_mask.flatten().nonzero()[:, 0]            # [N]
-
+        attention_mask [B, T]: 1 for real tokens, 0 for (left) padding; positions count real
+        tokens only. With a cache, the T tokens come after its slots. Options:
+          return_residuals: also the Residuals record;
+          upto_layer = l: only blocks 1..l run, and the result is h_l (no norm, no logits);
+          keep_hidden = (l, ...): also {l: h_l} of just those layers, so that a pass without
+            gradients holds no other layer's activations."""
+        run = Pass.of(self, input_ids, attention_mask, cache, return_residuals)
         record = Residuals() if return_residuals else None
-        # h_0; no absolute position embedding (RoPE acts inside attention)
-        h = self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids)                  # h_0 (RoPE acts inside attention)
         kept = {0: h} if keep_hidden and 0 in keep_hidden else {}
         if record is not None:
             record.resid.append(h)
-        # checkpointing needs a block that is a pure function of its inputs: no record to append
-        # to, and a cache only when it is read-only (SharedPromptCache after keep)
-        recompute = (self.grad_checkpoint and torch.is_grad_enabled() and record is None
-                     and (cache is None or getattr(cache, "frozen", False)))
         for l, block in enumerate(self.layers[:upto_layer], start=1):
-            if recompute:
-                h = torch.utils.checkpoint.checkpoint(block, h, cos, sin, mask, cache, None, real,
-                                                      use_reentrant=False)
-            else:
-                h = block(h, cos, sin, mask, cache, record, real)
-            if record is not None:
-                record.resid.append(h)
+            h = run.block(block, h, record)               # h_l = h_{l-1} + a_l + f_l
             if keep_hidden and l in keep_hidden:
                 kept[l] = h
-        if cache is not None:
-            cache.advance(attention_mask)
+        run.done()
         if upto_layer is None:
-            # one token per row (a decode step): the padding rows are not unembedded either
-            h = on_tokens(lambda x: self.lm_head(self.norm(x)), h[:, -1:] if last_only else h,
-                          real if T == 1 else None)
+            h = run.unembed(self, h[:, -1:] if last_only else h)   # W_U RMSNorm_final(h_L)
         if keep_hidden:
             return h, kept
         return (h, record) if return_residuals else h

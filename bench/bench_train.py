@@ -97,9 +97,9 @@ def main(argv=None):
           f"TFLOP/s ({'given' if args.peak_tflops else 'measured'}); batch {args.rows} x ({Tp} "
           f"prompt + {args.new_tokens} response) tokens")
     cases = [("ours, full policy", model, lambda i, m,
-              t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), L, 1.0), L),
+              t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), L, 1.0)[0], L),
              (f"ours, phase 1 (pi^{layer})", model, lambda i, m,
-              t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), layer, 1.0), layer),
+              t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), layer, 1.0)[0], layer),
              ("transformers, full policy", hf, hf_logprobs(hf), L)]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for name, net, fn, depth in cases:

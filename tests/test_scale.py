@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bupo
+import reference
 import model as model_module
 from model import Transformer
 from rollout import generate
@@ -44,7 +45,7 @@ def test_rollouts_in_chunks_are_the_rollouts_of_one_call(tiny, max_rows):
 
 def grads(model, batch, layer):
     model.zero_grad(set_to_none=True)
-    logp = bupo.policy_logprobs(model, batch, layer)
+    logp, _ = bupo.policy_logprobs(model, batch, layer)
     (logp * batch.response_mask).sum().backward()
     return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                            if p.grad is not None}
@@ -75,17 +76,17 @@ def test_checkpointed_blocks_give_the_same_gradients(tiny_dirs, layer, monkeypat
 
 def test_the_lean_pass_is_the_two_passes_it_replaces(tiny):
     """The old log-probs and the diagnostics from one forward that keeps only h_l and h_L equal
-    policy_logprobs and policy_stats, computed apart."""
+    the log-probs alone and the diagnostics of a plain pass per row (tests/reference.py)."""
     batch = batch_of(tiny, seed=1)
     for layer, stats_layer in ((2, 2), (3, 2), (3, 3)):
         with torch.no_grad():
-            want_logp = bupo.policy_logprobs(tiny, batch, layer)
-        want = bupo.policy_stats(tiny, batch, stats_layer)
-        logp, stats = bupo.old_logprobs_and_stats(tiny, batch, layer, stats_layer)
-        assert torch.equal(logp, want_logp)
+            want_logp, none = bupo.policy_logprobs(tiny, batch, layer)
+            logp, stats = bupo.policy_logprobs(tiny, batch, layer, stats_layer=stats_layer)
+        want = reference.policy_stats(tiny, batch, stats_layer)
+        assert torch.equal(logp, want_logp) and none == {}
         assert stats.keys() == want.keys()
         for k in want:
-            assert torch.equal(stats[k], want[k]), k
+            torch.testing.assert_close(stats[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 def test_the_lean_pass_unembeds_each_position_once_less(tiny, monkeypatch):
@@ -98,7 +99,7 @@ def test_the_lean_pass_unembeds_each_position_once_less(tiny, monkeypatch):
     monkeypatch.setattr(bupo, "layer_logits", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
     for layer, stats_layer, want in ((L, L, [L]), (L, 2, [L, 2]), (2, 2, [2, L])):
         calls.clear()
-        bupo.logprobs_and_stats(tiny, batch, layer, stats_layer)
+        bupo.policy_logprobs(tiny, batch, layer, stats_layer=stats_layer)
         assert calls == want, (layer, stats_layer, calls)
 
 
@@ -119,7 +120,7 @@ def test_linear_layers_skip_the_padding(tiny, monkeypatch):
 
     def grads_and_logp():
         tiny.zero_grad(set_to_none=True)
-        logp = bupo.policy_logprobs(tiny, batch, tiny.config.num_layers)
+        logp, _ = bupo.policy_logprobs(tiny, batch, tiny.config.num_layers)
         logp.sum().backward()
         return logp.detach(), {n: p.grad.clone() for n, p in tiny.named_parameters()}
     logp, grads = grads_and_logp()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bupo
+import reference
 import tasks
 import train
 import analyze as evaluation
@@ -106,7 +107,7 @@ def test_phase1_gradients_stop_at_layer_k(tiny_dirs, arch, tied):
     mask = torch.ones_like(ids)
     # pi^1: block 1 and W_U (and E) learn; blocks 2..3 and the final norm get no gradient at all
     k = 1
-    logp = bupo.policy_logprobs(model, bupo.Batch(ids, mask, 4), k, 1.0)
+    logp, _ = bupo.policy_logprobs(model, bupo.Batch(ids, mask, 4), k, 1.0)
     loss, _ = bupo.policy_loss(logp, logp.detach(), torch.tensor([1.0, -0.5]), mask[:, 4:])
     bupo.aggregate(loss, mask[:, 4:], "token-mean", 2, 12, 6).backward()
     for name, p in model.named_parameters():
@@ -128,7 +129,7 @@ def test_internal_logprobs_at_L_are_the_policy(tiny_dirs):
     model = Transformer.from_pretrained(tiny_dirs["qwen2", False])
     ids = torch.randint(0, 128, (2, 9))
     mask = torch.ones_like(ids)
-    got = bupo.policy_logprobs(model, bupo.Batch(ids, mask, 3), model.config.num_layers, 1.0)
+    got, _ = bupo.policy_logprobs(model, bupo.Batch(ids, mask, 3), model.config.num_layers, 1.0)
     want = model(ids).log_softmax(-1)[:, 2:-1].gather(-1, ids[:, 3:, None])[..., 0]
     torch.testing.assert_close(got, want)
 
@@ -348,7 +349,7 @@ def test_shared_prompt_pass_is_the_per_row_pass(tiny_dirs, layer):
         n = 1 if i == 3 else R
         ids[i, Tp:Tp + n], mask[i, Tp:Tp + n] = torch.randint(1, 128, (n,), generator=g), 1
     batch = bupo.Batch(ids, mask, Tp)
-    got = bupo.policy_logprobs(model, batch, layer)
+    got, _ = bupo.policy_logprobs(model, batch, layer)
     got.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -358,7 +359,7 @@ def test_shared_prompt_pass_is_the_per_row_pass(tiny_dirs, layer):
         n = int(mask[i, Tp:].sum())
         row_ids, row_mask = ids[i:i + 1, :Tp + n], mask[i:i + 1, :Tp + n]
         h = model(row_ids, attention_mask=row_mask, upto_layer=layer)[0, Tp - 1:-1]
-        want[i, :n] = bupo.token_logprobs(model, h, row_ids[0, Tp:], layer)
+        want[i, :n] = reference.token_logprobs(model, h, row_ids[0, Tp:], layer)
     want.sum().backward()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert got[3, 1:].eq(0).all()
@@ -387,7 +388,8 @@ def test_sampler_logprobs_are_the_old_pass(default_model_dir):
                         seed=5)
     batch = bupo.Batch.of(ro)
     L = model.config.num_layers
-    old, _ = bupo.old_logprobs_and_stats(model, batch, L, L)
+    with torch.no_grad():
+        old, _ = bupo.policy_logprobs(model, batch, L, stats_layer=L)
     keep = batch.response_mask.bool()
     assert keep.sum() > 40 and (ro.logprobs[~keep] == 0).all()
     assert (ro.logprobs - old).abs().max() < 2e-4     # measured: ~1e-5 on logs-probs down to -20
