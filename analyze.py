@@ -1,26 +1,29 @@
 """
-Entropy flow of a model's internal policies on its own responses (paper section 2, Figs. 2 and 3).
+Entropy flow of a model's internal policies on its own responses (paper section 2, Figs. 2
+and 3).
 
     python analyze.py --out runs/analysis        # default model, 16 generated word problems
     python analyze.py --model DIR --out OUT --responses answers.jsonl
     python analyze.py --model DIR --out OUT --compare runs/analysis/entropy.json
 
-1. The model answers N prompts of a task (chat template, T = 1, seeded), or responses are read from
-   a JSONL file, one record per line: {"prompt_ids": [...], "response_ids": [...]} or {"prompt":
-   "...", "response": "..."} (a text prompt is the user message, rendered with the model's chat
-   template; the response is encoded as is).
-2. One forward pass over each prompt + response records the residual stream; every tensor of it is
-   projected with W_U (no norm, unless --norm final) at the positions that predict response tokens,
-   and reduced to its entropy over the full vocabulary (bupo.entropy_flow).
-3. Means pooled over all tokens of all responses, as the authors do, go to OUT/entropy.json; the
-   plots flow.png (Fig. 2), dH.png (Fig. 3) and heatmap.png (one response, layers x positions, top-1
-   token per cell) go beside it, and a table is printed.
+1. The model answers N prompts of a task (chat template, T = 1, seeded), or responses are
+   read from a JSONL file, one record per line: {"prompt_ids": [...], "response_ids":
+   [...]} or {"prompt": "...", "response": "..."} (a text prompt is the user message,
+   rendered with the model's chat template; the response is encoded as is).
+2. One forward pass over each prompt + response records the residual stream; every tensor
+   of it is projected with W_U (no norm, unless --norm final) at the positions that
+   predict response tokens, and reduced to its entropy over the full vocabulary
+   (bupo.entropy_flow).
+3. Means pooled over all tokens of all responses, as the authors do, go to
+   OUT/entropy.json; the plots flow.png (Fig. 2), dH.png (Fig. 3) and heatmap.png (one
+   response, layers x positions, top-1 token per cell) go beside it, and a table is
+   printed.
 Each layer also gets KL_resid, the mean KL(pi^l || pi_theta) of its policy to the model's
 (bupo.kl_flow). `boundary_layer` is the last layer with mean dH_mlp > 0 (null when none);
-`internal_layer` is what `train.py --internal-layer auto` uses: the boundary layer when it is below
-L, else the penultimate layer (bupo.choose_internal_layer). `closest_layer` is the lowest layer
-below L whose KL_resid is within 10% of the least: the project's closest-layer rule, measured and
-reported but not used by auto (docs/method.md 5).
+`internal_layer` is what `train.py --internal-layer auto` uses: the boundary layer when it
+is below L, else the penultimate layer (bupo.choose_internal_layer). `closest_layer` is
+the lowest layer below L whose KL_resid is within 10% of the least: the project's
+closest-layer rule, measured and reported but not used by auto (docs/method.md 5).
 """
 import contextlib
 import json
@@ -46,7 +49,8 @@ from tokenizer import Tokenizer
 # the model, and its answers
 
 def load(model_dir, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) of an HF-layout folder; the default model is built on first use."""
+    """(model, tokenizer) of an HF-layout folder; the default model is built on first
+    use."""
     weights.ensure_if_default(model_dir)
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
     return model, Tokenizer(model_dir, model.config)
@@ -54,9 +58,9 @@ def load(model_dir, dtype=torch.float32, device="cpu"):
 
 def sample_responses(model, tok, src, n: int, max_new_tokens: int, seed: int,
                      max_tokens: int | None = None):
-    """The model's own answers to n problems of the source `src` (tasks.Source: a generated task's
-    test split, or a seeded draw of a data file; T = 1, one answer each), each at most max_tokens
-    long (prompt + response; the model's context by default)."""
+    """The model's own answers to n problems of the source `src` (tasks.Source: a
+    generated task's test split, or a seeded draw of a data file; T = 1, one answer each),
+    each at most max_tokens long (prompt + response; the model's context by default)."""
     if src.train is None:
         problems = tasks.problems(src.task, n, seed, split="test")
     else:
@@ -78,8 +82,8 @@ def sample_responses(model, tok, src, n: int, max_new_tokens: int, seed: int,
 
 @torch.no_grad()
 def analyze(model, pairs, norm: bool = False, heatmap_tokens: int = 24):
-    """Token-level entropies of all internal policies over all responses -> (flow, heatmap of
-    response 0)."""
+    """Token-level entropies of all internal policies over all responses -> (flow, heatmap
+    of response 0)."""
     from tqdm import tqdm
     device = model.embed_tokens.weight.device
     flows, heat = [], None
@@ -96,8 +100,8 @@ def analyze(model, pairs, norm: bool = False, heatmap_tokens: int = 24):
 
 
 def heatmap(model, rec, where, prompt, response, norm, n_tokens):
-    """H(W_U h_l) and the top-1 token id for l = 0..L at the first n_tokens positions of one
-    response."""
+    """H(W_U h_l) and the top-1 token id for l = 0..L at the first n_tokens positions of
+    one response."""
     L = model.config.num_layers
     H, top = [], []
     for l in range(L + 1):
@@ -125,8 +129,8 @@ def summarize(model_name, model, flow, n_responses, norm) -> dict:
 # -----------------------------------------------------------------------------
 # the layer train.py trains in phase 1
 
-# the project's closest-layer rule: reported in entropy.json, tested, not used by --internal-layer
-# auto
+# the project's closest-layer rule: reported in entropy.json, tested, not used by
+# --internal-layer auto
 
 # layers within 10% of the least KL count as equally close (docs/method.md 5)
 CLOSEST_TOLERANCE = 0.10
@@ -134,11 +138,12 @@ CLOSEST_TOLERANCE = 0.10
 
 def closest_layer(kl: list, tolerance: float = CLOSEST_TOLERANCE) -> int:
     """The project's closest-layer rule (not the paper's), tested and not adopted for
-    --internal-layer auto: the lowest layer l < L whose policy pi^l is about as close to the model's
-    policy as any, mean KL(pi^l || pi_theta) <= (1 + tolerance) * the least of them, on the model's
-    own answers (kl_flow). The tolerance keeps the pick from hopping between layers of a plateau. On
-    SmolLM2-135M it picks layer 24, which trained worse than the penultimate layer on 4 of 5 seeds
-    (docs/method.md 5); analyze.py still reports it."""
+    --internal-layer auto: the lowest layer l < L whose policy pi^l is about as close to
+    the model's policy as any, mean KL(pi^l || pi_theta) <= (1 + tolerance) * the least of
+    them, on the model's own answers (kl_flow). The tolerance keeps the pick from hopping
+    between layers of a plateau. On SmolLM2-135M it picks layer 24, which trained worse
+    than the penultimate layer on 4 of 5 seeds (docs/method.md 5); analyze.py still
+    reports it."""
     # a NaN (overflow) never counts as close
     below = [d if math.isfinite(d) else math.inf for d in kl[:-1]]
     if not below or min(below) == math.inf:
@@ -148,10 +153,10 @@ def closest_layer(kl: list, tolerance: float = CLOSEST_TOLERANCE) -> int:
 
 
 def resolve_layer(value: str, model, tok, args, src=None) -> int:
-    """train.py's --internal-layer: a paper (1-based) layer l, where pi^l = softmax(W_U h_l) (the
-    authors' k = l - 1), or auto: bupo.choose_internal_layer on the dH_mlp of --analysis (the
-    current rule, whatever the file's own internal_layer says), or on a quick analysis of 8 of the
-    model's own answers."""
+    """train.py's --internal-layer: a paper (1-based) layer l, where pi^l = softmax(W_U
+    h_l) (the authors' k = l - 1), or auto: bupo.choose_internal_layer on the dH_mlp of
+    --analysis (the current rule, whatever the file's own internal_layer says), or on a
+    quick analysis of 8 of the model's own answers."""
     L = model.config.num_layers
     if value != "auto":
         if not 1 <= int(value) <= L:
@@ -184,10 +189,10 @@ def resolve_layer(value: str, model, tok, args, src=None) -> int:
 
 
 # -----------------------------------------------------------------------------
-# accuracy on held-out problems, as train.py evaluates before training, every --eval-every steps
-# and at the end: greedy accuracy, avg@n and the unbiased pass@k over n = --eval-samples samples at
-# T, on the generated task's test split and on each --eval-data benchmark. A data-parallel rank
-# answers every W-th problem; the sums are taken over all ranks.
+# accuracy on held-out problems, as train.py evaluates before training, every --eval-every
+# steps and at the end: greedy accuracy, avg@n and the unbiased pass@k over n =
+# --eval-samples samples at T, on the generated task's test split and on each --eval-data
+# benchmark. A data-parallel rank answers every W-th problem; the sums are over all ranks.
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
@@ -197,8 +202,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 @torch.no_grad()
 def evaluate(model, tok, src, args, amp=contextlib.nullcontext) -> dict:
     """Held-out accuracy: the generated task's test split (eval/greedy_acc, eval/avg@n,
-    eval/pass@k) and each --eval-data benchmark (eval/<name>/...); amp: the autocast region of
-    this forward-only phase."""
+    eval/pass@k) and each --eval-data benchmark (eval/<name>/...); amp: the autocast
+    region of this forward-only phase."""
     t0 = time.perf_counter()
     out = {}
     # a sharded model answers from a full copy in the compute dtype (infra/distributed.py)
@@ -213,8 +218,8 @@ def evaluate(model, tok, src, args, amp=contextlib.nullcontext) -> dict:
 
 
 def eval_set(model, tok, src, problems, args, greedy: bool) -> dict:
-    """greedy_acc (when asked), avg@n and the unbiased pass@k for k = 1, 2, 4, ..., n over n =
-    --eval-samples samples at T, of one set of problems."""
+    """greedy_acc (when asked), avg@n and the unbiased pass@k for k = 1, 2, 4, ..., n over
+    n = --eval-samples samples at T, of one set of problems."""
     mine = dp.my_share(len(problems))         # a data-parallel rank answers every W-th problem
     prompts = [src.encode(tok, problems[g]) for g in mine]
     common = dict(stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok, progress=dp.rank() == 0,
@@ -296,8 +301,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Every argument, before the model is loaded; the output folder is checked first, so a bad
-    --out costs seconds, not a whole analysis."""
+    """Every argument, before the model is loaded; the output folder is checked first, so
+    a bad --out costs seconds, not a whole analysis."""
     cli.positive(args, "--num-responses", "--max-new-tokens", "--max-tokens")
     cli.non_negative(args, "--seed")
     cli.check_device(args.device)

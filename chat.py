@@ -1,10 +1,11 @@
 """
-Chat answers from a model folder, with the same sampler as the RL rollouts (rollout.generate): one
-greedy answer by default, or G sampled answers with their lengths and log-probs.
+Chat answers from a model folder, with the same sampler as the RL rollouts
+(rollout.generate): one greedy answer by default, or G sampled answers with their lengths
+and log-probs.
 
     python chat.py --prompt "What is the capital of France?"
-    python chat.py --model path/to/hf-folder --prompt "..." --system "..." --temperature 0.7
-    python chat.py -G 4 --temperature 1 --prompt "What is 7 * 8? Answer in \\boxed{}."
+    python chat.py --model path/to/hf-folder --prompt "..." --system "..." --temperature
+    0.7 python chat.py -G 4 --temperature 1 --prompt "What is 7 * 8? Answer in \\boxed{}."
 
 It renders the model's own chat template (tokenizer.py); temperature 0 is greedy decoding.
 """

@@ -1,5 +1,6 @@
 """
-A Llama / Qwen2 / Qwen3 decoder written out by hand, with the residual stream in plain sight.
+A Llama / Qwen2 / Qwen3 decoder written out by hand, with the residual stream in plain
+sight.
 
     h_0 = embed(x)                                        resid[0]
     a_l = Attn_l(RMSNorm_in_l(h_{l-1}))                   attn_out[l-1]  (attn_in[l-1]: normed)
@@ -8,20 +9,23 @@ A Llama / Qwen2 / Qwen3 decoder written out by hand, with the residual stream in
     h_l = m_l + f_l                                       resid[l]
     logits = W_U RMSNorm_final(h_L)
 
-Index convention: layers are numbered 1..L as in the paper; the Python lists of the residual record
-are 0-based, so resid[l] = h_l for l = 0..L, while attn_out[l-1] = a_l and mlp_out[l-1] = f_l.
+Index convention: layers are numbered 1..L as in the paper; the Python lists of the
+residual record are 0-based, so resid[l] = h_l for l = 0..L, while attn_out[l-1] = a_l and
+mlp_out[l-1] = f_l.
 
-Every architectural detail follows the Hugging Face `transformers` implementation of the same
-models, so that a checkpoint gives the same logits here and there (tests/test_model.py checks it):
-  - RMSNorm: statistics in fp32, cast back to the input dtype, *then* times the weight (no +1
-    offset);
+Every architectural detail follows the Hugging Face `transformers` implementation of the
+same models, so that a checkpoint gives the same logits here and there
+(tests/test_model.py checks it):
+  - RMSNorm: statistics in fp32, cast back to the input dtype, *then* times the weight (no
+    +1 offset);
   - RoPE: rotate-half convention, cos/sin computed in fp32, `llama3` frequency scaling
     (Llama-3.1/3.2);
-  - GQA through scaled_dot_product_attention(enable_gqa=True); head_dim may differ from hidden/heads
-    (Qwen3);
+  - GQA through scaled_dot_product_attention(enable_gqa=True); head_dim may differ from
+    hidden/heads (Qwen3);
   - Qwen2 has q/k/v biases, Qwen3 has per-head RMSNorm on q and k before RoPE;
   - SwiGLU MLP; tied or untied unembedding.
-Checkpoints are HF-layout folders (config.json + model.safetensors or a sharded index), read lazily.
+Checkpoints are HF-layout folders (config.json + model.safetensors or a sharded index),
+read lazily.
 """
 import math
 from dataclasses import dataclass, field
@@ -65,19 +69,20 @@ class Config:
 
     @classmethod
     def from_hf(cls, d: dict, where: str = "config.json") -> "Config":
-        """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters` style): the
-        fields checked and translated in checkpoint.config_fields."""
+        """Read a transformers config.json (4.x `rope_scaling` or 5.x `rope_parameters`
+        style): the fields checked and translated in checkpoint.config_fields."""
         return cls(**checkpoint.config_fields(d, where, ARCHITECTURES))
 
     @classmethod
     def read(cls, path, device="cpu") -> "Config":
-        """The config.json of a model folder, after checking the folder and the device (one
-        line naming what is wrong, infra/checkpoint.py)."""
+        """The config.json of a model folder, after checking the folder and the device
+        (one line naming what is wrong, infra/checkpoint.py)."""
         file = checkpoint.model_folder(path, device) / "config.json"
         return cls.from_hf(checkpoint.read_json(file), where=str(file))
 
     def to_hf(self) -> dict:
-        """The config.json that transformers (4.x and 5.x) reads back into the same architecture."""
+        """The config.json that transformers (4.x and 5.x) reads back into the same
+        architecture."""
         return checkpoint.hf_config(self, ARCHITECTURES)
 
 
@@ -85,8 +90,8 @@ class Config:
 # rotary position embedding
 
 def rope_inv_freq(cfg: Config) -> torch.Tensor:
-    """theta^(-2i/d) per pair of dims; Llama-3.x rescales the low frequencies (`llama3` rope
-    scaling)."""
+    """theta^(-2i/d) per pair of dims; Llama-3.x rescales the low frequencies (`llama3`
+    rope scaling)."""
     dims = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float()
     inv_freq = 1.0 / cfg.rope_theta ** (dims / cfg.head_dim)
     if cfg.rope_scaling:  # llama3: divide long wavelengths by `factor`, interpolate the middle band
@@ -103,8 +108,7 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """positions [B, T] -> cos, sin [B, 1, T, head_dim], computed in fp32, then cast (as
-    transformers does)."""
+    """positions [B, T] -> cos, sin [B, 1, T, head_dim], in fp32, then cast (as HF)."""
     freqs = positions[..., None].float() * inv_freq.float()        # [B, T, hd/2]
     # [B, 1, T, hd]: both halves share a frequency
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
@@ -112,8 +116,8 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+hd/2}) by the position's angle (the rotate-half, non-interleaved
-    convention)."""
+    """Rotate pairs (x_i, x_{i+hd/2}) by the position's angle (the rotate-half,
+    non-interleaved convention)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -134,28 +138,25 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Pre-allocated keys and values of every layer for a batch, plus which cache slots hold real
-    tokens.
+    """Pre-allocated keys and values of every layer for a batch, plus which cache slots
+    hold real tokens.
 
-    All rows share the slot index (`self.len`); each row keeps its own RoPE position (`self.pos`),
-    so a left-padded row starts at position 0 with its first real token, whatever else is in the
-    batch.
+    All rows share the slot index (`self.len`); each row keeps its own RoPE position
+    (`self.pos`), so a left-padded row starts at position 0 with its first real token,
+    whatever else is in the batch.
     """
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # slot holds a real token
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        # next RoPE position of each row
-        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.len = 0  # slots used so far
-        self.max_len = max_len
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # real token?
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # each row's next position
+        self.len, self.max_len = 0, max_len                               # slots used so far
 
     def keep(self, rows: torch.Tensor):
-        """Keep only `rows` (in that order) and drop the rest: the kept rows move to the front of
-        the same storage, so finished sequences stop costing compute without a new allocation."""
+        """Keep only `rows`, in that order: they move to the front of the same storage, so
+        finished rows stop costing compute without a new allocation."""
         n = len(rows)
         for buf in (self.k, self.v):
             buf[:, :n, :, :self.len] = buf[:, rows, :, :self.len]
@@ -163,17 +164,15 @@ class KVCache:
         self.valid, self.pos = self.valid[rows], self.pos[rows]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the new keys/values [B, n_kv, T, hd] at the current slots; return all of them so
-        far."""
+        """Keys/values [B, n_kv, T, hd] into the next slots; returns all slots so far."""
         end = self.len + k.shape[2]
         self.k[layer, :, :, self.len:end] = k
         self.v[layer, :, :, self.len:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def extend(self, mask: torch.Tensor):
-        """Before a forward pass of T tokens (mask [B, T], 1 = real token): mark their slots, and
-        return the slot of each query [T], the slot of each key [S] and which key slots hold real
-        tokens [B, S]."""
+        """Before a pass of T tokens (mask [B, T]): mark their slots; return the slot of
+        each query [T], of each key [S], and which key slots hold real tokens [B, S]."""
         start, T = self.len, mask.shape[1]
         if start + T > self.max_len:
             raise ValueError(f"KV cache is full: {start} + {T} tokens > max_len {self.max_len}")
@@ -182,32 +181,31 @@ class KVCache:
         return slots[start:], slots, self.valid[:, :start + T]
 
     def advance(self, mask: torch.Tensor):
-        """After the forward pass: the T slots are used, and each row's next position moves past its
-        real tokens."""
+        """After the pass: T slots more are used; each row moves past its real tokens."""
         self.len += mask.shape[1]
         self.pos += mask.sum(-1)
 
 
 class SharedPromptCache(KVCache):
-    """A cache that autograd can go through, for training on G responses that share one prompt: each
-    distinct prompt runs once, `keep` hands its keys/values to every row that answers it (rows may
-    repeat), and the responses attend to them. Keys/values are concatenated per layer rather than
-    written in place into a pre-allocated buffer: an in-place write would change tensors the
-    backward pass has saved."""
+    """A cache that autograd can go through, for training on G responses that share one
+    prompt.
+
+    Each distinct prompt runs once; `keep` hands its keys/values to every row that answers
+    it (rows may repeat), and the responses attend to them. Keys/values are concatenated
+    per layer, not written into a buffer: an in-place write would change tensors the
+    backward has saved. After keep (frozen) the prompts' keys/values are only read, so a
+    block that attends to them is a pure function of its inputs (what activation
+    checkpointing recomputes)."""
 
     def __init__(self, batch: int, max_len: int, device="cpu"):
         self.k, self.v = [], []  # per layer [B, nkv, S, hd]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.len, self.max_len = 0, max_len
-        # after keep: the prompts' keys/values are only read, so a block that attends to them is a
-        # pure function of its inputs (what activation checkpointing recomputes)
-        self.frozen = False
+        self.len, self.max_len, self.frozen = 0, max_len, False
 
     def keep(self, rows: torch.Tensor):
-        # index_select, not k[rows]: the backward of advanced indexing with repeated rows
-        # accumulates in a thread-dependent order on the CPU (runs stop being bit-for-bit
-        # reproducible); index_select's does not
+        # index_select, not k[rows]: the backward of indexing with repeated rows sums in an
+        # order that depends on the threads (not reproducible bit for bit); index_select's not
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
         self.valid, self.pos = self.valid[rows], self.pos[rows]
@@ -221,10 +219,9 @@ class SharedPromptCache(KVCache):
 
 
 def on_tokens(fn, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-    """fn(x) for x [B, T, d] -> [B, T, d'], computed on the real tokens only: real = their indices
-    in x.flatten(0, 1) (None: every token). Padding gets zeros, which nothing reads (attention masks
-    it), so the linear layers, nearly all the FLOPs, skip the padding of a batch whose rows differ
-    in length (the responses of a micro-batch padded to the longest one, left-padded prompts)."""
+    """fn(x) for x [B, T, d] -> [B, T, d'] on the real tokens only: real = their indices
+    in x.flatten(0, 1) (None: every token). Padding gets zeros, which attention masks: the
+    linear layers, nearly all the FLOPs, skip the padding of rows of different lengths."""
     if real is None:
         return fn(x)
     y = fn(x.flatten(0, 1).index_select(0, real))                   # [N, d']
@@ -253,17 +250,13 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
-        # in fp32 (cos, sin) even under autocast
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # then back to the compute dtype, the KV cache's
-        q, k = q.to(v.dtype), k.to(v.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)   # in fp32 (cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)       # back to the compute dtype, the KV cache's
         if cache is not None:
             k, v = cache.write(layer, k, v)                # [B, nkv, S, hd], S = slots so far
-        # each group of nh/nkv query heads shares one kv head (GQA); scale is hd^-0.5. The kernel
-        # SDPA picks: on a CPU its flash kernel, with or without a mask, GQA included. On CUDA,
-        # with no mask (unpadded rows, no cache) the flash kernel; a mask rules flash out, and the
-        # memory-efficient kernel takes a mask but not enable_gqa, so there the kv heads are
-        # repeated for it (else the math kernel would hold [B, nh, T, S] fp32 probabilities)
+        # each group of nh/nkv query heads shares one kv head (GQA); scale hd^-0.5. On
+        # CUDA a mask rules the flash kernel out, and the memory-efficient one takes no
+        # enable_gqa: the kv heads are repeated for it (docs/scaling.md)
         gqa = True
         if mask is not None and q.is_cuda and self.nh != self.nkv:
             k = k.repeat_interleave(self.nh // self.nkv, 1)
@@ -287,8 +280,9 @@ class MLP(nn.Module):
 
 @dataclass
 class Residuals:
-    """Every term of the residual stream. resid has L+1 entries (h_0..h_L, before the final norm);
-    the others have L entries, entry l-1 belonging to layer l. All are [B, T, hidden]."""
+    """Every term of the residual stream. resid has L+1 entries (h_0..h_L, before the
+    final norm); the others have L entries, entry l-1 belonging to layer l. All are [B, T,
+    hidden]."""
     resid: list = field(default_factory=list)     # h_0 .. h_L
     attn_in: list = field(default_factory=list)   # RMSNorm_in_l(h_{l-1})
     attn_out: list = field(default_factory=list)  # a_l
@@ -323,9 +317,10 @@ class Pass:
     """What every block of one forward pass shares, and the speed paths of the pass:
       1. positions and the attention mask (None: plain causal attention, the fast path);
       2. RoPE's cos and sin;
-      3. real: the indices of the real tokens when some are padding (the linear layers skip the
-         rest, on_tokens);
-      4. recompute: activation checkpointing of each block (Transformer.grad_checkpoint)."""
+      3. real: the indices of the real tokens when some are padding (the linear layers
+         skip the rest, on_tokens);
+      4. recompute: activation checkpointing of each block
+         (Transformer.grad_checkpoint)."""
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None
@@ -351,20 +346,17 @@ class Pass:
         mask = None
         if cache is not None or (padded and not attention_mask.all()):
             q_slot, k_slot = q_slot[:, None], k_slot[None, :]            # [T, 1], [1, S]
-            # causal and not padding; a query always sees itself, so that no padding row is all
-            # -inf (NaN)
-            mask = ((k_slot <= q_slot) & key_valid[:, None, :]) | (k_slot == q_slot)   # [B, T, S]
+            # causal, not padding, and a query sees itself (no all -inf row: no NaN)
+            mask = ((k_slot <= q_slot) & key_valid[:, None, :]) | (k_slot == q_slot)
             mask = mask[:, None]                                           # [B, 1, T, S]
         cos, sin = rope_cos_sin(model.inv_freq, positions.clamp(min=0),
                                 model.embed_tokens.weight.dtype)
-        # the real tokens, when some are padding; not for a record (it holds every position). A
-        # decode step marks its stopped rows as padding on a CPU; on a GPU (and compiled) it
-        # passes no mask, as finding the real rows would sync
+        # the real tokens when some are padding (not for a record: it holds all positions)
         real = None
         if padded and not return_residuals and not attention_mask.all():
             real = attention_mask.flatten().nonzero()[:, 0]                # [N]
-        # checkpointing needs a block that is a pure function of its inputs: no record to append
-        # to, and a cache only when it is read-only (SharedPromptCache after keep)
+        # checkpointing needs a block that is a pure function of its inputs: no record,
+        # and a cache only when it is read-only (SharedPromptCache after keep)
         recompute = (model.grad_checkpoint and torch.is_grad_enabled() and not return_residuals
                      and (cache is None or getattr(cache, "frozen", False)))
         return cls(cos, sin, mask, attention_mask, cache, real, recompute)
@@ -383,7 +375,7 @@ class Pass:
             self.cache.advance(self.attention_mask)
 
     def unembed(self, model, h):
-        """W_U RMSNorm_final(h). One token per row (a decode step): padding rows are skipped."""
+        """W_U RMSNorm_final(h); a decode step skips its padding rows."""
         real = self.real if self.attention_mask.shape[1] == 1 else None
         return on_tokens(lambda x: model.lm_head(model.norm(x)), h, real)
 
@@ -415,13 +407,12 @@ class Transformer(nn.Module):
                 return_residuals: bool = False, last_only: bool = False,
                 upto_layer: int | None = None, keep_hidden: tuple | None = None):
         """input_ids [B, T] -> logits [B, T, V] ([B, 1, V] with last_only).
-
-        attention_mask [B, T]: 1 for real tokens, 0 for (left) padding; positions count real
-        tokens only. With a cache, the T tokens come after its slots. Options:
+        attention_mask [B, T]: 1 for real tokens, 0 for (left) padding. Positions count real
+        tokens only; with a cache, the T tokens come after its slots.
           return_residuals: also the Residuals record;
-          upto_layer = l: only blocks 1..l run, and the result is h_l (no norm, no logits);
-          keep_hidden = (l, ...): also {l: h_l} of just those layers, so that a pass without
-            gradients holds no other layer's activations."""
+          upto_layer = l: only blocks 1..l run; the result is h_l (no norm, no logits);
+          keep_hidden = (l, ...): also {l: h_l} of just those layers (a pass without
+            gradients then holds no other layer's activations)."""
         run = Pass.of(self, input_ids, attention_mask, cache, return_residuals)
         record = Residuals() if return_residuals else None
         h = self.embed_tokens(input_ids)                  # h_0 (RoPE acts inside attention)
@@ -440,16 +431,15 @@ class Transformer(nn.Module):
         return (h, record) if return_residuals else h
 
     def new_cache(self, batch: int, max_len: int, kind: type = KVCache) -> KVCache:
-        """A KV cache in the compute dtype: the weights' dtype, or under autocast its dtype (bf16
-        keys and values, half the memory of fp32 masters'; infra/precision.py). kind: KVCache, or
-        the compiled decode step's StaticKVCache (infra/compiled.py)."""
+        """A KV cache (or rollout.StaticKVCache) in the compute dtype: the weights', or
+        under autocast its dtype (bf16 keys and values; infra/precision.py)."""
         p = self.embed_tokens.weight
         amp = torch.is_autocast_enabled(p.device.type)
         dtype = torch.get_autocast_dtype(p.device.type) if amp else p.dtype
         return kind(self.config, batch, max_len, dtype=dtype, device=p.device)
 
     # -------------------------------------------------------------------------
-    # HF-layout checkpoints: our parameter names are transformers' without the "model." prefix
+    # HF-layout checkpoints: our parameter names are transformers' without "model."
 
     def hf_state_dict(self, state: dict | None = None) -> dict:
         """transformers' names of our state dict (or of `state`, one in our names)."""
@@ -463,8 +453,9 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu",
                         config: Config | None = None) -> "Transformer":
         """Load an HF-layout folder (config.json + model.safetensors or a sharded index).
-        Tensors are read and checked one at a time (infra/checkpoint.py), so the model is never
-        twice in memory. config: the folder's Config.read, when the caller has it already."""
+        Tensors are read and checked one at a time (infra/checkpoint.py), so the model is
+        never twice in memory. config: the folder's Config.read, when the caller has it
+        already."""
         cfg = config or Config.read(path, device)
         path = checkpoint.model_folder(path, device) if config is None else Path(path)
         with torch.device("meta"):
@@ -476,15 +467,17 @@ class Transformer(nn.Module):
         return model.assign({k.removeprefix("model."): v for k, v in state.items()}, device)
 
     def copy_with(self, state: dict) -> "Transformer":
-        """A model of this config holding `state`'s tensors (our names) themselves, no copy: a
-        sharded model's gathered weights, to decode with (infra/distributed.py)."""
+        """A model of this config holding `state`'s tensors (our names) themselves, no
+        copy: a sharded model's gathered weights, to decode with
+        (infra/distributed.py)."""
         with torch.device("meta"):
             copy = Transformer(self.config)
         return copy.assign(state, next(iter(state.values())).device)
 
     def assign(self, state: dict, device) -> "Transformer":
-        """This model (built on the meta device) holding the tensors of `state` (our names; a tied
-        lm_head.weight may be left out) themselves, no copy; the rotary buffer on `device`."""
+        """This model (built on the meta device) holding the tensors of `state` (our
+        names; a tied lm_head.weight may be left out) themselves, no copy; the rotary
+        buffer on `device`."""
         self.load_state_dict(state, strict=False, assign=True)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -492,9 +485,10 @@ class Transformer(nn.Module):
         return self.eval()
 
     def save_pretrained(self, path, copy_from=None, state: dict | None = None):
-        """Write config.json + model.safetensors (+ tokenizer files of `copy_from`) atomically,
-        loadable by transformers; non-finite weights are refused (checkpoint.write_folder).
-        state: the weights to write instead of this model's (a sharded model's, gathered)."""
+        """Write config.json + model.safetensors (+ tokenizer files of `copy_from`)
+        atomically, loadable by transformers; non-finite weights are refused
+        (checkpoint.write_folder). state: the weights to write instead of this model's (a
+        sharded model's, gathered)."""
         sd = self.hf_state_dict(state)
         dtype = str(sd["model.embed_tokens.weight"].dtype).removeprefix("torch.")
         checkpoint.write_folder(path, sd,

@@ -1,26 +1,27 @@
 """
-Tasks with exact answers, generated offline from a seed: prompts for the analysis and the RL
-training.
+Tasks with exact answers, generated offline from a seed: prompts for the analysis and the
+RL training.
 
     add         "What is 3 + 5?": one-digit sums, which a 135M model learns in tens of RL steps
     arithmetic  "What is 37 + 48?"-style problems, small numbers, one or two operations
     word        short grade-school word problems (shopping, sharing, rates) with integer answers
     sum2 .. sum4, sum2x3   sums of two 2- to 4-digit numbers, or of three 2-digit ones (difficulty)
 
-Every problem is asked with the authors' system prompt, so the answer is expected in \\boxed{}.
-Departure: the user message also ends with FORMAT_HINT ("... for example \\boxed{5}."); without it
-the small offline models almost never write \\boxed{} (SmolLM2-135M: 0 of 64 answers), so every
-reward would be 0 and RL would have nothing to learn from. With shots=1 (train.py and analyze.py
---shots 1) one worked example of the task (DEMOS: a training-split question, a one-line solution
-ending in \\boxed{}) comes before the question as an earlier user / assistant turn; this raises
-SmolLM2-135M's base rate on `add` from about 1% to about 30% (T = 1, 128 samples), so that most
-groups of 8 hold both a right and a wrong answer. Answers are scored by the authors' reward: 1 if
-the content of the LAST \\boxed{...} (or "\\boxed ...") of the response, after the Hendrycks MATH
-string normalisation, equals the normalised answer, else 0 (no box: 0). The reward functions are
-pure, never raise and never evaluate anything; their cost is linear in the response length. Train
-and test are disjoint by construction: a question belongs to the test split when the CRC-32 of its
-text is divisible by TEST_EVERY, so no test question is ever drawn for training, whatever the seeds
-and sizes.
+Every problem is asked with the authors' system prompt, so the answer is expected in
+\\boxed{}. Departure: the user message also ends with FORMAT_HINT ("... for example
+\\boxed{5}."); without it the small offline models almost never write \\boxed{}
+(SmolLM2-135M: 0 of 64 answers), so every reward would be 0 and RL would have nothing to
+learn from. With shots=1 (train.py and analyze.py --shots 1) one worked example of the
+task (DEMOS: a training-split question, a one-line solution ending in \\boxed{}) comes
+before the question as an earlier user / assistant turn; this raises SmolLM2-135M's base
+rate on `add` from about 1% to about 30% (T = 1, 128 samples), so that most groups of 8
+hold both a right and a wrong answer. Answers are scored by the authors' reward: 1 if the
+content of the LAST \\boxed{...} (or "\\boxed ...") of the response, after the Hendrycks
+MATH string normalisation, equals the normalised answer, else 0 (no box: 0). The reward
+functions are pure, never raise and never evaluate anything; their cost is linear in the
+response length. Train and test are disjoint by construction: a question belongs to the
+test split when the CRC-32 of its text is divisible by TEST_EVERY, so no test question is
+ever drawn for training, whatever the seeds and sizes.
 """
 import functools
 import json
@@ -46,8 +47,8 @@ class Problem:
     answer: str
 
     def messages(self, system: bool = True, demo: tuple[str, str] | None = None) -> list[dict]:
-        """The chat of the problem: the authors' system prompt, then, given a demo (question,
-        solution), that worked example as an earlier turn, then the question with FORMAT_HINT."""
+        """The chat: the authors' system prompt, the worked example `demo` (question,
+        solution) as an earlier turn, then the question with FORMAT_HINT."""
         head = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
         if demo:
             head += [{"role": "user", "content": f"{demo[0]} {FORMAT_HINT}"},
@@ -105,9 +106,9 @@ def word(rng: random.Random) -> Problem:
 
 
 def sums(digits: int, operands: int = 2):
-    """The `sum*` tasks: sums of `operands` numbers of exactly `digits` digits. Digits and operands
-    are the difficulty knob (README, "Calibration"); the question space is large enough for a
-    held-out set of thousands."""
+    """The `sum*` tasks: sums of `operands` numbers of exactly `digits` digits. Digits and
+    operands are the difficulty knob (README, "Calibration"); the question space is large
+    enough for a held-out set of thousands."""
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1
 
     def task(rng: random.Random) -> Problem:
@@ -121,8 +122,8 @@ TASKS = {"add": add, "arithmetic": arithmetic, "word": word,
 HELP = ("add: one-digit sums; sum2 / sum3 / sum4: sums of two 2- / 3- / 4-digit numbers; sum2x3: "
         "three 2-digit numbers; arithmetic: +, -, * on numbers up to 50, one or two operations; "
         "word: short word problems")
-# one worked example per task for --shots 1, each a training-split question (tested), never a test
-# one
+# one worked example per task for --shots 1, each a training-split question (tested),
+# never a test one
 DEMOS = {
     "add": ("What is 2 + 3?", "2 + 3 = 5. The answer is \\boxed{5}."),
     "arithmetic": ("What is 12 + 4 * 3?",
@@ -141,9 +142,9 @@ PROMPT_FORMATS = ("hint", "paper")
 
 
 def chat(problem: Problem, task: str | None, shots: int = 0, fmt: str = "hint") -> list[dict]:
-    """The messages of a problem of `task` (None: from a file). fmt "hint": the authors' system
-    prompt, `shots` (0 or 1) worked examples, the question with FORMAT_HINT (for small models);
-    "paper": the authors' system prompt and the question alone (section 5.1; a Qwen3 user's)."""
+    """The messages of a problem of `task` (None: from a file). fmt "hint": the authors'
+    system prompt, `shots` (0 or 1) worked examples, the question with FORMAT_HINT;
+    "paper": the authors' system prompt and the question alone (section 5.1)."""
     if shots not in (0, 1):
         raise ValueError(f"--shots must be 0 or 1, not {shots}")
     if fmt == "paper":
@@ -167,8 +168,8 @@ def problems(task: str, n: int, seed: int = 0, split: str = "train") -> list[Pro
 
 
 def longest_prompt(tok, task: str, shots: int = 0, seed: int = 0, n: int = 64) -> int:
-    """Tokens in the longest chat prompt of n problems of each split: what prompt + response must
-    fit in a context, checked before any sampling (cli.fits_context)."""
+    """Tokens in the longest chat prompt of n problems of each split: what prompt +
+    response must fit in a context, checked before any sampling (cli.fits_context)."""
     return max(len(tok.encode_chat(chat(p, task, shots))) for split in ("train", "test")
                for p in problems(task, n, seed, split))
 
@@ -181,11 +182,11 @@ ANSWER_KEYS = ("answer", "final_answer", "solution")
 
 
 def read_problems(path, question_key: str | None = None, answer_key: str | None = None) -> list:
-    """The problems of a JSONL (or .parquet) file. The question is the first of QUESTION_KEYS a
-    record has, the answer the first of ANSWER_KEYS; question_key / answer_key name other fields.
-    An answer ending in "#### 42" (GSM8K) is its tail, one with a \\boxed{} (a MATH `solution`) its
-    last box; a `solution` with neither is refused. A record without them is refused as file:line
-    (infra/data.py)."""
+    """The problems of a JSONL (or .parquet) file. The question is the first of
+    QUESTION_KEYS a record has, the answer the first of ANSWER_KEYS; question_key /
+    answer_key name other fields. An answer ending in "#### 42" (GSM8K) is its tail, one
+    with a \\boxed{} (a MATH `solution`) its last box; a `solution` with neither is
+    refused. A record without them is refused as file:line (infra/data.py)."""
     out = []
     for where, rec in data.records(path):
         q = _text(rec, where, question_key, QUESTION_KEYS, "question")
@@ -214,7 +215,8 @@ def _text(rec: dict, where: str, key: str | None, keys: tuple, what: str) -> str
 
 
 def _answer(text: str, where: str) -> str:
-    """The reference answer of a field: GSM8K's "#### 42" tail, MATH's last \\boxed{}, or as is."""
+    """The reference answer of a field: GSM8K's "#### 42" tail, MATH's last \\boxed{}, or
+    as is."""
     if "####" in text:
         text = text.rsplit("####", 1)[1].strip()
     elif "\\boxed" in text:
@@ -231,10 +233,10 @@ def _answer(text: str, where: str) -> str:
 
 
 def epoch_draw(n: int, step: int, per_step: int, seed: int) -> list[int]:
-    """The indices of RL step `step`'s problems (1-based steps) among n: the file is drawn without
-    replacement in seeded epochs, each a fresh permutation, so every problem comes once per epoch
-    and a step's problems are a fixed function of (seed, step): a resumed run draws what an
-    uninterrupted one would, mid-epoch included."""
+    """The indices of RL step `step`'s problems (1-based steps) among n: the file is drawn
+    without replacement in seeded epochs, each a fresh permutation, so every problem comes
+    once per epoch and a step's problems are a fixed function of (seed, step): a resumed
+    run draws what an uninterrupted one would, mid-epoch included."""
     first = (step - 1) * per_step
     return [_epoch(n, seed, i // n)[i % n] for i in range(first, first + per_step)]
 
@@ -248,9 +250,9 @@ def _epoch(n: int, seed: int, epoch: int) -> tuple:
 
 @dataclass
 class Source:
-    """Where a run's problems come from: a generated task (its test split for evaluation), or a
-    data file, plus any benchmark files to evaluate on; how each problem is asked (the prompt
-    format, worked examples, the chat template's keyword arguments)."""
+    """Where a run's problems come from: a generated task (its test split for evaluation),
+    or a data file, plus any benchmark files to evaluate on; how each problem is asked
+    (the prompt format, worked examples, the chat template's keyword arguments)."""
     task: str
     shots: int = 1
     fmt: str = "hint"
@@ -265,8 +267,8 @@ class Source:
         return [self.train[i] for i in epoch_draw(len(self.train), step, per_step, seed)]
 
     def eval_sets(self, n: int, seed: int) -> dict:
-        """name -> held-out problems: n of a generated task's test split (named "", its metrics are
-        eval/<metric>), then each benchmark file (eval/<name>/<metric>)."""
+        """name -> held-out problems: n of a generated task's test split (named "", its
+        metrics are eval/<metric>), then each benchmark file (eval/<name>/<metric>)."""
         own = {"": problems(self.task, n, seed, "test")} if self.train is None and n else {}
         return {**own, **self.benchmarks}
 
@@ -275,10 +277,10 @@ class Source:
         return tok.encode_chat(msgs, **self.template_kwargs)
 
     def longest_prompt(self, tok, args, say=print) -> int:
-        """Tokens in the longest prompt the run will ask: of 64 problems of each split of a
-        generated task, or of the files once prompts over --max-prompt-tokens are dropped (with a
-        count) and an overlap of training and benchmark questions is reported (say=None: quiet,
-        the other ranks)."""
+        """Tokens in the longest prompt the run will ask: of 64 problems of each split of
+        a generated task, or of the files once prompts over --max-prompt-tokens are
+        dropped (with a count) and an overlap of training and benchmark questions is
+        reported (say=None: quiet, the other ranks)."""
         say = say or (lambda *_: None)
         if self.train is None and not self.benchmarks:
             return max(len(self.encode(tok, p)) for split in ("train", "test")
@@ -293,8 +295,8 @@ class Source:
         return longest
 
     def drop_long(self, tok, limit: int, say=print) -> int:
-        """Drop the problems whose prompt is longer than `limit` tokens (the paper: 1,024), each
-        set counted in one line; the longest prompt kept."""
+        """Drop the problems whose prompt is longer than `limit` tokens (the paper:
+        1,024), each set counted in one line; the longest prompt kept."""
         longest = 0
         sets = {"--data": self.train} if self.train is not None else {}
         for name, ps in {**sets, **self.benchmarks}.items():
@@ -324,8 +326,8 @@ class Source:
 
 
 def add_data_args(p, train: bool):
-    """The flags of where the problems come from and how they are asked, shared by train.py and
-    analyze.py (source reads them)."""
+    """The flags of where the problems come from and how they are asked, shared by
+    train.py and analyze.py (source reads them)."""
     g = p.add_argument_group("problems")
     g.add_argument("--data", default=None,
                    help="a .jsonl (or .parquet) file of problems to use instead of --task: a "
@@ -370,13 +372,13 @@ def source(args) -> Source:
 
 
 # -----------------------------------------------------------------------------
-# the reward: verl/utils/reward_score/math.py as the authors use it (docs/method.md 8), quirks
-# included: "\boxed " anywhere wins over a later "\boxed{}", a normalisation step that raises falls
-# back to comparing the raw strings, and any other failure scores 0.
+# the reward: verl/utils/reward_score/math.py as the authors use it (docs/method.md 8),
+# quirks included: "\boxed " anywhere wins over a later "\boxed{}", a normalisation step
+# that raises falls back to comparing the raw strings, and any other failure scores 0.
 
 def last_boxed(text: str) -> str | None:
-    """The last "\boxed{...}" (braces balanced) of text, or the text after the last "\boxed " up to
-    a "$"."""
+    """The last "\\boxed{...}" (braces balanced) of text, or the text after the last
+    "\\boxed " up to a "$"."""
     if "\\boxed " in text:
         tail = text[text.rfind("\\boxed ") + 7:]
         return "\\boxed " + tail[:tail.find("$")] if "$" in tail else "\\boxed " + tail
@@ -390,10 +392,8 @@ def last_boxed(text: str) -> str | None:
 
 
 def closing_brace(text: str, start: int) -> int | None:
-    """The index of the first "}" after `start` at which the braces opened since `start` are all
-    closed (depth back to 0), or None. Vectorised with numpy on the UTF-8 bytes (a brace byte is
-    never part of a multi-byte character), so hostile output, a megabyte of braces, costs
-    milliseconds instead of a Python loop."""
+    """The index of the first "}" after `start` that closes every brace opened since, or
+    None. With numpy on the UTF-8 bytes: a megabyte of braces costs milliseconds."""
     b = text[start:].encode("utf-8", "surrogatepass")
     a = np.frombuffer(b, dtype=np.uint8)
     opens, closes = a == ord("{"), a == ord("}")
@@ -412,11 +412,12 @@ def remove_boxed(s: str) -> str:
     raise ValueError(f"not a boxed answer: {s[:30]!r}")
 
 
-# The two fixes below are the original per-"\\frac" / per-"\\sqrt" loops (split on the command, look
-# at the first characters of each part, wrap them in braces), done on the array of code points with
-# numpy, so that their cost stays linear and in C even on hostile output with a hundred thousand
-# commands (tests/test_tasks.py checks them against the loops). Neither command can overlap itself,
-# so its occurrences are exactly the loop's split points.
+# The two fixes below are the original per-"\\frac" / per-"\\sqrt" loops (split on the
+# command, look at the first characters of each part, wrap them in braces), done on the
+# array of code points with numpy, so that their cost stays linear and in C even on
+# hostile output with a hundred thousand commands (tests/test_tasks.py checks them against
+# the loops). Neither command can overlap itself, so its occurrences are exactly the
+# loop's split points.
 
 def _codes(s: str) -> np.ndarray:
     return np.frombuffer(s.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
@@ -434,7 +435,8 @@ def _occurrences(c: np.ndarray, word: str) -> np.ndarray:
 
 
 def _insert(c: np.ndarray, where: list, chars: str) -> str:
-    """c with chars[i] inserted before index where[i] (equal indices keep their order), as a str."""
+    """c with chars[i] inserted before index where[i] (equal indices keep their order), as
+    a str."""
     idx = np.concatenate(where) if where else np.zeros(0, dtype=np.int64)
     vals = (np.concatenate([np.full(len(w), ord(ch), dtype=np.uint32)
                             for w, ch in zip(where, chars)]) if where else idx)
@@ -452,8 +454,7 @@ def _fix_fracs(s: str) -> str:  # \frac12 -> \frac{1}{2}, \frac1{b} -> \frac{1}{
     first = c[np.minimum(start, len(c) - 1)]
     bad = np.flatnonzero((end == start) | ((end - start == 1) & (first != ord("{"))))
     if len(bad):
-        # the loop stops at the first such part: IndexError on an empty one, s unchanged on a short
-        # one
+        # the loop stops at the first: IndexError on an empty part, s as is on a short one
         if end[bad[0]] == start[bad[0]]:
             raise IndexError("empty \\frac part")
         return s
@@ -484,15 +485,12 @@ def _fix_a_slash_b(s: str) -> str:
 
 
 def _replace(s: str, old: str, new: str) -> str:
-    """s.replace(old, new), skipped when a character of `old` is absent (a fast memchr): a replace
-    scans the whole string even when nothing matches, and the normalisation below would scan a
-    hostile answer 15 times."""
+    """s.replace(old, new), skipped when a character of `old` is absent (memchr)."""
     return s.replace(old, new) if all(ch in s for ch in set(old)) else s
 
 
 def strip_string(s: str) -> str:
-    """The Hendrycks MATH normalisation, step for step; it may raise on malformed input (see
-    is_equiv)."""
+    """The Hendrycks MATH normalisation, step for step; it may raise (see is_equiv)."""
     for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac"),
                      ("\\left", ""),
                      ("\\right", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
@@ -525,8 +523,8 @@ def is_equiv(a: str, b: str) -> bool:
 
 
 def reward(response: str, answer: str) -> float:
-    """1.0 if the last boxed answer of the response equals the ground truth after normalisation,
-    else 0.0. Pure: never raises, never evaluates anything."""
+    """1.0 if the last boxed answer of the response equals the ground truth after
+    normalisation, else 0.0. Pure: never raises, never evaluates anything."""
     boxed = last_boxed(response)
     try:
         return float(boxed is not None and is_equiv(remove_boxed(boxed), answer))

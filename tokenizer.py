@@ -1,10 +1,11 @@
 """
-The tokenizer of a model folder: tokenizer.json, the model's own chat template, and its stop tokens.
+The tokenizer of a model folder: tokenizer.json, the model's own chat template, and its
+stop tokens.
 
-The chat template is the model's own Jinja template (tokenizer_config.json or chat_template.jinja),
-rendered the way transformers renders it (sandboxed Jinja2, trim_blocks, lstrip_blocks,
-`raise_exception`, `tojson`), so that a prompt here is token for token the prompt the model was
-trained with.
+The chat template is the model's own Jinja template (tokenizer_config.json or
+chat_template.jinja), rendered the way transformers renders it (sandboxed Jinja2,
+trim_blocks, lstrip_blocks, `raise_exception`, `tojson`), so that a prompt here is token
+for token the prompt the model was trained with.
 """
 import json
 from datetime import datetime
@@ -13,16 +14,17 @@ from pathlib import Path
 from infra.checkpoint import check_tokenizer
 from infra.errors import ModelLoadError, first_line
 
-# end-of-turn / end-of-text tokens of the supported families; each one present in the vocabulary
-# stops sampling
+# end-of-turn / end-of-text tokens of the supported families; each one present in the
+# vocabulary stops sampling
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>")
 
 
 class Tokenizer:
     def __init__(self, path, config=None):
-        """The tokenizer of the model folder `path`. config: the weights' model.Config, when the
-        caller has read it: its eos_token_id is used (config.json is not read again), and the
-        tokenizer is checked against its vocabulary (infra/checkpoint.py)."""
+        """The tokenizer of the model folder `path`. config: the weights' model.Config,
+        when the caller has read it: its eos_token_id is used (config.json is not read
+        again), and the tokenizer is checked against its vocabulary
+        (infra/checkpoint.py)."""
         from tokenizers import Tokenizer as HFTokenizer
         path = Path(path)
         file = path / "tokenizer.json"
@@ -50,8 +52,8 @@ class Tokenizer:
         self.chat_template = template
         self._template = _compile(template, path) if template else None
 
-        # stop ids: eos of config.json / generation_config.json / tokenizer_config.json, and every
-        # end-of-turn token
+        # stop ids: eos of config.json / generation_config.json / tokenizer_config.json,
+        # and every end-of-turn token
         ids = set()
         for cfg_file in ("config.json", "generation_config.json"):
             if cfg_file == "config.json" and config is not None:
@@ -80,8 +82,7 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids, with no BOS or other post-processing (chat templates write their own
-        BOS)."""
+        """Text -> ids, no BOS or post-processing (chat templates write their own)."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -89,8 +90,7 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> str:
-        """Render the model's template: messages = [{"role": "system"|"user"|"assistant", "content":
-        str}]."""
+        """The model's template rendered: messages = [{"role": ..., "content": str}]."""
         import jinja2
         if self._template is None:
             raise ModelLoadError(f"{self.folder}: this tokenizer has no chat_template; use a "
@@ -101,8 +101,7 @@ class Tokenizer:
                                          **self.special, **kwargs)
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError,
                 IndexError) as e:
-            # the sandbox refusing an operation, raise_exception() in the template, a missing
-            # variable, ...
+            # the sandbox refusing an operation, raise_exception() in the template, ...
             raise ModelLoadError(f"{self.folder}: the chat template failed ({type(e).__name__}: "
                                  f"{_one_line(e)}); fix the template in "
                                  "tokenizer_config.json") from None

@@ -5,32 +5,37 @@ GRPO and BuPO training of a decoder on a task with a verifiable reward.
     python train.py --algo bupo --out runs/bupo      # default model, one-digit sums, CPU-sized
     python train.py --algo grpo --out runs/grpo --seed 1
     python train.py --resume runs/bupo --steps 40    # continue exactly where it stopped
-    torchrun --standalone --nproc-per-node 8 train.py --device cuda --prompts-per-step 128 \\
+    torchrun --standalone --nproc-per-node 8 train.py --device cuda --prompts-per-step 128
+    \\
         --out runs/dp
 
 One RL step, as rl_step runs it (steps count from 1, like the authors' global_steps):
   1. sample: P prompts and G responses to each, from the FULL policy at temperature T
-     (rollout.generate), in both phases. The prompts are a fixed function of --seed and step.
+     (rollout.generate), in both phases. The prompts are a fixed function of --seed and
+     step.
   2. score: 1/0 from the last \\boxed{} (tasks.reward), then group advantages
      (bupo.group_advantages).
-  3. old log-probs: the step optimises pi^l while step <= --internal-steps in BuPO (phase 1),
-     pi_theta after (bupo.phase_layer, eq. 10). A pass without gradients, at the weights of
-     the start of the step, gives its old log-probs and the diagnostics (bupo.policy_logprobs).
-     On pi_theta in fp32 the sampler's own log-probs are the old ones (--old-logprobs auto).
-  4. update: --mini-batches AdamW steps on consecutive slices of the P*G responses (one epoch,
-     no shuffle), on the clipped surrogate (bupo.policy_loss; on pi^l it is eq. 9).
+  3. old log-probs: the step optimises pi^l while step <= --internal-steps in BuPO (phase
+     1), pi_theta after (bupo.phase_layer, eq. 10). A pass without gradients, at the
+     weights of the start of the step, gives its old log-probs and the diagnostics
+     (bupo.policy_logprobs). On pi_theta in fp32 the sampler's own log-probs are the old
+     ones (--old-logprobs auto).
+  4. update: --mini-batches AdamW steps on consecutive slices of the P*G responses (one
+     epoch, no shuffle), on the clipped surrogate (bupo.policy_loss; on pi^l it is eq. 9).
      zero_grad(set_to_none=True), so in phase 1 the blocks above l stay untouched.
   5. log: one line of metrics.jsonl (infra/metrics.py says what each metric means).
 main also evaluates (analyze.evaluate) and saves checkpoints (infra/runs.py).
 
 Departures from the authors' code, on purpose:
-  1. Phase 1's gradient passes stop the forward after block l. Nothing above l gets a gradient
-     either way: the same loss and gradients, for less compute.
+  1. Phase 1's gradient passes stop the forward after block l. Nothing above l gets a
+     gradient either way: the same loss and gradients, for less compute.
   2. The loss is an exact masked token-mean over each mini-batch, however it is cut into
      micro-batches (the authors' dynamic batching only approximates it; docs/method.md).
-  3. The prompts are generated (tasks.py) instead of a 5k DeepMath file. The reward is theirs.
-  4. Sizes fit a CPU: 8 prompts x 8 responses per step instead of 128 x 8, short responses.
-     The ratios of the authors' schedule are kept: s_inter = 10% of the steps, 4 updates.
+  3. The prompts are generated (tasks.py) instead of a 5k DeepMath file. The reward is
+     theirs.
+  4. Sizes fit a CPU: 8 prompts x 8 responses per step instead of 128 x 8, short
+     responses. The ratios of the authors' schedule are kept: s_inter = 10% of the steps,
+     4 updates.
   5. On pi_theta in fp32 the sampler's log-probs are the old ones.
      The authors recompute them, as --old-logprobs recompute does.
 Scale enters as one call each: torchrun and FSDP2 (infra/distributed.py), mixed precision
@@ -61,9 +66,8 @@ from tokenizer import Tokenizer
 
 def rl_step(model, tok, src, opt, args, step, layer, ref=None, amp=contextlib.nullcontext,
             sampler_old: bool = False):
-    """One RL step, in the order of the module docstring.
-    amp() opens a fresh autocast region for one forward phase (infra/precision.py).
-    sampler_old: a step on pi_theta takes the rollout's log-probs as its old ones."""
+    """One RL step, in the order of the module docstring. amp(): a fresh autocast region.
+    sampler_old: a step on pi_theta takes the sampler's log-probs as the old ones."""
     t0 = time.perf_counter()
     L, G = model.config.num_layers, args.group_size
     # 1. sample G responses to each of this rank's prompts, from the full policy
@@ -78,8 +82,8 @@ def rl_step(model, tok, src, opt, args, step, layer, ref=None, amp=contextlib.nu
     stats_layer = layer if args.algo == "bupo" else L
     groups = micro_batches(len(batch.ids), args)
     if sampler_old and policy_layer == L:
-        # the sampler drew each token from pi_theta_old itself: its log-probs are the old ones;
-        # the diagnostics come from the updates' forwards
+        # the sampler drew each token from pi_theta_old itself: its log-probs are the old
+        # ones; the diagnostics come from the updates' forwards
         old, ref_logp, stats = ro.logprobs, None, {}
     else:
         old, ref_logp, stats = old_pass(model, ref, batch, groups, policy_layer, stats_layer,
@@ -115,18 +119,16 @@ def sample_step(model, tok, src, args, step, amp):
 
 
 def micro_batches(n: int, args) -> list:
-    """The rows of each mini-batch: consecutive slices, cut into micro-batches.
-    The old pass uses the same cuts as the updates, so the first update's ratio is exactly 1."""
+    """The rows of each mini-batch: consecutive slices, cut into micro-batches. The old
+    pass uses the same cuts as the updates: the first update's ratio is exactly 1."""
     return [list(mb.split(args.micro_batch_size))
             for mb in torch.arange(n).chunk(args.mini_batches)]
 
 
 @torch.no_grad()
 def old_pass(model, ref, batch, groups, layer, stats_layer, args, amp):
-    """At the weights of the start of the step, on the micro-batches of the updates:
-      1. the old log-probs [n, R] of pi^layer;
-      2. the reference model's (with --kl-coef; else None);
-      3. the sums of the diagnostics at stats_layer."""
+    """The old log-probs [n, R] of pi^layer, the reference model's (with --kl-coef) and
+    the sums of the diagnostics at stats_layer, on the micro-batches of the updates."""
     old = torch.zeros_like(batch.response_mask, dtype=torch.float)
     ref_logp = torch.zeros_like(old) if ref is not None else None
     stats = {}
@@ -144,10 +146,8 @@ def old_pass(model, ref, batch, groups, layer, stats_layer, args, amp):
 
 
 def update(model, opt, batch, groups, old, ref_logp, adv, layer, stats_layer, args, amp):
-    """One AdamW step per mini-batch of `groups`, on the clipped surrogate of pi^layer.
-    Returns the sums of the loss statistics, the grad norms of the steps taken and how many
-    were skipped. With stats_layer, the sums of the diagnostics there from the same forwards
-    too (mini-batch k at the weights after k updates, as TRL logs its entropy)."""
+    """One AdamW step per mini-batch, on the clipped surrogate of pi^layer. Returns the
+    sums of the loss statistics (and diagnostics), the grad norms, the updates skipped."""
     device = batch.ids.device
     sums, grad_norms, skipped = {}, [], 0
     for k, mb in enumerate(groups):
@@ -179,11 +179,9 @@ def update(model, opt, batch, groups, old, ref_logp, adv, layer, stats_layer, ar
         if math.isfinite(grad_norm) and bad_loss == 0:
             opt.step()
             grad_norms.append(grad_norm)
-        else:
-            # a NaN/inf loss or gradient never reaches the weights (as the authors' trainer)
+        else:            # a NaN/inf loss or gradient never reaches the weights
             skipped += 1
-        # None, not 0: AdamW skips parameters without a gradient
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)      # None, not 0: AdamW skips them (phase 1)
         sums[f"loss/{k}"] = loss_sum         # this rank's share of mini-batch k's loss
     return sums, grad_norms, skipped
 
@@ -208,8 +206,8 @@ def run_training(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     cli.check_train(args)
-    # un-normed W_U h_l logits are so spread that softmax underflows into subnormal floats,
-    # which CPUs compute slowly: flush them to 0 instead
+    # un-normed W_U h_l logits are so spread that softmax underflows into subnormal
+    # floats, which CPUs compute slowly: flush them to 0 instead
     torch.set_flush_denormal(True)
     # a resumed run's newest checkpoint, its weights checked on the meta device
     args, state, model_dir = runs.open_run(args, argv, build_parser, RESUME_MAY_CHANGE,
@@ -220,7 +218,8 @@ def run_training(argv=None):
     lead = dp.rank() == 0         # only rank 0 writes files and prints progress
     src = tasks.source(args)      # every data file read and checked, before any weight
     model, tok = load(model_dir, not state, src, args, device, lead)
-    # the internal layer l of phase 1: rank 0's choice for a new run, the saved one on resume
+    # the internal layer l of phase 1: rank 0's choice for a new run, the saved one on
+    # resume
     layer = state["internal_layer"] if state else model.config.num_layers
     if not state and args.algo == "bupo" and lead:
         layer = analyze.resolve_layer(args.internal_layer, model, tok, args, src)
@@ -271,8 +270,8 @@ def run_training(argv=None):
 
 
 def load(model_dir, new_run: bool, src, args, device, lead: bool):
-    """The model and tokenizer of a run on this rank's device. config.json is read once, the
-    tokenizer built once, and the memory plan checked before any weight is read."""
+    """The model and tokenizer of a run on this rank's device. config.json is read once,
+    the tokenizer built once, and the memory plan checked before any weight is read."""
     if new_run and lead:
         weights.ensure_if_default(model_dir)   # the default model, built on first use
     dp.barrier()                               # rank 0 has built it
@@ -291,11 +290,11 @@ def load(model_dir, new_run: bool, src, args, device, lead: bool):
 def old_logprobs_source(args, dtype, ref) -> str:
     """Where a step on pi_theta takes its old log-probs (--old-logprobs).
 
-    The sampler's are log softmax(logits / T) of the same policy, token and prefix (training has
-    no top-k/p filter), from the KV-cache decode instead of one pass: equal up to the rounding of
-    other shapes in fp32 (a test bounds it). In bf16 the two round apart by more, so auto
-    recomputes there, as verl and TRL do; with --kl-coef the old pass also computes the
-    reference's log-probs. Phase 1 always recomputes pi^l's."""
+    The sampler's are log softmax(logits / T) of the same policy, token and prefix
+    (training has no top-k/p filter), from the KV-cache decode instead of one pass: equal
+    up to the rounding of other shapes in fp32 (a test bounds it). In bf16 the two round
+    apart by more, so auto recomputes there, as verl and TRL do; with --kl-coef the old
+    pass also computes the reference's log-probs. Phase 1 always recomputes pi^l's."""
     if args.old_logprobs != "auto":
         return args.old_logprobs
     return "sampler" if dtype == torch.float32 and ref is None else "recompute"

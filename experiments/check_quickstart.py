@@ -3,6 +3,7 @@ Does a quick-start run keep README's promises, and is a difference from the refe
 rounding or a change of the code?
 
     bash run.sh && python experiments/check_quickstart.py runs/quickstart/<date-time>
+    python experiments/check_quickstart.py RUN --reference runs/quickstart/<earlier run>
 
 The run is deterministic for a given machine and thread count, but not across CPUs: their float
 rounding differs (1e-7 to 2e-4 relative in the step-1 entropy on the machines tried), and once a
@@ -20,7 +21,9 @@ When the first difference is a flipped token at a sampled step, that step cannot
 a change; the check says so and the ranges decide. The analysis (entropy.json beside the run, when
 there) is held to the same rule: same token count, means within ROUNDING. A run made with other
 arguments (`bash run.sh --steps 3`) gets a note naming them and is compared on the steps both have.
-A full run takes minutes, so this is a script to run by hand before a release, not a test.
+With --reference, another run.sh folder is the reference (a run made on this machine just
+before a change): then "identical" also requires the checkpoints' weights to be equal, tensor for
+tensor. A full run takes minutes, so this is a script to run by hand before a release, not a test.
 """
 import json
 import math
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "experiments" / "results" / "quickstart"
 TIMINGS = {"step_time", "tokens_per_s", "peak_memory_mb", "eval_time"}
 # where things are, not what the run does
-PATHS = {"model", "out", "analysis", "resume", "overwrite"}
+PATHS = {"model", "out", "analysis", "resume", "overwrite", "code"}
 # metrics that count sampled tokens or answers: equal unless a token flipped
 COUNTS = ("reward", "reward_std", "frac_reward_zero_std", "completions/", "eval/", "phase",
           "policy_layer", "skipped_steps")
@@ -113,6 +116,24 @@ def check_ranges(got: dict) -> list[str]:
     return broken
 
 
+def check_weights(run: Path, reference: Path) -> tuple[str, str] | None:
+    """The checkpoints both runs have, tensor for tensor; None when they have none in common."""
+    from safetensors.torch import load_file
+    mine, theirs = run / "bupo" / "checkpoints", reference / "bupo" / "checkpoints"
+    steps = sorted({p.name for p in mine.glob("step_*")} & {p.name for p in theirs.glob("step_*")})
+    if not steps:
+        return None
+    for step in steps:
+        a = load_file(mine / step / "model.safetensors")
+        b = load_file(theirs / step / "model.safetensors")
+        differ = [k for k in sorted(set(a) | set(b))
+                  if k not in a or k not in b or not a[k].equal(b[k])]
+        if differ:
+            return "regression", (f"weights: {step} differs from the reference in {len(differ)} "
+                                  f"tensors (first: {differ[0]})")
+    return "identical", f"weights: {', '.join(steps)} equal the reference's, tensor for tensor"
+
+
 def check_analysis(run: Path) -> tuple[str, str] | None:
     """The analysis beside the run, against the reference's entropy.json; None when absent."""
     file = run / "analysis" / "entropy.json"
@@ -123,7 +144,10 @@ def check_analysis(run: Path) -> tuple[str, str] | None:
         layers = [(r["layer"], k, v) for r in got["layers"] for k, v in r.items() if k != "layer"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         sys.exit(f"error: {file}: not an entropy.json of analyze.py; re-run the analysis")
-    want = json.loads((REFERENCE / "entropy.json").read_text())
+    want_file = REFERENCE / "entropy.json"
+    if not want_file.is_file():         # a run.sh folder given as --reference
+        want_file = REFERENCE.parent / "analysis" / "entropy.json"
+    want = json.loads(want_file.read_text())
     ref = {(r["layer"], k): v for r in want["layers"] for k, v in r.items() if k != "layer"}
     if got.get("num_tokens") != want["num_tokens"]:
         return "flip", (f"analysis: {got.get('num_tokens')} tokens, the reference "
@@ -138,9 +162,17 @@ def check_analysis(run: Path) -> tuple[str, str] | None:
 
 
 def main(argv):
-    if len(argv) != 1:
-        sys.exit("error: give the run folder of run.sh (runs/quickstart/<date-time>); see the "
-                 "module docstring")
+    global REFERENCE
+    reference = None
+    if len(argv) == 3 and argv[1] == "--reference":
+        reference = Path(argv[2])
+        REFERENCE = reference / "bupo"
+        if not (REFERENCE / "metrics.jsonl").is_file():
+            sys.exit(f"error: --reference {reference}: no bupo/metrics.jsonl; pass a folder that "
+                     f"run.sh printed")
+    elif len(argv) != 1:
+        sys.exit("error: give the run folder of run.sh (runs/quickstart/<date-time>), and "
+                 "optionally --reference <another one>; see the module docstring")
     run = Path(argv[0])
     folder = run / "bupo" if (run / "bupo").is_dir() else run
     file = folder / "metrics.jsonl"
@@ -167,6 +199,9 @@ def main(argv):
     analysis = check_analysis(run)
     if analysis:
         verdicts.append(analysis)
+    weights = check_weights(run, reference) if reference else None
+    if weights:
+        verdicts.append(weights)
     for kind, why in verdicts:
         print(why)
     broken = check_ranges(got)

@@ -115,8 +115,7 @@ def all_sum(values: dict, device) -> dict:
 
 
 def all_gather(t: torch.Tensor) -> torch.Tensor:
-    """The ranks' tensors of equal shape, concatenated in rank order (t itself in a single
-    process)."""
+    """The ranks' tensors of equal shape, in rank order (t itself in a single process)."""
     if world() == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(world())]
@@ -125,11 +124,9 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
 
 
 def clip_grads(model, max_norm: float) -> float:
-    """The gradients summed over ranks, then clipped to a global norm of max_norm; the norm
-    before clipping. Each rank's loss is already divided by the token count of the whole
-    mini-batch (all ranks), so the sum is the gradient of the one-process loss. FSDP2 sums a
-    sharded model's gradients itself. Parameters without a gradient (above l in phase 1) have
-    none on every rank."""
+    """The gradients summed over ranks (FSDP2 sums its own), then clipped to a global norm of
+    max_norm; returns the norm before clipping. Each rank's loss is already divided by the token
+    count of the whole mini-batch, so the sum is the gradient of the one-process loss."""
     if world() > 1 and not is_sharded(model):
         work = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()
                 if p.grad is not None]
@@ -140,9 +137,8 @@ def clip_grads(model, max_norm: float) -> float:
 
 
 def my_prompts(P: int, mini_batches: int) -> list[int]:
-    """The prompts of a step this rank samples and trains on. Mini-batch k of the step is the same
-    set of prompts as in one process (consecutive P/M); each rank takes a consecutive 1/W of every
-    mini-batch."""
+    """The prompts of a step this rank samples and trains on: a consecutive 1/W of each
+    mini-batch, which holds the same prompts as in one process (a consecutive P/M)."""
     W = world()
     if W == 1:
         return list(range(P))
@@ -208,9 +204,8 @@ def is_sharded(model) -> bool:
 
 
 def sampling_model(model, args):
-    """The model to decode with: itself when it is not sharded; else a plain copy of its current
-    weights in the compute dtype (train.py's --dtype), gathered from the shards (every rank calls
-    it, in step)."""
+    """The model to decode with: itself, or for a sharded model a plain copy of its weights in
+    the compute dtype, gathered from the shards (every rank calls it, in step)."""
     if not is_sharded(model):
         return model
     dtype = compute_dtype(args.dtype, args.device)

@@ -57,8 +57,7 @@ def step_row(step, policy_layer, L, G, rewards, sums, grad_norms, skipped, n_min
 
 
 def peak_memory_mb(device) -> float:
-    """Peak memory so far, MiB: CUDA memory allocated by torch on a GPU, the process's peak RSS on a
-    CPU."""
+    """Peak memory so far, MiB: torch's CUDA allocations on a GPU, peak RSS on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
