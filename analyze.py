@@ -21,9 +21,7 @@ and 3).
 Each layer also gets KL_resid, the mean KL(pi^l || pi_theta) of its policy to the model's
 (bupo.kl_flow). `boundary_layer` is the last layer with mean dH_mlp > 0 (null when none);
 `internal_layer` is what `train.py --internal-layer auto` uses: the boundary layer when it
-is below L, else the penultimate layer (bupo.choose_internal_layer). `closest_layer` is
-the lowest layer below L whose KL_resid is within 10% of the least: the project's
-closest-layer rule, measured and reported but not used by auto (docs/method.md 5).
+is below L, else the penultimate layer (bupo.choose_internal_layer).
 """
 import contextlib
 import json
@@ -122,35 +120,11 @@ def summarize(model_name, model, flow, n_responses, norm) -> dict:
             "layers": [{"layer": l + 1, **{k: means[k][l] for k in keys}} for l in range(L)],
             "H_policy": flow["H_policy"].mean().item(), "boundary_layer": boundary,
             "internal_layer": internal, "internal_layer_rule": rule,
-            "closest_layer": closest_layer(means["KL_resid"]),
             "norm": "final" if norm else "none"}
 
 
 # -----------------------------------------------------------------------------
 # the layer train.py trains in phase 1
-
-# the project's closest-layer rule: reported in entropy.json, tested, not used by
-# --internal-layer auto
-
-# layers within 10% of the least KL count as equally close (docs/method.md 5)
-CLOSEST_TOLERANCE = 0.10
-
-
-def closest_layer(kl: list, tolerance: float = CLOSEST_TOLERANCE) -> int:
-    """The project's closest-layer rule (not the paper's), tested and not adopted for
-    --internal-layer auto: the lowest layer l < L whose policy pi^l is about as close to
-    the model's policy as any, mean KL(pi^l || pi_theta) <= (1 + tolerance) * the least of
-    them, on the model's own answers (kl_flow). The tolerance keeps the pick from hopping
-    between layers of a plateau. On SmolLM2-135M it picks layer 24, which trained worse
-    than the penultimate layer on 4 of 5 seeds (docs/method.md 5); analyze.py still
-    reports it."""
-    # a NaN (overflow) never counts as close
-    below = [d if math.isfinite(d) else math.inf for d in kl[:-1]]
-    if not below or min(below) == math.inf:
-        # no layer below L (a 1-layer model), or none measurable: the penultimate
-        return max(1, len(kl) - 1)
-    return next(l for l, d in enumerate(below, start=1) if d <= (1 + tolerance) * min(below))
-
 
 def resolve_layer(value: str, model, tok, args, src=None) -> int:
     """train.py's --internal-layer: a paper (1-based) layer l, where pi^l = softmax(W_U
@@ -266,8 +240,7 @@ def print_table(result: dict):
     print(f"H_policy {result['H_policy']:.3f} nats (max ln V = "
           f"{torch.log(torch.tensor(float(result['vocab_size']))):.2f}); boundary layer: "
           f"{result['boundary_layer']}; internal layer for BuPO: {result['internal_layer']} "
-          f"({result['internal_layer_rule']}); closest layer (KL rule, not used by auto): "
-          f"{result['closest_layer']}")
+          f"({result['internal_layer_rule']})")
 
 
 # -----------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def word(rng: random.Random) -> Problem:
 
 def sums(digits: int, operands: int = 2):
     """The `sum*` tasks: sums of `operands` numbers of exactly `digits` digits. Digits and
-    operands are the difficulty knob (README, "Calibration"); the question space is large
+    operands are the difficulty knob (experiments/calibrate.py); the question space is large
     enough for a held-out set of thousands."""
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1
 

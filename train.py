@@ -324,7 +324,8 @@ def build_parser():
     g.add_argument("--shots", type=int, default=None, choices=[0, 1],
                    help="1: a worked example of the task before each question (tasks.py); "
                    "default 1 for a --task, 0 for --data")
-    g.add_argument("--prompts-per-step", type=int, default=8, help="P (the authors: 128)")
+    g.add_argument("--prompts-per-step", type=int, default=8,
+                   help="P, prompts per RL step (the authors: 128)")
     g.add_argument("--group-size", type=int, default=8, help="G, responses per prompt")
     g.add_argument("--max-new-tokens", type=int, default=128, help="longest response")
     g.add_argument("--temperature", type=float, default=1.0,

@@ -54,13 +54,11 @@ def instrument():
     model_mod.Transformer.forward = fwd
     train.old_pass = timer("2 old pass (no grad, with diagnostics)", train.old_pass)
     train.update = timer("3 updates", train.update)
-    # the updates' forwards: log-probs only, or with the diagnostics (--old-logprobs sampler)
-    bupo.policy_logprobs = timer("3.1 forwards (with grad)", bupo.policy_logprobs)
-    with_stats, timed = bupo.logprobs_and_stats, timer("3.1 forwards (with grad)",
-                                                      bupo.logprobs_and_stats)
-    # the old pass calls it too, without gradients: that time is the old pass's
-    bupo.logprobs_and_stats = lambda *a, **kw: (timed if torch.is_grad_enabled()
-                                                else with_stats)(*a, **kw)
+    # the updates' forwards (the old pass calls the same function without gradients: that
+    # time is the old pass's)
+    plain, timed = bupo.policy_logprobs, timer("3.1 forwards (with grad)", bupo.policy_logprobs)
+    bupo.policy_logprobs = lambda *a, **kw: (timed if torch.is_grad_enabled()
+                                             else plain)(*a, **kw)
     backward = torch.Tensor.backward
     torch.Tensor.backward = timer("3.2 backwards", backward)
     clip = torch.nn.utils.clip_grad_norm_

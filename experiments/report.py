@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import analyze  # noqa: E402
+from layer_rule import closest_layer  # noqa: E402
 import bupo  # noqa: E402
 from infra import cli  # noqa: E402
 from infra.errors import UserError  # noqa: E402
@@ -77,7 +77,7 @@ def flow_table(flows: dict) -> str:
         up = [x["layer"] for x in layers if x["dH_mlp"] > 0]
         kl = [x.get("KL_resid") for x in layers]
         has_kl = None not in kl[:-1] and L > 1
-        least = analyze.closest_layer(kl, tolerance=0.0) if has_kl else None
+        least = closest_layer(kl, tolerance=0.0) if has_kl else None
         # the layers the current code picks from these means (the file keeps the picks of the code
         # that wrote it)
         auto = bupo.choose_internal_layer([x["dH_mlp"] for x in layers])
@@ -86,7 +86,7 @@ def flow_table(flows: dict) -> str:
                      f["boundary_layer"] or "none",
                      f"{kl[least - 1]:.1f} at l = {least}" if least else "-",
                      f"{kl[L - 2]:.1f}" if least else "-",
-                     analyze.closest_layer(kl) if has_kl else "-", f"{auto[0]} ({auto[1]})"])
+                     closest_layer(kl) if has_kl else "-", f"{auto[0]} ({auto[1]})"])
     return table(["run", "L", "tokens", "H(π^1)", "H at L/4", "H at L/2", "H at 3L/4", "H(π_θ)",
                   "layers with ΔH_FFN > 0", "boundary", "least KL(π^l‖π_θ), l < L", "KL at L-1",
                   "closest layer (KL rule, not used)", "auto layer"], rows)
@@ -107,7 +107,7 @@ def plot_flow(flows: dict, out: Path, plt):
         if all("KL_resid" in v for v in f["layers"]):
             axes[2].plot(x[:-1], [v["KL_resid"] for v in f["layers"][:-1]], marker=".", color=c,
                          label=f["model"])
-            axes[2].axvline(analyze.closest_layer([v["KL_resid"] for v in f["layers"]]) / L,
+            axes[2].axvline(closest_layer([v["KL_resid"] for v in f["layers"]]) / L,
                             color=c, ls=":", lw=0.8)
     axes[0].set(xlabel="relative depth l / L", ylabel="H(π^l), nats",
                 title="entropy of the layer policies")

@@ -330,7 +330,7 @@ def check_tokenizer(folder, vocab_size: int, tok):
     """The tokenizer against the weights' vocabulary: every id it can produce must index the
     embedding, and the end-of-turn token it names must exist, or responses never stop. One
     ModelLoadError naming the file and the fix; called by every load of a model folder
-    (infra/cli.load)."""
+    (tokenizer.Tokenizer with a config)."""
     n = tok.vocab_size
     if n > vocab_size:
         raise ModelLoadError(f"{folder}: tokenizer.json has {n} tokens but the weights' vocabulary "

@@ -7,7 +7,7 @@ make it smaller) counts, per rank, in bytes:
   weights, AdamW's two moments (fp32), and the gradients (fp32) during an update; with
   --parallel fsdp, 1/W of each, plus the gathered weights of the root and two blocks (compute
   dtype) and a block's unsharded gradients during an update, and the full copy in the compute
-  dtype that sampling and evaluation decode with (infra/fsdp.py);
+  dtype that sampling and evaluation decode with (infra/distributed.py);
   under bf16 without fsdp, autocast's bf16 copy of every weight while a forward region is open;
   the frozen reference of --kl-coef (compute dtype);
   the KV cache of one rollout call (--rollout-batch rows, or all of the rank's);

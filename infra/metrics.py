@@ -15,7 +15,7 @@ one):
                                   updates
     kl_ref                        the KL estimate (--kl-type) to the frozen initial model
                                   (with --kl-coef)
-    entropy                       H(pi_theta), the full policy's, always (bupo.policy_stats)
+    entropy                       H(pi_theta), the full policy's, always (bupo.diagnostics)
     loss, grad_norm               their means over the step's updates
     skipped_steps                 updates skipped for a loss or gradient norm that is not finite
     step_time, tokens_per_s       wall seconds of the step, response tokens per second
@@ -24,7 +24,7 @@ one):
     internal/entropy              BuPO: H(pi^l), KL(pi^l || pi_theta) and cos(h_l, h_L) at the
     internal/kl_to_policy         internal layer l, in both phases
     internal/cos_to_top
-    eval/*                        held-out accuracy when evaluated (infra/evaluation.py)
+    eval/*                        held-out accuracy when evaluated (analyze.evaluate)
 """
 import torch
 

@@ -88,20 +88,6 @@ def test_choose_internal_layer_rules():
     assert bupo.choose_internal_layer([0.1, 0.2, 0.1, 0.3]) == (3, "penultimate")
     # one layer: itself
     assert bupo.choose_internal_layer([0.3]) == (1, "penultimate")
-    # the project's closest-layer rule, reported by analyze.py (not used by auto)
-    # ties: the lower layer
-    assert analyze.closest_layer([4.0, 1.0, 1.0, 0.0]) == 2
-    # within 10% of the least: the lowest such
-    assert analyze.closest_layer([29.0, 17.46, 18.0, 17.44, 0.0]) == 2
-    assert analyze.closest_layer([29.0, 17.46, 18.0, 17.44, 0.0], tolerance=0) == 4
-    # a falling KL: L - 1
-    assert analyze.closest_layer([5.0, 2.0, 1.0, 0.0]) == 3
-    # one layer: nothing below
-    assert analyze.closest_layer([0.0]) == 1
-    # NaN / inf never closest
-    assert analyze.closest_layer([math.nan, 2.0, math.inf, 0.0]) == 2
-    # none measurable: L - 1
-    assert analyze.closest_layer([math.nan, math.nan, 0.0]) == 2
 
 
 @pytest.mark.parametrize("norm", [False, True])
@@ -144,8 +130,7 @@ def test_entropy_json_equals_direct_computation(tiny, norm):
             == bupo.boundary_layer([row["dH_mlp"] for row in result["layers"]]))
     assert (result["internal_layer"], result["internal_layer_rule"]) == bupo.choose_internal_layer(
         [row["dH_mlp"] for row in result["layers"]])
-    assert (result["closest_layer"]
-            == analyze.closest_layer([row["KL_resid"] for row in result["layers"]]))
+    assert "closest_layer" not in result      # the rejected rule lives in experiments/
     assert (result["layers"][-1]["KL_resid"] == 0
             and min(r["KL_resid"] for r in result["layers"][:-1]) > 0)
     assert len(heat["entropy"]) == L + 1 and heat["targets"] == pairs[0][1]

@@ -1,6 +1,7 @@
 """experiments/report.py on a small synthetic runs folder: tables, spreads over seeds, plots,
 copies."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -140,13 +141,13 @@ def test_layer_rule_script(tmp_path, tiny_chat_model):
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
-    sys.path.insert(0, str(ROOT))
-    import analyze
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from layer_rule import closest_layer
     assert [r["seed"] for r in result["seeds"]] == [0, 1] and result["command"].endswith(str(out))
     for r in result["seeds"]:
         kl = r["KL_resid"]
         assert (len(kl) == result["num_layers"] and kl[-1] == 0
-                and r["closest_layer"] == analyze.closest_layer(kl))
+                and r["closest_layer"] == closest_layer(kl))
         L, b = result["num_layers"], r["boundary_layer"]
         # not the KL's
         assert r["auto"] == ([b, "boundary"] if b is not None and b < L else [L - 1, "penultimate"])
@@ -324,3 +325,23 @@ def test_plan_pairs_table_names_each_arms_code():
     assert "| 0 | - | - | 0.500 | 0.250 | -0.250 |" in text
     assert "| 5 | 0123456 | fedcba9* | 0.500 | 0.625 | +0.125 |" in text
     assert "| 6 |" not in text and "| 7 |" not in text          # one arm only: not a pair
+
+
+def test_closest_layer_rule():
+    """The project's closest-layer rule (experiments/layer_rule.py), tested and not used by
+    --internal-layer auto (docs/method.md 5)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from layer_rule import closest_layer
+    # ties: the lower layer
+    assert closest_layer([4.0, 1.0, 1.0, 0.0]) == 2
+    # within 10% of the least: the lowest such
+    assert closest_layer([29.0, 17.46, 18.0, 17.44, 0.0]) == 2
+    assert closest_layer([29.0, 17.46, 18.0, 17.44, 0.0], tolerance=0) == 4
+    # a falling KL: L - 1
+    assert closest_layer([5.0, 2.0, 1.0, 0.0]) == 3
+    # one layer: nothing below
+    assert closest_layer([0.0]) == 1
+    # NaN / inf never closest
+    assert closest_layer([math.nan, 2.0, math.inf, 0.0]) == 2
+    # none measurable: L - 1
+    assert closest_layer([math.nan, math.nan, 0.0]) == 2
