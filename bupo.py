@@ -42,19 +42,20 @@ def chunk_rows(model: Transformer, budget: int = LOGITS_BUDGET) -> int:
 # -----------------------------------------------------------------------------
 # internal policies
 
-def unembed(model: Transformer, x: torch.Tensor, norm: bool = False) -> torch.Tensor:
+def unembed(model: Transformer, x: torch.Tensor, norm: bool = False,
+            W: torch.Tensor | None = None) -> torch.Tensor:
     """Logits W_U x of any residual-stream tensor x [..., d] (paper eqs. 5, 6); fp32 out.
-    norm=True: the logit lens, W_U RMSNorm_final(x)."""
+    norm=True: the logit lens, W_U RMSNorm_final(x). W: W_U in fp32, cast once by the caller."""
     if norm:    # normed logits are O(10): the compute dtype, as the model's own lm_head
         return F.linear(model.norm(x).to(model.W_U.dtype), model.W_U).float()
     with torch.autocast(x.device.type, enabled=False):    # W_U h_l reaches the hundreds: fp32
-        return F.linear(x.float(), model.W_U.float())
+        return F.linear(x.float(), model.W_U.float() if W is None else W)
 
 
-def layer_logits(model: Transformer, h: torch.Tensor, layer: int,
-                 norm: bool = False) -> torch.Tensor:
+def layer_logits(model: Transformer, h: torch.Tensor, layer: int, norm: bool = False,
+                 W: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of pi^layer from h = resid[layer]; at layer L, the model's policy."""
-    return unembed(model, h, norm=norm or layer == model.config.num_layers)
+    return unembed(model, h, norm=norm or layer == model.config.num_layers, W=W)
 
 
 # -----------------------------------------------------------------------------
@@ -341,14 +342,16 @@ def policy_logprobs(model: Transformer, batch: Batch, layer: int, temperature: f
     keep = batch.response_mask.bool()
     tokens, h = batch.ids[:, batch.Tp:][keep], {l: v[keep] for l, v in h.items()}  # [N], [N, d]
     chunk, logp, parts = chunk_rows(model), [], []
+    # one fp32 W_U for all chunks: autograd keeps one copy, not one per chunk (a bf16 W_U)
+    W = model.W_U.float()
     for s in (slice(i, i + chunk) for i in range(0, len(tokens), chunk)):
-        z = layer_logits(model, h[layer][s], layer) / temperature
+        z = layer_logits(model, h[layer][s], layer, W=W) / temperature
         logp.append(z.log_softmax(-1).gather(-1, tokens[s, None])[:, 0])
         if stats_layer is not None:
             with torch.no_grad():
                 states = {l: v[s].detach() for l, v in h.items()}
                 parts.append(diagnostics(model, states, stats_layer, temperature,
-                                         given={layer: z.detach()}))
+                                         given={layer: z.detach()}, W=W))
     out = torch.zeros(keep.shape, device=keep.device)
     if logp:
         out[keep] = torch.cat(logp)
@@ -356,17 +359,17 @@ def policy_logprobs(model: Transformer, batch: Batch, layer: int, temperature: f
 
 
 def diagnostics(model: Transformer, h: dict, layer: int, temperature: float = 1.0,
-                given: dict | None = None) -> dict:
+                given: dict | None = None, W: torch.Tensor | None = None) -> dict:
     """Per-token diagnostics [N] from states h = {l: h_l [N, d]} (layer and L among them):
     H(pi_theta) (eq. 7), and below L H(pi^l), KL(pi^l || pi_theta) and cos(h_l, h_L), the
-    paper's "feature refinement" (Fig. 5). given: {l: logits / T} computed already."""
+    paper's "feature refinement" (Fig. 5). given: {l: logits / T}; W: W_U in fp32."""
     L = model.config.num_layers
     given = given or {}
     top = given[L] if L in given else layer_logits(model, h[L], L) / temperature
     out = {"entropy": entropy(top)}
     if layer < L:
         low = (given[layer] if layer in given
-               else layer_logits(model, h[layer], layer) / temperature)
+               else layer_logits(model, h[layer], layer, W=W) / temperature)
         out.update(entropy_layer=entropy(low), kl_layer=kl_divergence(low, top),
                    cos_layer=F.cosine_similarity(h[layer].float(), h[L].float(), dim=-1))
     return out

@@ -25,8 +25,12 @@ from infra.errors import UserError
 from infra.precision import compute_dtype
 
 LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# how long rank 0 waits for the other ranks to join (BUPO_INIT_TIMEOUT_S overrides it)
+# how long a rank waits for the others to join (BUPO_INIT_TIMEOUT_S overrides it)
 INIT_TIMEOUT_S = 600
+# how long one collective waits for the slowest rank (BUPO_COLLECTIVE_TIMEOUT_S). The timeout of
+# init_process_group is every collective's, and at the paper's sizes ranks reach them minutes apart
+# (8k-token answers, an evaluation of 64 problems x 17 answers per rank, a 100 GB checkpoint)
+COLLECTIVE_TIMEOUT_S = 4 * 3600
 
 
 def rank() -> int:
@@ -78,9 +82,15 @@ def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: 
         device = f"cuda:{env['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     wait = int(os.environ.get("BUPO_INIT_TIMEOUT_S", INIT_TIMEOUT_S))
+    collective = datetime.timedelta(seconds=int(os.environ.get("BUPO_COLLECTIVE_TIMEOUT_S",
+                                                               COLLECTIVE_TIMEOUT_S)))
     try:
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=wait))
+        # the rendezvous and the first barrier wait `wait` seconds; collectives after, longer
+        store, r, w = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=wait)))
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=r, world_size=w,
+                                timeout=collective)
+        dist.barrier()
+        store.set_timeout(collective)
     except (RuntimeError, ValueError) as e:   # torch's DistError types are RuntimeErrors
         why = " ".join(str(e).split())[:200]
         raise UserError(f"rank {env['RANK']} of {env['WORLD_SIZE']} could not join the group at "

@@ -1,0 +1,98 @@
+"""What would crash, run out of memory or crawl at the paper's sizes on GPUs, shown on the CPU:
+real FSDP2 on gloo, saved-tensor hooks, two ranks whose collectives are minutes apart."""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_module
+from model import Config, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script: str, world: int, env: dict | None = None, timeout: int = 180):
+    """`script` in `world` processes with the launcher's variables set (as torchrun sets them)."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        e = {**os.environ, "WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+             **(env or {})}
+        procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT,
+                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return [(p.wait(timeout), *p.communicate()) for p in procs]
+
+
+# -----------------------------------------------------------------------------
+# phase 1 under --parallel fsdp: one fp32 W_U per micro-batch, not one per logits chunk
+
+SAVED_WU = """
+    import sys, torch
+    sys.path.insert(0, ".")
+    import bupo
+    from infra import distributed as dp
+    from model import Config, Transformer
+    dp.setup("cpu", 2, 1, 2, False, "fsdp")
+    torch.manual_seed(0)
+    cfg = Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
+                 num_kv_heads=2, head_dim=16)
+    model = Transformer(cfg)
+    dp.shard(model, "cpu", dp.world(), torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 24))
+    batch = bupo.Batch(ids, torch.ones_like(ids), 4)
+    bupo.chunk_rows = lambda model, budget=None: 8    # 40 response tokens: 5 chunks
+    saved = {}
+    def pack(t):
+        if t.dtype == torch.float32 and sorted(t.shape) == [64, 512]:   # W_U or its transpose
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp, _ = bupo.policy_logprobs(model, batch, 2)
+    logp.sum().backward()
+    print("fp32 W_U copies saved:", len(saved))
+    dp.teardown()
+"""
+
+
+def test_phase1_under_fsdp_keeps_one_fp32_unembedding():
+    """Under FSDP2's bf16 policy the gathered W_U is bf16: a cast per logits chunk would keep one
+    fp32 [V, d] copy per chunk for the backward (38 of them for an 8k-token answer of Qwen3-8B,
+    +88 GiB). Two ranks of real FSDP2 on gloo, 5 chunks each: one copy each."""
+    for rc, out, err in run_ranks(SAVED_WU, 2):
+        assert rc == 0, err[-2000:]
+        assert "fp32 W_U copies saved: 1" in out, out + err[-2000:]
+
+
+# -----------------------------------------------------------------------------
+# collectives outlive the rendezvous timeout
+
+LATE_RANK = """
+    import sys, time, torch
+    sys.path.insert(0, ".")
+    from infra import distributed as dp
+    dp.setup("cpu", 2, 1, 2, False)
+    if dp.rank() == 1:
+        time.sleep(8)        # a rank still decoding, or rank 0 writing a checkpoint
+    print("sum", dp.all_sum({"x": 1}, "cpu")["x"])
+    dp.teardown()
+"""
+
+
+def test_a_collective_waits_longer_than_the_rendezvous():
+    """init_process_group's timeout is every collective's: a rank 8 s late under a 5 s join
+    timeout used to kill the job. The join keeps its own timeout; collectives wait far longer."""
+    for rc, out, err in run_ranks(LATE_RANK, 2, {"BUPO_INIT_TIMEOUT_S": "5"}):
+        assert rc == 0 and "sum 2.0" in out, err[-2000:]
