@@ -229,6 +229,34 @@ def on_tokens(fn, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
     return out.index_copy(0, real, y).view(x.shape[0], x.shape[1], -1)
 
 
+def attend(q, k, v, mask):
+    """softmax(q k^T / sqrt(hd) + mask) v, each group of g = nh/nkv query heads sharing one kv
+    head (GQA). On CUDA a mask rules out the flash kernel, and the memory-efficient one takes no
+    enable_gqa: there the g query heads of a group are folded into the query length, so that a
+    decode step does not copy the cache g times per layer. Where the folded mask would be larger
+    than the copied keys and values (long training rows), the kv heads are repeated instead."""
+    B, nh, T, hd = q.shape
+    g = nh // k.shape[1]
+    if mask is None or not q.is_cuda or g == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=True)
+    if g * T < 2 * nh * hd:
+        return folded_attention(q, k, v, mask)
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def folded_attention(q, k, v, mask):
+    """attend() with the query heads of a group in the query length: query head j*g + i at
+    position t is row i*T + t of kv head j, and its mask row is the mask of t."""
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    g = nh // nkv
+    mask = mask.expand(B, 1, T, mask.shape[-1]).repeat(1, 1, g, 1)         # [B, 1, g T, S]
+    y = F.scaled_dot_product_attention(q.reshape(B, nkv, g * T, hd), k, v, attn_mask=mask)
+    return y.reshape(B, nh, T, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -254,16 +282,7 @@ class Attention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)       # back to the compute dtype, the KV cache's
         if cache is not None:
             k, v = cache.write(layer, k, v)                # [B, nkv, S, hd], S = slots so far
-        # each group of nh/nkv query heads shares one kv head (GQA); scale hd^-0.5. On
-        # CUDA a mask rules the flash kernel out, and the memory-efficient one takes no
-        # enable_gqa: the kv heads are repeated for it (docs/scaling.md)
-        gqa = True
-        if mask is not None and q.is_cuda and self.nh != self.nkv:
-            k = k.repeat_interleave(self.nh // self.nkv, 1)
-            v = v.repeat_interleave(self.nh // self.nkv, 1)
-            gqa = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=gqa)
+        y = attend(q, k, v, mask)                          # [B, nh, T, hd]
         return on_tokens(self.o_proj, y.transpose(1, 2).reshape(B, T, self.nh * self.hd), real)
 
 

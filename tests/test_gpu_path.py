@@ -96,3 +96,33 @@ def test_a_collective_waits_longer_than_the_rendezvous():
     timeout used to kill the job. The join keeps its own timeout; collectives wait far longer."""
     for rc, out, err in run_ranks(LATE_RANK, 2, {"BUPO_INIT_TIMEOUT_S": "5"}):
         assert rc == 0 and "sum 2.0" in out, err[-2000:]
+
+
+# -----------------------------------------------------------------------------
+# decode with a mask on CUDA: the query heads of a group fold into the query length, no KV copy
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_folded_query_heads_are_the_repeated_kv_heads(T, monkeypatch):
+    """The memory-efficient kernel takes no enable_gqa: repeating the kv heads for it copied the
+    whole cache g times per layer per token. Folding the g query heads of a group into the query
+    length gives the same attention (CPU, fp32) and hands SDPA the cache's own keys and values."""
+    gen = torch.Generator().manual_seed(0)
+    B, nh, nkv, S, hd = 3, 8, 2, 11, 16
+    q = torch.randn(B, nh, T, hd, generator=gen)
+    k, v = torch.randn(2, B, nkv, S, hd, generator=gen)
+    valid = torch.rand(B, S, generator=gen) > 0.3
+    valid[:, -T:] = True
+    q_slot, k_slot = torch.arange(S - T, S)[:, None], torch.arange(S)[None, :]
+    mask = (((k_slot <= q_slot) & valid[:, None, :]) | (k_slot == q_slot))[:, None]
+    repeated = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1),
+                                              v.repeat_interleave(4, 1), attn_mask=mask)
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append((a[1].data_ptr(), a[2].data_ptr()))
+                        or real(*a, **kw))
+    folded = model_module.folded_attention(q, k, v, mask)
+    assert seen == [(k.data_ptr(), v.data_ptr())]
+    assert (folded - repeated).abs().max() < 1e-5
+    gqa = real(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (folded - gqa).abs().max() < 1e-5
