@@ -80,7 +80,7 @@ def rl_step(model, tok, src, opt, args, step, layer, ref=None, amp=contextlib.nu
     # 3. the policy this step optimises (eq. 10), and its old log-probs
     policy_layer = bupo.phase_layer(args.algo, step, args.internal_steps, layer, L)
     stats_layer = layer if args.algo == "bupo" else L
-    groups = micro_batches(len(batch.ids), args)
+    groups = micro_batches(len(batch.ids), args, device)
     if sampler_old and policy_layer == L:
         # the sampler drew each token from pi_theta_old itself: its log-probs are the old
         # ones; the diagnostics come from the updates' forwards
@@ -118,11 +118,11 @@ def sample_step(model, tok, src, args, step, amp):
     return problems, ro
 
 
-def micro_batches(n: int, args) -> list:
+def micro_batches(n: int, args, device="cpu") -> list:
     """The rows of each mini-batch: consecutive slices, cut into micro-batches. The old
     pass uses the same cuts as the updates: the first update's ratio is exactly 1."""
     return [list(mb.split(args.micro_batch_size))
-            for mb in torch.arange(n).chunk(args.mini_batches)]
+            for mb in torch.arange(n, device=device).chunk(args.mini_batches)]
 
 
 @torch.no_grad()
@@ -228,7 +228,7 @@ def run_training(argv=None):
         runs.start(args.out, args, args.overwrite)
     dtype = precision.compute_dtype(args.dtype, device)
     if args.parallel == "fsdp":   # each rank keeps 1/W of the weights and optimizer state
-        dp.shard(model, device, dp.world(), dtype)
+        dp.shard(model, device, dp.world(), dtype, args.cpu_offload)
     # the frozen reference of --kl-coef only runs forwards: the compute dtype
     ref = (Transformer.from_pretrained(args.model, dtype=dtype, device=device)
            if args.kl_coef > 0 else None)
@@ -307,7 +307,7 @@ OLD_LOGPROBS = ("auto", "sampler", "recompute")
 # flags a resume may change: they change where or how often, not what is computed
 RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size",
                      "rollout_batch", "grad_checkpoint", "ignore_memory_plan",
-                     "eval_batch", "parallel")
+                     "eval_batch", "parallel", "cpu_offload")
 # a flag added since a run was saved takes this value on its resume (what the run did)
 BEFORE_THE_FLAG = {"old_logprobs": "recompute"}
 

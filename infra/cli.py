@@ -231,9 +231,14 @@ def add_scale_args(p):
                    "activations (memory only: the same gradients, about one more forward)")
     g.add_argument("--compile", action="store_true", help="sample with the compiled decode step "
                    "(torch.compile; slower than eager on a CPU, see docs/usage.md, 'Sampling')")
-    g.add_argument("--parallel", default="dp", choices=["dp", "fsdp"], help="under torchrun: dp "
-                   "replicates the model and optimizer on every rank; fsdp shards them (FSDP2, "
-                   "infra/distributed.py), for models whose state does not fit one device")
+    g.add_argument("--parallel", default="dp", choices=["dp", "fsdp"], help="dp replicates the "
+                   "model and optimizer on every torchrun rank; fsdp shards them (FSDP2, "
+                   "infra/distributed.py), for models whose state does not fit one device (one "
+                   "process too, with --cpu-offload)")
+    g.add_argument("--cpu-offload", action="store_true", help="with --parallel fsdp: the fp32 "
+                   "weights, gradients and AdamW state live in CPU memory, and the device holds "
+                   "the blocks it computes (FSDP2's CPUOffloadPolicy; the optimizer step runs on "
+                   "the CPU): a model whose state does not fit one GPU trains on one")
     g.add_argument("--ignore-memory-plan", action="store_true", help="start even when the memory "
                    "plan printed at the start exceeds the device (its estimates are upper bounds)")
     return g
@@ -299,6 +304,9 @@ def check_train(args):
     if args.kl_coef > 0 and args.old_logprobs == "sampler":
         raise UserError(f"--old-logprobs sampler with --kl-coef {args.kl_coef}: the reference's "
                         f"log-probs come from the old pass; use --old-logprobs auto or recompute")
+    if args.cpu_offload and args.parallel != "fsdp":
+        raise UserError("--cpu-offload keeps the sharded state of --parallel fsdp in CPU memory; "
+                        "add --parallel fsdp")
     if args.analysis:
         existing_file(args.analysis, "--analysis")
     check_device(args.device)

@@ -18,7 +18,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
+                                    fully_shard)
 from torch.distributed.tensor import DTensor
 
 from infra.errors import UserError
@@ -71,13 +72,13 @@ def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: 
     """Join the torchrun group when there is one (WORLD_SIZE > 1): gloo on a CPU, nccl with one GPU
     per rank. Returns this process's device."""
     env = launcher_env()
-    if env is None:
-        if parallel == "fsdp":
-            raise UserError("--parallel fsdp shards the model across torchrun ranks, and this is "
-                            "one process: start it with torchrun --nproc-per-node N (N >= 2), or "
-                            "drop --parallel")
-        return device
     cuda = device.startswith("cuda")
+    # gloo for CPU tensors (the shards of --cpu-offload live there), nccl for GPU ones
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    if env is None:
+        if parallel == "fsdp":      # FSDP2 in one process: a group of one (for --cpu-offload)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return device
     if cuda:
         device = f"cuda:{env['LOCAL_RANK']}"
         torch.cuda.set_device(device)
@@ -87,8 +88,7 @@ def setup(device: str, prompts_per_step: int, mini_batches: int, eval_problems: 
     try:
         # the rendezvous and the first barrier wait `wait` seconds; collectives after, longer
         store, r, w = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=wait)))
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=r, world_size=w,
-                                timeout=collective)
+        dist.init_process_group(backend, store=store, rank=r, world_size=w, timeout=collective)
         dist.barrier()
         store.set_timeout(collective)
     except (RuntimeError, ValueError) as e:   # torch's DistError types are RuntimeErrors
@@ -192,15 +192,17 @@ def teardown():
 #     one process writes them (full_state): the folder loads in transformers, and a run
 #     resumes with any number of ranks, bit for bit with the same number.
 
-def shard(model, device: str, world: int, dtype: torch.dtype):
+def shard(model, device: str, world: int, dtype: torch.dtype, offload: bool = False):
     """Shard `model` (fp32 masters) in place across the `world` ranks, one mesh dimension on
-    `device`'s type; dtype: the compute dtype."""
+    `device`'s type; dtype: the compute dtype. offload: the shards live in CPU memory."""
     mesh = init_device_mesh(torch.device(device).type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
                               reduce_dtype=torch.float32)
+    cuda = torch.device(device).type == "cuda"
+    cpu = {"offload_policy": CPUOffloadPolicy(pin_memory=cuda)} if offload else {}
     for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, mp_policy=mp, **cpu)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, **cpu)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             # sums, not means (module docstring); plain SUM collectives, which gloo has too
@@ -220,9 +222,15 @@ def sampling_model(model, args):
         return model
     dtype = compute_dtype(args.dtype, args.device)
     model.reshard()      # the root's gathered weights may be of before the last update
-    full = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().to(dtype)
-            for name, p in model.named_parameters()}
+    device = torch.device(args.device)      # the shards may live in CPU memory (--cpu-offload)
+    # each shard cast before it is gathered: no fp32 copy of a whole weight on the device
+    full = {name: gathered(p.detach().to(device, dtype)) for name, p in model.named_parameters()}
     return model.copy_with(full).requires_grad_(False)
+
+
+def gathered(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a sharded DTensor (a plain tensor as it is)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)

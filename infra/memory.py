@@ -49,10 +49,12 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     seq = prompt_tokens + args.max_new_tokens
     rows = args.prompts_per_step * args.group_size // world
-    sharded = getattr(args, "parallel", "dp") == "fsdp" and world > 1
+    sharded, offload = getattr(args, "parallel", "dp") == "fsdp", offloads(args)
     W = world if sharded else 1
-    of = f" 1/{W}" if sharded else ""
-    state = {f"weights (fp32{of})": 4 * n // W, f"AdamW moments (fp32{of})": 8 * n // W}
+    of = f" 1/{W}" if sharded and W > 1 else ""
+    # with --cpu-offload the fp32 state lives in CPU memory (offloaded(), not on the device)
+    state = {} if offload else {f"weights (fp32{of})": 4 * n // W,
+                                f"AdamW moments (fp32{of})": 8 * n // W}
     sampling, gathered = {}, {}
     if sharded:
         block = params(cfg, per_block=True)
@@ -78,7 +80,8 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
     return {
         "rollout": {**state, **sampling,
                     f"KV cache of {chunk} rows x {seq} tokens": chunk * seq * kv_bytes},
-        "update": {**state, f"gradients (fp32{of})": 4 * n // W, **gathered,
+        "update": {**state, **({} if offload else {f"gradients (fp32{of})": 4 * n // W}),
+                   **gathered,
                    f"activations of {min(args.micro_batch_size, rows)} rows x {seq} tokens":
                        tokens * blocks,
                    "log-softmax and its gradient (fp32)": logits},   # fused AdamW: no temporaries
@@ -86,6 +89,19 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
                        f"KV cache of {evals} problems x {args.eval_samples} samples":
                        evals * args.eval_samples * seq * kv_bytes} if args.eval_every else state,
     }
+
+
+def offloads(args) -> bool:
+    """Whether the sharded fp32 state leaves the device for CPU memory (--cpu-offload on a GPU;
+    on a CPU it is all one memory)."""
+    return (getattr(args, "parallel", "dp") == "fsdp" and getattr(args, "cpu_offload", False)
+            and str(getattr(args, "device", "cuda")).startswith("cuda"))
+
+
+def offloaded(cfg, args, world: int = 1) -> int:
+    """Bytes of CPU memory per rank that --cpu-offload holds: the fp32 weights, AdamW moments
+    and gradients of its shard (0 without it)."""
+    return 16 * params(cfg) // world if offloads(args) else 0
 
 
 def peak(phases: dict) -> tuple[str, int]:
@@ -119,11 +135,32 @@ def describe(phases: dict, limit: int | None) -> str:
     return "memory plan per rank (estimates, GiB; " + where + "):\n" + "\n".join(lines)
 
 
-# what makes each phase smaller
-FIXES = {"rollout": "sample fewer rows at a time (--rollout-batch, a multiple of --group-size)",
-         "update": "train on fewer rows at a time (--micro-batch-size 1) and recompute the blocks "
-                   "(--grad-checkpoint), or shorten --max-new-tokens",
-         "evaluation": "evaluate fewer problems at a time (--eval-batch)"}
+def fixes(names: list, args, state_fits: bool) -> str:
+    """What would make the phases `names` fit: the flags of this run that are not given yet."""
+    sharded, offload = getattr(args, "parallel", "dp") == "fsdp", offloads(args)
+    # offloading to CPU memory helps a GPU only
+    gpu = str(getattr(args, "device", "cuda")).startswith("cuda") and not offload
+    if not state_fits:    # the weights and AdamW state alone: shard them, or move them to the CPU
+        if not sharded:
+            steps = ["--parallel fsdp under torchrun with more GPUs"
+                     + (", or --parallel fsdp --cpu-offload on one" if gpu else "")]
+        else:
+            steps = [] if offload else ["more GPUs under torchrun"] + (["--cpu-offload"] * gpu)
+        return ("the weights and AdamW state alone do not fit: "
+                + (" or ".join(steps) if steps else "a smaller model or more GPUs"))
+    each = {"rollout": ["--rollout-batch (fewer rows sampled at a time, a multiple of "
+                        "--group-size)"] if not args.rollout_batch else [],
+            "update": (["--micro-batch-size 1"] if args.micro_batch_size > 1 else [])
+            + ([] if args.grad_checkpoint else ["--grad-checkpoint"]),
+            "evaluation": ["--eval-batch 1"] if args.eval_batch != 1 else []}
+    steps = [step for name in names for step in each[name]]
+    if not steps and not sharded:
+        steps = ["--parallel fsdp (the state sharded over the GPUs of torchrun"
+                 + (", or in CPU memory with --cpu-offload on one GPU)" if gpu else ")")]
+    elif not steps and gpu:
+        steps = ["--cpu-offload"]
+    return ("add " + " and ".join(steps) if steps
+            else "shorten --max-new-tokens, or a device with more memory")
 
 
 def check(cfg, args, prompt_tokens: int, device: str, world: int, compute_bytes: int,
@@ -135,12 +172,15 @@ def check(cfg, args, prompt_tokens: int, device: str, world: int, compute_bytes:
     limit = available(device)
     if lead:
         print(describe(phases, limit), file=sys.stderr, flush=True)
+        host = offloaded(cfg, args, world)
+        if host:
+            print(f"  and in CPU memory (--cpu-offload): {host / GiB:.1f} GiB of fp32 weights, "
+                  f"AdamW moments and gradients", file=sys.stderr, flush=True)
     name, need = peak(phases)
     if limit and need > limit:
         state = sum(v for k, v in phases["rollout"].items() if not k.startswith("KV"))
-        fix = (FIXES[name] if state < limit else
-               "the weights and AdamW state alone do not fit: a smaller model, or more devices "
-               "with the state sharded")
+        over = [k for k, items in phases.items() if sum(items.values()) > limit]
+        fix = fixes(over, args, state < limit)
         why = (f"this run needs about {need / GiB:.1f} GiB per rank (its {name}, "
                f"{params(cfg) / 1e9:.2f}B parameters) and {device} has {limit / GiB:.1f} GiB "
                f"available; {fix}")

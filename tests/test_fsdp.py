@@ -125,12 +125,31 @@ def test_fsdp_checkpoint_resumes_in_one_process(runs, tiny_chat_model, tmp_path)
         assert all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a), a["step"]
 
 
-def test_fsdp_needs_torchrun(tiny_chat_model, tmp_path):
+def test_fsdp_in_one_process_with_cpu_offload(runs, tiny_chat_model, tmp_path):
+    """--parallel fsdp --cpu-offload without torchrun: FSDP2 in a group of one, the shards in CPU
+    memory (CPUOffloadPolicy; on this CPU the offload is a move to where they are), the same run as
+    one process without FSDP."""
+    keep = ("--steps", "4", "--eval-every", "2", "--save-every", "1", "--keep-checkpoints", "4")
+    offload, done = train(tiny_chat_model, tmp_path / "offload", 1, "--parallel", "fsdp",
+                          "--cpu-offload", *keep)
+    assert "and in CPU memory (--cpu-offload)" not in done.stderr     # a CPU: all one memory
+    for a, b in zip(runs[1], offload, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k in TIMING:
+                continue
+            if k.startswith(("reward", "completions/", "eval/", "frac_")) or k == "step":
+                assert a[k] == b[k], (a["step"], k)
+            else:
+                assert b[k] == pytest.approx(a[k], abs=1e-5), (a["step"], k)
+
+
+def test_cpu_offload_needs_fsdp(tiny_chat_model, tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tiny_chat_model), "--out",
-                           str(tmp_path / "x"), "--parallel", "fsdp"], cwd=ROOT,
+                           str(tmp_path / "x"), "--cpu-offload"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
-        "error: --parallel fsdp shards the model across torchrun ranks, and this is one process: "
-        "start it with torchrun --nproc-per-node N (N >= 2), or drop --parallel"]
+        "error: --cpu-offload keeps the sharded state of --parallel fsdp in CPU memory; add "
+        "--parallel fsdp"]
     assert not (tmp_path / "x").exists()

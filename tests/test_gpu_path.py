@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from model import Config, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -171,6 +171,7 @@ PAPER = dict(prompts_per_step=128, group_size=8, max_new_tokens=8192, kl_coef=0.
 LEAN = dict(rollout_batch=16, micro_batch_size=1, grad_checkpoint=True, eval_batch=1)
 PLAIN = dict(rollout_batch=0, micro_batch_size=8, grad_checkpoint=False, eval_batch=0)
 SHARDED = dict(LEAN, parallel="fsdp")
+OFFLOAD = dict(SHARDED, cpu_offload=True)
 
 
 def paper_plan(name, world, flags):
@@ -195,6 +196,9 @@ def paper_plan(name, world, flags):
     # --parallel fsdp: 1/8 of the state, plus the full bf16 copy that decodes (infra/fsdp.py)
     ("qwen3-4b", 8, SHARDED, (33.4, 24.1, 33.4), 4_022_468_096),
     ("qwen3-8b", 8, SHARDED, (46.9, 39.7, 46.9), 8_190_735_360),
+    # one GPU, --parallel fsdp --cpu-offload: the fp32 state in CPU memory (60 / 122 GiB there)
+    ("qwen3-4b", 1, OFFLOAD, (27.7, 16.6, 27.7), 4_022_468_096),
+    ("qwen3-8b", 1, OFFLOAD, (35.5, 24.5, 35.5), 8_190_735_360),
 ])
 def test_the_memory_plan_at_the_papers_sizes(name, world, flags, want, n):
     """Qwen3-4B and 8B built on the meta device from their config.json keys: the parameter counts,
@@ -204,6 +208,47 @@ def test_the_memory_plan_at_the_papers_sizes(name, world, flags, want, n):
     got, params = paper_plan(name, world, flags)
     assert params == n
     assert (got["rollout"], got["update"], got["evaluation"]) == want, got
+
+
+@pytest.mark.parametrize("name,world,flags,fix", [
+    # the flags the command already passes are not advised again; the one that helps is named
+    ("qwen3-4b", 1, LEAN, "add --parallel fsdp (the state sharded over the GPUs of torchrun, "
+                          "or in CPU memory with --cpu-offload on one GPU)"),
+    ("qwen3-4b", 8, LEAN, "add --parallel fsdp"),
+    ("qwen3-4b", 1, PLAIN, "add --rollout-batch (fewer rows sampled at a time, a multiple of "
+                           "--group-size) and --micro-batch-size 1 and --grad-checkpoint and "
+                           "--eval-batch 1"),
+    ("qwen3-8b", 1, LEAN, "the weights and AdamW state alone do not fit: --parallel fsdp under "
+                          "torchrun with more GPUs, or --parallel fsdp --cpu-offload on one"),
+    ("qwen3-8b", 8, dict(SHARDED, rollout_batch=0), "add --rollout-batch"),
+])
+def test_a_refusal_names_the_flag_that_fits(name, world, flags, fix, monkeypatch):
+    """An 80 GB GPU (79.6 GiB): each refusal names a flag the command does not pass yet."""
+    import argparse
+    import json
+
+    from infra import memory
+    from infra.errors import UserError
+    from model import Config
+    monkeypatch.setattr(memory, "available", lambda device: int(79.6 * 2**30))
+    cfg = Config.from_hf(json.loads((DATA / f"{name}.config.json").read_text()), where=name)
+    with pytest.raises(UserError) as e:
+        memory.check(cfg, argparse.Namespace(**PAPER, **flags), 1024, "cuda", world, 2, False)
+    assert fix in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name,world,flags", [("qwen3-4b", 1, OFFLOAD), ("qwen3-4b", 8, SHARDED),
+                                              ("qwen3-8b", 8, SHARDED), ("qwen3-8b", 1, OFFLOAD)])
+def test_the_commands_of_docs_scaling_are_accepted(name, world, flags, monkeypatch):
+    """docs/scaling.md's commands for 1 and 8 GPUs of 80 GB fit their plan."""
+    import argparse
+    import json
+
+    from infra import memory
+    from model import Config
+    monkeypatch.setattr(memory, "available", lambda device: int(79.6 * 2**30))
+    cfg = Config.from_hf(json.loads((DATA / f"{name}.config.json").read_text()), where=name)
+    memory.check(cfg, argparse.Namespace(**PAPER, **flags), 1024, "cuda", world, 2, False)
 
 
 def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(default_model_dir, tmp_path):
