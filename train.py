@@ -258,7 +258,8 @@ def run_training(argv=None):
                         s_step=f"{row['step_time']:.0f}")
         # every rank stops after the same step
         stopping = dp.all_sum({"stop": len(stop)}, device)["stop"] > 0
-        if step % args.save_every == 0 or step == args.steps or stopping:
+        if (step % args.save_every == 0 or step in (args.steps, runs.phase1_end(args))
+                or stopping):
             runs.checkpoint(model, opt, args, step, layer, lead)   # every rank takes part
         if stopping:
             break
@@ -307,7 +308,7 @@ OLD_LOGPROBS = ("auto", "sampler", "recompute")
 # flags a resume may change: they change where or how often, not what is computed
 RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size",
                      "rollout_batch", "grad_checkpoint", "ignore_memory_plan",
-                     "eval_batch", "parallel", "cpu_offload")
+                     "eval_batch", "parallel", "cpu_offload", "save_phase1_end")
 # a flag added since a run was saved takes this value on its resume (what the run did)
 BEFORE_THE_FLAG = {"old_logprobs": "recompute"}
 

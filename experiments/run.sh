@@ -10,7 +10,7 @@
 # prompts, the sampler and the held-out draw, so the runs of one seed are paired across configurations.
 #
 #   bash experiments/run.sh                       # everything but inter, in the order below (many hours)
-#   bash experiments/run.sh main                  # one group: flow, main, layers, rule or inter
+#   bash experiments/run.sh main                  # one group: flow, main, layers, rule, inter, dose or dose20
 #   bash experiments/run.sh grpo-s0 bupo-s0       # only the named runs
 #   BEST_LAYER=15 bash experiments/run.sh inter   # the s_inter sweep at the layer the layer sweep found best
 #   JOBS=1 DEVICE=cuda bash experiments/run.sh    # one at a time, on a GPU
@@ -55,6 +55,15 @@ done
 if [ -n "$BEST_LAYER" ]; then for seed in ${INTER_SEEDS:-0 1 2}; do for s in 8 16; do
   RUNS+=("inter bupo-l$BEST_LAYER-inter$s-s$seed $TRAIN --algo bupo --internal-layer $BEST_LAYER --internal-steps $s --seed $seed --out runs/exp/bupo-l$BEST_LAYER-inter$s-s$seed")
 done; done; else echo "inter: left out; set BEST_LAYER (the best layer of the sweep) to run the s_inter sweep"; fi
+
+# dose: phase 1's length at l = 29, s_inter = 4 (the main arm) against 10, seeds 20-25, and 20 on seeds 20-22
+# (experiments/PLAN.md, "phase 1's dose"); the checkpoint at the end of phase 1 is kept for the per-layer analysis
+for seed in ${DOSE_SEEDS:-20 21 22 23 24 25}; do for s in 4 10; do
+  RUNS+=("dose bupo-dose$s-s$seed $TRAIN --algo bupo --internal-layer 29 --internal-steps $s --save-phase1-end --seed $seed --out runs/exp/bupo-dose$s-s$seed")
+done; done
+for seed in ${DOSE20_SEEDS:-20 21 22}; do
+  RUNS+=("dose20 bupo-dose20-s$seed $TRAIN --algo bupo --internal-layer 29 --internal-steps 20 --save-phase1-end --seed $seed --out runs/exp/bupo-dose20-s$seed")
+done
 
 run_one() {  # GROUP NAME TOOL ARGS...: one run, its log appended to runs/exp/NAME.log
   local name=$2 dir=runs/exp/$2; shift 2

@@ -52,6 +52,8 @@ def add_run_args(p, may_change: tuple):
                    help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=2,
                    help="how many recent checkpoints to keep")
+    g.add_argument("--save-phase1-end", action="store_true", help="BuPO: also save a checkpoint "
+                   "at the last step of phase 1 (step --internal-steps), never pruned")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the prompts, the sampler and the held-out draws")
     return g
@@ -352,11 +354,20 @@ def save_checkpoint(model, weights: dict, optimizer: dict, args, step: int, laye
                         f"checkpoint takes about {size_text(need)}); "
                         + (f"the last complete one is {last.name}: --resume {args.out} continues "
                            f"from it" if last else "no checkpoint was written yet")) from None
-    for old in sorted((p for p in root.glob("step_*") if 0 <= _step(p) <= step),
+    kept = phase1_end(args)
+    for old in sorted((p for p in root.glob("step_*")
+                       if 0 <= _step(p) <= step and _step(p) != kept),
                       key=_step)[:-args.keep_checkpoints]:
         # only names this code writes: a user's step_000002.bak copy stays
         remove_partial(old)
     return final
+
+
+def phase1_end(args) -> int | None:
+    """The step of --save-phase1-end's checkpoint (the last step of BuPO's phase 1), or None."""
+    if getattr(args, "save_phase1_end", False) and args.algo == "bupo" and args.internal_steps:
+        return args.internal_steps
+    return None
 
 
 # the only names under OUT/checkpoints/ that this code writes, and so the only ones it may ever

@@ -321,3 +321,15 @@ def test_the_code_record_names_what_differed_from_the_commit(tmp_path, monkeypat
         (tmp_path / f"n{i:02d}.md").write_text("x\n")
     changed = runs.code_version(tmp_path)["changed"]
     assert len(changed) == 21 and changed[-1] == "... 7 more" and changed[0] == "train.py"
+
+
+def test_the_end_of_phase_1_is_kept(tiny_chat_model, tmp_path):
+    """--save-phase1-end: a checkpoint at step s_inter (BuPO's last phase-1 step) besides the
+    newest ones, never pruned: what the analysis of what phase 1 changed reads."""
+    import train
+    out = tmp_path / "run"
+    train.main(["--model", str(tiny_chat_model), "--out", str(out), *TINY_RUN, "--steps", "5",
+                "--internal-steps", "2", "--save-every", "4", "--keep-checkpoints", "1",
+                "--save-phase1-end"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002",
+                                                                       "step_000005"]
