@@ -493,6 +493,32 @@ class Transformer(nn.Module):
             copy = Transformer(self.config)
         return copy.assign(state, next(iter(state.values())).device)
 
+    def for_decoding(self, dtype: torch.dtype) -> "Transformer":
+        """A copy whose matmul weights and biases (every nn.Linear, a tied unembedding included)
+        are in `dtype`, and whose embedding and norms are this model's own tensors. Under autocast
+        it computes what this model computes, with nothing left to cast: a compiled decode step
+        has no autocast cast cache, and would cast every weight at every token. Made once and
+        refreshed in place after, so that its compiled step (and CUDA graph) is reused."""
+        copy = self.__dict__.get("decoding_copy")
+        linear = [(n, m) for n, m in self.named_modules() if isinstance(m, nn.Linear)]
+        if copy is None or copy.W_U.dtype != dtype:
+            cast = {f"{n}.{k}" for n, m in linear for k in ("weight", "bias")}
+            state = {n: p.detach().to(dtype) if n in cast else p.detach()
+                     for n, p in self.named_parameters()}
+            with torch.device("meta"):
+                copy = Transformer(self.config)
+            copy = copy.assign(state, self.W_U.device).requires_grad_(False)
+            copy.lm_head.weight = nn.Parameter(self.W_U.detach().to(dtype), requires_grad=False)
+            self.__dict__["decoding_copy"] = copy      # beside the model, not a submodule
+            return copy
+        with torch.no_grad():
+            for n, m in linear:
+                target = copy.get_submodule(n)
+                target.weight.copy_(m.weight)
+                if m.bias is not None:
+                    target.bias.copy_(m.bias)
+        return copy
+
     def assign(self, state: dict, device) -> "Transformer":
         """This model (built on the meta device) holding the tensors of `state` (our
         names; a tied lm_head.weight may be left out) themselves, no copy; the rotary

@@ -216,11 +216,13 @@ def is_sharded(model) -> bool:
 
 
 def sampling_model(model, args):
-    """The model to decode with: itself, or for a sharded model a plain copy of its weights in
-    the compute dtype, gathered from the shards (every rank calls it, in step)."""
-    if not is_sharded(model):
-        return model
+    """The model to decode with: itself; for a sharded model a plain copy of its weights in the
+    compute dtype, gathered from the shards (every rank calls it, in step); for the compiled decode
+    step in bf16 a copy whose matmul weights are bf16 already (model.for_decoding)."""
     dtype = compute_dtype(args.dtype, args.device)
+    if not is_sharded(model):
+        compiled = getattr(args, "compile", False) and dtype != torch.float32
+        return model.for_decoding(dtype) if compiled else model
     model.reshard()      # the root's gathered weights may be of before the last update
     device = torch.device(args.device)      # the shards may live in CPU memory (--cpu-offload)
     # each shard cast before it is gathered: no fp32 copy of a whole weight on the device

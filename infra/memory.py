@@ -64,6 +64,9 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
                     "a block's and the root's unsharded gradients (fp32)": 4 * (root + block)}
     elif c < 4:
         state["bf16 copies of the weights (autocast)"] = c * n
+        if getattr(args, "compile", False):     # model.for_decoding, kept from step to step
+            tied = cfg.vocab_size * d if cfg.tie_word_embeddings else 0
+            state["bf16 copy for the compiled decode step"] = c * (n + tied)
     if args.kl_coef > 0:
         state["reference model (--kl-coef)"] = c * n
     kv_bytes = 2 * L * kv * c                                   # keys and values, per token

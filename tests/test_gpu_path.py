@@ -125,3 +125,47 @@ def test_folded_query_heads_are_the_repeated_kv_heads(T, monkeypatch):
     assert (folded - repeated).abs().max() < 1e-5
     gqa = real(q, k, v, attn_mask=mask, enable_gqa=True)
     assert (folded - gqa).abs().max() < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# the compiled decode step under autocast: no weight cast at every token
+
+def test_the_compiled_decode_step_gets_weights_already_in_bf16():
+    """Autocast's cast cache does not exist inside a compiled graph, so a graph traced over fp32
+    weights casts every one of them at every token. sampling_model hands --compile a copy whose
+    matmul weights are bf16 already (embedding and norms the masters'): under autocast it casts no
+    weight, and its logits are the fp32 model's under autocast, bit for bit."""
+    import argparse
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from infra import distributed as dp
+    from model import Config, KVCache, Transformer
+    torch.manual_seed(0)
+    model = Transformer(Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=8))
+    args = argparse.Namespace(dtype="bfloat16", device="cpu", compile=True)
+    decoder = dp.sampling_model(model, args)
+    weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            if func is torch.ops.aten._to_copy.default and a[0].data_ptr() in weights:
+                Casts.n += 1
+            return func(*a, **(kw or {}))
+
+    def step(m):
+        cache = KVCache(m.config, 2, 8, dtype=torch.bfloat16)
+        ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+        with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+            return m(ids, cache=cache, last_only=True)
+    Casts.n = 0
+    want = step(model)
+    assert Casts.n > 0                        # the fp32 masters: every matmul weight is cast
+    Casts.n = 0
+    got = step(decoder)
+    assert Casts.n == 0 and torch.equal(got, want)
+    assert decoder.embed_tokens.weight is not model.embed_tokens.weight   # a Parameter of its own
+    assert decoder.embed_tokens.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
