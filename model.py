@@ -230,16 +230,20 @@ def on_tokens(fn, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
 
 
 def attend(q, k, v, mask):
-    """softmax(q k^T / sqrt(hd) + mask) v, each group of g = nh/nkv query heads sharing one kv
-    head (GQA). On CUDA a mask rules out the flash kernel, and the memory-efficient one takes no
-    enable_gqa: there the g query heads of a group are folded into the query length, so that a
-    decode step does not copy the cache g times per layer. Where the folded mask would be larger
-    than the copied keys and values (long training rows), the kv heads are repeated instead."""
+    """softmax(q k^T / sqrt(hd) + mask) v; each group of nh/nkv query heads shares a kv head."""
+    if mask is not None and q.is_cuda and q.shape[1] != k.shape[1]:
+        return masked_gqa_on_cuda(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=True)
+
+
+def masked_gqa_on_cuda(q, k, v, mask):
+    """attend() where CUDA's memory-efficient kernel must take the mask, and it takes no
+    enable_gqa: the g query heads of a group are folded into the query length, so that a decode
+    step does not copy the cache g times per layer. Where the folded mask would be larger than
+    the copied keys and values (long training rows), the kv heads are repeated instead."""
     B, nh, T, hd = q.shape
     g = nh // k.shape[1]
-    if mask is None or not q.is_cuda or g == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                              enable_gqa=True)
     if g * T < 2 * nh * hd:
         return folded_attention(q, k, v, mask)
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -374,8 +378,7 @@ class Pass:
         real = None
         if padded and not return_residuals and not attention_mask.all():
             real = attention_mask.flatten().nonzero()[:, 0]                # [N]
-        # checkpointing needs a block that is a pure function of its inputs: no record,
-        # and a cache only when it is read-only (SharedPromptCache after keep)
+        # checkpointing: a pure block, so no record, and a cache only once read-only (frozen)
         recompute = (model.grad_checkpoint and torch.is_grad_enabled() and not return_residuals
                      and (cache is None or getattr(cache, "frozen", False)))
         return cls(cos, sin, mask, attention_mask, cache, real, recompute)

@@ -134,9 +134,8 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
 
 
 def clip_grads(model, max_norm: float) -> float:
-    """The gradients summed over ranks (FSDP2 sums its own), then clipped to a global norm of
-    max_norm; returns the norm before clipping. Each rank's loss is already divided by the token
-    count of the whole mini-batch, so the sum is the gradient of the one-process loss."""
+    """The gradients summed over ranks (FSDP2 sums its own; each rank's loss is divided by the
+    whole mini-batch's tokens), clipped to a norm of max_norm; the norm before clipping."""
     if world() > 1 and not is_sharded(model):
         work = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()
                 if p.grad is not None]
@@ -216,13 +215,18 @@ def is_sharded(model) -> bool:
 
 
 def sampling_model(model, args):
-    """The model to decode with: itself; for a sharded model a plain copy of its weights in the
-    compute dtype, gathered from the shards (every rank calls it, in step); for the compiled decode
-    step in bf16 a copy whose matmul weights are bf16 already (model.for_decoding)."""
+    """The model to decode with: itself; a copy gathered from the shards of a sharded model
+    (decoding_copy); a copy with bf16 matmul weights for the compiled step (model.for_decoding)."""
+    if is_sharded(model):
+        return decoding_copy(model, args)
+    dtype = compute_dtype(args.dtype, args.device) if getattr(args, "compile", False) else None
+    return model.for_decoding(dtype) if dtype not in (None, torch.float32) else model
+
+
+def decoding_copy(model, args):
+    """A plain copy of a sharded model's weights in the compute dtype, gathered from the shards
+    (every rank calls it, in step)."""
     dtype = compute_dtype(args.dtype, args.device)
-    if not is_sharded(model):
-        compiled = getattr(args, "compile", False) and dtype != torch.float32
-        return model.for_decoding(dtype) if compiled else model
     model.reshard()      # the root's gathered weights may be of before the last update
     device = torch.device(args.device)      # the shards may live in CPU memory (--cpu-offload)
     # each shard cast before it is gathered: no fp32 copy of a whole weight on the device
