@@ -225,13 +225,23 @@ def sampling_model(model, args):
 
 def decoding_copy(model, args):
     """A plain copy of a sharded model's weights in the compute dtype, gathered from the shards
-    (every rank calls it, in step)."""
+    (every rank calls it, in step). With --compile the copy is kept and refreshed in place, so
+    that its compiled step is reused (and no copy per step waits in a reference cycle)."""
     dtype = compute_dtype(args.dtype, args.device)
     model.reshard()      # the root's gathered weights may be of before the last update
     device = torch.device(args.device)      # the shards may live in CPU memory (--cpu-offload)
     # each shard cast before it is gathered: no fp32 copy of a whole weight on the device
-    full = {name: gathered(p.detach().to(device, dtype)) for name, p in model.named_parameters()}
-    return model.copy_with(full).requires_grad_(False)
+    full = lambda p: gathered(p.detach().to(device, dtype))  # noqa: E731
+    kept = model.__dict__.get("decoding_copy") if getattr(args, "compile", False) else None
+    if kept is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                kept.get_parameter(name).copy_(full(p))
+        return kept
+    copy = model.copy_with({name: full(p) for name, p in model.named_parameters()})
+    if getattr(args, "compile", False):
+        model.__dict__["decoding_copy"] = copy        # beside the model, not a submodule
+    return copy.requires_grad_(False)
 
 
 def gathered(t: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,9 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
         block = params(cfg, per_block=True)
         root = n - L * block
         sampling = {"full copy for decoding (compute dtype)": c * n}
+        if getattr(args, "compile", False):    # kept from step to step (distributed.py)
+            state["full copy for the compiled decode step (compute dtype)"] = c * n
+            sampling = {}
         gathered = {"gathered root and two blocks (compute dtype)": c * (root + 2 * block),
                     "a block's and the root's unsharded gradients (fp32)": 4 * (root + block)}
     elif c < 4:

@@ -169,3 +169,37 @@ def test_the_compiled_decode_step_gets_weights_already_in_bf16():
     assert Casts.n == 0 and torch.equal(got, want)
     assert decoder.embed_tokens.weight is not model.embed_tokens.weight   # a Parameter of its own
     assert decoder.embed_tokens.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+
+
+KEPT_COPY = """
+    import argparse, sys, torch
+    sys.path.insert(0, ".")
+    from infra import distributed as dp
+    from model import Config, Transformer
+    dp.setup("cpu", 2, 1, 2, False, "fsdp")
+    torch.manual_seed(0)
+    model = Transformer(Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=8))
+    dp.shard(model, "cpu", 2, torch.float32)
+    args = argparse.Namespace(dtype="float32", device="cpu", compile=True)
+    first = dp.sampling_model(model, args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    second = dp.sampling_model(model, args)
+    full = {n: dp.gathered(p.detach()) for n, p in model.named_parameters()}
+    fresh = all(torch.equal(second.get_parameter(n), t) for n, t in full.items())
+    plain = dp.sampling_model(model, argparse.Namespace(dtype="float32", device="cpu",
+                                                        compile=False))
+    print("same copy", first is second, "refreshed", fresh, "uncompiled new", plain is not first)
+    dp.teardown()
+"""
+
+
+def test_a_sharded_model_keeps_one_decoding_copy_for_the_compiled_step():
+    """--parallel fsdp --compile: one decoding copy, refreshed in place each step, so that its
+    compiled step is reused (a new copy per step recompiled, and each old one waited in a reference
+    cycle with its compiled step until the garbage collector ran)."""
+    for rc, out, err in run_ranks(KEPT_COPY, 2):
+        assert rc == 0, err[-2000:]
+        assert "same copy True refreshed True uncompiled new True" in out, out + err[-2000:]
