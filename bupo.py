@@ -143,7 +143,7 @@ def entropy_changes(flow: dict) -> dict:
 
 
 def boundary_layer(dH_mlp: list) -> int | None:
-    """The paper's boundary layer (section 4.3): the last layer (1-based) whose mean FFN
+    """The paper's boundary layer (its Table 3): the last layer (1-based) whose mean FFN
     entropy change is positive."""
     positive = [l for l, d in enumerate(dH_mlp, start=1) if d > 0]
     return positive[-1] if positive else None

@@ -108,7 +108,7 @@ def sample_step(model, tok, src, args, step, amp):
     problems = [problems[g] for g in mine]
     # prompt g of the step is seeded first + g, whichever rank samples it
     first = (args.seed << 32) + step * args.prompts_per_step
-    # a sharded model decodes from a full copy, gathered once for the step
+    # a sharded model (or the compiled step) decodes from a copy made once per step
     policy = dp.sampling_model(model, args)
     with amp():
         ro = generate(policy, [src.encode(tok, p) for p in problems], args.group_size,
