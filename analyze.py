@@ -226,6 +226,72 @@ def eval_set(model, tok, src, problems, args, greedy: bool) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# what training changed, layer by layer (analyze.py --against CHECKPOINT)
+
+@torch.no_grad()
+def layer_changes(base, trained, pairs) -> list:
+    """Per layer l = 1..L, on the same tokens (the base model's answers), means over all tokens:
+      kl          KL(pi^l_base || pi^l_trained): how far training moved the layer's policy
+      dH          H(pi^l_trained) - H(pi^l_base)
+      dKL_policy  the change of KL(pi^l || pi_theta), each model against its own policy
+      dcos        the change of cos(h_l, h_L), the paper's feature refinement (Fig. 5)
+      attn, mlp   ||W_trained - W_base|| / ||W_base|| of the layer's attention and MLP weights
+    Layer L is each model's own policy (through the final norm)."""
+    L, device = base.config.num_layers, base.embed_tokens.weight.device
+    sums, n = torch.zeros(5, L, dtype=torch.float64), 0
+    for p, r in pairs:
+        ids = torch.tensor([p + r], device=device)
+        where = torch.zeros_like(ids, dtype=torch.bool)
+        where[0, len(p) - 1:len(p) + len(r) - 1] = True   # position t-1 predicts token t
+        hb = base(ids, return_residuals=True)[1].resid
+        ht = trained(ids, return_residuals=True)[1].resid
+        top_b = bupo.layer_logits(base, hb[L][where], L)
+        top_t = bupo.layer_logits(trained, ht[L][where], L)
+        for l in range(1, L + 1):
+            zb = bupo.layer_logits(base, hb[l][where], l)
+            zt = bupo.layer_logits(trained, ht[l][where], l)
+            cos_b = torch.cosine_similarity(hb[l][where].float(), hb[L][where].float(), dim=-1)
+            cos_t = torch.cosine_similarity(ht[l][where].float(), ht[L][where].float(), dim=-1)
+            terms = (bupo.kl_divergence(zb, zt), bupo.entropy(zt) - bupo.entropy(zb),
+                     bupo.kl_divergence(zt, top_t) - bupo.kl_divergence(zb, top_b), cos_t - cos_b)
+            for k, term in enumerate(terms):
+                sums[k, l - 1] += term.double().sum().cpu()
+        n += int(where.sum())
+    keys = ("kl", "dH", "dKL_policy", "dcos")
+    rows = [{"layer": l, **{k: (sums[i, l - 1] / max(n, 1)).item() for i, k in enumerate(keys)}}
+            for l in range(1, L + 1)]
+    for row, b, t in zip(rows, base.layers, trained.layers):
+        row.update(attn=relative_change(b.self_attn, t.self_attn),
+                   mlp=relative_change(b.mlp, t.mlp))
+    return rows
+
+
+def relative_change(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """||W_b - W_a|| / ||W_a|| over all the weights of a module (fp64)."""
+    wa = torch.cat([p.detach().double().flatten() for p in a.parameters()])
+    wb = torch.cat([p.detach().double().flatten() for p in b.parameters()])
+    return ((wb - wa).norm() / wa.norm().clamp(min=1e-30)).item()
+
+
+def changes(base, trained, pairs, base_name: str, trained_dir) -> dict:
+    """changes.json: layer_changes, the relative change of the unembedding and of the final
+    norm, and the step, internal layer and phase-1 length of the run that wrote the checkpoint."""
+    from infra.runs import load_trainer_state
+    run = {}
+    if (Path(trained_dir) / "trainer_state.pt").is_file():
+        state = load_trainer_state(Path(trained_dir))
+        run = {"step": state["step"], "algo": state["args"].get("algo"),
+               "internal_layer": state["internal_layer"],
+               "internal_steps": state["args"].get("internal_steps")}
+    unembed = [torch.nn.ParameterList([m.lm_head.weight]) for m in (base, trained)]
+    return {"base": base_name, "trained": str(trained_dir), "num_layers": base.config.num_layers,
+            "num_responses": len(pairs), "num_tokens": sum(len(r) for _, r in pairs), "run": run,
+            "layers": layer_changes(base, trained, pairs),
+            "unembedding": relative_change(*unembed),
+            "final_norm": relative_change(base.norm, trained.norm)}
+
+
+# -----------------------------------------------------------------------------
 # output: JSON, table (the plots: infra/plots.py)
 
 def print_table(result: dict):
@@ -266,6 +332,9 @@ def parse_args(argv=None):
     g.add_argument("--norm", default="none", choices=["none", "final"], help="none: softmax(W_U "
                    "x), the paper's definition; final: the logit lens, W_U RMSNorm_final(x)")
     g.add_argument("--compare", default=None, help="another entropy.json to overlay on the plots")
+    g.add_argument("--against", default=None, help="a checkpoint trained from --model (train.py's "
+                   "checkpoints/step_N): also changes.json and changes.png, what training changed "
+                   "layer by layer, on the same answers of --model")
     g.add_argument("--out", default="runs/analysis",
                    help="output folder for entropy.json and the plots")
     g.add_argument("--overwrite", action="store_true", help="if --out holds an analysis, move it "
@@ -298,6 +367,13 @@ def main(argv=None):
     torch.set_flush_denormal(True)
     src = tasks.source(args)   # a --data file read and checked before the model loads
     model, tok = load(args.model, getattr(torch, args.dtype), args.device)
+    trained = None
+    if args.against:            # checked before any answer is sampled
+        trained = Transformer.from_pretrained(args.against, getattr(torch, args.dtype),
+                                              args.device)
+        if trained.config != model.config:
+            raise UserError(f"--against {args.against}: its config.json is not --model's; pass a "
+                            f"checkpoint trained from {args.model}")
     max_tokens = min(args.max_tokens, model.config.max_position_embeddings)
     t0 = time.perf_counter()
     if args.responses:
@@ -308,6 +384,8 @@ def main(argv=None):
     flow, heat = analyze(model, pairs, norm=args.norm == "final")
     result = summarize(Path(args.model).name, model, flow, len(pairs), args.norm == "final")
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    changed = (changes(model, trained, pairs, Path(args.model).name, args.against)
+               if trained is not None else None)
     out = Path(args.out)
     moved = files.claim_dir(out, ("entropy.json",), args.overwrite)
     if moved:
@@ -316,6 +394,10 @@ def main(argv=None):
     plots.flow(result, heat, out, tok, other)
     print_table(result)
     print(f"wrote {out / 'entropy.json'}, flow.png, dH.png, heatmap.png")
+    if changed:
+        files.write_text(out / "changes.json", json.dumps(changed, indent=1) + "\n")
+        plots.changes(changed, out / "changes.png")
+        print(f"wrote {out / 'changes.json'}, changes.png")
 
 
 if __name__ == "__main__":

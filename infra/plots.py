@@ -134,3 +134,40 @@ def flow(result: dict, heat: dict | None, out: Path, tokenizer, other: dict | No
                      fontsize=9)
         fig.colorbar(im, label="entropy (nats)")
         save(fig, "heatmap.png")
+
+
+def changes(result: dict, path: Path):
+    """changes.png: what training changed, layer by layer (analyze.py --against), on one figure:
+    the layer policies' KL to their base, their entropy and distance to the policy, the feature
+    alignment cos(h_l, h_L), and the blocks' relative weight change; BuPO's l dotted."""
+    plt = pyplot()
+    rows = result["layers"]
+    x = [r["layer"] for r in rows]
+    fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
+    axes[0].plot(x, [r["kl"] for r in rows], "o-", ms=3)
+    axes[0].set_yscale("symlog", linthresh=1e-3)
+    axes[0].set_ylabel("KL(pi^l base || trained)")
+    axes[1].plot(x, [r["dH"] for r in rows], "o-", ms=3, label="change of H(pi^l)")
+    axes[1].plot(x, [r["dKL_policy"] for r in rows], "s-", ms=3,
+                 label="change of KL(pi^l || pi_theta)")
+    axes[1].set_ylabel("nats")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(x, [r["dcos"] for r in rows], "o-", ms=3)
+    axes[2].set_ylabel("change of cos(h_l, h_L)")
+    axes[3].plot(x, [r["attn"] for r in rows], "o-", ms=3, label="attention")
+    axes[3].plot(x, [r["mlp"] for r in rows], "s-", ms=3, label="MLP")
+    axes[3].set_ylabel("|dW| / |W|")
+    axes[3].set_xlabel("layer l")
+    axes[3].legend(fontsize=8)
+    run = result.get("run") or {}
+    if run.get("algo") == "bupo":
+        for ax in axes:
+            ax.axvline(run["internal_layer"], color="k", ls=":", lw=1)
+    for ax in axes:
+        ax.axhline(0, color="k", lw=0.5)
+    fig.suptitle(f"What training changed: {result['base']} -> {Path(result['trained']).name} "
+                 f"({result['num_tokens']} tokens of the base model's answers)"
+                 + (f"; dotted: BuPO's l = {run['internal_layer']}" if run.get("algo") == "bupo"
+                    else ""), fontsize=9)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)

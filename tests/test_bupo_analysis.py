@@ -249,3 +249,46 @@ def test_cli_end_to_end_and_errors(tiny_chat_model, tmp_path):
     r = run("--out", str(tmp_path / "c"), "--responses", str(f))
     assert (r.returncode != 0 and r.stderr.startswith("error:") and ":2:" in r.stderr
             and "Traceback" not in r.stderr)
+
+
+def test_what_training_changed_layer_by_layer(tiny_dirs):
+    """analyze.layer_changes: a model against itself changes nothing; after one BuPO phase-1
+    update at l = 1, the blocks above l have not moved, layer 1 has, and so has its policy."""
+    base = Transformer.from_pretrained(tiny_dirs["llama", False])
+    pairs = pairs_for()
+    keys = ("kl", "dH", "dKL_policy", "dcos", "attn", "mlp")
+    same = analyze.layer_changes(base, base, pairs)
+    assert len(same) == 3 and all(r[k] == 0 for r in same for k in keys), same
+    trained = Transformer.from_pretrained(tiny_dirs["llama", False])
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    logp, _ = bupo.policy_logprobs(trained, bupo.Batch(ids, torch.ones_like(ids), 4), 1)
+    (-logp.sum()).backward()
+    torch.optim.AdamW(trained.parameters(), lr=1e-2).step()
+    rows = analyze.layer_changes(base, trained, pairs)
+    assert rows[0]["attn"] > 0 and rows[0]["mlp"] > 0 and rows[0]["kl"] > 0
+    assert all(r["attn"] == 0 and r["mlp"] == 0 for r in rows[1:]), rows
+    assert all(math.isfinite(r[k]) for r in rows for k in keys)
+
+
+def test_analyze_against_a_checkpoint(tiny_chat_model, tiny_dirs, tmp_path):
+    """analyze.py --against: changes.json and changes.png beside the entropy flow, the run's layer
+    read from the checkpoint; a checkpoint of another model is refused in one line, up front."""
+    import train
+    train.main(["--model", str(tiny_chat_model), "--out", str(tmp_path / "run"), "--steps", "1",
+                "--internal-steps", "1", "--internal-layer", "2", "--prompts-per-step", "2",
+                "--group-size", "2", "--mini-batches", "2", "--max-new-tokens", "4",
+                "--eval-every", "0", "--lr", "1e-2"])
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
+    base = ["analyze.py", "--model", str(tiny_chat_model), "-n", "2", "--max-new-tokens", "4",
+            "--task", "add", "--device", "cpu"]
+    done = subprocess.run([sys.executable, *base, "--against", str(ckpt), "--out",
+                           str(tmp_path / "a")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "a" / "changes.json").read_text())
+    assert result["run"] == {"step": 1, "algo": "bupo", "internal_layer": 2, "internal_steps": 1}
+    assert len(result["layers"]) == 3 and result["layers"][2]["attn"] == 0     # above l = 2
+    assert result["layers"][0]["attn"] > 0 and (tmp_path / "a" / "changes.png").stat().st_size
+    bad = subprocess.run([sys.executable, *base, "--against", str(tiny_dirs["qwen3", False]),
+                          "--out", str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "is not --model's" in bad.stderr and not (tmp_path / "b").exists()
