@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
+from gpu_oneshot import instrument_stale  # noqa: E402
 from infra import weights  # noqa: E402
 from infra import precision  # noqa: E402
 from model import Transformer  # noqa: E402
@@ -33,25 +33,16 @@ def main():
     p.add_argument("--model", default=str(weights.DEFAULT_MODEL_DIR), help="HF-layout model folder")
     args = p.parse_args()
     weights.ensure_if_default(args.model)
-    device_type, bf = torch.device(args.device).type, torch.bfloat16
-    real_linear, real_step = F.linear, torch.optim.AdamW.step
+    bf = torch.bfloat16
     state = {"updates": 0, "checked": 0, "stale": 0, "probe": None, "moved": [],
              "step_in_region": 0}
     probe = torch.arange(1, 33, device=args.device)[None]
-
-    def linear(x, w, b=None):
-        out = real_linear(x, w, b)
-        if torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                fresh = real_linear(x.to(bf), w.to(bf), None if b is None else b.to(bf))
-            state["checked"] += 1
-            state["stale"] += int(out.dtype != bf or not torch.equal(out, fresh))
-        return out
+    # every autocast matmul against a fresh bf16 cast; autocast's nesting at every update
+    instrument_stale(args.device, state)
+    checked_step = torch.optim.AdamW.step
 
     def step(self, *a, **k):
-        state["step_in_region"] += int(torch.is_autocast_enabled(device_type))
-        out = real_step(self, *a, **k)
-        state["updates"] += 1
+        out = checked_step(self, *a, **k)
         model = self.param_groups[0]["params"][0]._bupo_model
         with torch.no_grad(), precision.autocast(args.device, bf):
             logits = model(probe).float()
@@ -70,7 +61,7 @@ def main():
         for prm in m.parameters():
             prm._bupo_model = m
         return m
-    F.linear, torch.optim.AdamW.step, Transformer.from_pretrained = linear, step, classmethod(load)
+    torch.optim.AdamW.step, Transformer.from_pretrained = step, classmethod(load)
     with tempfile.TemporaryDirectory() as out:
         train.main(["--model", args.model, "--device", args.device, "--dtype", "bfloat16",
                     "--algo", "grpo",
