@@ -343,7 +343,7 @@ def policy_logprobs(model: Transformer, batch: Batch, layer: int, temperature: f
     tokens, h = batch.ids[:, batch.Tp:][keep], {l: v[keep] for l, v in h.items()}  # [N], [N, d]
     chunk, logp, parts = chunk_rows(model), [], []
     # one fp32 W_U for all chunks: autograd keeps one copy, not one per chunk (a bf16 W_U)
-    W = model.W_U.float()
+    W = model.W_U.float() if min(layers) < L else None
     for s in (slice(i, i + chunk) for i in range(0, len(tokens), chunk)):
         z = layer_logits(model, h[layer][s], layer, W=W) / temperature
         logp.append(z.log_softmax(-1).gather(-1, tokens[s, None])[:, 0])
