@@ -28,10 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from infra.memory import LOGITS_BUDGET   # bytes of fp32 logits a pass unembeds at once
 from model import Residuals, SharedPromptCache, Transformer
-
-# bytes of fp32 logits held at once; positions are processed in chunks to stay below
-LOGITS_BUDGET = 256 * 2**20
 
 
 def chunk_rows(model: Transformer, budget: int = LOGITS_BUDGET) -> int:

@@ -156,10 +156,12 @@ class KVCache:
 
     def keep(self, rows: torch.Tensor):
         """Keep only `rows`, in that order: they move to the front of the same storage, so
-        finished rows stop costing compute without a new allocation."""
+        finished rows stop costing compute without a new allocation (a layer at a time: the
+        gather's copy is one layer's keys or values)."""
         n = len(rows)
         for buf in (self.k, self.v):
-            buf[:, :n, :, :self.len] = buf[:, rows, :, :self.len]
+            for layer in buf:
+                layer[:n, :, :self.len] = layer[rows, :, :self.len]
         self.k, self.v = self.k[:, :n], self.v[:, :n]  # views of the first n rows
         self.valid, self.pos = self.valid[rows], self.pos[rows]
 
@@ -195,7 +197,7 @@ class SharedPromptCache(KVCache):
     per layer, not written into a buffer: an in-place write would change tensors the
     backward has saved. After keep (frozen) the prompts' keys/values are only read, so a
     block that attends to them is a pure function of its inputs (what activation
-    checkpointing recomputes)."""
+    checkpointing recomputes); before, Pass.block hands them out as a block's outputs."""
 
     def __init__(self, batch: int, max_len: int, device="cpu"):
         self.k, self.v = [], []  # per layer [B, nkv, S, hd]
@@ -215,6 +217,14 @@ class SharedPromptCache(KVCache):
         if self.frozen:   # the responses: the prompt's keys/values, then their own; nothing stored
             return torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
         self.k.append(k), self.v.append(v)
+        return k, v
+
+
+class Outputs:
+    """A cache that keeps nothing: a block's keys and values, for Pass.block to hand out."""
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.kv = k, v
         return k, v
 
 
@@ -378,18 +388,29 @@ class Pass:
         real = None
         if padded and not return_residuals and not attention_mask.all():
             real = attention_mask.flatten().nonzero()[:, 0]                # [N]
-        # checkpointing: a pure block, so no record, and a cache only once read-only (frozen)
+        # checkpointing: a pure block, so no record, and no cache written in place (a
+        # SharedPromptCache's prompt pass hands its keys and values out instead, block())
         recompute = (model.grad_checkpoint and torch.is_grad_enabled() and not return_residuals
-                     and (cache is None or getattr(cache, "frozen", False)))
+                     and (cache is None or isinstance(cache, SharedPromptCache)))
         return cls(cos, sin, mask, attention_mask, cache, real, recompute)
 
     def block(self, block, h, record):
         """h_l = block_l(h_{l-1}), recomputed in the backward pass when self.recompute."""
-        if self.recompute:
+        if not self.recompute:
+            return block(h, self.cos, self.sin, self.mask, self.cache, record, self.real)
+        if self.cache is None or self.cache.frozen:      # a pure function of its inputs
             return torch.utils.checkpoint.checkpoint(block, h, self.cos, self.sin, self.mask,
                                                      self.cache, None, self.real,
                                                      use_reentrant=False)
-        return block(h, self.cos, self.sin, self.mask, self.cache, record, self.real)
+        # a prompt pass: the keys and values leave the recomputed function as outputs, so
+        # that its recompute in the backward pass appends nothing to the cache
+        def prompt_block(h, cos, sin, mask, real):
+            out = Outputs()
+            return block(h, cos, sin, mask, out, None, real), *out.kv
+        h, k, v = torch.utils.checkpoint.checkpoint(prompt_block, h, self.cos, self.sin,
+                                                    self.mask, self.real, use_reentrant=False)
+        self.cache.write(block.layer, k, v)
+        return h
 
     def done(self):
         """The cache's slots are used (after the last block)."""

@@ -6,17 +6,26 @@ The plan (train.py prints it at the start, and refuses a run that cannot fit, na
 make it smaller) counts, per rank, in bytes:
   weights, AdamW's two moments (fp32), and the gradients (fp32) during an update; with
   --parallel fsdp, 1/W of each, plus the gathered weights of the root and two blocks (compute
-  dtype) and a block's unsharded gradients during an update, and the full copy in the compute
-  dtype that sampling and evaluation decode with (infra/distributed.py);
+  dtype), the unsharded gradients and reduce-scatter copy of the root and a block, phase 1's fp32
+  W_U, and the full copy in the compute dtype that sampling and evaluation decode with
+  (infra/distributed.py);
   under bf16 without fsdp, autocast's bf16 copy of every weight while a forward region is open;
   the frozen reference of --kl-coef (compute dtype);
-  the KV cache of one rollout call (--rollout-batch rows, or all of the rank's);
-  the activations of one micro-batch's forward with gradients (all blocks, or with
-  --grad-checkpoint each block's input plus one block), and its fp32 log-softmax and gradient;
-  the evaluation's KV cache (--eval-batch problems x --eval-samples).
-The phases do not overlap (rollout, update, evaluation), so the peak is the largest of them. These
-are estimates from the shapes (allocator overheads and fragmentation come on top): a plan that
-exceeds the device is refused, one within it is not a promise.
+  rollout and evaluation: the KV cache of one call (--rollout-batch rows, or all of the rank's;
+  --eval-batch problems x --eval-samples), one layer of it copied while finished rows leave, a
+  block of the prompts' prefill, and the sampler's fp32 logits;
+  the old pass: one block's tensors at a time, the kept h_l and h_L, and the diagnostics' seven
+  chunks of fp32 logits (bupo.diagnostics);
+  the update: the activations of one micro-batch's forward with gradients (all blocks, or with
+  --grad-checkpoint each block's input plus one block; the attention mask, and on CUDA the keys
+  and values repeated per query head, included), the fp32
+  log-softmax of its positions plus two chunks of its gradient, and the embedding's gradient
+  while it is summed.
+The phases do not overlap (rollout, old pass, update, evaluation), so the peak is the largest. These
+are estimates from the shapes, checked to bound the tensors a run holds on a CPU, and to stay
+within 1.5x of them (tests/test_memory_plan.py, bench/memory_check.py); an allocator's rounding,
+caching and fragmentation come on top: a plan that exceeds the device is refused, one within it is
+not a promise.
 """
 import sys
 
@@ -41,13 +50,19 @@ def params(cfg, per_block: bool = False) -> int:
     return cfg.vocab_size * d + cfg.num_layers * block + d + unembedding
 
 
+# bytes of fp32 logits a pass unembeds at once: positions go in chunks of
+# LOGITS_BUDGET // (2 * 4 * V) (bupo.chunk_rows)
+LOGITS_BUDGET = 256 * 2**20
+
+
 def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) -> dict:
     """{phase: {item: bytes}} of one rank, for a model of config `cfg` trained with train.py's
     `args`; compute_bytes: 2 under bf16 autocast, 4 in fp32."""
     n, c = params(cfg), compute_bytes
-    L, d, inter = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    L, d, inter, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    seq = prompt_tokens + args.max_new_tokens
+    Tp, R = prompt_tokens, args.max_new_tokens
+    seq = Tp + R
     rows = args.prompts_per_step * args.group_size // world
     sharded, offload = getattr(args, "parallel", "dp") == "fsdp", offloads(args)
     W = world if sharded else 1
@@ -59,41 +74,75 @@ def plan(cfg, args, prompt_tokens: int, world: int = 1, compute_bytes: int = 4) 
     if sharded:
         block = params(cfg, per_block=True)
         root = n - L * block
-        sampling = {"full copy for decoding (compute dtype)": c * n}
+        sampling = {"full copy for decoding (compute dtype)": c * n,
+                    f"its shards, cast for the gather (compute dtype{of})": c * n // W}
         if getattr(args, "compile", False):    # kept from step to step (distributed.py)
             state["full copy for the compiled decode step (compute dtype)"] = c * n
             sampling = {}
-        gathered = {"gathered root and two blocks (compute dtype)": c * (root + 2 * block),
-                    "a block's and the root's unsharded gradients (fp32)": 4 * (root + block)}
-    elif c < 4:
+        gathered = {"gathered root and two blocks (compute dtype)": c * (root + 2 * block)}
+        if getattr(args, "algo", "bupo") == "bupo":
+            gathered["fp32 W_U of pi^l (phase 1)"] = 4 * V * d
+        in_flight = {"the root's and a block's unsharded gradients, and the root's "
+                     "reduce-scatter copy (fp32)": 4 * (2 * root + block)}
+    else:    # the embedding's gradient: the compute-dtype matmul's, and its fp32 sum
+        in_flight = {"the embedding's gradient in flight": (4 + c) * V * d}
+    if not sharded and c < 4:
         state["bf16 copies of the weights (autocast)"] = c * n
         if getattr(args, "compile", False):     # model.for_decoding, kept from step to step
-            tied = cfg.vocab_size * d if cfg.tie_word_embeddings else 0
+            tied = V * d if cfg.tie_word_embeddings else 0
             state["bf16 copy for the compiled decode step"] = c * (n + tied)
     if args.kl_coef > 0:
         state["reference model (--kl-coef)"] = c * n
     kv_bytes = 2 * L * kv * c                                   # keys and values, per token
-    chunk = min(args.rollout_batch or rows, rows)
-    # a block's saved tensors per token: fp32 residual terms and norms, the compute-dtype inputs
-    # of its matmuls, q / k / v / attention output, and the MLP's gate, up and their product
-    per_layer = 4 * 4 * d + c * (2 * d + 2 * q + 2 * kv + 4 * inter)
-    tokens = min(args.micro_batch_size, rows) * seq
-    blocks = (L * 4 * d + per_layer) if args.grad_checkpoint else L * per_layer
-    logits = 2 * 4 * cfg.vocab_size * min(args.micro_batch_size, rows) * args.max_new_tokens
-    # a rank evaluates every W-th problem, --eval-batch of them at a time
-    share = -(-args.eval_problems // world)
+
+    def decoding(n_rows, n_prompts):
+        """A rollout call's KV cache, the transient copy of its compaction (one layer's keys
+        or values of the rows that go on), the prompts' prefill (one block's tensors and the
+        attention mask) and the sampler's fp32 logits and softmax."""
+        cache = n_rows * seq * kv_bytes
+        prefill = n_prompts * Tp * (c * (3 * d + 2 * q + 2 * kv + 3 * inter + Tp) + 8 * d)
+        return {f"KV cache of {n_rows} rows x {seq} tokens": cache,
+                "its compaction's copy": cache // (2 * L), "the prefill's block": prefill,
+                "the sampler's logits (fp32)": 5 * 4 * V * n_rows}
+
+    # one micro-batch of m rows: N response positions, unembedded in chunks
+    m = min(args.micro_batch_size, rows)
+    N = m * R
+    chunk = min(max(1, LOGITS_BUDGET // (8 * V)), N)
+    # a block's saved tensors per token: fp32 residual terms and norms, the compute-dtype
+    # inputs of its matmuls, q / k / v / attention output, the MLP's gate, up and their
+    # product, and the attention mask in the compute dtype (a row of seq keys)
+    per_layer = 4 * 4 * d + c * (2 * d + 2 * q + 2 * kv + 4 * inter) + c * seq
+    if str(getattr(args, "device", "cuda")).startswith("cuda") and q != kv:
+        per_layer += c * 2 * q     # keys and values repeated per query head (model.attend)
+    if args.grad_checkpoint:   # each block's input (fp32), the prompts' keys and values
+        blocks = L * 4 * d + per_layer + L * 2 * kv * c
+    else:
+        blocks = L * per_layer
+    # the diagnostics (bupo.diagnostics) hold 7 chunks of fp32 logits at once: the old pass's,
+    # and the update's when it takes the sampler's log-probs as the old ones
+    source = getattr(args, "old_logprobs", "auto")
+    sampler_old = source == "sampler" or (source == "auto" and c == 4 and args.kl_coef == 0)
+    old_pass = {**state, **gathered,
+                "the kept h_l, h_L and the prompts' keys and values": m * seq * (3 * 4 * d
+                                                                                 + L * 2 * kv * c),
+                "a block's tensors": m * seq * per_layer,
+                "the diagnostics' logits (fp32)": 7 * 4 * V * chunk}
+    share = -(-args.eval_problems // world)       # a rank evaluates every W-th problem
     evals = min(args.eval_batch or share, share)
+    rollout_rows = min(args.rollout_batch or rows, rows)
     return {
         "rollout": {**state, **sampling,
-                    f"KV cache of {chunk} rows x {seq} tokens": chunk * seq * kv_bytes},
+                    **decoding(rollout_rows, -(-rollout_rows // args.group_size))},
+        "old pass": old_pass,
         "update": {**state, **({} if offload else {f"gradients (fp32{of})": 4 * n // W}),
-                   **gathered,
-                   f"activations of {min(args.micro_batch_size, rows)} rows x {seq} tokens":
-                       tokens * blocks,
-                   "log-softmax and its gradient (fp32)": logits},   # fused AdamW: no temporaries
-        "evaluation": {**state, **sampling,
-                       f"KV cache of {evals} problems x {args.eval_samples} samples":
-                       evals * args.eval_samples * seq * kv_bytes} if args.eval_every else state,
+                   **gathered, **in_flight,
+                   f"activations of {m} rows x {seq} tokens": m * seq * blocks,
+                   # each chunk's log-softmax is saved; a chunk's backward holds two more
+                   "log-softmax and its gradient (fp32)":
+                       4 * V * (N + (7 if sampler_old else 2) * chunk)},
+        "evaluation": {**state, **sampling, **decoding(evals * args.eval_samples, evals)}
+        if args.eval_every else state,
     }
 
 
@@ -184,7 +233,9 @@ def check(cfg, args, prompt_tokens: int, device: str, world: int, compute_bytes:
                   f"AdamW moments and gradients", file=sys.stderr, flush=True)
     name, need = peak(phases)
     if limit and need > limit:
-        state = sum(v for k, v in phases["rollout"].items() if not k.startswith("KV"))
+        # what every phase holds: the weights and the optimizer's state
+        state = sum(v for k, v in phases["rollout"].items()
+                    if all(k in items for items in phases.values()))
         over = [k for k, items in phases.items() if sum(items.values()) > limit]
         fix = fixes(over, args, state < limit)
         why = (f"this run needs about {need / GiB:.1f} GiB per rank (its {name}, "
