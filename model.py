@@ -402,13 +402,16 @@ class Pass:
             return torch.utils.checkpoint.checkpoint(block, h, self.cos, self.sin, self.mask,
                                                      self.cache, None, self.real,
                                                      use_reentrant=False)
-        # a prompt pass: the keys and values leave the recomputed function as outputs, so
-        # that its recompute in the backward pass appends nothing to the cache
-        def prompt_block(h, cos, sin, mask, real):
+        return self.prompt_block(block, h)
+
+    def prompt_block(self, block, h):
+        """A checkpointed block of a prompt pass: the keys and values leave the recomputed
+        function as outputs, so that its recompute in the backward pass appends nothing."""
+        def run(h, cos, sin, mask, real):
             out = Outputs()
             return block(h, cos, sin, mask, out, None, real), *out.kv
-        h, k, v = torch.utils.checkpoint.checkpoint(prompt_block, h, self.cos, self.sin,
-                                                    self.mask, self.real, use_reentrant=False)
+        h, k, v = torch.utils.checkpoint.checkpoint(run, h, self.cos, self.sin, self.mask,
+                                                    self.real, use_reentrant=False)
         self.cache.write(block.layer, k, v)
         return h
 
