@@ -3,7 +3,7 @@ The memory plan against what a run holds. train.py runs in this process under a 
 counts the bytes of every live tensor storage (on a CPU every tensor is the device's), and each
 phase's peak is written beside the plan's figure for it (infra/memory.py):
 
-    python bench/memory_check.py --report plan.json [train.py flags]
+    python bench/memory_check.py --report plan.json [--largest 12] [train.py flags]
     torchrun --nproc-per-node 2 bench/memory_check.py --report plan.json --parallel fsdp [...]
 
 The phases are the plan's: rollout (train.sample_step), update (the old pass and the updates;
@@ -41,7 +41,8 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self, resync: int = 256):
         super().__init__()
         self.size, self.now, self.peak, self.ops, self.resync = {}, 0, 0, 0, resync
-        self.storages, self.made, self.debug, self.at_peak = {}, {}, False, []
+        # --largest: what made each storage, and the largest ones at the latest peak
+        self.storages, self.made, self.largest, self.at_peak = {}, {}, 0, []
 
     def track(self, tensors):
         for t in tensors:
@@ -58,7 +59,7 @@ class LiveBytes(TorchDispatchMode):
                 self.storages[key] = weakref.ref(st)
                 weakref.finalize(st, self.free, key)
                 self.size[key] = 0
-                if self.debug:
+                if self.largest:
                     self.made[key] = f"{self.func} {tuple(t.shape)} {t.dtype}"
             self.now += n - self.size[key]
             self.size[key] = n
@@ -86,9 +87,10 @@ class LiveBytes(TorchDispatchMode):
         self.ops += 1
         if self.ops % self.resync == 0:
             self.measure()
-        if self.debug and self.now > 1.01 * self.peak:
-            top = sorted(self.size, key=self.size.get, reverse=True)[:200]
-            self.at_peak = [(self.size[k] / 2**20, self.made.get(k, "?")) for k in top]
+        if self.largest and self.now > 1.01 * self.peak:
+            top = sorted(self.size, key=self.size.get, reverse=True)[:self.largest]
+            # "?": made before counting began (the weights, read from their file)
+            self.at_peak = [(round(self.size[k] / 2**20, 2), self.made.get(k, "?")) for k in top]
         self.peak = max(self.peak, self.now)
         return out
 
@@ -97,7 +99,7 @@ class Phases:
     """The peak of live bytes in each phase, over all the times it runs."""
 
     def __init__(self, counter: LiveBytes):
-        self.counter, self.peaks = counter, {}
+        self.counter, self.peaks, self.largest = counter, {}, {}
 
     @contextlib.contextmanager
     def phase(self, name, adopt=()):
@@ -109,7 +111,8 @@ class Phases:
         finally:
             with torch.utils._python_dispatch._disable_current_modes():
                 peak = max(self.counter.peak, self.counter.measure())
-            self.peaks[name] = max(self.peaks.get(name, 0), peak)
+            if peak > self.peaks.get(name, 0):
+                self.peaks[name], self.largest[name] = peak, self.counter.at_peak
 
     def wrap(self, module, fn_name, name_of, adopt):
         fn = getattr(module, fn_name)
@@ -133,6 +136,10 @@ def main(argv):
     report = Path(argv[argv.index("--report") + 1])
     argv = [a for i, a in enumerate(argv) if a != "--report" and argv[i - 1:i] != ["--report"]]
     counter = LiveBytes()
+    if "--largest" in argv:     # --largest N: the N largest storages at each phase's peak (MiB)
+        counter.largest = int(argv[argv.index("--largest") + 1])
+        argv = [a for i, a in enumerate(argv)
+                if a != "--largest" and argv[i - 1:i] != ["--largest"]]
     phases = Phases(counter)
     plan, optimizers = {}, []
     check = memory.check
@@ -152,8 +159,6 @@ def main(argv):
     def adopt(model, *a, **k):
         return state_tensors(model, optimizers[0] if optimizers else None)
 
-    L = {}
-
     def update_name(model, opt, batch, groups, old, ref_logp, adv, layer, *a, **k):
         return "update" if layer == model.config.num_layers else "update, phase 1"
 
@@ -163,12 +168,11 @@ def main(argv):
     phases.wrap(train, "old_pass", old_name, adopt)
     phases.wrap(train, "update", update_name, adopt)
     phases.wrap(train, "evaluate", lambda *a, **k: "evaluation", adopt)
-    del L
     with counter:
         train.run_training(argv)
     rank = int(os.environ.get("RANK", 0))     # the process group is gone by now
     row = {"rank": rank, "plan": {k: sum(v.values()) for k, v in plan.items()},
-           "measured": phases.peaks}
+           "measured": phases.peaks, **({"largest": phases.largest} if counter.largest else {})}
     path = report if rank == 0 else report.with_suffix(f".rank{rank}.json")
     path.write_text(json.dumps(row, indent=1) + "\n")
     print(json.dumps(row))
