@@ -24,17 +24,17 @@ test split when the CRC-32 of its text is divisible by TEST_EVERY, so no test qu
 ever drawn for training, whatever the seeds and sizes.
 """
 import functools
-import json
 import math
 import random
 import zlib
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 
 from infra import cli, data
-from infra.errors import InputError
+from infra.errors import InputError, shown
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 FORMAT_HINT = "Put the final answer in \\boxed{}, for example \\boxed{5}."
@@ -207,11 +207,30 @@ def _text(rec: dict, where: str, key: str | None, keys: tuple, what: str) -> str
         raise InputError(f"{where}: no {what} (looked for {looked}); name the field with "
                          f"--{what}-key")
     v = rec[found[0]]
-    if (isinstance(v, bool) or not isinstance(v, (str, int, float)) or not str(v).strip()
-            or (isinstance(v, float) and not math.isfinite(v))):     # JSON's NaN, Infinity
-        raise InputError(f"{where}: the {what} ({found[0]!r}) is {json.dumps(v)[:40]}, not text "
+    if (isinstance(v, bool) or not isinstance(v, (str, int, float, Decimal))
+            or not str(v).strip()
+            or (isinstance(v, (float, Decimal)) and not math.isfinite(v))):   # NaN, Infinity
+        raise InputError(f"{where}: the {what} ({found[0]!r}) is {shown(v)}, not text "
                          f"or a number")
-    return str(v).strip()
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:     # "\ud83d" alone: half of a surrogate pair
+            raise InputError(f"{where}: the {what} has a lone surrogate (\\u{ord(v[e.start]):04x} "
+                             f"at character {e.start}), half of a character; fix its escape") \
+                from None
+        return v.strip()
+    return number_text(v)
+
+
+def number_text(v) -> str:
+    """A numeric answer (a JSON number, a parquet integer, float or decimal) in its shortest
+    decimal form: 4.0 and 4.00 are "4", 2.50 is "2.5" (docs/usage.md)."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+        return str(int(v))
+    if isinstance(v, Decimal):
+        return format(v.normalize(), "f")
+    return str(v)
 
 
 def _answer(text: str, where: str) -> str:

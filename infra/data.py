@@ -13,6 +13,11 @@ from infra.errors import InputError, first_line
 def records(path) -> list[tuple[str, dict]]:
     """[(where, record)] of a data file, `where` being "file:line" (or "file:row N" for parquet)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a data file; pass a .jsonl (or .parquet) file")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{path}: not a regular file (a pipe or a device); save the records to a "
+                         f".jsonl file and pass that")
     if not path.is_file():
         raise InputError(f"{path}: no such data file; pass a .jsonl (or .parquet) file")
     if path.suffix == ".parquet":
@@ -27,7 +32,8 @@ def records(path) -> list[tuple[str, dict]]:
     except OSError as e:
         raise InputError(f"{path}: cannot be read ({e.strerror})") from None
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends a record at "\n" only: U+2028, U+0085 and the like are text inside one
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -70,7 +76,7 @@ def read_responses(path, tokenizer=None, vocab_size: int | None = None,
     InputError naming file:line."""
     pairs = []
     try:
-        lines = Path(path).read_bytes().decode("utf-8").removeprefix("\ufeff").splitlines()
+        lines = Path(path).read_bytes().decode("utf-8").removeprefix("\ufeff").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         why = getattr(e, "strerror", None) or "not UTF-8 text"
         raise InputError(f"--responses {path}: cannot read ({why})") from None

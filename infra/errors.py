@@ -4,6 +4,7 @@ environment: its message is one line, "what, where, what to do", and the command
 as `error: <message>` and exit non-zero (infra/cli.py run). Anything else that escapes is a bug and
 keeps its traceback.
 """
+import json
 
 
 class UserError(Exception):
@@ -25,3 +26,13 @@ def first_line(e: BaseException, limit: int | None = 120) -> str:
     message is empty (an EOFError of an empty file has none)."""
     lines = str(e).strip().splitlines()
     return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+def shown(value, limit: int = 40) -> str:
+    """Any value as a short text for an error message: its JSON when it has one, else its type
+    and repr (bytes, a decimal, ...); never raises."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = f"{type(value).__name__} {value!r}"
+    return text[:limit]

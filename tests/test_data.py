@@ -86,6 +86,51 @@ def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path):
         tasks.read_problems(f)
 
 
+def test_json_lines_end_at_newline_only(tmp_path):
+    """U+2028, U+2029 and U+0085 are text inside a JSON string (str.splitlines would cut there)."""
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"question": "a\u2028b\u2029c\x85d", "answer": "1"},
+                            ensure_ascii=False) + "\n", encoding="utf-8")
+    assert tasks.read_problems(f) == [tasks.Problem("a\u2028b\u2029c\x85d", "1")]
+
+
+def test_numeric_answers_are_written_as_numbers():
+    """4.0 (pandas' integer column with a gap) is "4", so \\boxed{4} scores; a decimal too."""
+    from decimal import Decimal
+    got = [tasks._text({"answer": v}, "w", None, ("answer",), "answer")
+           for v in (4.0, 4, -3.0, 2.5, Decimal("4.00"), Decimal("2.50"), Decimal("100"))]
+    assert got == ["4", "4", "-3", "2.5", "4", "2.5", "100"]
+    assert tasks.reward("so \\boxed{4}", got[0]) == 1.0
+
+
+@pytest.mark.parametrize("value,fragment", [
+    (b"raw", "the question ('question') is bytes b'raw', not text or a number"),
+    ("x \ud83d y", "the question has a lone surrogate (\\ud83d at character 2)"),
+])
+def test_odd_values_are_refused_in_one_line(value, fragment):
+    """Bytes (a parquet binary column) and half an emoji: one line, whatever the type."""
+    with pytest.raises(InputError) as e:
+        tasks._text({"question": value}, "d.parquet:row 1", None, ("question",), "question")
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_lone_surrogate_in_a_file_is_named_by_line(tmp_path):
+    f = jsonl(tmp_path, {"question": "a", "answer": "1"}, '{"question": "\\ud83d", "answer": 1}')
+    with pytest.raises(InputError, match=r"d.jsonl:2: the question has a lone surrogate"):
+        tasks.read_problems(f)
+
+
+def test_a_folder_or_a_pipe_is_named_as_such(tmp_path):
+    import os
+    with pytest.raises(InputError, match="a folder, not a data file"):
+        tasks.read_problems(tmp_path)
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with pytest.raises(InputError, match=r"not a regular file \(a pipe or a device\)"):
+        tasks.read_problems(tmp_path / "pipe.jsonl")
+    with pytest.raises(InputError, match="no such data file"):
+        tasks.read_problems(tmp_path / "missing.jsonl")
+
+
 def test_parquet_needs_pyarrow_or_reads(tmp_path):
     f = tmp_path / "d.parquet"
     try:
