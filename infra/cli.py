@@ -275,6 +275,10 @@ def check_train(args):
         raise UserError(f"--rollout-batch {args.rollout_batch}: must be a multiple of --group-size "
                         f"{args.group_size} (whole groups are sampled together), or 0")
     finite(args, "--lr", 0, low_open=True)
+    if args.lr >= 1:   # AdamW steps each weight by about lr: 1e9 for 1e-9 explodes every weight
+        raise UserError(f"--lr {args.lr:g}: a learning rate of 1 or more moves every weight by "
+                        f"about that much per update (AdamW), and its weight decay scales them by "
+                        f"1 - lr x decay; pass one below 1 (RL fine-tuning uses 1e-7 to 1e-4)")
     finite(args, "--weight-decay", 0)
     finite(args, "--grad-clip", 0, low_open=True)
     finite(args, "--clip-low", 0, 1, high_open=True)

@@ -71,6 +71,25 @@ def check_new(out, overwrite: bool):
         check_writable_dir(out)
 
 
+def check_apart(args):
+    """Refuse (one line) an --out that is, is inside, or holds one of the run's inputs (the model
+    folder, a data file, an analysis): the run and --overwrite's move aside would write into,
+    over or around it."""
+    out = Path(os.path.realpath(args.out))
+    inputs = [("--model", args.model), ("--analysis", getattr(args, "analysis", None)),
+              ("--data", getattr(args, "data", None))]
+    inputs += [("--eval-data", f) for f in (getattr(args, "eval_data", None) or "").split(",")]
+    for flag, path in inputs:
+        if not path:
+            continue
+        p = Path(os.path.realpath(path))
+        how = ("is" if out == p else "is inside" if p in out.parents
+               else "holds" if out in p.parents else None)
+        if how:
+            raise UserError(f"--out {args.out}: {how} the run's input {flag} {path}; a run never "
+                            f"writes into, over or around its inputs: choose another --out")
+
+
 def start(out, args, overwrite: bool):
     """Claim OUT for a new run, under its lock, and write args.json and an empty metrics.jsonl."""
     make_dir(out)
@@ -242,6 +261,7 @@ def open_run(args, argv, build_parser, may_change: tuple, before: dict, load_met
     if getattr(args, "eval_data", None):
         args.eval_data = ",".join(os.path.abspath(f) for f in args.eval_data.split(",") if f)
     if not args.resume:
+        check_apart(args)
         check_new(args.out, args.overwrite)
         return args, None, args.model
     # the checkpoint's weights are checked on the meta device: the rank's device is not chosen yet,

@@ -78,6 +78,14 @@ ROWS = [
     ("train", ["--seed", "-1"], "--seed -1"),
     ("train", ["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
     ("train", ["--lr", "nan"], "--lr nan"),
+    # a typo for 1e-9: AdamW's decay would scale every weight by 1 - 1e7 per update
+    ("train", ["--lr", "1e9"], "--lr 1e+09: a learning rate of 1 or more", "below 1"),
+    ("train", ["--lr", "1"], "--lr 1: a learning rate of 1 or more"),
+    # a run never writes into, over or around its inputs
+    ("train", ["--model", "{model}", "--out", "{model}"], "is the run's input --model"),
+    ("train", ["--model", "{model}", "--out", "{model}/run"], "is inside the run's input --model"),
+    ("train", ["--model", "{model}", "--out", "{tmp}", "--data", "{tmp}/long.jsonl"],
+     "holds the run's input --data"),
     ("train", ["--lr=-1e-5"], "--lr -1e-05"),
     ("train", ["--temperature", "0"], "--temperature 0.0", "NaN"),
     ("train", ["--temperature", "inf"], "--temperature inf"),
