@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 
 from infra import distributed as dp
 from infra import plots
+from infra.checkpoint import TOKENIZER_FILES
 from infra.cli import explicit_flags
 from infra.errors import UserError, first_line
 from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_space, make_dir,
@@ -103,6 +105,7 @@ def start(out, args, overwrite: bool):
     # which code ran: the commit, and whether it was clean
     record = {**vars(args), "code": code_version()}
     write_text(Path(out) / "args.json", json.dumps(record, indent=1) + "\n")
+    keep_model_files(out, args.model)
     write_text(Path(out) / "metrics.jsonl", "")
 
 
@@ -336,6 +339,26 @@ def resume_args(args, given: set, state: dict, parser, may_change: tuple,
 # -----------------------------------------------------------------------------
 # checkpoints
 
+def keep_model_files(out, model):
+    """OUT/base/: the base model's config and tokenizer files, copied at the start (complete, or
+    not at all). Every checkpoint takes its tokenizer files from there, so a resume needs nothing
+    outside the run folder but its data files, even once the model folder is gone."""
+    tmp = Path(out) / ".base.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_dir(tmp)
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (Path(model) / name).is_file():
+            shutil.copy2(Path(model) / name, tmp / name)
+    replace_dir(tmp, Path(out) / "base")
+
+
+def model_files(args) -> str:
+    """Where a checkpoint copies its tokenizer files from: the run's own copy (a run started
+    before it was kept: the model folder)."""
+    own = Path(args.out) / "base"
+    return str(own) if (own / "tokenizer.json").is_file() else args.model
+
+
 def checkpoint(model, opt, args, step: int, layer: int, writer: bool):
     """A checkpoint of step `step`, from every rank: the full weights and optimizer state are
     gathered (dp.full_state; a plain model's own), the writer saves them (save_checkpoint), and
@@ -357,7 +380,7 @@ def save_checkpoint(model, weights: dict, optimizer: dict, args, step: int, laye
     root = Path(args.out) / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
     try:
-        model.save_pretrained(tmp, copy_from=args.model, state=weights)
+        model.save_pretrained(tmp, copy_from=model_files(args), state=weights)
         torch.save({"step": step, "optimizer": optimizer, "args": vars(args),
                     "internal_layer": layer, "world_size": world},
                    tmp / "trainer_state.pt")

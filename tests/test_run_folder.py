@@ -136,6 +136,25 @@ def test_a_run_resumed_from_another_folder_keeps_its_tokenizer(tiny_chat_model, 
     assert steps_of(start / "run") == [1, 2, 3]
 
 
+def test_a_run_goes_on_after_its_model_folder_is_purged(tiny_chat_model, tmp_path,
+                                                        length_reward):
+    """The run keeps the model's config and tokenizer files (OUT/base/): with the model folder
+    deleted (scratch space purged), resumes still write complete checkpoints and go on."""
+    model, out = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(tiny_chat_model, model)
+    train.main(["--model", str(model), "--out", str(out), *TINY_RUN, "--steps", "1",
+                "--keep-checkpoints", "1"])
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in (out / "base").iterdir()}
+    shutil.rmtree(model)
+    train.main(["--resume", str(out), "--steps", "2", "--keep-checkpoints", "1"])
+    # step 1's checkpoint is pruned: step 2's alone must be complete for the next resume
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
+    assert (out / "checkpoints" / "step_000002" / "tokenizer.json").is_file()
+    train.main(["--resume", str(out), "--steps", "3", "--keep-checkpoints", "1"])
+    assert steps_of(out) == [1, 2, 3]
+
+
 @pytest.mark.parametrize("flag", ["--out", "--resume", "--model", "--analysis"])
 def test_an_empty_path_is_refused(tmp_path, flag, monkeypatch):
     """--out "$OUT" with OUT unset is --out "": it used to mean the current folder."""
