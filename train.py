@@ -241,6 +241,8 @@ def run_training(argv=None):
     # one autocast region per forward phase (a sharded model casts through FSDP2 instead)
     amp = contextlib.nullcontext if dp.is_sharded(model) else precision.regions(device, dtype)
     sampler_old = old_logprobs_source(args, dtype, ref) == "sampler"
+    # a fixed prompt whose logits must stay finite (runs.check_health)
+    probe = torch.tensor([src.encode(tok, src.step(1, 1, args.seed)[0])], device=device)
     step, stopping = start - 1, False
     if start == 1 and args.eval_every:
         row = {"step": 0, **evaluate(model, tok, src, args, amp)}
@@ -250,6 +252,7 @@ def run_training(argv=None):
                desc=args.algo, disable=not lead)
     for step in bar:
         row = rl_step(model, tok, src, opt, args, step, layer, ref, amp, sampler_old)
+        runs.check_health(model, probe, step, args, amp)    # nothing unusable is saved
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             row.update(evaluate(model, tok, src, args, amp))
         if lead:

@@ -359,6 +359,26 @@ def model_files(args) -> str:
     return str(own) if (own / "tokenizer.json").is_file() else args.model
 
 
+def check_health(model, probe: torch.Tensor, step: int, args, amp):
+    """Stop the run in one line, before its checkpoint, when training has made the model
+    unusable: a weight, or a logit of the probe prompt [1, T], that is not finite. Weights can
+    stay finite while every logit is NaN (--lr 1e9: AdamW's decay scales them by 1 - 1e7 per
+    update). Nothing unhealthy is saved, so the newest checkpoint is the last healthy one.
+    Every rank calls it (a sharded model's forward takes them all)."""
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+              for p in model.parameters())
+    with torch.no_grad(), amp():
+        bad += int(not torch.isfinite(model(probe)).all())
+    if not dp.all_sum({"bad": bad}, probe.device)["bad"]:
+        return
+    last = newest(Path(args.out) / "checkpoints")
+    raise UserError(f"step {step}: the weights or logits are no longer finite (--lr {args.lr:g} "
+                    f"or --weight-decay {args.weight_decay:g} too large?); nothing of this step "
+                    f"was saved; " + (f"the last healthy checkpoint is {last}: start a new run "
+                                      f"from it (--model) with a lower --lr" if last
+                                      else "no checkpoint was written yet"))
+
+
 def checkpoint(model, opt, args, step: int, layer: int, writer: bool):
     """A checkpoint of step `step`, from every rank: the full weights and optimizer state are
     gathered (dp.full_state; a plain model's own), the writer saves them (save_checkpoint), and

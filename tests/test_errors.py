@@ -505,3 +505,33 @@ def test_non_finite_weights_are_never_written(tiny_dirs, tmp_path):
     with pytest.raises(UserError, match="holds NaN or inf"):
         model.save_pretrained(tmp_path / "bad")
     assert not (tmp_path / "bad").exists() and not (tmp_path / ".bad.tmp").exists()
+
+
+def test_an_exploding_model_stops_the_run_and_keeps_the_last_healthy_checkpoint(
+        tiny_chat_model, tmp_path, length_reward, monkeypatch):
+    """From step 2 on, each update scales every weight by 1e7 (AdamW's decay at --lr 1e9 does):
+    the weights stay finite, the logits do not. The run stops at step 2 in one line, saves nothing
+    of it, and step 1's checkpoint, the last healthy one, stays (--keep-checkpoints 1)."""
+    from infra import runs
+    real, calls = torch.optim.AdamW.step, []
+
+    def exploding(self, *a, **k):
+        out = real(self, *a, **k)
+        calls.append(1)
+        if len(calls) > 2:       # step 1's two updates are plain
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.mul_(-1e7)
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", exploding)
+    out = tmp_path / "run"
+    msg = fails("train", ["--model", tiny_chat_model, "--out", out, *TINY_RUN, "--steps", "3",
+                          "--save-every", "1", "--keep-checkpoints", "1"],
+                "step 2: the weights or logits are no longer finite", "--lr 0.001",
+                "step_000001")
+    assert len(msg) <= 300 + len(str(out)), msg
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000001"]
+    w = load_file(out / "checkpoints" / "step_000001" / "model.safetensors")
+    assert all(torch.isfinite(t).all() and t.abs().max() < 100 for t in w.values())
+    assert runs.newest(out / "checkpoints").name == "step_000001"
