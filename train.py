@@ -311,7 +311,8 @@ OLD_LOGPROBS = ("auto", "sampler", "recompute")
 # flags a resume may change: they change where or how often, not what is computed
 RESUME_MAY_CHANGE = ("steps", "device", "save_every", "keep_checkpoints", "micro_batch_size",
                      "rollout_batch", "grad_checkpoint", "ignore_memory_plan",
-                     "eval_batch", "parallel", "cpu_offload", "save_phase1_end")
+                     "eval_batch", "parallel", "cpu_offload", "save_phase1_end",
+                     "accept_data_change")
 # a flag added since a run was saved takes this value on its resume (what the run did)
 BEFORE_THE_FLAG = {"old_logprobs": "recompute"}
 

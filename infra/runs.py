@@ -16,6 +16,7 @@ A training run's folder, and the rules that keep it safe:
   line cut mid-write; the lines cut are appended to OUT/metrics.dropped.jsonl, not deleted.
 """
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -58,7 +59,43 @@ def add_run_args(p, may_change: tuple):
                    "at the last step of phase 1 (step --internal-steps), never pruned")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the prompts, the sampler and the held-out draws")
+    g.add_argument("--accept-data-change", action="store_true",
+                   help="resume although a --data / --eval-data file differs from the one the "
+                   "run started with (recorded in resumes.jsonl)")
     return g
+
+
+def data_files(args) -> dict:
+    """{path: {"bytes", "sha256"}} of the run's data and benchmark files: part of its identity
+    (args.json), checked again by every resume."""
+    paths = [getattr(args, "data", None), *(getattr(args, "eval_data", None) or "").split(",")]
+    out = {}
+    for path in filter(None, paths):
+        try:
+            blob = Path(path).read_bytes()
+        except OSError:
+            continue          # tasks.source says what is wrong with it
+        out[path] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    return out
+
+
+def check_data(args, state: dict, accept: bool):
+    """A resume's data files against the fingerprints of args.json: a file gone, or changed
+    (refused unless `accept`, --accept-data-change of this command; the change is then noted in
+    resumes.jsonl)."""
+    saved = saved_args(args.out).get("data_files")
+    saved, now = dict(saved if isinstance(saved, dict) else {}), data_files(args)
+    for note in read_notes(Path(args.out) / "resumes.jsonl"):   # changes accepted since
+        saved.update(note.get("accepted_data_change") or {})
+    for path, then in saved.items():
+        if not Path(path).is_file():
+            raise UserError(f"--resume {args.out}: its data file {path} is gone; a resume needs "
+                            f"the run's data files: put it back")
+        if now.get(path) != then and not accept:
+            raise UserError(f"--resume {args.out}: {path} differs from the file the run started "
+                            f"with (sha256 and size in args.json); its steps would draw other "
+                            f"problems: restore it, or pass --accept-data-change")
+    state["data_changed"] = {p: now.get(p) for p, v in saved.items() if now.get(p) != v}
 
 
 def check_new(out, overwrite: bool):
@@ -103,15 +140,16 @@ def start(out, args, overwrite: bool):
         lock(out)
         print(f"--overwrite: the earlier run in {out} was moved to {moved}", file=sys.stderr)
     # which code ran: the commit, and whether it was clean
-    record = {**vars(args), "code": code_version()}
+    record = {**vars(args), "code": code_version(), "data_files": data_files(args)}
     write_text(Path(out) / "args.json", json.dumps(record, indent=1) + "\n")
     keep_model_files(out, args.model)
     write_text(Path(out) / "metrics.jsonl", "")
 
 
-def note_resume(out, start_step: int):
-    """Append to OUT/resumes.jsonl the step a resume starts at and the code it runs (args.json keeps
-    the code the run started with), and say so in one line when that code differs."""
+def note_resume(out, start_step: int, data_changed: dict | None = None):
+    """Append to OUT/resumes.jsonl the step a resume starts at, the code it runs (args.json keeps
+    the code the run started with) and the data files accepted as changed (--accept-data-change);
+    say so in one line when the code differs."""
     file, code = Path(out) / "resumes.jsonl", code_version()
     record = saved_args(out)
     started = record.get("code")
@@ -121,7 +159,28 @@ def note_resume(out, start_step: int):
     if isinstance(started, dict) and started.get("commit") != code["commit"]:
         print(f"resume: the code is at commit {code['commit']}, the run started at "
               f"{started.get('commit')} (recorded in {file})", file=sys.stderr)
-    append_lines(file, [json.dumps({"step": start_step, "code": code}).encode()])
+    note = {"step": start_step, "code": code}
+    if data_changed:
+        note["accepted_data_change"] = data_changed
+        print(f"resume: accepted changed data files: {', '.join(data_changed)}", file=sys.stderr)
+    append_lines(file, [json.dumps(note).encode()])
+
+
+def read_notes(file: Path) -> list:
+    """The JSON objects of resumes.jsonl (a damaged line is skipped)."""
+    try:
+        lines = file.read_bytes().split(b"\n")
+    except OSError:
+        return []
+    notes = []
+    for line in lines:
+        try:
+            note = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(note, dict):
+            notes.append(note)
+    return notes
 
 
 def saved_args(out) -> dict:
@@ -271,8 +330,11 @@ def open_run(args, argv, build_parser, may_change: tuple, before: dict, load_met
     # and under torchrun every rank would load onto the default GPU
     ckpt, state, _ = resumable(args.resume, load_meta, writer=dp.launched_rank() == 0,
                                may_change=may_change)
+    accept = getattr(args, "accept_data_change", False)      # this command's, not the saved
     args = resume_args(args, explicit_flags(build_parser(), argv), state, build_parser(),
                        may_change, before)
+    args.accept_data_change = accept
+    check_data(args, state, accept)
     if args.steps <= state["step"]:
         raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of "
                         f"{args.steps}; pass --steps N with N > {state['step']} to continue it")
@@ -294,7 +356,7 @@ def restore(load_optimizer, state: dict | None, out, writer: bool, world: int = 
             print(f"resume: {world} rank(s) now, {state['world_size']} wrote the checkpoint: the "
                   f"same run up to the order of float sums, not bit for bit", file=sys.stderr)
         repair_metrics(out, start)
-        note_resume(out, start)
+        note_resume(out, start, state.get("data_changed"))
     return start
 
 

@@ -155,6 +155,29 @@ def test_a_run_goes_on_after_its_model_folder_is_purged(tiny_chat_model, tmp_pat
     assert steps_of(out) == [1, 2, 3]
 
 
+def test_a_resume_whose_data_file_changed_is_refused(tiny_chat_model, tmp_path, length_reward):
+    """args.json keeps each data file's size and sha256. A resume on an edited file (same path,
+    other problems) is refused naming it, unless --accept-data-change, which resumes.jsonl
+    records; a file that is gone is named as gone."""
+    data, out = tmp_path / "d.jsonl", tmp_path / "run"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)})
+                            + "\n" for i in range(8)))
+    train.main(["--model", str(tiny_chat_model), "--out", str(out), "--data", str(data),
+                *TINY_RUN, "--steps", "1"])
+    assert json.loads((out / "args.json").read_text())["data_files"][str(data)]["bytes"] == \
+        data.stat().st_size
+    data.write_text(data.read_text().replace("What is 3 + 1?", "What is 30 + 1?"))
+    with pytest.raises(UserError, match=f"{data} differs from the file the run started with"):
+        train.main(["--resume", str(out), "--steps", "2"])
+    train.main(["--resume", str(out), "--steps", "2", "--accept-data-change"])
+    note = json.loads((out / "resumes.jsonl").read_text().splitlines()[-1])
+    assert list(note["accepted_data_change"]) == [str(data)] and steps_of(out) == [1, 2]
+    train.main(["--resume", str(out), "--steps", "3"])     # the accepted file is the run's now
+    data.unlink()
+    with pytest.raises(UserError, match=f"its data file {data} is gone"):
+        train.main(["--resume", str(out), "--steps", "4"])
+
+
 @pytest.mark.parametrize("flag", ["--out", "--resume", "--model", "--analysis"])
 def test_an_empty_path_is_refused(tmp_path, flag, monkeypatch):
     """--out "$OUT" with OUT unset is --out "": it used to mean the current folder."""
