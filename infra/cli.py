@@ -79,6 +79,12 @@ def run(main, argv=None):
         where = f"{e.filename}: " if e.filename else ""
         sys.exit(f"error: {where}{describe_os_error(e)}")
     except RuntimeError as e:
+        if peer_lost(e):
+            rank = os.environ.get("RANK", "?")
+            detail = " ".join(str(e).split())[-120:]
+            sys.exit(f"error: rank {rank}: another rank of this torchrun job stopped (or stopped "
+                     f"answering), so this one stops too ({detail}); files written before stay "
+                     f"whole: see the first rank's error, then continue with --resume OUT")
         # torch.OutOfMemoryError on a GPU; the CPU allocator raises a plain RuntimeError
         if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(e):
             raise
@@ -87,6 +93,19 @@ def run(main, argv=None):
                  f"responses, a smaller --micro-batch-size or --eval-batch where the tool has "
                  f"them) or use a device with more memory; files written before stay whole, and a "
                  f"train.py run continues from its newest checkpoint with --resume")
+
+
+# the messages of a collective whose peer process has died (gloo over TCP; NCCL)
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "communicator was aborted", "NCCL error")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether a RuntimeError of a multi-rank job is a collective that lost its peer."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    return (type(e).__name__ == "DistBackendError"
+            or any(m in str(e) for m in PEER_LOST))
 
 
 # -----------------------------------------------------------------------------

@@ -61,3 +61,53 @@ def test_two_ranks_equal_one_process(tiny_chat_model, tmp_path):
 def test_rank_shares_must_be_whole_groups(tiny_chat_model, tmp_path):
     with pytest.raises(AssertionError, match="must be a multiple of --mini-batches x ranks"):
         train(tiny_chat_model, tmp_path / "bad", 2, "--prompts-per-step", "2")
+
+
+PEER_DIES = """
+import os, sys
+sys.path.insert(0, {root!r})
+import tasks, train
+from infra import cli
+tasks.reward = lambda text, answer: float(len(text) % 2)
+real = train.rl_step
+def rl_step(model, tok, src, opt, args, step, *a, **k):
+    if step == 2 and os.environ["RANK"] == "1":
+        os._exit(9)            # killed mid-run (the OOM killer, a node failure)
+    return real(model, tok, src, opt, args, step, *a, **k)
+train.rl_step = rl_step
+cli.run(train.main, sys.argv[1:])
+"""
+
+
+def test_a_rank_that_loses_its_peer_says_so_in_one_line(tiny_chat_model, tmp_path):
+    """Rank 1 dies at step 2: rank 0's collective fails, and it ends with one error line (which
+    rank, that a peer stopped, how to go on), a non-zero status and no traceback, within
+    seconds; step 1's checkpoint stays whole."""
+    import socket
+    import time
+    script = tmp_path / "peer.py"
+    script.write_text(PEER_DIES.format(root=str(ROOT)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_chat_model), "--out", str(out), "--algo", "grpo", "--steps", "3",
+            "--prompts-per-step", "4", "--group-size", "4", "--mini-batches", "2",
+            "--max-new-tokens", "6", "--eval-every", "0", "--save-every", "1"]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs[1].wait(timeout=600)
+    died = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    assert procs[1].returncode == 9 and procs[0].returncode not in (0, None)
+    assert time.monotonic() - died < 30
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and "rank 0: another rank of this torchrun job stopped" in lines[0] \
+        and "--resume" in lines[0], err[-2000:]
+    assert (out / "checkpoints" / "step_000001" / "model.safetensors").is_file()
+    assert not list((out / "checkpoints").glob(".*tmp"))
