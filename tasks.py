@@ -318,8 +318,13 @@ class Source:
         1,024), each set counted in one line; the longest prompt kept."""
         longest = 0
         sets = {"--data": self.train} if self.train is not None else {}
+        # a question of more bytes than `limit` tokens can stand for is too long without
+        # tokenizing it (a 10 MB record would take 17 s and 1.3 GB): each token stands for at
+        # most the bytes of the longest one, x4 for what normalisation may fold
+        most = 4 * limit * getattr(tok, "widest", math.inf)
         for name, ps in {**sets, **self.benchmarks}.items():
-            lengths = [len(self.encode(tok, p)) for p in ps]
+            lengths = [limit + 1 if len(p.question.encode()) > most else len(self.encode(tok, p))
+                       for p in ps]
             kept = [p for p, n in zip(ps, lengths) if n <= limit]
             if len(kept) < len(ps):
                 say(f"{name}: {len(ps) - len(kept)} of {len(ps)} problems have prompts longer "

@@ -7,6 +7,7 @@ chat_template.jinja), rendered the way transformers renders it (sandboxed Jinja2
 trim_blocks, lstrip_blocks, `raise_exception`, `tojson`), so that a prompt here is token
 for token the prompt the model was trained with.
 """
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -80,6 +81,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def widest(self) -> int:
+        """The UTF-8 bytes of the longest token of the vocabulary: no token stands for more
+        text (byte-level and metaspace tokens stand for fewer bytes than their own)."""
+        return max(len(t.encode()) for t in self.tok.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids, no BOS or post-processing (chat templates write their own)."""

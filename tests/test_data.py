@@ -265,3 +265,24 @@ def test_chat_template_kwargs_are_parsed_into_values():
         "enable_thinking": False, "n": 3, "x": 1.5, "name": "q"}
     with pytest.raises(Exception, match="not name=value"):
         cli.template_kwargs("enable_thinking")
+
+
+def test_a_huge_question_is_left_out_without_tokenizing_it(tmp_path, default_model_dir,
+                                                            monkeypatch):
+    """A 10 MB question cannot fit 1,024 tokens of at most `widest` bytes each: it is counted out
+    at once, not tokenized (17 s and 1.3 GB before); the others are tokenized as ever."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer(default_model_dir)
+    f = jsonl(tmp_path, {"question": "word " * 2_000_000, "answer": "1"},
+              {"question": "What is 2 + 2?", "answer": "4"})
+    src = tasks.Source("add", 0, "hint", {}, tasks.read_problems(f))
+    encoded, real = [], tasks.Source.encode
+    monkeypatch.setattr(tasks.Source, "encode",
+                        lambda self, t, p: encoded.append(len(p.question)) or real(self, t, p))
+    said = []
+    longest = src.drop_long(tok, 1024, said.append)
+    assert encoded == [len("What is 2 + 2?")] and [p.answer for p in src.train] == ["4"]
+    assert longest == len(real(src, tok, src.train[0]))
+    assert said == ["--data: 1 of 2 problems have prompts longer than --max-prompt-tokens 1024; "
+                    "left out"]
+    assert tok.widest * 4 * 1024 < 10_000_000
