@@ -143,6 +143,14 @@ def test_parquet_needs_pyarrow_or_reads(tmp_path):
         return
     pq.write_table(pa.table({"problem": ["a?"], "answer": ["1"]}), f)
     assert tasks.read_problems(f) == [tasks.Problem("a?", "1")]
+    # a decimal128 answer is a number; a binary question is refused in one line
+    from decimal import Decimal
+    pq.write_table(pa.table({"problem": ["a?", "b?"], "answer": pa.array(
+        [Decimal("4.00"), Decimal("2.50")], pa.decimal128(5, 2))}), f)
+    assert [p.answer for p in tasks.read_problems(f)] == ["4", "2.5"]
+    pq.write_table(pa.table({"problem": pa.array([b"raw"], pa.binary()), "answer": ["1"]}), f)
+    with pytest.raises(InputError, match=r"d.parquet:row 1: the question \('problem'\) is bytes"):
+        tasks.read_problems(f)
 
 
 def test_epochs_draw_every_problem_once_and_resume_exactly():
