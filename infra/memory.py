@@ -208,7 +208,8 @@ def fixes(names: list, args, state_fits: bool) -> str:
             "update": (["--micro-batch-size 1"] if args.micro_batch_size > 1 else [])
             + ([] if args.grad_checkpoint else ["--grad-checkpoint"]),
             "evaluation": ["--eval-batch 1"] if args.eval_batch != 1 else []}
-    steps = [step for name in names for step in each[name]]
+    each["old pass"] = ["--micro-batch-size 1"] if args.micro_batch_size > 1 else []
+    steps = list(dict.fromkeys(step for name in names for step in each[name]))
     if not steps and not sharded:
         steps = ["--parallel fsdp (the state sharded over the GPUs of torchrun"
                  + (", or in CPU memory with --cpu-offload on one GPU)" if gpu else ")")]

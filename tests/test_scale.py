@@ -238,6 +238,23 @@ def test_a_refusal_names_the_flag_that_fits(name, world, flags, fix, monkeypatch
     assert fix in str(e.value), str(e.value)
 
 
+def test_an_old_pass_over_the_limit_names_its_flag_once(monkeypatch):
+    """The old pass is a phase of its own: over the limit, with the update, it names
+    --micro-batch-size 1 once."""
+    import argparse
+    import json
+
+    from infra import memory
+    from infra.errors import UserError
+    from model import Config
+    monkeypatch.setattr(memory, "available", lambda device: 2**30)
+    cfg = Config.from_hf(json.loads((DATA / "qwen3-4b.config.json").read_text()), where="4b")
+    flags = dict(OFFLOAD, micro_batch_size=4, max_new_tokens=512, prompts_per_step=8, eval_every=0)
+    with pytest.raises(UserError) as e:
+        memory.check(cfg, argparse.Namespace(**{**PAPER, **flags}), 100, "cuda", 1, 2, False)
+    assert str(e.value).count("--micro-batch-size 1") == 1, str(e.value)
+
+
 @pytest.mark.parametrize("name,world,flags", [("qwen3-4b", 1, OFFLOAD), ("qwen3-4b", 8, SHARDED),
                                               ("qwen3-8b", 8, SHARDED), ("qwen3-8b", 1, OFFLOAD)])
 def test_the_commands_of_docs_scaling_are_accepted(name, world, flags, monkeypatch):
