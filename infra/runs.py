@@ -431,6 +431,8 @@ def check_health(model, probe: torch.Tensor, step: int, args, amp):
               for p in model.parameters())
     with torch.no_grad(), amp():
         bad += int(not torch.isfinite(model(probe)).all())
+    if hasattr(model, "reshard"):   # FSDP2 keeps a root gathered after a forward: free it
+        model.reshard()
     if not dp.all_sum({"bad": bad}, probe.device)["bad"]:
         return
     last = newest(Path(args.out) / "checkpoints")
