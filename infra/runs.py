@@ -65,12 +65,18 @@ def add_run_args(p, may_change: tuple):
     return g
 
 
+def data_inputs(args) -> list:
+    """[(flag, path)] of the run's data and benchmark files."""
+    inputs = [("--data", getattr(args, "data", None))]
+    inputs += [("--eval-data", f) for f in (getattr(args, "eval_data", None) or "").split(",")]
+    return [(flag, path) for flag, path in inputs if path]
+
+
 def data_files(args) -> dict:
     """{path: {"bytes", "sha256"}} of the run's data and benchmark files: part of its identity
     (args.json), checked again by every resume."""
-    paths = [getattr(args, "data", None), *(getattr(args, "eval_data", None) or "").split(",")]
     out = {}
-    for path in filter(None, paths):
+    for _, path in data_inputs(args):
         try:
             blob = Path(path).read_bytes()
         except OSError:
@@ -116,8 +122,7 @@ def check_apart(args):
     over or around it."""
     out = Path(os.path.realpath(args.out))
     inputs = [("--model", args.model), ("--analysis", getattr(args, "analysis", None)),
-              ("--data", getattr(args, "data", None))]
-    inputs += [("--eval-data", f) for f in (getattr(args, "eval_data", None) or "").split(",")]
+              *data_inputs(args)]
     for flag, path in inputs:
         if not path:
             continue
