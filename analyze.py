@@ -317,7 +317,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("responses")
     g.add_argument("--task", default="word", choices=sorted(tasks.TASKS), help=tasks.HELP)
     g.add_argument("--shots", type=int, default=0, choices=[0, 1],
-                   help="worked examples before each question (of a generated --task)")
+                   help="worked examples before each question (a --task's own; for --data "
+                   "see --example)")
     g.add_argument("-n", "--num-responses", type=int, default=16,
                    help="how many problems the model answers")
     g.add_argument("--max-new-tokens", type=int, default=128, help="longest response to sample")

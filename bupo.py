@@ -50,6 +50,12 @@ def unembed(model: Transformer, x: torch.Tensor, norm: bool = False,
         return F.linear(x.float(), model.W_U.float() if W is None else W)
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T; at T = 1 the logits themselves (the same numbers, without a pass over
+    [N, V] and its backward)."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def layer_logits(model: Transformer, h: torch.Tensor, layer: int, norm: bool = False,
                  W: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of pi^layer from h = resid[layer]; at layer L, the model's policy."""
@@ -343,7 +349,7 @@ def policy_logprobs(model: Transformer, batch: Batch, layer: int, temperature: f
     # one fp32 W_U for all chunks: autograd keeps one copy, not one per chunk (a bf16 W_U)
     W = model.W_U.float() if min(layers) < L else None
     for s in (slice(i, i + chunk) for i in range(0, len(tokens), chunk)):
-        z = layer_logits(model, h[layer][s], layer, W=W) / temperature
+        z = tempered(layer_logits(model, h[layer][s], layer, W=W), temperature)
         logp.append(z.log_softmax(-1).gather(-1, tokens[s, None])[:, 0])
         if stats_layer is not None:
             with torch.no_grad():
@@ -363,11 +369,11 @@ def diagnostics(model: Transformer, h: dict, layer: int, temperature: float = 1.
     paper's "feature refinement" (Fig. 5). given: {l: logits / T}; W: W_U in fp32."""
     L = model.config.num_layers
     given = given or {}
-    top = given[L] if L in given else layer_logits(model, h[L], L) / temperature
+    top = given[L] if L in given else tempered(layer_logits(model, h[L], L), temperature)
     out = {"entropy": entropy(top)}
     if layer < L:
         low = (given[layer] if layer in given
-               else layer_logits(model, h[layer], layer, W=W) / temperature)
+               else tempered(layer_logits(model, h[layer], layer, W=W), temperature))
         out.update(entropy_layer=entropy(low), kl_layer=kl_divergence(low, top),
                    cos_layer=F.cosine_similarity(h[layer].float(), h[L].float(), dim=-1))
     return out

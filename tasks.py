@@ -141,16 +141,18 @@ DEMOS = {
 PROMPT_FORMATS = ("hint", "paper")
 
 
-def chat(problem: Problem, task: str | None, shots: int = 0, fmt: str = "hint") -> list[dict]:
+def chat(problem: Problem, task: str | None, shots: int = 0, fmt: str = "hint",
+         demo: tuple[str, str] | None = None) -> list[dict]:
     """The messages of a problem of `task` (None: from a file). fmt "hint": the authors'
-    system prompt, `shots` (0 or 1) worked examples, the question with FORMAT_HINT;
-    "paper": the authors' system prompt and the question alone (section 5.1)."""
+    system prompt, `shots` (0 or 1) worked examples (`demo`, else the task's), the question
+    with FORMAT_HINT; "paper": the authors' system prompt and the question alone (section
+    5.1)."""
     if shots not in (0, 1):
         raise ValueError(f"--shots must be 0 or 1, not {shots}")
     if fmt == "paper":
         return [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": problem.question}]
-    return problem.messages(demo=DEMOS[task] if shots else None)
+    return problem.messages(demo=(demo or DEMOS[task]) if shots else None)
 
 
 def problems(task: str, n: int, seed: int = 0, split: str = "train") -> list[Problem]:
@@ -181,12 +183,14 @@ QUESTION_KEYS = ("question", "problem", "prompt")
 ANSWER_KEYS = ("answer", "final_answer", "solution")
 
 
-def read_problems(path, question_key: str | None = None, answer_key: str | None = None) -> list:
+def read_problems(path, question_key: str | None = None, answer_key: str | None = None,
+                  worked: list | None = None) -> list:
     """The problems of a JSONL (or .parquet) file. The question is the first of
     QUESTION_KEYS a record has, the answer the first of ANSWER_KEYS; question_key /
     answer_key name other fields. An answer ending in "#### 42" (GSM8K) is its tail, one
     with a \\boxed{} (a MATH `solution`) its last box; a `solution` with neither is
-    refused. A record without them is refused as file:line (infra/data.py)."""
+    refused. A record without them is refused as file:line (infra/data.py). worked: a list
+    that receives each record's worked solution (demo_solution), for --shots 1."""
     out = []
     for where, rec in data.records(path):
         q = _text(rec, where, question_key, QUESTION_KEYS, "question")
@@ -197,7 +201,19 @@ def read_problems(path, question_key: str | None = None, answer_key: str | None 
             raise InputError(f"{where}: the solution has no \\boxed{{}} or '####' final answer; "
                              f"name the answer field with --answer-key")
         out.append(Problem(q, _answer(a, where)))
+        if worked is not None:
+            worked.append(demo_solution(rec, out[-1]))
     return out
+
+
+def demo_solution(rec: dict, problem: Problem) -> str:
+    """What the worked example of a file record shows as the assistant's answer: its own
+    `solution` when it ends in a \\boxed{} (MATH style), else one line that boxes the
+    answer (a GSM8K "#### 42" solution is reasoning the format does not use)."""
+    text = rec.get("solution")
+    if isinstance(text, str) and "\\boxed" in text and "####" not in text:
+        return text.strip()
+    return f"The answer is \\boxed{{{problem.answer}}}."
 
 
 def _text(rec: dict, where: str, key: str | None, keys: tuple, what: str) -> str:
@@ -278,6 +294,8 @@ class Source:
     template_kwargs: dict = field(default_factory=dict)
     train: list | None = None                   # a data file's problems; None: generated
     benchmarks: dict = field(default_factory=dict)   # name -> problems
+    demo: tuple | None = None     # a data file's worked example (question, solution), --shots 1
+    demo_note: str = ""           # where it came from, said once at the start
 
     def step(self, step: int, per_step: int, seed: int) -> list:
         """The problems of RL step `step`: a fixed function of (seed, step)."""
@@ -292,7 +310,8 @@ class Source:
         return {**own, **self.benchmarks}
 
     def encode(self, tok, problem) -> list[int]:
-        msgs = chat(problem, self.task if self.train is None else None, self.shots, self.fmt)
+        msgs = chat(problem, self.task if self.train is None else None, self.shots, self.fmt,
+                    self.demo)
         return tok.encode_chat(msgs, **self.template_kwargs)
 
     def longest_prompt(self, tok, args, say=print) -> int:
@@ -301,6 +320,8 @@ class Source:
         dropped (with a count) and an overlap of training and benchmark questions is
         reported (say=None: quiet, the other ranks)."""
         say = say or (lambda *_: None)
+        if self.demo_note:
+            say(self.demo_note)
         if self.train is None and not self.benchmarks:
             return max(len(self.encode(tok, p)) for split in ("train", "test")
                        for p in problems(self.task, 64, args.seed, split))
@@ -366,6 +387,10 @@ def add_data_args(p, train: bool):
         g.add_argument("--max-prompt-tokens", type=int, default=1024,
                        help="file problems with a longer prompt are left out, with a count (the "
                        "paper: 1024)")
+    g.add_argument("--example", default=None,
+                   help="with --data and --shots 1: a .jsonl file whose first record is the "
+                   "worked example (its MATH-style solution if it has one, else 'The answer is "
+                   "\\boxed{answer}.'); default: the first record of --data, held out of training")
     g.add_argument("--question-key", default=None, help="the records' question field")
     g.add_argument("--answer-key", default=None, help="the records' answer field")
     g.add_argument("--prompt-format", default="hint", choices=PROMPT_FORMATS,
@@ -381,18 +406,58 @@ def add_data_args(p, train: bool):
 def source(args) -> Source:
     """The Source of train.py's / analyze.py's arguments, every file read and checked."""
     keys = (getattr(args, "question_key", None), getattr(args, "answer_key", None))
-    if getattr(args, "data", None) and args.shots:
-        raise InputError("--shots 1 gives a generated task's worked example, and a --data file "
-                         "has none; drop --shots (or use --shots 0)")
-    train = read_problems(args.data, *keys) if getattr(args, "data", None) else None
+    data_file, example = getattr(args, "data", None), getattr(args, "example", None)
+    fmt = getattr(args, "prompt_format", "hint")
+    if example and not (data_file and args.shots and fmt == "hint"):
+        raise InputError(f"--example {example}: it is the worked example of --shots 1 with a "
+                         f"--data file (and --prompt-format hint); add --data and --shots 1, or "
+                         f"drop --example")
+    if data_file and args.shots and fmt == "paper":
+        raise InputError("--shots 1 with --prompt-format paper: the paper's format asks the "
+                         "question alone, with no worked example; drop one of them")
+    worked = []
+    train = read_problems(data_file, *keys, worked=worked) if data_file else None
     files = [f for f in (getattr(args, "eval_data", None) or "").split(",") if f]
     names = [Path(f).stem for f in files]
     if len(set(names)) < len(names):
         raise InputError(f"--eval-data {args.eval_data}: two files have the same name; each "
                          f"benchmark is named by its file (eval/<name>/...)")
-    return Source(args.task, args.shots, getattr(args, "prompt_format", "hint"),
-                  getattr(args, "chat_template_kwargs", None) or {}, train,
-                  {n: read_problems(f, *keys) for n, f in zip(names, files)})
+    src = Source(args.task, args.shots, fmt, getattr(args, "chat_template_kwargs", None) or {},
+                 train, {n: read_problems(f, *keys) for n, f in zip(names, files)})
+    if data_file and args.shots:
+        worked_example(src, data_file, example, worked, keys)
+    return src
+
+
+def same_question(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())
+
+
+def worked_example(src: Source, data_file: str, example: str | None, worked: list, keys):
+    """The worked example of a data file's prompts (--shots 1): the first record of --example
+    FILE, else the first record of the --data file, held out. Either way it is never a
+    training problem (every record with its question leaves the training set) nor a
+    benchmark question (refused: its answer would be in every prompt)."""
+    if example:
+        shown_worked = []
+        first = read_problems(example, *keys, worked=shown_worked)[0]
+        src.demo, where = (first.question, shown_worked[0]), f"{example}:1"
+    else:
+        first = src.train[0]
+        src.demo, where = (first.question, worked[0]), f"{data_file}:1"
+    kept = [p for p in src.train if not same_question(p.question, first.question)]
+    if not kept:
+        raise InputError(f"--data {data_file}: every problem is the worked example's question "
+                         f"({where}); --shots 1 needs other problems to train on")
+    for name, ps in src.benchmarks.items():
+        if any(same_question(p.question, first.question) for p in ps):
+            raise InputError(f"the worked example ({where}: {first.question[:60]!r}) is a "
+                             f"question of the benchmark {name}; its answer would be in every "
+                             f"prompt: name another example with --example FILE")
+    held = len(src.train) - len(kept)
+    src.train[:] = kept
+    src.demo_note = (f"worked example of --shots 1: {where} ({first.question[:60]!r}); "
+                     f"{held} record{'s' * (held > 1)} with its question held out of --data")
 
 
 # -----------------------------------------------------------------------------

@@ -327,8 +327,8 @@ def build_parser():
     g = p.add_argument_group("task and rollout")
     g.add_argument("--task", default="add", choices=sorted(tasks.TASKS), help=tasks.HELP)
     g.add_argument("--shots", type=int, default=None, choices=[0, 1],
-                   help="1: a worked example of the task before each question (tasks.py); "
-                   "default 1 for a --task, 0 for --data")
+                   help="1: a worked example before each question (a --task's own; for --data "
+                   "see --example); default 1 for a --task, 0 for --data")
     g.add_argument("--prompts-per-step", type=int, default=8,
                    help="P, prompts per RL step (the authors: 128)")
     g.add_argument("--group-size", type=int, default=8, help="G, responses per prompt")

@@ -11,16 +11,21 @@ Both sides sample at T = 1 with no top-k / top-p and produce exactly --new-token
 response (stop tokens are ignored), so the work is identical. Timings include the prefill. With
 --stop, both stop at the model's stop tokens instead, as in RL rollouts, and tokens/s counts the
 tokens actually produced (the samples, hence the lengths, differ between the two; transformers keeps
-computing finished rows, ours drops them). It prints, per case, new tokens/s of both, their ratio,
-and the physical bound the case is compared with:
+computing finished rows, ours drops them). Each case runs --repeat times per side, the sides
+alternated (ours, transformers, ours, ...) after a warm-up of each, so that a host that slows down
+mid-run slows both alike. It prints, per case, new tokens/s of both (median and range), the ratio of
+the medians, and the physical bound the case is compared with:
   - batch 1 (one prompt, one response): decoding reads every weight once per token, so
     tokens/s <= memory bandwidth / weight bytes; the bandwidth is measured here (a 1 GiB read);
   - P prompts x G responses: tokens/s <= peak matmul FLOP/s / FLOPs per token, with FLOPs per token
     = 2 x (matmul parameters, the unembedding included) + attention, and the peak measured here on a
     2048^3 matmul in the same dtype.
+and last the host's matmul rate before and after, and the share of the CPU other processes took
+(bench/host.py), with a warning when the run was not quiet. --out also writes the report to a file.
 transformers is a test-only dependency of the project; this script needs it installed (bash setup.sh
 --test).
 """
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from infra import cli  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host  # noqa: E402
+from infra import cli, files  # noqa: E402
 from infra import weights  # noqa: E402
 from analyze import load  # noqa: E402
 from infra.errors import UserError  # noqa: E402
@@ -64,12 +71,6 @@ def memory_bandwidth(device="cpu") -> float:
     return x.numel() * 4 / timed(lambda: x.sum(), 3)
 
 
-def peak_flops(dtype, device="cpu") -> float:
-    a, b = (torch.randn(2048, 2048, dtype=dtype, device=device) for _ in range(2))
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    return 2 * 2048**3 / timed(lambda: (a @ b, sync()), 3)
-
-
 def weight_bytes(model) -> int:
     # a tied matrix counts once
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -100,6 +101,66 @@ def hf_generate(hf, ids, mask, G, n, stop_ids):
     return int(first.sum())
 
 
+def alternate(model, hf, batch, G, args, tok) -> dict:
+    """side -> [(tokens made, seconds)] of --repeat runs of each side on `batch` x G, alternated
+    (ours, transformers, compiled, ours, ...), each run with its own seed, after a warm-up of
+    each; with --compile, "first" is the compiled side's first call (its compilation)."""
+    ids, mask = left_pad(batch, 0, args.device)
+    stop = tok.stop_ids if args.stop else ()
+
+    def ours(seed, **kw):
+        return int(generate(model, batch, G, args.new_tokens, stop_ids=stop, seed=seed,
+                            **kw).response_mask.sum())
+
+    @torch.no_grad()
+    def theirs(seed):
+        torch.manual_seed(seed)
+        return hf_generate(hf, ids, mask, G, args.new_tokens, stop)
+    sides = {"ours": ours, "transformers": theirs}
+    runs = {}
+    if args.compile:
+        t0 = time.perf_counter()
+        ours(0, compile=True)       # compiles (again for a new shape), then decodes
+        runs["first"] = time.perf_counter() - t0
+        sides["compiled"] = lambda seed: ours(seed, compile=True)
+    ours(0)
+    theirs(0)                       # the warm-ups
+    for r in range(args.repeat):
+        for name, fn in sides.items():
+            sync()
+            t0 = time.perf_counter()
+            made = fn(1 + r)
+            sync()
+            runs.setdefault(name, []).append((made, time.perf_counter() - t0))
+    return runs
+
+
+def case_line(model, dtype, P, G, T, runs, bw, peak, args) -> str:
+    """One line per case (P x G responses to prompts left-padded to T tokens): each side's
+    tokens/s (median and range), the ratio of the medians, the bound and our fraction of it."""
+    rate = {k: [n / t for n, t in v] for k, v in runs.items() if k != "first"}
+    med = {k: statistics.median(v) for k, v in rate.items()}
+    if P * G == 1:
+        bound = bw / weight_bytes(model)
+        what = f"bandwidth bound {bw / 1e9:.1f} GB/s / {weight_bytes(model) / 1e6:.0f} MB"
+    else:
+        flops = flops_per_token(model, T + args.new_tokens // 2)
+        bound = peak / flops
+        what = f"matmul bound {peak / 1e9:.0f} GFLOP/s / {flops / 1e9:.3f} GFLOP per token"
+    line = (f"{str(dtype).removeprefix('torch.'):9s} {P}x{G:<3d} ours "
+            f"{host.median_range(rate['ours'])} tok/s  transformers "
+            f"{host.median_range(rate['transformers'])} tok/s  ratio of medians "
+            f"{med['ours'] / med['transformers']:4.2f}x  bound {bound:7.1f} tok/s ({what}): ours "
+            f"at {100 * med['ours'] / bound:.0f}%")
+    if "compiled" in rate:
+        line += (f"  compiled {host.median_range(rate['compiled'])} tok/s "
+                 f"({med['compiled'] / med['ours']:4.2f}x eager; first call {runs['first']:.0f} s)")
+    if args.stop:
+        line += (f"  [tokens produced per run: ours {[n for n, _ in runs['ours']]}, "
+                 f"transformers {[n for n, _ in runs['transformers']]}]")
+    return line
+
+
 def need_transformers():
     """transformers' AutoModelForCausalLM, or a one-line error saying how to install it (it is
     test-only)."""
@@ -121,13 +182,15 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=8, help="prompts of the large case")
     p.add_argument("--group-size", type=int, default=8,
                    help="responses per prompt of the large case")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="timed runs per case (the best is kept), after a warm-up")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="timed runs of each side per case, alternated, after a warm-up; "
+                   "the median and the range are reported")
     p.add_argument("--stop", action="store_true",
                    help="stop at the model's stop tokens (RL-style) instead of forcing the length")
     p.add_argument("--compile", action="store_true",
                    help="also time generate(compile=True): the compiled decode step, "
                    "its first call (compilation) reported apart")
+    p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
     cli.positive(args, "--new-tokens", "--prompts", "--group-size", "--repeat")
     if args.prompts > len(PROMPTS):
@@ -139,54 +202,31 @@ def main(argv=None):
             raise UserError(f"--dtype {d!r}: not a dtype here; use float32, bfloat16 or float16 "
                             f"(comma-separated)")
     cli.check_device(args.device)
+    if args.out:
+        files.check_writable_file(args.out)
     AutoModelForCausalLM = need_transformers()
     bw = memory_bandwidth(args.device)
-    print(f"threads {torch.get_num_threads()}, measured read bandwidth {bw / 1e9:.1f} GB/s")
+    lines = [f"threads {torch.get_num_threads()}, measured read bandwidth {bw / 1e9:.1f} GB/s; "
+             f"{args.repeat} runs of each side per case, alternated, after a warm-up of each"]
+    print(lines[0])
     for dtype in [getattr(torch, d) for d in dtypes]:
         model, tok = load(args.model, dtype, args.device)
         hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-        peak = peak_flops(dtype, args.device)
         prompts = [tok.encode_chat([{"role": "user", "content": q}])
                    for q in PROMPTS[:args.prompts]]
-        for P, G in ((1, 1), (args.prompts, args.group_size)):
-            batch = prompts[:P]
-            ids, mask = left_pad(batch, 0, args.device)
-            T = ids.shape[1]
-            stop = tok.stop_ids if args.stop else ()
-            made = {}  # tokens produced by the timed run of each side
-
-            def ours_run(key, **kw):
-                ro = generate(model, batch, G, args.new_tokens, stop_ids=stop, seed=len(made), **kw)
-                made[key] = int(ro.response_mask.sum())
-            ours = timed(lambda: ours_run("ours"), args.repeat)
-            compiled = ""
-            if args.compile:
-                t0 = time.perf_counter()
-                compiled_run = lambda: ours_run("compiled", compile=True)  # noqa: E731
-                compiled_run()   # compiles (again for a new shape), then decodes
-                first = time.perf_counter() - t0
-                steady = timed(compiled_run, args.repeat, warm_up=False)   # that was the warm-up
-                rate = made["compiled"] / steady
-                compiled = (f"  compiled {rate:7.1f} tok/s ({rate / (made['ours'] / ours):4.2f}x "
-                            f"eager; first call {first:.0f} s)")
-            with torch.no_grad():
-                theirs = timed(lambda: made.update(theirs=hf_generate(hf, ids, mask, G,
-                                                                      args.new_tokens, stop)),
-                               args.repeat)
-            if P * G == 1:
-                bound = bw / weight_bytes(model)
-                what = f"bandwidth bound {bw / 1e9:.1f} GB/s / {weight_bytes(model) / 1e6:.0f} MB"
-            else:
-                flops = flops_per_token(model, T + args.new_tokens // 2)
-                bound = peak / flops
-                what = f"matmul bound {peak / 1e9:.0f} GFLOP/s / {flops / 1e9:.2f} GFLOP per token"
-            r = (str(dtype).removeprefix("torch."), f"{P}x{G}", made["ours"] / ours,
-                 made["theirs"] / theirs, bound, what)
-            produced = f"  [tokens produced: ours {made['ours']}, transformers {made['theirs']}]"
-            print(f"{r[0]:9s} {r[1]:5s} ours {r[2]:7.1f} tok/s  transformers {r[3]:7.1f} tok/s  "
-                  f"ratio {r[2] / r[3]:4.2f}x  bound {r[4]:7.1f} tok/s ({r[5]}): "
-                  f"ours at {100 * r[2] / r[4]:.0f}%" + compiled + (produced if args.stop else ""),
-                  flush=True)
+        cases = ((1, 1), (args.prompts, args.group_size))
+        with host.Watch(dtype, args.device) as watch:
+            timed_runs = [alternate(model, hf, prompts[:P], G, args, tok) for P, G in cases]
+        for (P, G), runs in zip(cases, timed_runs):
+            T = max(len(x) for x in prompts[:P])       # left-padded to the longest
+            lines.append(case_line(model, dtype, P, G, T, runs, bw, watch.peak, args))
+            print(lines[-1])
+        lines.append(watch.report())
+        print(lines[-1])
+    if args.out:
+        files.write_text(args.out, f"$ python bench/bench_rollout.py "
+                                   f"{' '.join(argv or sys.argv[1:])}\n# {host.provenance()}\n"
+                         + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,16 +19,20 @@ matmul here, or given with --peak-tflops (e.g. 989 for an H100 SXM in bf16, its 
 transformers is a test-only dependency of the project; this script needs it installed (bash setup.sh
 --test).
 """
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bupo  # noqa: E402
-from infra import cli  # noqa: E402
+import host  # noqa: E402
+from infra import cli, files  # noqa: E402
 from infra import weights  # noqa: E402
-from bench_rollout import PROMPTS, flops_per_token, need_transformers, peak_flops, timed  # noqa: E402
+from bench_rollout import PROMPTS, flops_per_token, need_transformers  # noqa: E402
 from analyze import load  # noqa: E402
 from infra.errors import UserError  # noqa: E402
 from rollout import left_pad  # noqa: E402
@@ -71,14 +75,18 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64, help="response tokens per row")
     p.add_argument("--layer", type=int, default=None, help="BuPO phase-1 layer l (default: L // 4)")
     p.add_argument("--repeat", type=int, default=3,
-                   help="timed runs per case (the best is kept), after a warm-up")
+                   help="rounds of the cases, alternated, after a warm-up of each; the median "
+                   "and the range are reported")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak FLOP/s for the MFU (default: measured)")
+    p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
     cli.positive(args, "--rows", "--new-tokens", "--layer", "--repeat")
     if args.peak_tflops is not None:
         cli.finite(args, "--peak-tflops", 0, low_open=True)
     cli.check_device(args.device)
+    if args.out:
+        files.check_writable_file(args.out)
     AutoModelForCausalLM = need_transformers()
     torch.set_flush_denormal(True)  # as train.py does
     device, cuda = torch.device(args.device), args.device.startswith("cuda")
@@ -91,36 +99,51 @@ def main(argv=None):
                         f"1 <= l <= {L - 1}")
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
     ids, mask, Tp, adv = batch(tok, args.rows, args.new_tokens, model.config.vocab_size, device)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(dtype, device)
     context = Tp + args.new_tokens // 2
-    print(f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, peak {peak / 1e12:.2f} "
-          f"TFLOP/s ({'given' if args.peak_tflops else 'measured'}); batch {args.rows} x ({Tp} "
-          f"prompt + {args.new_tokens} response) tokens")
     cases = [("ours, full policy", model, lambda i, m,
               t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), L, 1.0)[0], L),
              (f"ours, phase 1 (pi^{layer})", model, lambda i, m,
               t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), layer, 1.0)[0], layer),
              ("transformers, full policy", hf, hf_logprobs(hf), L)]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def run(net, fn):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            step(fn, ids, mask, Tp, adv)
+        net.zero_grad(set_to_none=True)
+        sync()
+    times = {name: [] for name, *_ in cases}
+    with host.Watch(dtype, device) as watch:
+        for name, net, fn, _ in cases:          # a warm-up of each
+            run(net, fn)
+        for _ in range(args.repeat):            # then the cases alternated, --repeat rounds
+            for name, net, fn, _ in cases:
+                t0 = time.perf_counter()
+                run(net, fn)
+                times[name].append(time.perf_counter() - t0)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else watch.peak
+    lines = [f"{args.device} {args.dtype}, {torch.get_num_threads()} threads, peak "
+             f"{peak / 1e12:.2f} TFLOP/s ({'given' if args.peak_tflops else 'measured'}); batch "
+             f"{args.rows} x ({Tp} prompt + {args.new_tokens} response) tokens; {args.repeat} "
+             f"rounds of the cases alternated, after a warm-up of each"]
+    n_resp, n_all = int(mask[:, Tp:].sum()), int(mask.sum())
     for name, net, fn, depth in cases:
-        def run():
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                step(fn, ids, mask, Tp, adv)
-            net.zero_grad(set_to_none=True)
-            sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        dt = timed(run, args.repeat)
-        n_resp, n_all = int(mask[:, Tp:].sum()), int(mask.sum())
+        dt = statistics.median(times[name])
         # the useful forward FLOPs: the blocks that run (phase 1: l of L) on every token, the
         # unembedding on the response positions only (transformers computes it everywhere: its extra
         # work is not counted); x3 with backward
         head = 2 * model.lm_head.weight.numel()
         flops = 3 * ((flops_per_token(model, context) - head) * depth / L * n_all + head * n_resp)
-        mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
-        print(f"{name:28s} {dt * 1000:8.1f} ms/step  {n_resp / dt:9.1f} response tok/s  "
-              f"{n_all / dt:9.1f} tok/s  "
-              f"MFU {100 * flops / dt / peak:5.1f}%{mem}", flush=True)
+        lines.append(f"{name:28s} {host.median_range([1000 * t for t in times[name]])} ms/step  "
+                     f"{n_resp / dt:9.1f} response tok/s  {n_all / dt:9.1f} tok/s  "
+                     f"MFU {100 * flops / dt / peak:5.1f}%")
+    if cuda:
+        lines.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    lines.append(watch.report())
+    print("\n".join(lines))
+    if args.out:
+        files.write_text(args.out, f"$ python bench/bench_train.py {' '.join(argv or sys.argv[1:])}"
+                                   f"\n# {host.provenance()}\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

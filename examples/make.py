@@ -3,6 +3,10 @@ Writes the example data files of this folder from the project's own generated ta
 file per record style that train.py --data / --eval-data reads:
 
     train.jsonl        {"question", "answer"}: 240 sum and word problems of the training splits
+    heldout.jsonl      {"question", "answer"}: 64 sums of the test split, the held-out accuracy
+                       of README's data recipe (the model can learn them; see README)
+    example.jsonl      {"question", "solution"}: the worked example of --shots 1 (--example), a
+                       training-split sum that is in no other file
     math_style.jsonl   {"problem", "solution"}: 40 test-split problems, the answer the
                        solution's last \\boxed{} (MATH, MATH-500)
     gsm8k_style.jsonl  {"question", "answer"}: 40 test-split problems, the answer after "####"
@@ -26,6 +30,10 @@ def write(name: str, records: list):
 def main():
     train = tasks.problems("sum2", 160, seed=0) + tasks.problems("word", 80, seed=0)
     write("train.jsonl", [{"question": p.question, "answer": p.answer} for p in train])
+    demo, solution = tasks.DEMOS["sum2"]
+    write("example.jsonl", [{"question": demo, "solution": solution}])
+    held = tasks.problems("sum2", 64, seed=0, split="test")
+    write("heldout.jsonl", [{"question": p.question, "answer": p.answer} for p in held])
     math = tasks.problems("sum2x3", 40, seed=0, split="test")
     write("math_style.jsonl", [{"problem": p.question, "solution": f"Adding the numbers gives "
                                 f"$\\boxed{{{p.answer}}}$."} for p in math])

@@ -281,7 +281,8 @@ def template_kwargs(text: str) -> dict:
 
 def check_train(args):
     """Every argument of train.py, before anything is loaded or written."""
-    not_empty(args, "--model", "--out", "--resume", "--analysis", "--data", "--eval-data")
+    not_empty(args, "--model", "--out", "--resume", "--analysis", "--data", "--eval-data",
+              "--example")
     positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches",
              "--micro-batch-size", "--max-new-tokens", "--eval-problems", "--eval-samples",
              "--save-every", "--keep-checkpoints")

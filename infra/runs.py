@@ -67,7 +67,7 @@ def add_run_args(p, may_change: tuple):
 
 def data_inputs(args) -> list:
     """[(flag, path)] of the run's data and benchmark files."""
-    inputs = [("--data", getattr(args, "data", None))]
+    inputs = [(flag, getattr(args, flag[2:], None)) for flag in ("--data", "--example")]
     inputs += [("--eval-data", f) for f in (getattr(args, "eval_data", None) or "").split(",")]
     return [(flag, path) for flag, path in inputs if path]
 

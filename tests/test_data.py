@@ -38,7 +38,7 @@ def test_the_three_record_styles(tmp_path):
 
 def test_the_shipped_examples_read_in_each_style():
     sizes = {f.stem: len(tasks.read_problems(f)) for f in sorted(EXAMPLES.glob("*.jsonl"))}
-    assert sizes == {"gsm8k_style": 40, "math_style": 40, "train": 240}
+    assert sizes == {"example": 1, "gsm8k_style": 40, "heldout": 64, "math_style": 40, "train": 240}
     # and their answers are what the reward accepts
     for f in EXAMPLES.glob("*.jsonl"):
         for p in tasks.read_problems(f)[:5]:
@@ -294,3 +294,88 @@ def test_a_huge_question_is_left_out_without_tokenizing_it(tmp_path, default_mod
     assert said == ["--data: 1 of 2 problems have prompts longer than --max-prompt-tokens 1024; "
                     "left out"]
     assert tok.widest * 4 * 1024 < 10_000_000
+
+
+# -----------------------------------------------------------------------------
+# the worked example of a data file's prompts (--shots 1)
+
+def data_args(**kw):
+    import argparse
+    base = dict(task="add", shots=1, prompt_format="hint", data=None, eval_data=None,
+                example=None, question_key=None, answer_key=None, chat_template_kwargs={})
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_the_held_out_example_is_never_trained_on_nor_evaluated(tmp_path):
+    """--shots 1 with --data alone: the file's first record is the worked example, and every
+    record with its question (a duplicate with other spacing too) leaves the training set; no
+    step of many epochs draws it, and every prompt shows it as the earlier turn."""
+    rows = [{"question": "What is 72 + 80?", "answer": "152"},
+            *({"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(9)),
+            {"question": "What is  72 +  80? ", "answer": "152"}]
+    f = jsonl(tmp_path, *rows)
+    bench = jsonl(tmp_path, {"question": "What is 3 + 3?", "answer": "6"}, name="b.jsonl")
+    src = tasks.source(data_args(data=str(f), eval_data=str(bench)))
+    assert src.demo == ("What is 72 + 80?", "The answer is \\boxed{152}.")
+    assert len(src.train) == 9
+    said = []
+    src.longest_prompt(WordTokenizer(), data_args(max_prompt_tokens=1000, seed=0), said.append)
+    assert said[0].startswith(f"worked example of --shots 1: {f}:1 ('What is 72 + 80?'); 2 "
+                              f"records with its question held out of --data")
+    drawn = {p.question for s in range(1, 200) for p in src.step(s, 4, seed=3)}
+    assert drawn == {f"What is {i} + 1?" for i in range(9)}
+    for problems in [src.train, *src.eval_sets(8, 0).values()]:
+        for p in problems:
+            msgs = tasks.chat(p, None, 1, "hint", src.demo)
+            assert msgs[1]["content"].startswith("What is 72 + 80?")       # the example's turn
+            assert msgs[2]["content"] == "The answer is \\boxed{152}."
+            assert not tasks.same_question(msgs[-1]["content"].removesuffix(
+                " " + tasks.FORMAT_HINT), "What is 72 + 80?")
+
+
+def test_an_example_file_gives_the_worked_example(tmp_path):
+    """--example FILE: its first record's MATH-style solution is shown as is; a --data record
+    with the same question is held out; a GSM8K solution is shown as one boxed line."""
+    f = jsonl(tmp_path, {"question": "a?", "answer": "1"}, {"question": "b?", "answer": "2"},
+              {"question": "Half of 1?", "answer": "1/2"})
+    ex = jsonl(tmp_path, {"problem": "Half of 1?", "solution": "1/2 is $\\boxed{\\frac12}$."},
+               name="ex.jsonl")
+    src = tasks.source(data_args(data=str(f), example=str(ex)))
+    assert src.demo == ("Half of 1?", "1/2 is $\\boxed{\\frac12}$.")
+    assert [p.question for p in src.train] == ["a?", "b?"]
+    gsm = jsonl(tmp_path, {"question": "Sum?", "answer": "3 + 4 = 7\n#### 7"}, name="g.jsonl")
+    src = tasks.source(data_args(data=str(f), example=str(gsm)))
+    assert src.demo == ("Sum?", "The answer is \\boxed{7}.") and len(src.train) == 3
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    (dict(shots=0, example="EX"), "--example EX: it is the worked example of --shots 1"),
+    (dict(data=None, example="EX"), "--example EX: it is the worked example of --shots 1"),
+    (dict(prompt_format="paper"), "--shots 1 with --prompt-format paper"),
+    (dict(eval_data="BENCH"), "the worked example (DATA:1: 'What is 9 + 9?') is a question of "
+                              "the benchmark b"),
+    (dict(example="ONLY"), "every problem is the worked example's question (ONLY:1)"),
+])
+def test_a_worked_example_that_cannot_be_is_refused(tmp_path, kw, fragment):
+    data = jsonl(tmp_path, {"question": "What is 9 + 9?", "answer": "18"})
+    paths = {"DATA": str(data), "EX": str(data),
+             "BENCH": str(jsonl(tmp_path, {"question": "What is 9  + 9?", "answer": "18"},
+                                name="b.jsonl")),
+             "ONLY": str(jsonl(tmp_path, {"question": "What is 9 + 9?", "answer": "18"},
+                               name="o.jsonl"))}
+    args = {"data": "DATA", **kw}
+    args = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in args.items()}
+    if kw.get("eval_data"):     # a file with a second problem, so that training has one
+        data.write_text(data.read_text() + json.dumps({"question": "x", "answer": "1"}) + "\n")
+    with pytest.raises(InputError) as e:
+        tasks.source(data_args(**args))
+    for name, path in paths.items():
+        fragment = fragment.replace(name, path)
+    assert fragment in str(e.value)
+
+
+class WordTokenizer:   # a tokenizer of whitespace words
+    widest = 10**6
+
+    def encode_chat(self, messages, **kw):
+        return " ".join(m["content"] for m in messages).split()
