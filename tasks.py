@@ -456,8 +456,9 @@ def worked_example(src: Source, data_file: str, example: str | None, worked: lis
                              f"prompt: name another example with --example FILE")
     held = len(src.train) - len(kept)
     src.train[:] = kept
-    src.demo_note = (f"worked example of --shots 1: {where} ({first.question[:60]!r}); "
-                     f"{held} record{'s' * (held > 1)} with its question held out of --data")
+    held = (f"{held} record{'s' * (held > 1)} with its question held out of --data" if held
+            else "no --data record has its question")
+    src.demo_note = f"worked example of --shots 1: {where} ({first.question[:60]!r}); {held}"
 
 
 # -----------------------------------------------------------------------------

@@ -190,6 +190,8 @@ ROWS = [
     ("bench/bench_train", ["--rows", "0"], "--rows 0: must be at least 1"),
     ("bench/bench_train", ["--peak-tflops", "-1"], "--peak-tflops -1.0"),
     ("bench/gpu_check", ["--device", "tpu9"], "--device 'tpu9'"),
+    ("bench/bench_trl", ["--trl", "on,on"], "--trl on,on: name on, off or on,off"),
+    ("bench/bench_trl", ["--steps", "0"], "--steps 0: must be at least 1"),
 ]
 
 
