@@ -158,6 +158,8 @@ def main(argv=None):
     p.add_argument("--trl", default="on,off",
                    help="TRL's configurations, one block each: on (its default gradient "
                    "checkpointing), off, or on,off")
+    p.add_argument("--skip-trl", action="store_true",
+                   help="time our side only: one warm-up step, then --steps steps")
     p.add_argument("--old-logprobs", default="auto", choices=train.OLD_LOGPROBS,
                    help="train.py's flag for our side")
     p.add_argument("--out", default=None, help="also write the report to this file")
@@ -166,13 +168,14 @@ def main(argv=None):
     if args.prompts * args.group_size % 64:
         raise UserError("--prompts x --group-size must be a multiple of 64 (4 optimizer steps of "
                         "16 responses per generation on both sides)")
-    configs = args.trl.split(",")
+    configs = [] if args.skip_trl else args.trl.split(",")
     if any(c not in TRL_CONFIGS for c in configs) or len(set(configs)) < len(configs):
         raise UserError(f"--trl {args.trl}: name on, off or on,off (TRL's gradient "
                         f"checkpointing)")
     if args.out:
         files.check_writable_file(args.out)
-    need_trl()
+    if configs:
+        need_trl()
     weights.ensure_if_default(args.model)
     blocks = {}
     with tempfile.TemporaryDirectory() as tmp, host.Watch() as watch:
@@ -180,6 +183,9 @@ def main(argv=None):
         ours = Ours(args, tmp)
         for c in configs:
             blocks[c] = alternated(args, tmp, ours, TRL_CONFIGS[c][1])
+        if not configs:                     # --skip-trl
+            mine = [ours.step() for _ in range(args.steps + 1)][1:]
+            blocks["ours"] = {"ours": ([t for t, _ in mine], [n for _, n in mine])}
     model, tok = analyze.load(args.model)
     prompts = [len(tok.encode_chat(tasks.chat(p, "sum2", 1)))
                for s in range(1, ours.step_no + 1)
@@ -187,7 +193,8 @@ def main(argv=None):
     peak = watch.peak
     lines = [f"{args.prompts} prompts x {args.group_size} responses, <= {args.max_new_tokens} new "
              f"tokens, 4 updates per step, fp32, CPU; {args.steps} RL steps of each side timed per "
-             f"block after one warm-up each, alternated ours / TRL; ours with --old-logprobs "
+             f"block after one warm-up each, alternated ours / TRL"
+             f"{' (--skip-trl: ours only)' if not configs else ''}; ours with --old-logprobs "
              f"{args.old_logprobs}", watch.report()]
     ts = [t for b in blocks.values() for t in b["ours"][0]]
     toks = [n for b in blocks.values() for n in b["ours"][1]]

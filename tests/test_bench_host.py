@@ -47,3 +47,28 @@ def test_the_cpu_counters_are_read_here():
     if ticks is not None:          # Linux
         busy, mine = ticks
         assert busy >= 0 and mine >= 0
+
+
+def test_the_rollout_and_training_benches_alternate_and_report_the_host(tiny_chat_model, tmp_path):
+    """Both benches, end to end on a tiny model: each side's median and range over --repeat
+    alternated runs, the host's matmul rates, and the provenance line of --out."""
+    import importlib.util
+    for name, args in (("bench_rollout", ["--prompts", "2", "--group-size", "2",
+                                          "--new-tokens", "3", "--stop"]),
+                       ("bench_train", ["--rows", "2", "--new-tokens", "3", "--layer", "1"])):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out = tmp_path / f"{name}.txt"
+        module.main(["--model", str(tiny_chat_model), "--device", "cpu", "--repeat", "2",
+                     "--out", str(out), *args])
+        lines = out.read_text().splitlines()
+        assert lines[0] == f"$ python bench/{name}.py " + " ".join(
+            ["--model", str(tiny_chat_model), "--device", "cpu", "--repeat", "2", "--out",
+             str(out), *args])
+        assert lines[1].startswith("# commit ")
+        timed = [x for x in lines if "median" in x]
+        assert len(timed) == (2 if name == "bench_rollout" else 3)
+        assert all("n=2)" in x for x in timed)
+        assert any(x.startswith("host: ") and "TFLOP/s before and" in x for x in lines)
