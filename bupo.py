@@ -51,8 +51,7 @@ def unembed(model: Transformer, x: torch.Tensor, norm: bool = False,
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits / T; at T = 1 the logits themselves (the same numbers, without a pass over
-    [N, V] and its backward)."""
+    """logits / T; at T = 1 the same numbers without a pass over [N, V] (and its backward)."""
     return logits if temperature == 1.0 else logits / temperature
 
 

@@ -421,19 +421,15 @@ class Pass:
             self.cache.advance(self.attention_mask)
 
     def unembed(self, model, h):
-        """W_U RMSNorm_final(h). A decode step skips its padding rows and, on a CPU, takes the
-        product as W_U x^T, transposed back: the same sums, which the CPU's matmul library
-        runs up to 2-3x faster for a few rows (bench/gemm_shapes.py; they may round apart at
-        a few row counts)."""
-        if self.attention_mask.shape[1] != 1:
-            return model.lm_head(model.norm(h))
-        if h.device.type != "cpu":
-            return on_tokens(lambda x: model.lm_head(model.norm(x)), h, self.real)
-
-        def rows_last(x):                                        # [..., d] -> [..., V]
-            flat = model.norm(x).reshape(-1, x.shape[-1])
-            return (model.lm_head.weight @ flat.T).T.contiguous().view(*x.shape[:-1], -1)
-        return on_tokens(rows_last, h, self.real)
+        """W_U RMSNorm_final(h). A decode step skips its padding rows and, on a CPU, takes W_U
+        x^T, transposed back: the same sums, faster there for few rows (docs/performance.md)."""
+        decode = self.attention_mask.shape[1] == 1
+        if not decode or h.device.type != "cpu":
+            real = self.real if decode else None
+            return on_tokens(lambda x: model.lm_head(model.norm(x)), h, real)
+        W = model.lm_head.weight                                                   # [V, d]
+        return on_tokens(lambda x: (W @ model.norm(x).flatten(0, -2).T).T.contiguous().view(
+            *x.shape[:-1], -1), h, self.real)
 
 
 # -----------------------------------------------------------------------------

@@ -145,8 +145,7 @@ def chat(problem: Problem, task: str | None, shots: int = 0, fmt: str = "hint",
          demo: tuple[str, str] | None = None) -> list[dict]:
     """The messages of a problem of `task` (None: from a file). fmt "hint": the authors'
     system prompt, `shots` (0 or 1) worked examples (`demo`, else the task's), the question
-    with FORMAT_HINT; "paper": the authors' system prompt and the question alone (section
-    5.1)."""
+    with FORMAT_HINT; "paper": the system prompt and the question alone (section 5.1)."""
     if shots not in (0, 1):
         raise ValueError(f"--shots must be 0 or 1, not {shots}")
     if fmt == "paper":
@@ -310,8 +309,7 @@ class Source:
         return {**own, **self.benchmarks}
 
     def encode(self, tok, problem) -> list[int]:
-        msgs = chat(problem, self.task if self.train is None else None, self.shots, self.fmt,
-                    self.demo)
+        msgs = chat(problem, self.task, self.shots, self.fmt, self.demo)  # a file's: its demo
         return tok.encode_chat(msgs, **self.template_kwargs)
 
     def longest_prompt(self, tok, args, say=print) -> int:

@@ -106,8 +106,7 @@ def sample_step(model, tok, src, args, step, amp):
     problems = src.step(step, args.prompts_per_step, args.seed)
     mine = dp.my_prompts(len(problems), args.mini_batches)    # all of them in one process
     problems = [problems[g] for g in mine]
-    # prompt g of the step is seeded first + g, whichever rank samples it
-    first = (args.seed << 32) + step * args.prompts_per_step
+    first = (args.seed << 32) + step * args.prompts_per_step  # prompt g: seed first + g (any rank)
     # a sharded model (or the compiled step) decodes from a copy made once per step
     policy = dp.sampling_model(model, args)
     with amp():
