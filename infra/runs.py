@@ -322,7 +322,7 @@ def open_run(args, argv, build_parser, may_change: tuple, before: dict, load_met
     since, for a run saved without it; load_meta(folder) checks a checkpoint's weights without
     placing them on a device). Paths are made absolute once, so that a resume from
     another working folder finds them."""
-    for k in ("model", "out", "analysis", "resume", "data"):
+    for k in ("model", "out", "analysis", "resume", "data", "example"):
         if getattr(args, k, None):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     if getattr(args, "eval_data", None):

@@ -379,3 +379,25 @@ class WordTokenizer:   # a tokenizer of whitespace words
 
     def encode_chat(self, messages, **kw):
         return " ".join(m["content"] for m in messages).split()
+
+
+def test_a_run_with_an_example_file_resumes_from_another_folder(tiny_chat_model, tmp_path,
+                                                                 monkeypatch):
+    """--example is stored absolute and fingerprinted: a resume from another working folder finds
+    it, and one after the file changed is refused naming it."""
+    import os
+    from infra import cli
+    monkeypatch.setattr(tasks, "reward", lambda text, answer: float(len(text) % 2))
+    monkeypatch.chdir(tmp_path)
+    ex = jsonl(tmp_path, {"question": "What is 47 + 38?",
+                          "solution": "47 + 38 = 85. The answer is \\boxed{85}."}, name="ex.jsonl")
+    run_on_files(tiny_chat_model, tmp_path / "run", "--steps", "1", "--shots", "1", "--example",
+                 "ex.jsonl")
+    saved = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert saved["example"] == str(ex) and str(ex) in saved["data_files"]
+    os.chdir(tmp_path.parent)
+    train.main(["--resume", str(tmp_path / "run"), "--steps", "2"])
+    ex.write_text(ex.read_text().replace("47", "46"))
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.main, ["--resume", str(tmp_path / "run"), "--steps", "3"])
+    assert str(ex) in str(e.value.code) and "--accept-data-change" in str(e.value.code)
