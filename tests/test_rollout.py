@@ -315,7 +315,8 @@ def test_stopped_rows_skip_the_linear_layers_and_the_unembedding(tiny):
     prompts, seen = tiny_prompts(4, seed=1), {"mlp": [], "head": []}
     hooks = [tiny.layers[0].mlp.gate_proj.register_forward_hook(
                  lambda m, args, out: seen["mlp"].append(args[0].shape[:-1].numel())),
-             tiny.lm_head.register_forward_hook(
+             # the unembedding's final norm: a CPU decode step multiplies by W_U itself
+             tiny.norm.register_forward_hook(
                  lambda m, args, out: seen["head"].append(args[0].shape[:-1].numel()))]
     try:
         ro = generate(tiny, prompts, 3, 30, stop_ids=set(range(0, 128, 9)), seed=100)
@@ -344,3 +345,23 @@ def test_looking_every_k_tokens_samples_the_same(tiny, monkeypatch, every):
     assert torch.equal(got.response_mask, base.response_mask)
     assert got.finish_reason == base.finish_reason
     torch.testing.assert_close(got.logprobs, base.logprobs, atol=1e-5, rtol=0)
+
+
+def test_a_cpu_decode_step_unembeds_the_same_sums_in_the_other_layout(tiny):
+    """Pass.unembed of a decode step on a CPU takes W_U x^T, transposed back: the logits of
+    lm_head(norm(x)) to rounding, for every row count, with and without stopped rows."""
+    for rows in (1, 2, 5, 8, 11, 12, 33):
+        h = torch.randn(rows, 1, tiny.config.hidden_size)
+        want = tiny.lm_head(tiny.norm(h))
+        mask = torch.ones(rows, 1, dtype=torch.bool)
+        run = model_module.Pass.of(tiny, torch.zeros(rows, 1, dtype=torch.long), mask, None, False)
+        got = run.unembed(tiny, h)
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if rows > 2:          # the stopped rows marked as padding: zeros there, the rest alike
+            mask[::2] = False
+            run = model_module.Pass.of(tiny, torch.zeros(rows, 1, dtype=torch.long), mask, None,
+                                       False)
+            got = run.unembed(tiny, h)
+            torch.testing.assert_close(got[1::2], want[1::2], rtol=1e-5, atol=1e-5)
+            assert not got[::2].any()
