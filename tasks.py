@@ -45,6 +45,9 @@ TEST_EVERY = 8  # about 1 question in 8 is held out
 class Problem:
     question: str
     answer: str
+    # a file record's own worked solution (a MATH-style boxed one), shown when the record is
+    # the worked example of --shots 1; "" for the others
+    solution: str = field(default="", compare=False)
 
     def messages(self, system: bool = True, demo: tuple[str, str] | None = None) -> list[dict]:
         """The chat: the authors' system prompt, the worked example `demo` (question,
@@ -182,14 +185,12 @@ QUESTION_KEYS = ("question", "problem", "prompt")
 ANSWER_KEYS = ("answer", "final_answer", "solution")
 
 
-def read_problems(path, question_key: str | None = None, answer_key: str | None = None,
-                  worked: list | None = None) -> list:
+def read_problems(path, question_key: str | None = None, answer_key: str | None = None) -> list:
     """The problems of a JSONL (or .parquet) file. The question is the first of
     QUESTION_KEYS a record has, the answer the first of ANSWER_KEYS; question_key /
     answer_key name other fields. An answer ending in "#### 42" (GSM8K) is its tail, one
     with a \\boxed{} (a MATH `solution`) its last box; a `solution` with neither is
-    refused. A record without them is refused as file:line (infra/data.py). worked: a list
-    that receives each record's worked solution (demo_solution), for --shots 1."""
+    refused. A record without them is refused as file:line (infra/data.py)."""
     out = []
     for where, rec in data.records(path):
         q = _text(rec, where, question_key, QUESTION_KEYS, "question")
@@ -199,20 +200,16 @@ def read_problems(path, question_key: str | None = None, answer_key: str | None 
             # a worked solution without a marked final answer would be compared whole
             raise InputError(f"{where}: the solution has no \\boxed{{}} or '####' final answer; "
                              f"name the answer field with --answer-key")
-        out.append(Problem(q, _answer(a, where)))
-        if worked is not None:
-            worked.append(demo_solution(rec, out[-1]))
+        out.append(Problem(q, _answer(a, where), worked_solution(rec)))
     return out
 
 
-def demo_solution(rec: dict, problem: Problem) -> str:
-    """What the worked example of a file record shows as the assistant's answer: its own
-    `solution` when it ends in a \\boxed{} (MATH style), else one line that boxes the
-    answer (a GSM8K "#### 42" solution is reasoning the format does not use)."""
+def worked_solution(rec: dict) -> str:
+    """A record's own `solution` when it holds a \\boxed{} answer (MATH style), else "" (a
+    GSM8K "#### 42" solution is reasoning the prompt's format does not use)."""
     text = rec.get("solution")
-    if isinstance(text, str) and "\\boxed" in text and "####" not in text:
-        return text.strip()
-    return f"The answer is \\boxed{{{problem.answer}}}."
+    boxed = isinstance(text, str) and "\\boxed" in text and "####" not in text
+    return text.strip() if boxed else ""
 
 
 def _text(rec: dict, where: str, key: str | None, keys: tuple, what: str) -> str:
@@ -413,8 +410,7 @@ def source(args) -> Source:
     if data_file and args.shots and fmt == "paper":
         raise InputError("--shots 1 with --prompt-format paper: the paper's format asks the "
                          "question alone, with no worked example; drop one of them")
-    worked = []
-    train = read_problems(data_file, *keys, worked=worked) if data_file else None
+    train = read_problems(data_file, *keys) if data_file else None
     files = [f for f in (getattr(args, "eval_data", None) or "").split(",") if f]
     names = [Path(f).stem for f in files]
     if len(set(names)) < len(names):
@@ -423,7 +419,7 @@ def source(args) -> Source:
     src = Source(args.task, args.shots, fmt, getattr(args, "chat_template_kwargs", None) or {},
                  train, {n: read_problems(f, *keys) for n, f in zip(names, files)})
     if data_file and args.shots:
-        worked_example(src, data_file, example, worked, keys)
+        worked_example(src, data_file, example, keys)
     return src
 
 
@@ -431,18 +427,15 @@ def same_question(a: str, b: str) -> bool:
     return " ".join(a.split()) == " ".join(b.split())
 
 
-def worked_example(src: Source, data_file: str, example: str | None, worked: list, keys):
+def worked_example(src: Source, data_file: str, example: str | None, keys):
     """The worked example of a data file's prompts (--shots 1): the first record of --example
-    FILE, else the first record of the --data file, held out. Either way it is never a
+    FILE, else the first record of the --data file, held out; shown with its own solution
+    (worked_solution), else one line that boxes its answer. Either way it is never a
     training problem (every record with its question leaves the training set) nor a
     benchmark question (refused: its answer would be in every prompt)."""
-    if example:
-        shown_worked = []
-        first = read_problems(example, *keys, worked=shown_worked)[0]
-        src.demo, where = (first.question, shown_worked[0]), f"{example}:1"
-    else:
-        first = src.train[0]
-        src.demo, where = (first.question, worked[0]), f"{data_file}:1"
+    first = read_problems(example, *keys)[0] if example else src.train[0]
+    where = f"{example or data_file}:1"
+    src.demo = (first.question, first.solution or f"The answer is \\boxed{{{first.answer}}}.")
     kept = [p for p in src.train if not same_question(p.question, first.question)]
     if not kept:
         raise InputError(f"--data {data_file}: every problem is the worked example's question "

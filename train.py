@@ -231,9 +231,7 @@ def run_training(argv=None):
     # the frozen reference of --kl-coef only runs forwards: the compute dtype
     ref = (Transformer.from_pretrained(args.model, dtype=dtype, device=device)
            if args.kl_coef > 0 else None)
-    # fused AdamW: one kernel per step, no temporaries the size of the model
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                            weight_decay=args.weight_decay, fused=True)
+    opt = optimizer(model, args)
     start = runs.restore(lambda saved: dp.load_optimizer(model, opt, saved), state, args.out,
                          lead, dp.world())
     stop = cli.stop_after_ctrl_c()
@@ -288,6 +286,13 @@ def load(model_dir, new_run: bool, src, args, device, lead: bool):
     model = Transformer.from_pretrained(model_dir, device=device, config=config)
     model.grad_checkpoint = args.grad_checkpoint
     return model, tok
+
+
+def optimizer(model, args):
+    """AdamW on every weight, constant --lr; fused: one kernel per step, no temporaries the
+    size of the model."""
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                             weight_decay=args.weight_decay, fused=True)
 
 
 def old_logprobs_source(args, dtype, ref) -> str:

@@ -48,27 +48,9 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Wh
            "Give me a short recipe for pancakes with exact quantities, step by step."]
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeat: int, warm_up: bool = True):
-    if warm_up:
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def memory_bandwidth(device="cpu") -> float:
     x = torch.ones(256 * 2**20, device=device)  # 1 GiB of fp32
-    return x.numel() * 4 / timed(lambda: x.sum(), 3)
+    return x.numel() * 4 / host.timed(lambda: x.sum(), 3, device=device)
 
 
 def weight_bytes(model) -> int:
@@ -127,10 +109,10 @@ def alternate(model, hf, batch, G, args, tok) -> dict:
     theirs(0)                       # the warm-ups
     for r in range(args.repeat):
         for name, fn in sides.items():
-            sync()
+            host.sync(args.device)
             t0 = time.perf_counter()
             made = fn(1 + r)
-            sync()
+            host.sync(args.device)
             runs.setdefault(name, []).append((made, time.perf_counter() - t0))
     return runs
 

@@ -105,13 +105,12 @@ def main(argv=None):
              (f"ours, phase 1 (pi^{layer})", model, lambda i, m,
               t: bupo.policy_logprobs(model, bupo.Batch(i, m, t), layer, 1.0)[0], layer),
              ("transformers, full policy", hf, hf_logprobs(hf), L)]
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def run(net, fn):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             step(fn, ids, mask, Tp, adv)
         net.zero_grad(set_to_none=True)
-        sync()
+        host.sync(device)
     times = {name: [] for name, *_ in cases}
     with host.Watch(dtype, device) as watch:
         for name, net, fn, _ in cases:          # a warm-up of each

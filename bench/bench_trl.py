@@ -67,8 +67,7 @@ class Ours:
         torch.set_flush_denormal(True)          # as train.py does
         self.src = tasks.source(self.targs)
         self.model, self.tok = train.load(args.model, True, self.src, self.targs, "cpu", True)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=2e-5, weight_decay=0.01,
-                                     fused=True)
+        self.opt = train.optimizer(self.model, self.targs)
         self.sampler_old = train.old_logprobs_source(self.targs, torch.float32, None) == "sampler"
         self.step_no, self.n = 0, args.prompts * args.group_size
 

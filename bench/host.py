@@ -23,20 +23,25 @@ def sync(device="cpu"):
         torch.cuda.synchronize()
 
 
+def timed(fn, repeat: int, warm_ups: int = 1, device="cpu") -> float:
+    """The best of `repeat` timings of fn() in seconds, after `warm_ups` untimed calls."""
+    for _ in range(warm_ups):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def matmul_rate(dtype=torch.float32, device="cpu", n: int = 2048, repeat: int = 5) -> float:
     """FLOP/s of an n^3 matmul in `dtype`, the best of `repeat` after two warm-ups (the first
     product after a model loads runs slow): the peak the benchmarks divide by."""
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-    for _ in range(2):
-        a @ b
-    sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / timed(lambda: a @ b, repeat, warm_ups=2, device=device)
 
 
 def cpu_ticks() -> tuple[int, int] | None:
