@@ -226,6 +226,104 @@ def plan_secondary(configs: dict) -> str:
                   "seeds better / worse"], rows)
 
 
+# experiments/PLAN.md, "phase 1's dose": s_inter = 10 (and 20) against 4 at l = 29, on seeds 20-25
+DOSE_SEEDS, DOSE20_SEEDS = list(range(20, 26)), [20, 21, 22]
+
+
+def dose_verdict(configs: dict) -> str:
+    """The dose plan's primary endpoint (final greedy accuracy, dose10 − dose4, paired by seed,
+    95% t interval, df = n − 1) with the verdict decided in advance once all 6 pairs are in, and its
+    secondaries: dose20 − dose4, avg@2 at the end, the train reward over steps 21-40, and how many
+    runs of each arm end below their own step-0 accuracy."""
+    arms = {s: configs.get(f"bupo-dose{s}", {}) for s in (4, 10, 20)}
+    if not arms[4]:
+        return "No dose run has finished yet."
+    lines = []
+    for s, seeds in ((10, DOSE_SEEDS), (20, DOSE20_SEEDS)):
+        both = sorted(set(arms[s]) & set(arms[4]) & set(seeds))
+        if not both:
+            lines.append(f"dose{s} − dose4: no finished pair yet.")
+            continue
+        d = [final_greedy(arms[s][k]) - final_greedy(arms[4][k]) for k in both]
+        a = [evals(arms[s][k])[-1]["eval/avg@2"] - evals(arms[4][k])[-1]["eval/avg@2"]
+             for k in both]
+        r = [x - y for x, y in zip(window_reward([arms[s][k] for k in both], 21, 40),
+                                   window_reward([arms[4][k] for k in both], 21, 40))]
+        text = (f"dose{s} − dose4 over seeds {', '.join(map(str, both))}: final greedy accuracy "
+                f"{paired(d)} ({sum(x > 0 for x in d)} / {sum(x < 0 for x in d)} seeds better / "
+                f"worse); avg@2 at the end {paired(a)}; train reward over steps 21-40 {paired(r)}.")
+        if s == 10 and len(both) == len(DOSE_SEEDS):
+            m, h = statistics.mean(d), t95(len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
+            text += (f" Verdict: a phase 1 of 10 steps ends {m:+.3f} [{m - h:+.3f}, {m + h:+.3f}] "
+                     "against one of 4." if m - h > 0 or m + h < 0 else
+                     " Verdict: could not tell at 6 seeds.")
+        elif s == 10:
+            text += " Interim: no verdict until all 6 pairs are in."
+        lines.append(text)
+    fell = lambda runs: sum(final_greedy(r) < evals(r)[0]["eval/greedy_acc"]  # noqa: E731
+                            for r in runs.values())
+    below = [f"dose{s}: {fell(runs)} of {len(runs)}" for s, runs in arms.items() if runs]
+    lines.append("Runs that end below their own step-0 greedy accuracy: " + ", ".join(below) + ".")
+    return "\n\n".join(lines)
+
+
+def mechanism_table(configs: dict) -> str:
+    """What the logs say phase 1 did, per BuPO configuration over its seeds (mean ± SE): the train
+    reward of the 10 steps after phase 1 against GRPO's first 10 (paired by seed: phase 1 as a pure
+    delay shows as 0), the per-step change of cos(h_l, h_L) during phase 1 and over as many steps
+    after it (the paper's Fig. 5 feature refinement), the rise of H(pi_theta) over phase 1, and its
+    correlation across seeds with the final greedy accuracy."""
+    rows = []
+    for cfg, runs in configs.items():
+        rs = {k: r for k, r in runs.items() if r["args"]["algo"] == "bupo"}
+        if not rs:
+            continue
+        s = next(iter(rs.values()))["args"]["internal_steps"]
+        seeds = sorted(set(rs) & set(configs.get("grpo", {})))
+        delay = [a - b for a, b in zip(window_reward([rs[k] for k in seeds], s + 1, s + 10),
+                                       window_reward([configs["grpo"][k] for k in seeds], 1, 10))]
+        at = [{r["step"]: r for r in steps(run)} for run in rs.values()]
+        last = min(len(a) for a in at)
+
+        def per_step(key, first, end):      # the change of key from step first to end, per step
+            if not first < end <= last:
+                return []
+            return [(a[end][key] - a[first][key]) / (end - first) for a in at]
+        after = min(2 * s, last - 1)                           # as many steps after, if there are
+        rise = [a[s]["entropy"] - a[1]["entropy"] for a in at] if s <= last else []
+        final = [final_greedy(run) for run in rs.values()]
+        corr = (f"{statistics.correlation(rise, final):+.2f}"
+                if len(rise) >= 5 and len(set(rise)) > 1 else "-")
+        rows.append([cfg, describe(next(iter(rs.values()))), len(rs),
+                     paired(delay) if seeds else "-",
+                     mean_se(per_step("internal/cos_to_top", 1, s), "{:+.5f}"),
+                     mean_se(per_step("internal/cos_to_top", s + 1, after + 1), "{:+.5f}"),
+                     mean_se(rise, "{:+.2f}"), corr])
+    return table(["config", "algorithm", "seeds", "train reward, the 10 steps after phase 1 − "
+                  "GRPO's first 10", "Δcos(h_l, h_L) per step, phase 1",
+                  "Δcos per step, as many steps after", "H(π_θ) step s − step 1",
+                  "corr(that rise, final greedy), 5 seeds or more"], rows)
+
+
+PHASE1_KEYS = ("grad_norm", "kl", "clip_ratio/low", "clip_ratio/high", "internal/entropy",
+               "internal/kl_to_policy", "internal/cos_to_top", "entropy")
+
+
+def phase1_table(configs: dict, names: list) -> str:
+    """The dose plan's mechanism readouts: per configuration, each phase-1 metric averaged over the
+    phase-1 steps of a run, then mean ± SE over its seeds (grad_norm: the norm before clipping)."""
+    rows = []
+    for cfg in names:
+        rs = list(configs.get(cfg, {}).values())
+        if not rs:
+            continue
+        s = rs[0]["args"]["internal_steps"]
+        per_run = lambda key: [statistics.mean(r[key] for r in steps(run) if r["step"] <= s)  # noqa: E731
+                               for run in rs]
+        rows.append([cfg, len(rs), *(mean_se(per_run(k), "{:.3g}") for k in PHASE1_KEYS)])
+    return table(["config", "seeds", *PHASE1_KEYS], rows)
+
+
 def mean_se(xs: list[float], fmt="{:.3f}") -> str:
     """mean ± standard error over seeds (sample std / sqrt(n)); one seed: the value alone."""
     if not xs:
@@ -233,7 +331,7 @@ def mean_se(xs: list[float], fmt="{:.3f}") -> str:
     if len(xs) == 1:
         return fmt.format(xs[0])
     se = statistics.stdev(xs) / len(xs) ** 0.5
-    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(se)}"
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(se).lstrip('+')}"
 
 
 def paired(xs: list[float], fmt="{:+.3f}") -> str:
@@ -581,6 +679,13 @@ def main(argv=None):
                                    only=[c for c in inter if c.startswith(b + "-inter")]))),
                   "### Phase 1 and the switch (paper Fig. 7), mean ± standard error",
                   internal_table(configs),
+                  "### What phase 1 did, from the logs (mean ± standard error; paired 95% "
+                  "intervals)",
+                  mechanism_table(configs),
+                  "### experiments/PLAN.md: phase 1's dose at l = 29", dose_verdict(configs),
+                  "Phase 1 of each dose arm (each metric's mean over the phase-1 steps of a run; "
+                  "mean ± standard error over seeds):",
+                  phase1_table(configs, [f"bupo-dose{s}" for s in (4, 10, 20)]),
                   "### Cost (one thread per run, two runs at a time)", cost_table(configs),
                   "### Every run (wall time: its steps and evaluations, CPU sharing included; peak "
                   "memory: the process's peak RSS)", runs_table(configs)]

@@ -2,6 +2,7 @@
 copies."""
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -325,6 +326,62 @@ def test_plan_pairs_table_names_each_arms_code():
     assert "| 0 | - | - | 0.500 | 0.250 | -0.250 |" in text
     assert "| 5 | 0123456 | fedcba9* | 0.500 | 0.625 | +0.125 |" in text
     assert "| 6 |" not in text and "| 7 |" not in text          # one arm only: not a pair
+
+
+def test_dose_verdict_follows_the_dose_plan():
+    """The dose plan (experiments/PLAN.md): dose10 − dose4 paired over seeds 20-25, interim before
+    the 6th pair, then a difference only when its 95% interval excludes 0; runs that end below
+    their own step-0 accuracy are counted per arm."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    def run(acc, s):
+        rows = [{"step": 0, "eval/greedy_acc": 0.5, "eval/avg@2": 0.3}]
+        rows += [{"step": k, "reward": acc} for k in range(1, 41)]
+        rows[40].update({"eval/greedy_acc": acc, "eval/avg@2": acc})
+        return {"args": {"internal_steps": s, "eval_samples": 2}, "rows": rows}
+
+    def configs(diffs):
+        return {"bupo-dose4": {20 + k: run(0.6, 4) for k in range(len(diffs))},
+                "bupo-dose10": {20 + k: run(0.6 + d, 10) for k, d in enumerate(diffs)}}
+    text = report.dose_verdict(configs([-0.1, -0.2, -0.15]))
+    assert "over seeds 20, 21, 22" in text and "Interim: no verdict" in text
+    assert "dose4: 0 of 3, dose10: 2 of 3" in text                        # 0.45, 0.4 < 0.5
+    assert "dose20 − dose4: no finished pair yet" in text
+    lower = [-0.2 + 0.02 * (-1) ** k for k in range(6)]                   # far below, tight
+    text = report.dose_verdict(configs(lower))
+    assert f"Verdict: a phase 1 of 10 steps ends {statistics.mean(lower):+.3f}" in text
+    assert "0 / 6 seeds better / worse" in text
+    assert "dose4: 0 of 6, dose10: 6 of 6" in text                       # 0.4 < 0.5 at step 0
+    wide = [0.3 * (-1) ** k for k in range(6)]
+    assert "Verdict: could not tell at 6 seeds." in report.dose_verdict(configs(wide))
+
+
+def test_mechanism_table_reads_the_delay_and_the_refinement():
+    """Phase 1 as a pure delay reads 0 (BuPO's steps s+1..s+10 against GRPO's 1..10, paired);
+    cos(h_l, h_L)'s change per step is taken over phase 1 and over as many steps after it."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    def run(algo, seed, delay):
+        rows = [{"step": 0, "eval/greedy_acc": 0.4}]
+        for k in range(1, 41):
+            t = k - delay                                 # the same curve, `delay` steps later
+            rows.append({"step": k, "reward": 0.1 * max(t, 0) / 40 + 0.01 * seed,
+                         "entropy": 0.5 + 0.1 * seed * min(k, 4),
+                         "internal/cos_to_top": 0.6 + 0.001 * min(k, 4) + 0.003 * max(k - 4, 0)})
+        rows[40]["eval/greedy_acc"] = 0.5 + 0.01 * seed
+        args = {"algo": algo, "internal_steps": 4, "internal_layer": 29, "seed": seed}
+        return {"args": args, "rows": rows}
+    configs = {"grpo": {s: run("grpo", s, 0) for s in range(5)},
+               "bupo": {s: run("bupo", s, 4) for s in range(5)}}
+    row = next(line for line in report.mechanism_table(configs).splitlines()
+               if line.startswith("| bupo |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[3] == report.paired([0.0] * 5)                 # a pure delay
+    assert cells[4] == report.mean_se([0.001] * 5, "{:+.5f}")   # phase 1: 0.001 per step
+    assert cells[5] == report.mean_se([0.003] * 5, "{:+.5f}")   # after: 0.003 per step
+    assert cells[7] == "+1.00"         # each seed's entropy rise goes with its final accuracy
 
 
 def test_closest_layer_rule():
