@@ -27,7 +27,8 @@ from torch.utils._pytree import tree_flatten
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from infra import memory  # noqa: E402
+from infra import cli, memory  # noqa: E402
+from infra.errors import UserError  # noqa: E402
 
 
 class LiveBytes(TorchDispatchMode):
@@ -133,6 +134,13 @@ def state_tensors(model, opt=None):
 
 
 def main(argv):
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.strip())
+        return
+    if "--report" not in argv[:-1] or argv[argv.index("--report") + 1].startswith("-"):
+        raise UserError("bench/memory_check.py: --report FILE is missing (where the plan and the "
+                        "measured peaks go); e.g. python bench/memory_check.py --report plan.json "
+                        "--steps 1 [train.py flags]")
     report = Path(argv[argv.index("--report") + 1])
     argv = [a for i, a in enumerate(argv) if a != "--report" and argv[i - 1:i] != ["--report"]]
     counter = LiveBytes()
@@ -179,4 +187,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -192,6 +192,8 @@ ROWS = [
     ("bench/gpu_check", ["--device", "tpu9"], "--device 'tpu9'"),
     ("bench/bench_trl", ["--trl", "on,on"], "--trl on,on: name on, off or on,off"),
     ("bench/bench_trl", ["--steps", "0"], "--steps 0: must be at least 1"),
+    ("bench/memory_check", [], "--report FILE is missing"),
+    ("bench/memory_check", ["--report", "--steps", "1"], "--report FILE is missing"),
 ]
 
 
