@@ -298,6 +298,13 @@ def _readable(file: Path) -> Path:
     return file
 
 
+def copy_files(src, dst, names):
+    """Copy each of `names` that `src` holds into the folder `dst`."""
+    for name in names:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
 def write_folder(path, tensors: dict, config: dict, copy_from=None):
     """config.json + model.safetensors (+ the tokenizer files of `copy_from`) into a temporary
     folder, renamed over `path` once complete; the temporary folder is removed on any failure (disk
@@ -317,9 +324,8 @@ def write_folder(path, tensors: dict, config: dict, copy_from=None):
                   tmp / "model.safetensors",
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name in TOKENIZER_FILES if copy_from else ():
-            if (Path(copy_from) / name).exists():
-                shutil.copy2(Path(copy_from) / name, tmp / name)
+        if copy_from:
+            copy_files(copy_from, tmp, TOKENIZER_FILES)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ import torch
 
 from infra import distributed as dp
 from infra import plots
-from infra.checkpoint import TOKENIZER_FILES
+from infra.checkpoint import TOKENIZER_FILES, copy_files
 from infra.cli import explicit_flags
 from infra.errors import UserError, first_line
 from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_space, make_dir,
@@ -413,9 +413,7 @@ def keep_model_files(out, model):
     tmp = Path(out) / ".base.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     make_dir(tmp)
-    for name in ("config.json", *TOKENIZER_FILES):
-        if (Path(model) / name).is_file():
-            shutil.copy2(Path(model) / name, tmp / name)
+    copy_files(model, tmp, ("config.json", *TOKENIZER_FILES))
     replace_dir(tmp, Path(out) / "base")
 
 
