@@ -9,8 +9,8 @@
 # evaluation (256 test problems, greedy and 2 samples each) at steps 0, 20 and 40. Seed K fixes the training
 # prompts, the sampler and the held-out draw, so the runs of one seed are paired across configurations.
 #
-#   bash experiments/run.sh                       # everything but inter, in the order below (many hours)
-#   bash experiments/run.sh main                  # one group: flow, main, layers, rule, inter, dose or dose20
+#   bash experiments/run.sh                       # everything but inter and qwen, in the order below (many hours)
+#   bash experiments/run.sh main                  # one group: flow, main, layers, rule, inter, dose, dose20 or qwen
 #   bash experiments/run.sh grpo-s0 bupo-s0       # only the named runs
 #   BEST_LAYER=15 bash experiments/run.sh inter   # the s_inter sweep at the layer the layer sweep found best
 #   JOBS=1 DEVICE=cuda bash experiments/run.sh    # one at a time, on a GPU
@@ -65,6 +65,27 @@ for seed in ${DOSE20_SEEDS:-20 21 22}; do
   RUNS+=("dose20 bupo-dose20-s$seed $TRAIN --algo bupo --internal-layer 29 --internal-steps 20 --save-phase1-end --seed $seed --out runs/exp/bupo-dose20-s$seed")
 done
 
+# qwen: experiments/PLAN.md (a), phase 1 in the paper's regime, on Qwen2.5-Coder-0.5B-Instruct (built once by
+# `python -m infra.weights --model qwen2.5-coder-0.5b-instruct`). One run at a time (JOBS=1; 15 GiB at the update),
+# seeds 30 and 31, 8 RL steps of 8 x 8, at most 64 new tokens, lr 1e-6, every BuPO step in phase 1, evaluation at
+# steps 0 and 8 on 128 problems. The task: no level calibrate.py measured lies in the plan's 15-40% greedy accuracy
+# (experiments/results/calibration-qwen2.5-coder.md: 0.72-0.83), so the plan's fallback, the nearest one: word
+# (0.72). After each run, analyze.py --against its last checkpoint, on 64 of the base model's own answers.
+QWEN_TASK=${QWEN_TASK:-word}
+QWEN_MODEL=models/qwen2.5-coder-0.5b-instruct
+QWEN="train.py --model $QWEN_MODEL --task $QWEN_TASK --shots 1 --steps 8 --prompts-per-step 8 --group-size 8"
+QWEN="$QWEN --max-new-tokens 64 --lr 1e-6 --eval-every 8 --eval-problems 128 --eval-samples 2 --save-every 2"
+QWEN="$QWEN --keep-checkpoints 1 --save-phase1-end --device $DEVICE"
+QWEN_AUTO="--internal-layer auto --analysis experiments/results/runs/analysis-qwen2.5-coder/entropy.json"
+for seed in ${QWEN_SEEDS:-30 31}; do
+  for arm in "grpo --algo grpo" "auto --algo bupo --internal-steps 8 $QWEN_AUTO" \
+             "l12 --algo bupo --internal-steps 8 --internal-layer 12"; do
+    read -r name flags <<< "$arm"
+    RUNS+=("qwen qwen-$name-s$seed $QWEN $flags --seed $seed --out runs/exp/qwen-$name-s$seed"
+           "qwen qwen-$name-s$seed-changes analyze.py --model $QWEN_MODEL --task $QWEN_TASK --shots 1 -n 64 --max-new-tokens 64 --seed $seed --device $DEVICE --against runs/exp/qwen-$name-s$seed/checkpoints/step_000008 --out runs/exp/qwen-$name-s$seed-changes")
+  done
+done
+
 run_one() {  # GROUP NAME TOOL ARGS...: one run, its log appended to runs/exp/NAME.log
   local name=$2 dir=runs/exp/$2; shift 2
   mkdir -p runs/exp
@@ -81,11 +102,15 @@ run_one() {  # GROUP NAME TOOL ARGS...: one run, its log appended to runs/exp/NA
   touch "$dir/.done"; echo "$name: finished $(date +%T)"
 }
 export -f run_one; export PY
-pick() {  # the lines of RUNS asked for on the command line (all by default), by group or by name
+pick() {  # the lines of RUNS asked for on the command line (all but qwen by default), by group or by name
   for r in "${RUNS[@]}"; do
     read -r first second _ <<< "$r"
-    if [ $# -eq 0 ] || [[ " $* " == *" $first "* ]] || [[ " $* " == *" $second "* ]]; then printf '%s\n' "$r"; fi
+    if { [ $# -eq 0 ] && [ "$first" != qwen ]; } || [[ " $* " == *" $first "* ]] || [[ " $* " == *" $second "* ]]; then
+      printf '%s\n' "$r"
+    fi
   done
 }
 pick "$@" | xargs -r -P "$JOBS" -L 1 bash -c 'run_one "$0" "$@"'
-"$PY" experiments/report.py
+# REPORT=0: leave experiments/results/ alone (a report written into the checkout makes the runs started after it
+# record `clean: false`)
+if [ "${REPORT:-1}" != 0 ]; then "$PY" experiments/report.py; fi
