@@ -273,19 +273,32 @@ def relative_change(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return ((wb - wa).norm() / wa.norm().clamp(min=1e-30)).item()
 
 
+def run_of(ckpt: Path, L: int) -> dict:
+    """The step, algorithm, internal layer and phase-1 length of the run that wrote checkpoint
+    `ckpt`: from its trainer_state.pt, or, where that was removed to save disk, from the run
+    folder's args.json and metrics.jsonl (OUT/checkpoints/step_N); {} for a bare model folder."""
+    from infra.runs import load_trainer_state, read_metrics
+    if (ckpt / "trainer_state.pt").is_file():
+        state = load_trainer_state(ckpt)
+        return {"step": state["step"], "algo": state["args"].get("algo"),
+                "internal_layer": state["internal_layer"],
+                "internal_steps": state["args"].get("internal_steps")}
+    out = ckpt.parent.parent
+    if not (ckpt.name.startswith("step_") and (out / "args.json").is_file()):
+        return {}
+    args = json.loads((out / "args.json").read_text())
+    layer = next((r["policy_layer"] for r in read_metrics(out) if r.get("phase") == "internal"), L)
+    return {"step": int(ckpt.name[5:]), "algo": args.get("algo"), "internal_layer": layer,
+            "internal_steps": args.get("internal_steps")}
+
+
 def changes(base, trained, pairs, base_name: str, trained_dir) -> dict:
     """changes.json: layer_changes, the relative change of the unembedding and of the final
     norm, and the step, internal layer and phase-1 length of the run that wrote the checkpoint."""
-    from infra.runs import load_trainer_state
-    run = {}
-    if (Path(trained_dir) / "trainer_state.pt").is_file():
-        state = load_trainer_state(Path(trained_dir))
-        run = {"step": state["step"], "algo": state["args"].get("algo"),
-               "internal_layer": state["internal_layer"],
-               "internal_steps": state["args"].get("internal_steps")}
     unembed = [torch.nn.ParameterList([m.lm_head.weight]) for m in (base, trained)]
     return {"base": base_name, "trained": str(trained_dir), "num_layers": base.config.num_layers,
-            "num_responses": len(pairs), "num_tokens": sum(len(r) for _, r in pairs), "run": run,
+            "num_responses": len(pairs), "num_tokens": sum(len(r) for _, r in pairs),
+            "run": run_of(Path(trained_dir), base.config.num_layers),
             "layers": layer_changes(base, trained, pairs),
             "unembedding": relative_change(*unembed),
             "final_norm": relative_change(base.norm, trained.norm)}

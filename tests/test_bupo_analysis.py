@@ -288,6 +288,10 @@ def test_analyze_against_a_checkpoint(tiny_chat_model, tiny_dirs, tmp_path):
     assert result["run"] == {"step": 1, "algo": "bupo", "internal_layer": 2, "internal_steps": 1}
     assert len(result["layers"]) == 3 and result["layers"][2]["attn"] == 0     # above l = 2
     assert result["layers"][0]["attn"] > 0 and (tmp_path / "a" / "changes.png").stat().st_size
+    # without the optimizer state (removed to save disk) the run's args.json and metrics tell
+    (ckpt / "trainer_state.pt").unlink()
+    assert analyze.run_of(ckpt, 3) == result["run"]
+    assert analyze.run_of(tiny_chat_model, 3) == {}                       # a bare model folder
     bad = subprocess.run([sys.executable, *base, "--against", str(tiny_dirs["qwen3", False]),
                           "--out", str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
