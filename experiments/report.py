@@ -29,7 +29,7 @@ from infra.errors import UserError  # noqa: E402
 from infra.files import check_writable_dir, write_atomic  # noqa: E402
 from infra.runs import read_metrics  # noqa: E402
 
-COPY = ("metrics.jsonl", "args.json", "entropy.json")
+COPY = ("metrics.jsonl", "args.json", "entropy.json", "changes.json")
 
 
 def read_runs(root: Path) -> dict:
@@ -38,7 +38,9 @@ def read_runs(root: Path) -> dict:
     runs = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and ".old-" not in p.name):
         # not the moved-aside
-        if (d / "entropy.json").exists():
+        if (d / "changes.json").exists():   # analyze.py --against: what a run changed
+            runs[d.name] = {"changes": json.loads((d / "changes.json").read_text())}
+        elif (d / "entropy.json").exists():
             runs[d.name] = {"flow": json.loads((d / "entropy.json").read_text())}
         elif (d / "metrics.jsonl").exists():
             if not (d / "args.json").exists():
@@ -607,6 +609,70 @@ def plot_dynamics(configs: dict, names: list, out: Path, plt):
 
 
 # -----------------------------------------------------------------------------
+# what a run changed, layer by layer (analyze.py --against; run.sh's dose-changes and qwen groups)
+
+def changes_groups(changes: dict) -> dict:
+    """{(configuration, step): [changes.json of each seed]}: the run is the checkpoint's
+    OUT/checkpoints/step_N, its configuration the run's name without its seed."""
+    groups = {}
+    for c in changes.values():
+        run = Path(c["trained"]).parts[-3]
+        groups.setdefault((config_of(run), c["run"].get("step")), []).append(c)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)))
+
+
+def changes_table(groups: dict) -> str:
+    """Per configuration and checkpoint, means ± SE over seeds: at the trained layer l,
+    KL(pi^l_base || pi^l_trained), the change of H(pi^l) and of cos(h_l, h_L); the policy's KL to
+    the base's (layer L); the mean relative weight change of the blocks up to l and above it
+    (phase 1 touches nothing above l: 0 there), and of the unembedding."""
+    rows = []
+    for (cfg, step), cs in groups.items():
+        L, run = cs[0]["num_layers"], cs[0]["run"]
+        l = run.get("internal_layer") or L
+        at = lambda key, layer: mean_se([c["layers"][layer - 1][key] for c in cs], "{:.3g}")  # noqa: E731
+
+        def blocks(keep):
+            return mean_se([statistics.mean(r["attn"] + r["mlp"] for r in c["layers"]
+                                            if keep(r["layer"])) / 2 for c in cs], "{:.2e}")
+        rows.append([cfg, step, len(cs), l, at("kl", l), at("dH", l), at("dcos", l), at("kl", L),
+                     blocks(lambda x: x <= l),
+                     blocks(lambda x: x > l) if l < L else "-",
+                     mean_se([c["unembedding"] for c in cs], "{:.2e}")])
+    return table(["config", "checkpoint step", "seeds", "l", "KL(π^l_base‖π^l) at l",
+                  "ΔH(π^l) at l", "Δcos(h_l, h_L) at l", "KL(π_base‖π_θ)",
+                  "‖ΔW‖/‖W‖, blocks ≤ l", "blocks > l", "unembedding"], rows)
+
+
+def plot_changes(groups: dict, out: Path, plt, file: str):
+    """The per-layer report of each group, mean over seeds: KL(pi^l_base || pi^l_trained), the
+    change of cos(h_l, h_L), and the relative weight change of each block (attention + MLP, half
+    each); a dotted line at each BuPO configuration's l."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 3.8))
+    for (cfg, step), cs in groups.items():
+        L, run = cs[0]["num_layers"], cs[0]["run"]
+        xs = list(range(1, L + 1))
+        mean = lambda f: [statistics.mean(f(c["layers"][i]) for c in cs) for i in range(L)]  # noqa: E731
+        line, = axes[0].plot(xs, mean(lambda r: r["kl"]), label=f"{cfg}, step {step} (n={len(cs)})")
+        axes[1].plot(xs, mean(lambda r: r["dcos"]), color=line.get_color())
+        axes[2].plot(xs, mean(lambda r: (r["attn"] + r["mlp"]) / 2), color=line.get_color())
+        if run.get("algo") == "bupo" and (run.get("internal_layer") or L) < L:
+            for ax in axes:
+                ax.axvline(run["internal_layer"], color=line.get_color(), ls=":", lw=0.8)
+    axes[0].set(xlabel="layer l", ylabel="nats", title="KL(π^l_base ‖ π^l_trained)")
+    axes[1].set(xlabel="layer l", title="Δcos(h_l, h_L), trained − base")
+    axes[2].set(xlabel="layer l", title="‖ΔW‖ / ‖W‖ of block l")
+    axes[0].set_yscale("symlog", linthresh=1e-3)     # 0 above l stays on the axis
+    axes[2].set_yscale("symlog", linthresh=1e-6)
+    axes[0].legend(fontsize=7)
+    fig.text(0.5, -0.06, "On the base model's own answers; lines: means over seeds; dotted: each "
+             "BuPO configuration's l (phase 1 changes nothing above it).", ha="center", fontsize=8)
+    write_atomic(out / file, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight",
+                                                      format="png"))
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     p = cli.Parser(description=__doc__.split("\n\n")[0])
@@ -637,6 +703,7 @@ def main(argv=None):
     root, out = Path(args.runs), Path(args.out)
     runs = read_runs(root)
     flows = {k: v["flow"] for k, v in runs.items() if "flow" in v}
+    changed = {k: v["changes"] for k, v in runs.items() if "changes" in v}
     train = {k: v for k, v in runs.items() if "rows" in v and v["done"] and evals(v)}
     unfinished = sorted(k for k, v in runs.items() if "rows" in v and not v["done"])
     import matplotlib
@@ -689,11 +756,16 @@ def main(argv=None):
                   "### Cost (one thread per run, two runs at a time)", cost_table(configs),
                   "### Every run (wall time: its steps and evaluations, CPU sharing included; peak "
                   "memory: the process's peak RSS)", runs_table(configs)]
+    for prefix, file in (("bupo-dose", "changes-dose.png"), ("qwen", "changes-qwen.png")):
+        groups = {k: v for k, v in changes_groups(changed).items() if k[0].startswith(prefix)}
+        if groups:
+            plot_changes(groups, out, plt, file)
+            parts += [f"### What training changed, layer by layer ({file})", changes_table(groups)]
     if unfinished:
         parts.append(f"Not finished, left out: {', '.join(unfinished)}")
     text = "\n\n".join(parts) + "\n"
     write_atomic(out / "results.md", lambda tmp: tmp.write_text(text))
-    for name in list(flows) + list(train):
+    for name in list(flows) + list(train) + list(changed):
         (out / "runs" / name).mkdir(parents=True, exist_ok=True)
         for f in COPY:
             src, dst = root / name / f, out / "runs" / name / f

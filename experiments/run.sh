@@ -10,7 +10,7 @@
 # prompts, the sampler and the held-out draw, so the runs of one seed are paired across configurations.
 #
 #   bash experiments/run.sh                       # everything but inter and qwen, in the order below (many hours)
-#   bash experiments/run.sh main                  # one group: flow, main, layers, rule, inter, dose, dose20 or qwen
+#   bash experiments/run.sh main                  # one group: flow, main, layers, rule, inter, dose, dose20, dose-changes or qwen
 #   bash experiments/run.sh grpo-s0 bupo-s0       # only the named runs
 #   BEST_LAYER=15 bash experiments/run.sh inter   # the s_inter sweep at the layer the layer sweep found best
 #   JOBS=1 DEVICE=cuda bash experiments/run.sh    # one at a time, on a GPU
@@ -82,9 +82,20 @@ for seed in ${QWEN_SEEDS:-30 31}; do
              "l12 --algo bupo --internal-steps 8 --internal-layer 12"; do
     read -r name flags <<< "$arm"
     RUNS+=("qwen qwen-$name-s$seed $QWEN $flags --seed $seed --out runs/exp/qwen-$name-s$seed"
-           "qwen qwen-$name-s$seed-changes analyze.py --model $QWEN_MODEL --task $QWEN_TASK --shots 1 -n 64 --max-new-tokens 64 --seed $seed --device $DEVICE --against runs/exp/qwen-$name-s$seed/checkpoints/step_000008 --out runs/exp/qwen-$name-s$seed-changes")
+           "qwen changes-qwen-$name-s$seed-step8 analyze.py --model $QWEN_MODEL --task $QWEN_TASK --shots 1 -n 64 --max-new-tokens 64 --seed $seed --device $DEVICE --against runs/exp/qwen-$name-s$seed/checkpoints/step_000008 --out runs/exp/changes-qwen-$name-s$seed-step8")
   done
 done
+
+# dose-changes: what each dose run changed, layer by layer (analyze.py --against, on 64 of the base model's own
+# answers to sum2), at the end of its phase 1 (step s_inter) and at step 40; for finished dose runs only
+for seed in $(printf '%s\n' ${DOSE_SEEDS:-20 21 22 23 24 25} ${DOSE20_SEEDS:-20 21 22} | sort -un); do for s in 4 10 20; do
+  for step in $s 40; do
+    run=bupo-dose$s-s$seed; ckpt=runs/exp/$run/checkpoints/step_$(printf %06d "$step")
+    if [ -f "runs/exp/$run/.done" ] && [ -d "$ckpt" ]; then
+      RUNS+=("dose-changes changes-$run-step$step analyze.py --task sum2 --shots 1 -n 64 --max-new-tokens 48 --seed $seed --device $DEVICE --against $ckpt --out runs/exp/changes-$run-step$step")
+    fi
+  done
+done; done
 
 run_one() {  # GROUP NAME TOOL ARGS...: one run, its log appended to runs/exp/NAME.log
   local name=$2 dir=runs/exp/$2; shift 2

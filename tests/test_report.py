@@ -384,6 +384,40 @@ def test_mechanism_table_reads_the_delay_and_the_refinement():
     assert cells[7] == "+1.00"         # each seed's entropy rise goes with its final accuracy
 
 
+def test_changes_of_the_dose_runs(tmp_path):
+    """analyze.py --against's changes.json of each dose run: grouped by configuration and
+    checkpoint, averaged over seeds, nothing above l for a phase-1 checkpoint, and a figure."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+
+    def changes(name, seed, step, above):
+        d = runs / f"changes-{name}-s{seed}-step{step}"
+        d.mkdir(parents=True)
+        layers = [{"layer": k, "kl": 0.1 * k * (k <= 2), "dH": 0.0, "dKL_policy": 0.0,
+                   "dcos": 0.01 * seed, "attn": 0.002 if k <= 2 else above,
+                   "mlp": 0.004 if k <= 2 else above} for k in (1, 2, 3)]
+        (d / "changes.json").write_text(json.dumps({
+            "base": "m", "trained": f"runs/exp/{name}-s{seed}/checkpoints/step_{step:06d}",
+            "num_layers": 3, "num_responses": 4, "num_tokens": 40, "layers": layers,
+            "run": {"step": step, "algo": "bupo", "internal_layer": 2, "internal_steps": 4},
+            "unembedding": 0.0 if step == 4 else 0.001, "final_norm": 0.0}))
+        (d / "entropy.json").write_text("{}")    # analyze.py writes both; not a flow
+    for seed in (20, 21):
+        changes("bupo-dose4", seed, 4, 0.0)
+        changes("bupo-dose4", seed, 40, 0.003)
+    done = subprocess.run([sys.executable, "experiments/report.py", "--runs", str(runs), "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (out / "results.md").read_text()
+    assert "### Entropy flow" not in text
+    z = "0.00e+00 ± 0.00e+00"
+    assert (f"| bupo-dose4 | 4 | 2 | 2 | 0.2 ± 0 | 0 ± 0 | 0.205 ± 0.005 | 0 ± 0 | "
+            f"3.00e-03 ± 0.00e+00 | {z} | {z} |") in text                # nothing above l = 2
+    assert ("| bupo-dose4 | 40 | 2 | 2 | 0.2 ± 0 | 0 ± 0 | 0.205 ± 0.005 | 0 ± 0 | "
+            "3.00e-03 ± 0.00e+00 | 3.00e-03 ± 0.00e+00 | 1.00e-03 ± 0.00e+00 |") in text
+    assert (out / "changes-dose.png").stat().st_size > 0
+    assert (out / "runs" / "changes-bupo-dose4-s20-step4" / "changes.json").exists()
+
+
 def test_closest_layer_rule():
     """The project's closest-layer rule (experiments/layer_rule.py), tested and not used by
     --internal-layer auto (docs/method.md 5)."""
