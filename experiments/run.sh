@@ -86,13 +86,14 @@ for seed in ${QWEN_SEEDS:-30 31}; do
   done
 done
 
-# dose-changes: what each dose run changed, layer by layer (analyze.py --against, on 64 of the base model's own
-# answers to sum2), at the end of its phase 1 (step s_inter) and at step 40; for finished dose runs only
+# dose-changes: what each dose run changed, layer by layer (analyze.py --against, on 16 of the base model's own
+# answers to sum2: ~3 min each on one core; 64 take ~15), at the end of its phase 1 (step s_inter) and at step 40;
+# for finished dose runs only
 for seed in $(printf '%s\n' ${DOSE_SEEDS:-20 21 22 23 24 25} ${DOSE20_SEEDS:-20 21 22} | sort -un); do for s in 4 10 20; do
   for step in $s 40; do
     run=bupo-dose$s-s$seed; ckpt=runs/exp/$run/checkpoints/step_$(printf %06d "$step")
     if [ -f "runs/exp/$run/.done" ] && [ -d "$ckpt" ]; then
-      RUNS+=("dose-changes changes-$run-step$step analyze.py --task sum2 --shots 1 -n 64 --max-new-tokens 48 --seed $seed --device $DEVICE --against $ckpt --out runs/exp/changes-$run-step$step")
+      RUNS+=("dose-changes changes-$run-step$step analyze.py --task sum2 --shots 1 -n 16 --max-new-tokens 48 --seed $seed --device $DEVICE --against $ckpt --out runs/exp/changes-$run-step$step")
     fi
   done
 done; done
