@@ -672,6 +672,76 @@ def plot_changes(groups: dict, out: Path, plt, file: str):
     plt.close(fig)
 
 
+# experiments/PLAN.md (a): phase 1 in the paper's regime, Qwen2.5-Coder-0.5B; its arms and the
+# rules decided before its runs
+QWEN_ARMS = ("qwen-grpo", "qwen-auto", "qwen-l12")
+QWEN_KEYS = ("grad_norm", "kl", "clip_ratio/low", "clip_ratio/high", "internal/entropy",
+             "internal/kl_to_policy", "internal/cos_to_top", "entropy", "reward")
+
+
+def qwen_steps_table(configs: dict) -> str:
+    """Per arm and step, each readout of the plan: the mean over seeds, then each seed's value."""
+    rows = []
+    for arm in QWEN_ARMS:
+        for step in range(1, 9):
+            vals = {k: [r[k] for run in configs.get(arm, {}).values() for r in steps(run)
+                        if r["step"] == step and k in r] for k in QWEN_KEYS}
+            if vals["reward"]:
+                rows.append([arm, step, *(f"{statistics.mean(v):.3g} ("
+                                          + ", ".join(f"{x:.3g}" for x in v) + ")"
+                                          if v else "-" for v in vals.values())])
+    return table(["arm", "step", *QWEN_KEYS], rows)
+
+
+def qwen_verdicts(configs: dict, changes: dict) -> str:
+    """experiments/PLAN.md (a)'s rules: the clip bounds pi^l's change when, in both BuPO arms, the
+    median over steps 2-8 (all seeds) of ppo-kl is at most 3x GRPO's and of the pre-clip grad norm
+    at most 10x; phase 1 refines the features at l when Δcos(h_l, h_L) at l (the per-layer
+    report) is larger in the BuPO arm than in GRPO's, on every seed; a BuPO arm's block above l
+    that changed is a bug. Accuracy is reported, not judged."""
+    if not all(configs.get(a) for a in QWEN_ARMS):
+        return "Not all three arms have a finished run yet."
+
+    def median(arm, key):
+        return statistics.median(r[key] for run in configs[arm].values() for r in steps(run)
+                                 if 2 <= r["step"] <= 8)
+    by_run = {Path(c["trained"]).parts[-3]: c for c in changes.values()}
+    lines = []
+    for arm in QWEN_ARMS[1:]:
+        kl = median(arm, "kl") / median("qwen-grpo", "kl")
+        gn = median(arm, "grad_norm") / median("qwen-grpo", "grad_norm")
+        lines.append(f"{arm}: median ppo-kl over steps 2-8 {median(arm, 'kl'):.3g} "
+                     f"({kl:.2g}x GRPO's {median('qwen-grpo', 'kl'):.3g}), median pre-clip grad "
+                     f"norm {median(arm, 'grad_norm'):.3g} ({gn:.2g}x GRPO's "
+                     f"{median('qwen-grpo', 'grad_norm'):.3g}): "
+                     + ("within" if kl <= 3 and gn <= 10 else "outside")
+                     + " the plan's bounds (3x, 10x).")
+        dcos, above = [], []
+        for seed in sorted(configs[arm]):
+            b, g = by_run.get(f"{arm}-s{seed}"), by_run.get(f"qwen-grpo-s{seed}")
+            if b is None or g is None:
+                continue
+            l = b["run"]["internal_layer"]
+            dcos.append((seed, l, b["layers"][l - 1]["dcos"], g["layers"][l - 1]["dcos"]))
+            above += [r["layer"] for r in b["layers"] if r["layer"] > l and r["attn"] + r["mlp"]]
+        if dcos:
+            refines = len(dcos) == len(configs[arm]) and all(x > y for _, _, x, y in dcos)
+            lines.append(f"{arm}: Δcos(h_l, h_L) at l, BuPO against GRPO: "
+                         + "; ".join(f"seed {s} (l = {l}) {x:+.4f} against {y:+.4f}"
+                                     for s, l, x, y in dcos)
+                         + (". Phase 1 refines the features at l: larger on every seed."
+                            if refines else ". Not seen at these seeds."))
+            lines.append(f"{arm}: blocks above l that changed: "
+                         + (", ".join(map(str, sorted(set(above)))) + " (a bug)" if above
+                            else "none"))
+    acc = [f"{arm} " + ", ".join(f"seed {s}: " + " -> ".join(
+        f"{r['eval/greedy_acc']:.3f}" for r in evals(run)) for s, run in configs[arm].items())
+        for arm in QWEN_ARMS]
+    lines.append("Held-out greedy accuracy, steps 0 -> 8 (reported, not judged): "
+                 + "; ".join(acc) + ".")
+    return "\n\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -756,6 +826,11 @@ def main(argv=None):
                   "### Cost (one thread per run, two runs at a time)", cost_table(configs),
                   "### Every run (wall time: its steps and evaluations, CPU sharing included; peak "
                   "memory: the process's peak RSS)", runs_table(configs)]
+    if train and any(c in configs for c in QWEN_ARMS):
+        parts += ["### experiments/PLAN.md (a): phase 1 on Qwen2.5-Coder-0.5B",
+                  qwen_verdicts(configs, changed),
+                  "Every readout per arm and step: the mean over seeds (each seed's value):",
+                  qwen_steps_table(configs)]
     for prefix, file in (("bupo-dose", "changes-dose.png"), ("qwen", "changes-qwen.png")):
         groups = {k: v for k, v in changes_groups(changed).items() if k[0].startswith(prefix)}
         if groups:

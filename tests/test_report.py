@@ -418,6 +418,44 @@ def test_changes_of_the_dose_runs(tmp_path):
     assert (out / "runs" / "changes-bupo-dose4-s20-step4" / "changes.json").exists()
 
 
+def test_qwen_verdicts_follow_the_plan():
+    """experiments/PLAN.md (a): the clip bounds pi^l's change when the BuPO arm's median ppo-kl
+    and pre-clip grad norm over steps 2-8 are within 3x and 10x of GRPO's; phase 1 refines the
+    features at l when Δcos at l beats GRPO's on every seed; a changed block above l is named."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    def run(kl, gn):
+        rows = [{"step": 0, "eval/greedy_acc": 0.7}]
+        rows += [{"step": k, "kl": kl, "grad_norm": gn, "reward": 0.5} for k in range(1, 9)]
+        rows[8]["eval/greedy_acc"] = 0.75
+        return {"args": {}, "rows": rows}
+
+    def changed(arm, seed, l, dcos, above=0.0):
+        layers = [{"layer": k, "dcos": dcos if k == l else 0.0, "attn": 0.1 if k <= l else above,
+                   "mlp": 0.0} for k in range(1, 25)]
+        return {"trained": f"runs/exp/{arm}-s{seed}/checkpoints/step_000008",
+                "run": {"internal_layer": l}, "layers": layers}
+    configs = {"qwen-grpo": {30: run(0.01, 1.0), 31: run(0.01, 1.0)},
+               "qwen-auto": {30: run(0.02, 5.0), 31: run(0.02, 5.0)},
+               "qwen-l12": {30: run(0.5, 50.0), 31: run(0.5, 50.0)}}
+    changes = {f"c{k}": c for k, c in enumerate([
+        changed("qwen-grpo", 30, 24, 0.0), changed("qwen-grpo", 31, 24, 0.0),
+        changed("qwen-auto", 30, 23, 0.01), changed("qwen-auto", 31, 23, 0.02),
+        changed("qwen-l12", 30, 12, 0.01), changed("qwen-l12", 31, 12, -0.01, above=1e-3)])}
+    text = report.qwen_verdicts(configs, changes)
+    assert "qwen-auto: median ppo-kl over steps 2-8 0.02 (2x GRPO's 0.01)" in text
+    assert "(5x GRPO's 1): within the plan's bounds" in text
+    assert "qwen-l12: median ppo-kl over steps 2-8 0.5 (50x" in text and "outside" in text
+    assert "seed 30 (l = 23) +0.0100 against +0.0000" in text
+    assert "Phase 1 refines the features at l: larger on every seed." in text
+    assert "qwen-l12: Δcos" in text and "Not seen at these seeds." in text
+    assert "qwen-auto: blocks above l that changed: none" in text
+    assert "qwen-l12: blocks above l that changed: 13, 14" in text and "(a bug)" in text
+    assert "seed 30: 0.700 -> 0.750" in text
+    assert "Not all three arms" in report.qwen_verdicts({"qwen-grpo": configs["qwen-grpo"]}, {})
+
+
 def test_closest_layer_rule():
     """The project's closest-layer rule (experiments/layer_rule.py), tested and not used by
     --internal-layer auto (docs/method.md 5)."""
