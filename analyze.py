@@ -286,8 +286,14 @@ def run_of(ckpt: Path, L: int) -> dict:
     out = ckpt.parent.parent
     if not (ckpt.name.startswith("step_") and (out / "args.json").is_file()):
         return {}
-    args = json.loads((out / "args.json").read_text())
-    layer = next((r["policy_layer"] for r in read_metrics(out) if r.get("phase") == "internal"), L)
+    try:                          # a damaged run folder names nothing, and stops nothing
+        args = json.loads((out / "args.json").read_text())
+        rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(args, dict):
+        return {}
+    layer = next((r["policy_layer"] for r in rows if r.get("phase") == "internal"), L)
     return {"step": int(ckpt.name[5:]), "algo": args.get("algo"), "internal_layer": layer,
             "internal_steps": args.get("internal_steps")}
 

@@ -292,6 +292,8 @@ def test_analyze_against_a_checkpoint(tiny_chat_model, tiny_dirs, tmp_path):
     (ckpt / "trainer_state.pt").unlink()
     assert analyze.run_of(ckpt, 3) == result["run"]
     assert analyze.run_of(tiny_chat_model, 3) == {}                       # a bare model folder
+    (tmp_path / "run" / "args.json").write_text("{not json")
+    assert analyze.run_of(ckpt, 3) == {}                                  # a damaged run folder
     bad = subprocess.run([sys.executable, *base, "--against", str(tiny_dirs["qwen3", False]),
                           "--out", str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
