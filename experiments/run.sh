@@ -70,7 +70,8 @@ done
 # seeds 30 and 31, 8 RL steps of 8 x 8, at most 64 new tokens, lr 1e-6, every BuPO step in phase 1, evaluation at
 # steps 0 and 8 on 128 problems. The task: no level calibrate.py measured lies in the plan's 15-40% greedy accuracy
 # (experiments/results/calibration-qwen2.5-coder.md: 0.72-0.83), so the plan's fallback, the nearest one: word
-# (0.72). After each run, analyze.py --against its last checkpoint, on 64 of the base model's own answers.
+# (0.72). After each run, analyze.py --against its last checkpoint, on 16 of the base model's own answers (64 take
+# over an hour each on one core, most of it the base model's entropy flow).
 QWEN_TASK=${QWEN_TASK:-word}
 QWEN_MODEL=models/qwen2.5-coder-0.5b-instruct
 QWEN="train.py --model $QWEN_MODEL --task $QWEN_TASK --shots 1 --steps 8 --prompts-per-step 8 --group-size 8"
@@ -82,7 +83,7 @@ for seed in ${QWEN_SEEDS:-30 31}; do
              "l12 --algo bupo --internal-steps 8 --internal-layer 12"; do
     read -r name flags <<< "$arm"
     RUNS+=("qwen qwen-$name-s$seed $QWEN $flags --seed $seed --out runs/exp/qwen-$name-s$seed"
-           "qwen changes-qwen-$name-s$seed-step8 analyze.py --model $QWEN_MODEL --task $QWEN_TASK --shots 1 -n 64 --max-new-tokens 64 --seed $seed --device $DEVICE --against runs/exp/qwen-$name-s$seed/checkpoints/step_000008 --out runs/exp/changes-qwen-$name-s$seed-step8")
+           "qwen changes-qwen-$name-s$seed-step8 analyze.py --model $QWEN_MODEL --task $QWEN_TASK --shots 1 -n 16 --max-new-tokens 64 --seed $seed --device $DEVICE --against runs/exp/qwen-$name-s$seed/checkpoints/step_000008 --out runs/exp/changes-qwen-$name-s$seed-step8")
   done
 done
 
