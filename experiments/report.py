@@ -663,7 +663,7 @@ def plot_changes(groups: dict, out: Path, plt, file: str):
     axes[1].set(xlabel="layer l", title="Δcos(h_l, h_L), trained − base")
     axes[2].set(xlabel="layer l", title="‖ΔW‖ / ‖W‖ of block l")
     axes[0].set_yscale("symlog", linthresh=1e-3)     # 0 above l stays on the axis
-    axes[2].set_yscale("symlog", linthresh=1e-6)
+    axes[2].set_ylim(bottom=0)
     axes[0].legend(fontsize=7)
     fig.text(0.5, -0.06, "On the base model's own answers; lines: means over seeds; dotted: each "
              "BuPO configuration's l (phase 1 changes nothing above it).", ha="center", fontsize=8)
