@@ -277,24 +277,22 @@ def run_of(ckpt: Path, L: int) -> dict:
     """The step, algorithm, internal layer and phase-1 length of the run that wrote checkpoint
     `ckpt`: from its trainer_state.pt, or, where that was removed to save disk, from the run
     folder's args.json and metrics.jsonl (OUT/checkpoints/step_N); {} for a bare model folder."""
-    from infra.runs import load_trainer_state, read_metrics
+    from infra.runs import CHECKPOINT_NAME, load_trainer_state, read_metrics, saved_args
     if (ckpt / "trainer_state.pt").is_file():
         state = load_trainer_state(ckpt)
         return {"step": state["step"], "algo": state["args"].get("algo"),
                 "internal_layer": state["internal_layer"],
                 "internal_steps": state["args"].get("internal_steps")}
-    out = ckpt.parent.parent
-    if not (ckpt.name.startswith("step_") and (out / "args.json").is_file()):
+    out, name = ckpt.parent.parent, CHECKPOINT_NAME.fullmatch(ckpt.name)
+    args = saved_args(out) if name else {}      # {} where missing or damaged: names nothing
+    if not args:
         return {}
-    try:                          # a damaged run folder names nothing, and stops nothing
-        args = json.loads((out / "args.json").read_text())
+    try:
         rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(args, dict):
-        return {}
+    except OSError:
+        rows = []
     layer = next((r["policy_layer"] for r in rows if r.get("phase") == "internal"), L)
-    return {"step": int(ckpt.name[5:]), "algo": args.get("algo"), "internal_layer": layer,
+    return {"step": int(name.group(1)), "algo": args.get("algo"), "internal_layer": layer,
             "internal_steps": args.get("internal_steps")}
 
 
