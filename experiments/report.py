@@ -255,10 +255,9 @@ def dose_verdict(configs: dict) -> str:
                 f"{paired(d)} ({sum(x > 0 for x in d)} / {sum(x < 0 for x in d)} seeds better / "
                 f"worse); avg@2 at the end {paired(a)}; train reward over steps 21-40 {paired(r)}.")
         if s == 10 and len(both) == len(DOSE_SEEDS):
-            m, h = statistics.mean(d), t95(len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5
-            text += (f" Verdict: a phase 1 of 10 steps ends {m:+.3f} [{m - h:+.3f}, {m + h:+.3f}] "
-                     "against one of 4." if m - h > 0 or m + h < 0 else
-                     " Verdict: could not tell at 6 seeds.")
+            _, lo, hi = interval95(d)
+            text += (f" Verdict: a phase 1 of 10 steps ends {paired(d)} against one of 4."
+                     if lo > 0 or hi < 0 else " Verdict: could not tell at 6 seeds.")
         elif s == 10:
             text += " Interim: no verdict until all 6 pairs are in."
         lines.append(text)
@@ -336,12 +335,18 @@ def mean_se(xs: list[float], fmt="{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(se).lstrip('+')}"
 
 
+def interval95(xs: list[float]) -> tuple[float, float, float]:
+    """The mean of 2 or more paired differences and its 95% t interval: (mean, low, high)."""
+    m, h = statistics.mean(xs), t95(len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5
+    return m, m - h, m + h
+
+
 def paired(xs: list[float], fmt="{:+.3f}") -> str:
     """The mean of paired differences and its 95% t interval."""
     if len(xs) < 2:
         return fmt.format(xs[0]) + " (one seed)" if xs else "-"
-    m, h = statistics.mean(xs), t95(len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5
-    return f"{fmt.format(m)} [{fmt.format(m - h)}, {fmt.format(m + h)}]"
+    m, lo, hi = interval95(xs)
+    return f"{fmt.format(m)} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
 # -----------------------------------------------------------------------------
