@@ -185,14 +185,16 @@ QUESTION_KEYS = ("question", "problem", "prompt")
 ANSWER_KEYS = ("answer", "final_answer", "solution")
 
 
-def read_problems(path, question_key: str | None = None, answer_key: str | None = None) -> list:
+def read_problems(path, question_key: str | None = None, answer_key: str | None = None,
+                  seen: dict | None = None) -> list:
     """The problems of a JSONL (or .parquet) file. The question is the first of
     QUESTION_KEYS a record has, the answer the first of ANSWER_KEYS; question_key /
     answer_key name other fields. An answer ending in "#### 42" (GSM8K) is its tail, one
     with a \\boxed{} (a MATH `solution`) its last box; a `solution` with neither is
-    refused. A record without them is refused as file:line (infra/data.py)."""
+    refused. A record without them is refused as file:line (infra/data.py). seen: as
+    data.records."""
     out = []
-    for where, rec in data.records(path):
+    for where, rec in data.records(path, seen):
         q = _text(rec, where, question_key, QUESTION_KEYS, "question")
         a = _text(rec, where, answer_key, ANSWER_KEYS, "answer")
         solution = not answer_key and next(k for k in ANSWER_KEYS if k in rec) == "solution"
@@ -292,6 +294,7 @@ class Source:
     benchmarks: dict = field(default_factory=dict)   # name -> problems
     demo: tuple | None = None     # a data file's worked example (question, solution), --shots 1
     demo_note: str = ""           # where it came from, said once at the start
+    files: dict = field(default_factory=dict)   # path -> size and sha256 of the bytes read
 
     def step(self, step: int, per_step: int, seed: int) -> list:
         """The problems of RL step `step`: a fixed function of (seed, step)."""
@@ -410,14 +413,16 @@ def source(args) -> Source:
     if data_file and args.shots and fmt == "paper":
         raise InputError("--shots 1 with --prompt-format paper: the paper's format asks the "
                          "question alone, with no worked example; drop one of them")
-    train = read_problems(data_file, *keys) if data_file else None
-    files = [f for f in (getattr(args, "eval_data", None) or "").split(",") if f]
-    names = [Path(f).stem for f in files]
+    files = {}                    # each file's fingerprint, of the bytes parsed
+    train = read_problems(data_file, *keys, files) if data_file else None
+    paths = [f for f in (getattr(args, "eval_data", None) or "").split(",") if f]
+    names = [Path(f).stem for f in paths]
     if len(set(names)) < len(names):
         raise InputError(f"--eval-data {args.eval_data}: two files have the same name; each "
                          f"benchmark is named by its file (eval/<name>/...)")
     src = Source(args.task, args.shots, fmt, getattr(args, "chat_template_kwargs", None) or {},
-                 train, {n: read_problems(f, *keys) for n, f in zip(names, files)})
+                 train, {n: read_problems(f, *keys, files) for n, f in zip(names, paths)},
+                 files=files)
     if data_file and args.shots:
         worked_example(src, data_file, example, keys)
     return src
@@ -433,7 +438,7 @@ def worked_example(src: Source, data_file: str, example: str | None, keys):
     (worked_solution), else one line that boxes its answer. Either way it is never a
     training problem (every record with its question leaves the training set) nor a
     benchmark question (refused: its answer would be in every prompt)."""
-    first = read_problems(example, *keys)[0] if example else src.train[0]
+    first = read_problems(example, *keys, src.files)[0] if example else src.train[0]
     where = f"{example or data_file}:1"
     src.demo = (first.question, first.solution or f"The answer is \\boxed{{{first.answer}}}.")
     kept = [p for p in src.train if not same_question(p.question, first.question)]

@@ -216,6 +216,8 @@ def run_training(argv=None):
                       args.eval_every > 0, args.parallel)
     lead = dp.rank() == 0         # only rank 0 writes files and prints progress
     src = tasks.source(args)      # every data file read and checked, before any weight
+    if state:                     # a resume trains on the data files the run started with
+        runs.check_data(args, state, src.files)
     model, tok = load(model_dir, not state, src, args, device, lead)
     # the internal layer l of phase 1: rank 0's choice for a new run, the saved one on
     # resume
@@ -224,7 +226,7 @@ def run_training(argv=None):
         layer = analyze.resolve_layer(args.internal_layer, model, tok, args, src)
     layer = int(dp.all_sum({"layer": layer if lead else 0}, device)["layer"])
     if not state and lead:        # args.json, metrics.jsonl; an old run moved aside
-        runs.start(args.out, args, args.overwrite)
+        runs.start(args.out, args, args.overwrite, src.files)
     dtype = precision.compute_dtype(args.dtype, device)
     if args.parallel == "fsdp":   # each rank keeps 1/W of the weights and optimizer state
         dp.shard(model, device, dp.world(), dtype, args.cpu_offload)

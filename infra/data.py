@@ -4,15 +4,25 @@ installed (an optional dependency, imported only for such a file); and analyze.p
 JSONL of responses (read_responses) and an entropy.json (read_result). Every problem is one line:
 `file:line: what is wrong; what to do`, raised as InputError before any model is loaded.
 """
+import hashlib
+import io
 import json
 from pathlib import Path
 
 from infra.errors import InputError, first_line
 
 
-def records(path) -> list[tuple[str, dict]]:
-    """[(where, record)] of a data file, `where` being "file:line" (or "file:row N" for parquet)."""
-    path = Path(path)
+def fingerprint(blob: bytes) -> dict:
+    """A data file's identity in args.json: its size and sha256."""
+    return {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def records(path, seen: dict | None = None) -> list[tuple[str, dict]]:
+    """[(where, record)] of a data file, `where` being "file:line" (or "file:row N" for parquet).
+    The file is read once: `seen`, when given, gets {path: fingerprint} of the very bytes parsed,
+    so that a run records (and a resume checks) what it trains on, even if the file is edited
+    while the model loads."""
+    key, path = str(path), Path(path)
     if path.is_dir():
         raise InputError(f"{path}: a folder, not a data file; pass a .jsonl (or .parquet) file")
     if path.exists() and not path.is_file():
@@ -20,17 +30,21 @@ def records(path) -> list[tuple[str, dict]]:
                          f".jsonl file and pass that")
     if not path.is_file():
         raise InputError(f"{path}: no such data file; pass a .jsonl (or .parquet) file")
-    if path.suffix == ".parquet":
-        return _parquet(path)
     try:
-        # a byte-order mark (as some editors save UTF-8) is not part of the first record
-        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: byte 0x{e.object[e.start]:02x} is not UTF-8; save the "
-                         f"file as UTF-8") from None
+        blob = path.read_bytes()
     except OSError as e:
         raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+    if seen is not None:
+        seen[key] = fingerprint(blob)
+    if path.suffix == ".parquet":
+        return _parquet(path, blob)
+    try:
+        # a byte-order mark (as some editors save UTF-8) is not part of the first record
+        text = blob.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = blob[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: byte 0x{e.object[e.start]:02x} is not UTF-8; save the "
+                         f"file as UTF-8") from None
     out = []
     # JSON Lines ends a record at "\n" only: U+2028, U+0085 and the like are text inside one
     for n, line in enumerate(text.split("\n"), start=1):
@@ -50,14 +64,14 @@ def records(path) -> list[tuple[str, dict]]:
     return out
 
 
-def _parquet(path: Path) -> list[tuple[str, dict]]:
+def _parquet(path: Path, blob: bytes) -> list[tuple[str, dict]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise InputError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow), or "
                          f"convert the file to .jsonl") from None
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows = pq.read_table(io.BytesIO(blob)).to_pylist()
     except Exception as e:   # pyarrow's own error types: not a parquet file, truncated, ...
         raise InputError(f"{path}: not a readable parquet file ({first_line(e, None)})") \
             from None

@@ -16,7 +16,6 @@ A training run's folder, and the rules that keep it safe:
   line cut mid-write; the lines cut are appended to OUT/metrics.dropped.jsonl, not deleted.
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -72,36 +71,35 @@ def data_inputs(args) -> list:
     return [(flag, path) for flag, path in inputs if path]
 
 
-def data_files(args) -> dict:
-    """{path: {"bytes", "sha256"}} of the run's data and benchmark files: part of its identity
-    (args.json), checked again by every resume."""
-    out = {}
-    for _, path in data_inputs(args):
-        try:
-            blob = Path(path).read_bytes()
-        except OSError:
-            continue          # tasks.source says what is wrong with it
-        out[path] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-    return out
-
-
-def check_data(args, state: dict, accept: bool):
-    """A resume's data files against the fingerprints of args.json: a file gone, or changed
-    (refused unless `accept`, --accept-data-change of this command; the change is then noted in
-    resumes.jsonl)."""
-    saved = saved_args(args.out).get("data_files")
-    saved, now = dict(saved if isinstance(saved, dict) else {}), data_files(args)
-    for note in read_notes(Path(args.out) / "resumes.jsonl"):   # changes accepted since
-        saved.update(note.get("accepted_data_change") or {})
-    for path, then in saved.items():
+def check_data_present(args):
+    """A resume's data files (args.json) are all still there: one line naming one that is gone."""
+    for path in data_fingerprints(args.out):
         if not Path(path).is_file():
             raise UserError(f"--resume {args.out}: its data file {path} is gone; a resume needs "
                             f"the run's data files: put it back")
-        if now.get(path) != then and not accept:
+
+
+def data_fingerprints(out) -> dict:
+    """{path: {"bytes", "sha256"}} of the data files of the run in OUT: args.json's, updated by
+    the changes accepted since (resumes.jsonl)."""
+    saved = saved_args(out).get("data_files")
+    saved = dict(saved if isinstance(saved, dict) else {})
+    for note in read_notes(Path(out) / "resumes.jsonl"):
+        saved.update(note.get("accepted_data_change") or {})
+    return saved
+
+
+def check_data(args, state: dict, files: dict):
+    """A resume's data files, as read now (files: tasks.Source.files, the fingerprints of the
+    bytes parsed), against the run's: a changed one is refused unless --accept-data-change of this
+    command, and is then noted in resumes.jsonl."""
+    saved = data_fingerprints(args.out)
+    for path, then in saved.items():
+        if files.get(path) != then and not args.accept_data_change:
             raise UserError(f"--resume {args.out}: {path} differs from the file the run started "
                             f"with (sha256 and size in args.json); its steps would draw other "
                             f"problems: restore it, or pass --accept-data-change")
-    state["data_changed"] = {p: now.get(p) for p, v in saved.items() if now.get(p) != v}
+    state["data_changed"] = {p: files.get(p) for p, v in saved.items() if files.get(p) != v}
 
 
 def check_new(out, overwrite: bool):
@@ -134,8 +132,9 @@ def check_apart(args):
                             f"writes into, over or around its inputs: choose another --out")
 
 
-def start(out, args, overwrite: bool):
-    """Claim OUT for a new run, under its lock, and write args.json and an empty metrics.jsonl."""
+def start(out, args, overwrite: bool, files: dict):
+    """Claim OUT for a new run, under its lock, and write args.json (with `files`, the size and
+    sha256 of each data file as read: tasks.Source.files) and an empty metrics.jsonl."""
     make_dir(out)
     # a resume or another new run writing into OUT is refused here, before anything moves
     lock(out)
@@ -145,7 +144,7 @@ def start(out, args, overwrite: bool):
         lock(out)
         print(f"--overwrite: the earlier run in {out} was moved to {moved}", file=sys.stderr)
     # which code ran: the commit, and whether it was clean
-    record = {**vars(args), "code": code_version(), "data_files": data_files(args)}
+    record = {**vars(args), "code": code_version(), "data_files": files}
     write_text(Path(out) / "args.json", json.dumps(record, indent=1) + "\n")
     keep_model_files(out, args.model)
     write_text(Path(out) / "metrics.jsonl", "")
@@ -339,7 +338,7 @@ def open_run(args, argv, build_parser, may_change: tuple, before: dict, load_met
     args = resume_args(args, explicit_flags(build_parser(), argv), state, build_parser(),
                        may_change, before)
     args.accept_data_change = accept
-    check_data(args, state, accept)
+    check_data_present(args)      # what they hold is checked once read (check_data)
     if args.steps <= state["step"]:
         raise UserError(f"--resume {args.resume}: the run is already at step {state['step']} of "
                         f"{args.steps}; pass --steps N with N > {state['step']} to continue it")

@@ -1,5 +1,6 @@
 """One place owns a run folder (runs.py): a lock for every writer, deletion of its own names only,
 absolute paths stored at the start. Each class of case here lost or corrupted a run before."""
+import hashlib
 import json
 import shutil
 import subprocess
@@ -176,6 +177,35 @@ def test_a_resume_whose_data_file_changed_is_refused(tiny_chat_model, tmp_path, 
     data.unlink()
     with pytest.raises(UserError, match=f"its data file {data} is gone"):
         train.main(["--resume", str(out), "--steps", "4"])
+
+
+def test_a_data_file_edited_while_the_model_loads_is_not_the_one_recorded(
+        tiny_chat_model, tmp_path, length_reward, monkeypatch):
+    """The run trains on the bytes it parsed before loading the model; args.json records the
+    size and sha256 of those same bytes, not of the file as it is when the run folder is made
+    (it used to read the file a second time then). So a resume on the edited file is refused:
+    its steps would draw other problems than the run's first steps did."""
+    data, out = tmp_path / "d.jsonl", tmp_path / "run"
+    first = "".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                    for i in range(8))
+    data.write_text(first)
+    load = train.load
+
+    def load_and_edit(*a, **k):      # the user saves an edit while the weights load
+        data.write_text(first.replace("What is 3 + 1?", "What is 30 + 1?"))
+        return load(*a, **k)
+    monkeypatch.setattr(train, "load", load_and_edit)
+    train.main(["--model", str(tiny_chat_model), "--out", str(out), "--data", str(data),
+                *TINY_RUN, "--steps", "1"])
+    monkeypatch.setattr(train, "load", load)
+    recorded = json.loads((out / "args.json").read_text())["data_files"][str(data)]
+    assert recorded == {"bytes": len(first.encode()),
+                        "sha256": hashlib.sha256(first.encode()).hexdigest()}
+    with pytest.raises(UserError, match=f"{data} differs from the file the run started with"):
+        train.main(["--resume", str(out), "--steps", "2"])
+    data.write_text(first)           # the file it trained on: the resume goes on
+    train.main(["--resume", str(out), "--steps", "2"])
+    assert steps_of(out) == [1, 2]
 
 
 @pytest.mark.parametrize("flag", ["--out", "--resume", "--model", "--analysis"])
