@@ -168,9 +168,8 @@ def plan_verdict(configs: dict) -> str:
     if len(both) < 2:
         return "Not enough finished pairs yet."
     d = [final_greedy(configs["bupo"][s]) - final_greedy(configs["grpo"][s]) for s in both]
-    m, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
-    lo95, hi95 = m - t95(len(d) - 1) * se, m + t95(len(d) - 1) * se
-    lo90, hi90 = m - T90.get(len(d) - 1, 1.645) * se, m + T90.get(len(d) - 1, 1.645) * se
+    m, lo95, hi95 = interval95(d)
+    _, lo90, hi90 = interval95(d, level=90)
     text = (f"{len(both)} of {len(PLAN_SEEDS)} pairs (seeds {', '.join(map(str, both))}): BuPO − "
             f"GRPO = {m:+.3f}, 95% interval [{lo95:+.3f}, {hi95:+.3f}], 90% interval [{lo90:+.3f}, "
             f"{hi90:+.3f}] (equivalence margin ±{PLAN_MARGIN}).")
@@ -335,9 +334,11 @@ def mean_se(xs: list[float], fmt="{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(se).lstrip('+')}"
 
 
-def interval95(xs: list[float]) -> tuple[float, float, float]:
-    """The mean of 2 or more paired differences and its 95% t interval: (mean, low, high)."""
-    m, h = statistics.mean(xs), t95(len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5
+def interval95(xs: list[float], level: int = 95) -> tuple[float, float, float]:
+    """The mean of 2 or more paired differences and its 95% t interval (or 90%, level=90: the
+    two one-sided 5% tests of equivalence): (mean, low, high)."""
+    t = t95(len(xs) - 1) if level == 95 else T90.get(len(xs) - 1, 1.645)
+    m, h = statistics.mean(xs), t * statistics.stdev(xs) / len(xs) ** 0.5
     return m, m - h, m + h
 
 
