@@ -629,7 +629,8 @@ def changes_groups(changes: dict) -> dict:
 
 def changes_table(groups: dict) -> str:
     """Per configuration and checkpoint, means ± SE over seeds: at the trained layer l,
-    KL(pi^l_base || pi^l_trained), the change of H(pi^l) and of cos(h_l, h_L); the policy's KL to
+    KL(pi^l_base || pi^l_trained), the change of H(pi^l) and of cos(h_l, h_L), and that of cos(h_k,
+    h_L) averaged over the layers k below l (the paper's feature refinement); the policy's KL to
     the base's (layer L); the mean relative weight change of the blocks up to l and above it
     (phase 1 touches nothing above l: 0 there), and of the unembedding."""
     rows = []
@@ -641,12 +642,16 @@ def changes_table(groups: dict) -> str:
         def blocks(keep):
             return mean_se([statistics.mean(r["attn"] + r["mlp"] for r in c["layers"]
                                             if keep(r["layer"])) / 2 for c in cs], "{:.2e}")
-        rows.append([cfg, step, len(cs), l, at("kl", l), at("dH", l), at("dcos", l), at("kl", L),
+        below = mean_se([statistics.mean(r["dcos"] for r in c["layers"] if r["layer"] < l)
+                         for c in cs], "{:.3g}")
+        rows.append([cfg, step, len(cs), l, at("kl", l), at("dH", l), at("dcos", l), below,
+                     at("kl", L),
                      blocks(lambda x: x <= l),
                      blocks(lambda x: x > l) if l < L else "-",
                      mean_se([c["unembedding"] for c in cs], "{:.2e}")])
     return table(["config", "checkpoint step", "seeds", "l", "KL(π^l_base‖π^l) at l",
-                  "ΔH(π^l) at l", "Δcos(h_l, h_L) at l", "KL(π_base‖π_θ)",
+                  "ΔH(π^l) at l", "Δcos(h_l, h_L) at l", "Δcos(h_k, h_L), mean of k < l",
+                  "KL(π_base‖π_θ)",
                   "‖ΔW‖/‖W‖, blocks ≤ l", "blocks > l", "unembedding"], rows)
 
 

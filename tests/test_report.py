@@ -393,7 +393,7 @@ def test_changes_of_the_dose_runs(tmp_path):
         d = runs / f"changes-{name}-s{seed}-step{step}"
         d.mkdir(parents=True)
         layers = [{"layer": k, "kl": 0.1 * k * (k <= 2), "dH": 0.0, "dKL_policy": 0.0,
-                   "dcos": 0.01 * seed, "attn": 0.002 if k <= 2 else above,
+                   "dcos": 0.01 * seed * k, "attn": 0.002 if k <= 2 else above,
                    "mlp": 0.004 if k <= 2 else above} for k in (1, 2, 3)]
         (d / "changes.json").write_text(json.dumps({
             "base": "m", "trained": f"runs/exp/{name}-s{seed}/checkpoints/step_{step:06d}",
@@ -410,9 +410,10 @@ def test_changes_of_the_dose_runs(tmp_path):
     text = (out / "results.md").read_text()
     assert "### Entropy flow" not in text
     z = "0.00e+00 ± 0.00e+00"
-    assert (f"| bupo-dose4 | 4 | 2 | 2 | 0.2 ± 0 | 0 ± 0 | 0.205 ± 0.005 | 0 ± 0 | "
+    # Δcos at l = 2, then its mean over the layers below l (layer 1 here)
+    assert (f"| bupo-dose4 | 4 | 2 | 2 | 0.2 ± 0 | 0 ± 0 | 0.41 ± 0.01 | 0.205 ± 0.005 | 0 ± 0 | "
             f"3.00e-03 ± 0.00e+00 | {z} | {z} |") in text                # nothing above l = 2
-    assert ("| bupo-dose4 | 40 | 2 | 2 | 0.2 ± 0 | 0 ± 0 | 0.205 ± 0.005 | 0 ± 0 | "
+    assert ("| bupo-dose4 | 40 | 2 | 2 | 0.2 ± 0 | 0 ± 0 | 0.41 ± 0.01 | 0.205 ± 0.005 | 0 ± 0 | "
             "3.00e-03 ± 0.00e+00 | 3.00e-03 ± 0.00e+00 | 1.00e-03 ± 0.00e+00 |") in text
     assert (out / "changes-dose.png").stat().st_size > 0
     assert (out / "runs" / "changes-bupo-dose4-s20-step4" / "changes.json").exists()
