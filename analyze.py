@@ -34,7 +34,7 @@ import torch
 
 import bupo
 import tasks
-from infra import cli, files, plots, weights
+from infra import cli, files, plots, runs, weights
 from infra import distributed as dp
 from infra.data import read_responses, read_result
 from infra.errors import UserError
@@ -379,6 +379,7 @@ def check_args(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     other = check_args(args)
     # subnormal softmax tails of the un-normed policies are slow on CPUs (train.py)
@@ -413,6 +414,8 @@ def main(argv=None):
     print_table(result)
     print(f"wrote {out / 'entropy.json'}, flow.png, dH.png, heatmap.png")
     if changed:
+        # which command and code made it: a reported number traces back to both
+        changed.update(command=["analyze.py", *argv], code=runs.code_version())
         files.write_text(out / "changes.json", json.dumps(changed, indent=1) + "\n")
         plots.changes(changed, out / "changes.png")
         print(f"wrote {out / 'changes.json'}, changes.png")

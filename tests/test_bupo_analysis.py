@@ -12,6 +12,7 @@ import torch
 import analyze
 import bupo
 import reference
+from infra import runs
 from infra.errors import InputError
 from model import Transformer
 
@@ -288,6 +289,10 @@ def test_analyze_against_a_checkpoint(tiny_chat_model, tiny_dirs, tmp_path):
     assert result["run"] == {"step": 1, "algo": "bupo", "internal_layer": 2, "internal_steps": 1}
     assert len(result["layers"]) == 3 and result["layers"][2]["attn"] == 0     # above l = 2
     assert result["layers"][0]["attn"] > 0 and (tmp_path / "a" / "changes.png").stat().st_size
+    # the command and the code that made it
+    assert result["command"] == ["analyze.py", *base[1:], "--against", str(ckpt), "--out",
+                                 str(tmp_path / "a")]
+    assert result["code"] == runs.code_version()
     # without the optimizer state (removed to save disk) the run's args.json and metrics tell
     (ckpt / "trainer_state.pt").unlink()
     assert analyze.run_of(ckpt, 3) == result["run"]
