@@ -718,14 +718,17 @@ def qwen_verdicts(configs: dict, changes: dict) -> str:
                                  if 2 <= r["step"] <= 8)
     by_run = {Path(c["trained"]).parts[-3]: c for c in changes.values()}
     lines = []
+    def times(x, base):      # ppo-kl is an estimate and can be 0 or negative: no ratio then
+        return f"{x / base:.2g}x" if base > 0 else "no ratio to"
+    kl_g, gn_g = median("qwen-grpo", "kl"), median("qwen-grpo", "grad_norm")
     for arm in QWEN_ARMS[1:]:
-        kl = median(arm, "kl") / median("qwen-grpo", "kl")
-        gn = median(arm, "grad_norm") / median("qwen-grpo", "grad_norm")
-        lines.append(f"{arm}: median ppo-kl over steps 2-8 {median(arm, 'kl'):.3g} "
-                     f"({kl:.2g}x GRPO's {median('qwen-grpo', 'kl'):.3g}), median pre-clip grad "
-                     f"norm {median(arm, 'grad_norm'):.3g} ({gn:.2g}x GRPO's "
-                     f"{median('qwen-grpo', 'grad_norm'):.3g}): "
-                     + ("within" if kl <= 3 and gn <= 10 else "outside")
+        kl, gn = median(arm, "kl"), median(arm, "grad_norm")
+        # "at most 3x GRPO's", compared as written: with GRPO's median at or below 0, a
+        # positive median is outside (a ratio would flip its sign)
+        lines.append(f"{arm}: median ppo-kl over steps 2-8 {kl:.3g} ({times(kl, kl_g)} GRPO's "
+                     f"{kl_g:.3g}), median pre-clip grad norm {gn:.3g} ({times(gn, gn_g)} GRPO's "
+                     f"{gn_g:.3g}): "
+                     + ("within" if kl <= 3 * kl_g and gn <= 10 * gn_g else "outside")
                      + " the plan's bounds (3x, 10x).")
         dcos, above = [], []
         for seed in sorted(configs[arm]):

@@ -455,6 +455,12 @@ def test_qwen_verdicts_follow_the_plan():
     assert "qwen-l12: blocks above l that changed: 13, 14" in text and "(a bug)" in text
     assert "seed 30: 0.700 -> 0.750" in text
     assert "Not all three arms" in report.qwen_verdicts({"qwen-grpo": configs["qwen-grpo"]}, {})
+    # ppo-kl is an estimate: GRPO's median can be negative; 3x of it is then below any positive
+    # median, which is outside (a ratio would have flipped the sign and said within)
+    configs["qwen-grpo"] = {30: run(-0.001, 1.0), 31: run(-0.001, 1.0)}
+    text = report.qwen_verdicts(configs, changes)
+    assert ("qwen-auto: median ppo-kl over steps 2-8 0.02 (no ratio to GRPO's -0.001), median "
+            "pre-clip grad norm 5 (5x GRPO's 1): outside the plan's bounds") in text
 
 
 def test_closest_layer_rule():
