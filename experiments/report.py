@@ -491,9 +491,15 @@ def internal_table(configs: dict) -> str:
         grpo = [configs["grpo"][seed] for seed in runs if seed in configs.get("grpo", {})]
 
         def reward(first, last):
-            text = mean_se(window_reward(rs, first, last), "{:.2f}")
-            return text + (f" (GRPO {statistics.mean(window_reward(grpo, first, last)):.2f})"
-                           if grpo else "")
+            # the runs with steps there: a run all of whose steps are phase 1 has none after it
+            have = lambda runs: [run for run in runs  # noqa: E731
+                                 if any(first <= r["step"] <= last for r in steps(run))]
+            mine, theirs = have(rs), have(grpo)
+            if not mine:
+                return "-"
+            text = mean_se(window_reward(mine, first, last), "{:.2f}")
+            return text + (f" (GRPO {statistics.mean(window_reward(theirs, first, last)):.2f})"
+                           if theirs else "")
         rows.append([cfg, describe(rs[0]), len(rs), at(1, "entropy"), at(s, "entropy"),
                      at(s + 1, "entropy"), at(1, "internal/entropy"), at(s, "internal/entropy"),
                      at(1, "internal/kl_to_policy"), at(s, "internal/kl_to_policy"),

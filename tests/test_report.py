@@ -481,3 +481,19 @@ def test_closest_layer_rule():
     assert closest_layer([math.nan, 2.0, math.inf, 0.0]) == 2
     # none measurable: L - 1
     assert closest_layer([math.nan, math.nan, 0.0]) == 2
+
+
+def test_a_run_that_is_all_phase_1_has_no_steps_after_the_switch():
+    """experiments/PLAN.md (a)'s BuPO arms are phase 1 for all 8 steps: the phase-1 table says "-"
+    for the steps after the switch (it raised StatisticsError on an empty window)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    def run(algo):
+        rows = [{"step": k, "reward": 0.5, "entropy": 0.3, "phase": "internal" if algo == "bupo"
+                 else "full", "internal/entropy": 4.0, "internal/kl_to_policy": 3.8,
+                 "policy_layer": 23} for k in range(1, 9)]
+        return {"args": {"algo": algo, "internal_steps": 8, "internal_layer": 23}, "rows": rows}
+    text = report.internal_table({"grpo": {30: run("grpo")}, "qwen-auto": {30: run("bupo")}})
+    row = next(line for line in text.splitlines() if line.startswith("| qwen-auto"))
+    assert row.endswith("| 0.50 (GRPO 0.50) | - |"), row
