@@ -691,7 +691,7 @@ def plot_changes(groups: dict, out: Path, plt, file: str):
 
 # experiments/PLAN.md (a): phase 1 in the paper's regime, Qwen2.5-Coder-0.5B; its arms and the
 # rules decided before its runs
-QWEN_ARMS = ("qwen-grpo", "qwen-auto", "qwen-l12")
+QWEN_ARMS, QWEN_SEEDS = ("qwen-grpo", "qwen-auto", "qwen-l12"), (30, 31)
 QWEN_KEYS = ("grad_norm", "kl", "clip_ratio/low", "clip_ratio/high", "internal/entropy",
              "internal/kl_to_policy", "internal/cos_to_top", "entropy", "reward")
 
@@ -722,10 +722,16 @@ def qwen_verdicts(configs: dict, changes: dict) -> str:
     def median(arm, key):
         return statistics.median(r[key] for run in configs[arm].values() for r in steps(run)
                                  if 2 <= r["step"] <= 8)
+    def times(x, base):      # ppo-kl is an estimate and can be 0 or negative: no ratio then
+        return f"{x / base:.2g}x" if base > 0 and x > 0 else "no ratio to"
+    # the rules judge both seeds of every arm; before that the numbers are shown, not judged
+    complete = all(set(QWEN_SEEDS) <= set(configs[a]) for a in QWEN_ARMS)
+
+    def verdict(text, ready=True):
+        return (text if complete and ready else "interim, no verdict until both seeds of every "
+                "arm have run and have their per-layer reports")
     by_run = {Path(c["trained"]).parts[-3]: c for c in changes.values()}
     lines = []
-    def times(x, base):      # ppo-kl is an estimate and can be 0 or negative: no ratio then
-        return f"{x / base:.2g}x" if base > 0 else "no ratio to"
     kl_g, gn_g = median("qwen-grpo", "kl"), median("qwen-grpo", "grad_norm")
     for arm in QWEN_ARMS[1:]:
         kl, gn = median(arm, "kl"), median(arm, "grad_norm")
@@ -734,8 +740,8 @@ def qwen_verdicts(configs: dict, changes: dict) -> str:
         lines.append(f"{arm}: median ppo-kl over steps 2-8 {kl:.3g} ({times(kl, kl_g)} GRPO's "
                      f"{kl_g:.3g}), median pre-clip grad norm {gn:.3g} ({times(gn, gn_g)} GRPO's "
                      f"{gn_g:.3g}): "
-                     + ("within" if kl <= 3 * kl_g and gn <= 10 * gn_g else "outside")
-                     + " the plan's bounds (3x, 10x).")
+                     + verdict(("within" if kl <= 3 * kl_g and gn <= 10 * gn_g else "outside")
+                               + " the plan's bounds (3x, 10x)") + ".")
         dcos, above = [], []
         for seed in sorted(configs[arm]):
             b, g = by_run.get(f"{arm}-s{seed}"), by_run.get(f"qwen-grpo-s{seed}")
@@ -745,12 +751,14 @@ def qwen_verdicts(configs: dict, changes: dict) -> str:
             dcos.append((seed, l, b["layers"][l - 1]["dcos"], g["layers"][l - 1]["dcos"]))
             above += [r["layer"] for r in b["layers"] if r["layer"] > l and r["attn"] + r["mlp"]]
         if dcos:
-            refines = len(dcos) == len(configs[arm]) and all(x > y for _, _, x, y in dcos)
+            ready = len(dcos) == len(configs[arm])       # every seed's pair of reports
+            refines = all(x > y for _, _, x, y in dcos)
             lines.append(f"{arm}: Δcos(h_l, h_L) at l, BuPO against GRPO: "
                          + "; ".join(f"seed {s} (l = {l}) {x:+.4f} against {y:+.4f}"
                                      for s, l, x, y in dcos)
-                         + (". Phase 1 refines the features at l: larger on every seed."
-                            if refines else ". Not seen at these seeds."))
+                         + ". " + verdict("Phase 1 refines the features at l: larger on every "
+                                          "seed" if refines else "Not seen at these seeds",
+                                          ready) + ".")
             lines.append(f"{arm}: blocks above l that changed: "
                          + (", ".join(map(str, sorted(set(above)))) + " (a bug)" if above
                             else "none"))

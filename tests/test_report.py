@@ -455,6 +455,15 @@ def test_qwen_verdicts_follow_the_plan():
     assert "qwen-l12: blocks above l that changed: 13, 14" in text and "(a bug)" in text
     assert "seed 30: 0.700 -> 0.750" in text
     assert "Not all three arms" in report.qwen_verdicts({"qwen-grpo": configs["qwen-grpo"]}, {})
+    # one seed of each arm, or a seed without its per-layer report: numbers, no verdict
+    one = {arm: {30: runs[30]} for arm, runs in configs.items()}
+    text = report.qwen_verdicts(one, changes)
+    assert "median pre-clip grad norm 5 (5x GRPO's 1): interim, no verdict" in text
+    assert "within" not in text and "refines" not in text and "Not seen" not in text
+    text = report.qwen_verdicts(configs, {k: c for k, c in changes.items() if k != "c3"})
+    assert "(5x GRPO's 1): within the plan's bounds" in text                # both seeds ran
+    assert "qwen-auto: Δcos(h_l, h_L) at l, BuPO against GRPO: seed 30 (l = 23) +0.0100 against " \
+           "+0.0000. interim, no verdict" in text                 # seed 31's report is missing
     # ppo-kl is an estimate: GRPO's median can be negative; 3x of it is then below any positive
     # median, which is outside (a ratio would have flipped the sign and said within)
     configs["qwen-grpo"] = {30: run(-0.001, 1.0), 31: run(-0.001, 1.0)}
