@@ -483,12 +483,14 @@ def save_checkpoint(model, weights: dict, optimizer: dict, args, step: int, laye
                         f"checkpoint takes about {size_text(need)}); "
                         + (f"the last complete one is {last.name}: --resume {args.out} continues "
                            f"from it" if last else "no checkpoint was written yet")) from None
+    # the newest --keep-checkpoints (phase 1's end counts among them when it is one), and phase
+    # 1's end besides
     kept = phase1_end(args)
-    for old in sorted((p for p in root.glob("step_*")
-                       if 0 <= _step(p) <= step and _step(p) != kept),
+    for old in sorted((p for p in root.glob("step_*") if 0 <= _step(p) <= step),
                       key=_step)[:-args.keep_checkpoints]:
-        # only names this code writes: a user's step_000002.bak copy stays
-        remove_partial(old)
+        if _step(old) != kept:
+            # only names this code writes: a user's step_000002.bak copy stays
+            remove_partial(old)
     return final
 
 

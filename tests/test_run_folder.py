@@ -405,3 +405,10 @@ def test_the_end_of_phase_1_is_kept(tiny_chat_model, tmp_path):
                 "--save-phase1-end"])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002",
                                                                        "step_000005"]
+    # a run that is phase 1 to its end: its last checkpoint is phase 1's end and counts among the
+    # newest, so no older one is kept besides it (a 0.5B model's checkpoint is 7 GiB)
+    out = tmp_path / "all-phase-1"
+    train.main(["--model", str(tiny_chat_model), "--out", str(out), *TINY_RUN, "--steps", "4",
+                "--internal-steps", "4", "--save-every", "2", "--keep-checkpoints", "1",
+                "--save-phase1-end"])
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000004"]
