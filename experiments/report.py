@@ -168,8 +168,8 @@ def plan_verdict(configs: dict) -> str:
     if len(both) < 2:
         return "Not enough finished pairs yet."
     d = [final_greedy(configs["bupo"][s]) - final_greedy(configs["grpo"][s]) for s in both]
-    m, lo95, hi95 = interval95(d)
-    _, lo90, hi90 = interval95(d, level=90)
+    m, lo95, hi95 = t_interval(d)
+    _, lo90, hi90 = t_interval(d, level=90)
     text = (f"{len(both)} of {len(PLAN_SEEDS)} pairs (seeds {', '.join(map(str, both))}): BuPO − "
             f"GRPO = {m:+.3f}, 95% interval [{lo95:+.3f}, {hi95:+.3f}], 90% interval [{lo90:+.3f}, "
             f"{hi90:+.3f}] (equivalence margin ±{PLAN_MARGIN}).")
@@ -254,7 +254,7 @@ def dose_verdict(configs: dict) -> str:
                 f"{paired(d)} ({sum(x > 0 for x in d)} / {sum(x < 0 for x in d)} seeds better / "
                 f"worse); avg@2 at the end {paired(a)}; train reward over steps 21-40 {paired(r)}.")
         if s == 10 and len(both) == len(DOSE_SEEDS):
-            _, lo, hi = interval95(d)
+            _, lo, hi = t_interval(d)
             text += (f" Verdict: a phase 1 of 10 steps ends {paired(d)} against one of 4."
                      if lo > 0 or hi < 0 else " Verdict: could not tell at 6 seeds.")
         elif s == 10:
@@ -334,9 +334,9 @@ def mean_se(xs: list[float], fmt="{:.3f}") -> str:
     return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(se).lstrip('+')}"
 
 
-def interval95(xs: list[float], level: int = 95) -> tuple[float, float, float]:
-    """The mean of 2 or more paired differences and its 95% t interval (or 90%, level=90: the
-    two one-sided 5% tests of equivalence): (mean, low, high)."""
+def t_interval(xs: list[float], level: int = 95) -> tuple[float, float, float]:
+    """The mean of 2 or more paired differences and its two-sided t interval at `level`% (95, or
+    90: the two one-sided 5% tests of equivalence): (mean, low, high)."""
     t = t95(len(xs) - 1) if level == 95 else T90.get(len(xs) - 1, 1.645)
     m, h = statistics.mean(xs), t * statistics.stdev(xs) / len(xs) ** 0.5
     return m, m - h, m + h
@@ -346,7 +346,7 @@ def paired(xs: list[float], fmt="{:+.3f}") -> str:
     """The mean of paired differences and its 95% t interval."""
     if len(xs) < 2:
         return fmt.format(xs[0]) + " (one seed)" if xs else "-"
-    m, lo, hi = interval95(xs)
+    m, lo, hi = t_interval(xs)
     return f"{fmt.format(m)} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 

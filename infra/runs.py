@@ -93,13 +93,13 @@ def check_data(args, state: dict, files: dict):
     """A resume's data files, as read now (files: tasks.Source.files, the fingerprints of the
     bytes parsed), against the run's: a changed one is refused unless --accept-data-change of this
     command, and is then noted in resumes.jsonl."""
-    saved = data_fingerprints(args.out)
-    for path, then in saved.items():
-        if files.get(path) != then and not args.accept_data_change:
-            raise UserError(f"--resume {args.out}: {path} differs from the file the run started "
-                            f"with (sha256 and size in args.json); its steps would draw other "
-                            f"problems: restore it, or pass --accept-data-change")
-    state["data_changed"] = {p: files.get(p) for p, v in saved.items() if files.get(p) != v}
+    changed = {p: files.get(p) for p, then in data_fingerprints(args.out).items()
+               if files.get(p) != then}
+    if changed and not args.accept_data_change:
+        raise UserError(f"--resume {args.out}: {next(iter(changed))} differs from the file the run "
+                        f"started with (sha256 and size in args.json); its steps would draw other "
+                        f"problems: restore it, or pass --accept-data-change")
+    state["data_changed"] = changed
 
 
 def check_new(out, overwrite: bool):
