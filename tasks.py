@@ -415,7 +415,7 @@ def source(args) -> Source:
                          "question alone, with no worked example; drop one of them")
     files = {}                    # each file's fingerprint, of the bytes parsed
     train = read_problems(data_file, *keys, files) if data_file else None
-    paths = [f for f in (getattr(args, "eval_data", None) or "").split(",") if f]
+    paths = cli.file_list(getattr(args, "eval_data", None))
     names = [Path(f).stem for f in paths]
     if len(set(names)) < len(names):
         raise InputError(f"--eval-data {args.eval_data}: two files have the same name; each "

@@ -263,6 +263,12 @@ def add_scale_args(p):
     return g
 
 
+def file_list(text: str | None) -> list[str]:
+    """The files of a comma-separated flag (--eval-data "a.jsonl, b.jsonl"): blanks around
+    the commas and empty entries are ignored."""
+    return [f.strip() for f in (text or "").split(",") if f.strip()]
+
+
 def template_kwargs(text: str) -> dict:
     """--chat-template-kwargs "enable_thinking=false,x=1": keyword arguments for the chat
     template, true / false / integers / decimals as such, anything else as text."""
@@ -283,6 +289,9 @@ def check_train(args):
     """Every argument of train.py, before anything is loaded or written."""
     not_empty(args, "--model", "--out", "--resume", "--analysis", "--data", "--eval-data",
               "--example")
+    if args.eval_data is not None and not file_list(args.eval_data):
+        raise UserError(f"--eval-data {args.eval_data!r}: names no file; pass comma-separated "
+                        f".jsonl (or .parquet) files, or drop --eval-data")
     positive(args, "--steps", "--prompts-per-step", "--group-size", "--mini-batches",
              "--micro-batch-size", "--max-new-tokens", "--eval-problems", "--eval-samples",
              "--save-every", "--keep-checkpoints")

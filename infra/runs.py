@@ -28,7 +28,7 @@ import torch
 from infra import distributed as dp
 from infra import plots
 from infra.checkpoint import TOKENIZER_FILES, copy_files
-from infra.cli import explicit_flags
+from infra.cli import explicit_flags, file_list
 from infra.errors import UserError, first_line
 from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_space, make_dir,
                          remove_partial, replace_dir, size_text, write_atomic, write_failure,
@@ -67,7 +67,7 @@ def add_run_args(p, may_change: tuple):
 def data_inputs(args) -> list:
     """[(flag, path)] of the run's data and benchmark files."""
     inputs = [(flag, getattr(args, flag[2:], None)) for flag in ("--data", "--example")]
-    inputs += [("--eval-data", f) for f in (getattr(args, "eval_data", None) or "").split(",")]
+    inputs += [("--eval-data", f) for f in file_list(getattr(args, "eval_data", None))]
     return [(flag, path) for flag, path in inputs if path]
 
 
@@ -325,7 +325,7 @@ def open_run(args, argv, build_parser, may_change: tuple, before: dict, load_met
         if getattr(args, k, None):
             setattr(args, k, os.path.abspath(getattr(args, k)))
     if getattr(args, "eval_data", None):
-        args.eval_data = ",".join(os.path.abspath(f) for f in args.eval_data.split(",") if f)
+        args.eval_data = ",".join(os.path.abspath(f) for f in file_list(args.eval_data))
     if not args.resume:
         check_apart(args)
         check_new(args.out, args.overwrite)

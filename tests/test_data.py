@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import tasks
+from infra import runs
 import train
 import analyze as evaluation
 from infra.errors import InputError
@@ -187,6 +188,19 @@ def test_a_training_question_in_a_benchmark_is_reported(tmp_path):
     src = tasks.Source("add", 0, "paper", {}, tasks.read_problems(train_f),
                        {"b": tasks.read_problems(bench)})
     assert src.overlap().startswith("warning: 1 of 2 questions of b are also in --data")
+
+
+def test_eval_data_ignores_blanks_around_its_commas(tmp_path, monkeypatch):
+    """--eval-data "a.jsonl, b.jsonl" (as people type lists) names a.jsonl and b.jsonl, and a
+    run records them as such."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jsonl", "b.jsonl"):
+        jsonl(tmp_path, {"question": f"{name}?", "answer": "1"}, name=name)
+    src = tasks.source(data_args(eval_data="a.jsonl, b.jsonl ,"))
+    assert list(src.benchmarks) == ["a", "b"]
+    assert sorted(src.files) == ["a.jsonl", "b.jsonl"]
+    args = data_args(eval_data=" a.jsonl , b.jsonl", data=None)
+    assert runs.data_inputs(args) == [("--eval-data", "a.jsonl"), ("--eval-data", "b.jsonl")]
 
 
 def test_pass_at_k_is_the_fraction_of_k_subsets_with_a_right_answer():

@@ -87,6 +87,9 @@ ROWS = [
     ("train", ["--model", "{model}", "--out", "{tmp}", "--data", "{tmp}/long.jsonl"],
      "holds the run's input --data"),
     ("train", ["--lr=-1e-5"], "--lr -1e-05"),
+    # a comma list that names no file would silently evaluate on no benchmark
+    ("train", ["--eval-data", ","], "--eval-data ',': names no file"),
+    ("train", ["--eval-data", " , "], "--eval-data ' , ': names no file"),
     ("train", ["--temperature", "0"], "--temperature 0.0", "NaN"),
     ("train", ["--temperature", "inf"], "--temperature inf"),
     ("train", ["--clip-low", "1.5"], "--clip-low 1.5"),
