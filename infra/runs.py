@@ -311,7 +311,23 @@ def repair_metrics(out, start_step: int):
         append_lines(aside, dropped)
         print(f"resume: metrics.jsonl cut back to the {len(kept)} lines before step {start_step}; "
               f"{len(dropped)} later or broken lines moved to {aside}", file=sys.stderr)
+    missing = sorted(set(range(1, start_step)) - {_step_of(line) for line in kept})
+    if missing:     # the file was removed or cut by hand: said, since the curves will lack them
+        print(f"warning: {file} has no record of step{'s' * (len(missing) > 1)} "
+              f"{spans(missing)} (removed or cut since they were written); the run goes on from "
+              f"step {start_step}, and its curves lack them", file=sys.stderr)
     write_atomic(file, lambda tmp: Path(tmp).write_bytes(b"".join(x + b"\n" for x in kept)))
+
+
+def spans(steps: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    out, first = [], None
+    for i, s in enumerate(steps):
+        first = s if first is None else first
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            out.append(f"{first}-{s}" if s > first else str(s))
+            first = None
+    return ", ".join(out)
 
 
 def open_run(args, argv, build_parser, may_change: tuple, before: dict, load_meta):
@@ -383,6 +399,9 @@ def resume_args(args, given: set, state: dict, parser, may_change: tuple,
                             f"run's {saved.get(k)} ({args.resume}/args.json); --resume continues a "
                             f"run with its own arguments: drop the flag, or start a new run with "
                             f"--out")
+    if "overwrite" in given and args.overwrite:
+        raise UserError(f"--overwrite with --resume {args.resume}: --resume continues that run, "
+                        f"--overwrite would move it aside and start a new one; drop one of them")
     if "out" in given and Path(args.out).resolve() != Path(args.resume).resolve():
         raise UserError(f"--out {args.out} with --resume {args.resume}: a resumed run writes into "
                         f"its own folder; drop --out")
@@ -583,6 +602,9 @@ def resumable(out, load_model, writer: bool = True, may_change: tuple = ()) -> t
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"--resume {out}: no such run folder")
+    if out.parent.name == "checkpoints" and (out.parent.parent / "args.json").is_file():
+        raise UserError(f"--resume {out}: a checkpoint, not a run folder; pass its run, --resume "
+                        f"{out.parent.parent} (a run goes on from its newest complete checkpoint)")
     if not (out / "checkpoints").is_dir():
         raise UserError(f"--resume {out}: no complete checkpoint in {out / 'checkpoints'}; start a "
                         f"new run with --out")

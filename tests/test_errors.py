@@ -433,6 +433,7 @@ def test_overwrite_moves_the_earlier_run_aside(tiny_chat_model, earlier_run):
                                             (["--algo", "grpo"], "--algo grpo differs"),
                                             (["--out", "elsewhere"],
                                              "a resumed run writes into its own folder"),
+                                            (["--overwrite"], "--overwrite with --resume"),
                                             (["--steps", "2"], "already at step 2 of 2")])
 def test_resume_refuses_flags_it_would_ignore(earlier_run, flags, fragment):
     before = snapshot(earlier_run)

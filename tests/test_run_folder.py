@@ -12,7 +12,7 @@ import pytest
 
 import tasks
 import train
-from infra import runs
+from infra import cli, runs
 from infra.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,6 +365,41 @@ def test_a_damaged_record_of_the_run_does_not_stop_a_resume(tiny_chat_model, tmp
         assert (out / "metrics.dropped.jsonl").read_bytes() == bad + b"\n"
     if file == "resumes.jsonl":
         assert (out / file).read_bytes().startswith(bad + b"\n{")
+
+
+@pytest.mark.parametrize("cut", ["removed", "first-line-only"])
+def test_a_resume_says_which_steps_metrics_no_longer_holds(tiny_chat_model, tmp_path,
+                                                           length_reward, capsys, cut):
+    """A metrics.jsonl removed or cut by hand after its steps were written: the resume goes on
+    (the checkpoint holds the run) and says which steps the records, hence the curves, lack."""
+    out = tmp_path / "run"
+    train.main(writer_argv("new", tiny_chat_model, out, 3))
+    lines = (out / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    if cut == "removed":
+        (out / "metrics.jsonl").unlink()
+    else:
+        (out / "metrics.jsonl").write_bytes(lines[0])
+    capsys.readouterr()
+    train.main(["--resume", str(out), "--steps", "4"])
+    err = capsys.readouterr().err
+    said = {"removed": "no record of steps 1-3", "first-line-only": "no record of steps 2-3"}[cut]
+    assert said in err and "goes on from step 4" in err, err
+    assert [r["step"] for r in runs.read_metrics(out)] == ([4] if cut == "removed" else [1, 4])
+
+
+def test_resuming_a_checkpoint_folder_names_its_run(tiny_chat_model, tmp_path, length_reward):
+    out = tmp_path / "run"
+    train.main(writer_argv("new", tiny_chat_model, out, 2))
+    ckpt = next((out / "checkpoints").glob("step_*"))
+    with pytest.raises(SystemExit) as e:
+        cli.run(train.main, ["--resume", str(ckpt), "--steps", "3"])
+    assert e.value.code == (f"error: --resume {ckpt}: a checkpoint, not a run folder; pass its "
+                            f"run, --resume {out} (a run goes on from its newest complete "
+                            f"checkpoint)")
+
+
+def test_spans():
+    assert runs.spans([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8" and runs.spans([4]) == "4"
 
 
 def test_the_code_record_names_what_differed_from_the_commit(tmp_path, monkeypatch):
