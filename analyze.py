@@ -64,11 +64,12 @@ def sample_responses(model, tok, src, n: int, max_new_tokens: int, seed: int,
     else:
         problems = [src.train[i] for i in tasks.epoch_draw(len(src.train), 1, n, seed)]
     prompts = [src.encode(tok, p) for p in problems]
-    cli.fits_context(max(map(len, prompts)), max_new_tokens,
-                     max_tokens or model.config.max_position_embeddings,
+    context = model.config.max_position_embeddings
+    cli.fits_context(max(map(len, prompts)), max_new_tokens, max_tokens or context,
                      f"the longest {'file' if src.train else src.task} prompt",
                      "--max-tokens (at most the model's context)" if max_tokens
-                     else "the model's context")
+                     else "the model's context",
+                     "--max-tokens" if max_tokens and max_tokens < context else None)
     ro = generate(model, prompts, 1, max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids,
                   pad_id=tok.pad_id,
                   seed=seed, progress=True)
@@ -368,8 +369,15 @@ def check_args(args):
     cli.check_device(args.device)
     if args.responses:
         cli.existing_file(args.responses, "--responses")
+    if args.compare and (Path(args.compare) / "entropy.json").is_file():
+        raise UserError(f"--compare {args.compare}: an analysis folder; pass its file, --compare "
+                        f"{Path(args.compare) / 'entropy.json'}")
     other = read_result(cli.existing_file(args.compare, "--compare"),
                         "--compare") if args.compare else None
+    ckpts = sorted(Path(args.against).glob("checkpoints/step_*")) if args.against else []
+    if ckpts and not (Path(args.against) / "config.json").exists():
+        raise UserError(f"--against {args.against}: a run folder, not a checkpoint; pass one of "
+                        f"its checkpoints, e.g. the newest, --against {ckpts[-1]}")
     if (Path(args.out) / "entropy.json").exists() and not args.overwrite:
         raise UserError(f"--out {args.out}: already holds an analysis (entropy.json); pass "
                         f"--overwrite to move it aside to {Path(args.out).name}.old-<time>/, or "

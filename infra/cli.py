@@ -201,13 +201,16 @@ def existing_file(path, flag: str) -> Path:
 
 
 def fits_context(prompt_tokens: int, max_new_tokens: int, limit: int, what: str = "the prompt",
-                 limit_name: str = "the model's context"):
+                 limit_name: str = "the model's context", raise_flag: str | None = None):
     """Refuse prompt + --max-new-tokens longer than `limit`: the sampler allocates the KV cache for
     the whole length before the first token (a typo such as 100000 would run out of memory after
-    minutes of work), and past its context a model was never trained."""
+    minutes of work), and past its context a model was never trained. raise_flag: a flag that set
+    `limit` below the context, named in the advice."""
     if prompt_tokens + max_new_tokens > limit:
         room = limit - prompt_tokens
         fix = f"lower --max-new-tokens to at most {room}" if room >= 1 else "shorten the prompt"
+        if raise_flag:
+            fix += f", or raise {raise_flag}"
         raise UserError(f"{what} ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} "
                         f"exceed {limit_name} of {limit} tokens; {fix}")
 

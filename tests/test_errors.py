@@ -137,6 +137,15 @@ ROWS = [
     ("analyze", ["--device", "cuda:9"], "--device cuda:9"),
     ("analyze", ["--out", "{tmp}/file.txt"], "file.txt: exists and is not a folder"),
     ("analyze", ["--norm", "layer"], "argument --norm: invalid choice"),
+    # a run folder or an analysis folder where a file of them is meant: named
+    ("analyze", ["--out", "{tmp}/a7", "--against", "{tmp}/run"],
+     "/run: a run folder, not a checkpoint", "the newest, --against ",
+     "/run/checkpoints/step_000004"),
+    ("analyze", ["--out", "{tmp}/a7", "--compare", "{tmp}/analysis"],
+     "/analysis: an analysis folder; pass its file, --compare ", "/analysis/entropy.json"),
+    ("analyze", ["--model", "{model}", "--out", "{tmp}/a6", "--max-new-tokens", "100",
+                 "--max-tokens", "20"], "exceed --max-tokens", "shorten the prompt, or raise "
+     "--max-tokens"),
     ("analyze", ["--model", "{model}", "--out", "{tmp}/a6", "--max-new-tokens", "300"],
      "the longest word prompt (",
      "exceed --max-tokens (at most the model's context) of 256 tokens"),
@@ -213,6 +222,10 @@ def scratch(tmp_path_factory, tiny_chat_model):
                                                "internal_layer": 2, "norm": "final"}))
     (d / "no-dh.json").write_text(json.dumps({"num_layers": 3, "layers": [{"layer": 1}] * 3,
                                               "internal_layer": 2}))
+    for step in (2, 4):
+        (d / "run" / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    (d / "analysis").mkdir()
+    (d / "analysis" / "entropy.json").write_text(json.dumps({"num_layers": 3, "layers": three}))
     long = {"prompt_ids": [1] * 40, "response_ids": [2] * 40}
     (d / "long.jsonl").write_text(json.dumps(long) + "\n")
     return d
