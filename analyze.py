@@ -374,10 +374,6 @@ def check_args(args):
                         f"{Path(args.compare) / 'entropy.json'}")
     other = read_result(cli.existing_file(args.compare, "--compare"),
                         "--compare") if args.compare else None
-    ckpts = sorted(Path(args.against).glob("checkpoints/step_*")) if args.against else []
-    if ckpts and not (Path(args.against) / "config.json").exists():
-        raise UserError(f"--against {args.against}: a run folder, not a checkpoint; pass one of "
-                        f"its checkpoints, e.g. the newest, --against {ckpts[-1]}")
     if (Path(args.out) / "entropy.json").exists() and not args.overwrite:
         raise UserError(f"--out {args.out}: already holds an analysis (entropy.json); pass "
                         f"--overwrite to move it aside to {Path(args.out).name}.old-<time>/, or "

@@ -59,6 +59,10 @@ def model_folder(path, device="cpu") -> Path:
 
 def read_json(file: Path) -> dict:
     if not file.exists():
+        ckpts = sorted(file.parent.glob("checkpoints/step_*"))
+        if ckpts:           # a train.py run folder: its weights are in its checkpoints
+            raise ModelLoadError(f"{file.parent}: a run folder, not a model folder; pass one of "
+                                 f"its checkpoints, e.g. the newest, {ckpts[-1]}")
         raise ModelLoadError(f"{file}: missing; a model folder needs config.json next to its "
                              f"*.safetensors")
     try:

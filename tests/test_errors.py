@@ -139,8 +139,10 @@ ROWS = [
     ("analyze", ["--norm", "layer"], "argument --norm: invalid choice"),
     # a run folder or an analysis folder where a file of them is meant: named
     ("analyze", ["--out", "{tmp}/a7", "--against", "{tmp}/run"],
-     "/run: a run folder, not a checkpoint", "the newest, --against ",
+     "/run: a run folder, not a model folder; pass one of its checkpoints, e.g. the newest, ",
      "/run/checkpoints/step_000004"),
+    ("chat", ["--model", "{tmp}/run"], "/run: a run folder, not a model folder"),
+    ("train", ["--model", "{tmp}/run", "--out", "{tmp}/t9"], "/run: a run folder"),
     ("analyze", ["--out", "{tmp}/a7", "--compare", "{tmp}/analysis"],
      "/analysis: an analysis folder; pass its file, --compare ", "/analysis/entropy.json"),
     ("analyze", ["--model", "{model}", "--out", "{tmp}/a6", "--max-new-tokens", "100",
