@@ -25,11 +25,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from layer_rule import closest_layer  # noqa: E402
 import bupo  # noqa: E402
 from infra import cli  # noqa: E402
-from infra.errors import UserError  # noqa: E402
+from infra.errors import UserError, first_line  # noqa: E402
 from infra.files import check_writable_dir, write_atomic  # noqa: E402
 from infra.runs import read_metrics  # noqa: E402
 
 COPY = ("metrics.jsonl", "args.json", "entropy.json", "changes.json")
+
+
+NUM = (int, float)
+# the fields of each record the report reads: {field: type}, and "layers": those of each layer
+FIELDS = {
+    "args.json": {"algo": str, "seed": int, "internal_steps": int},
+    "entropy.json": {"num_layers": int, "num_tokens": int, "H_policy": NUM,
+                     "boundary_layer": (int, type(None)),
+                     "layers": {"layer": int, "H_resid": NUM, "dH_mlp": NUM}},
+    "changes.json": {"num_layers": int, "run": dict, "unembedding": NUM,
+                     "layers": {"layer": int, "kl": NUM, "dH": NUM, "dcos": NUM, "attn": NUM,
+                                "mlp": NUM}},
+}
+
+
+FIX = "restore it, or move its folder out of --runs"
+
+
+def read_json(file: Path) -> dict:
+    """A run's JSON record (args.json, entropy.json, changes.json), or one line naming it."""
+    try:
+        d = json.loads(file.read_bytes())
+    except (OSError, ValueError) as e:       # unreadable, not UTF-8, not JSON
+        raise UserError(f"{file}: not a readable JSON record ({first_line(e, None)}); {FIX}") \
+            from None
+    if not isinstance(d, dict):
+        raise UserError(f"{file}: holds a JSON {type(d).__name__}, not the record of a run; {FIX}")
+    return d
+
+
+def lacks(rec, fields: dict, where: str = "") -> list[str]:
+    """The FIELDS a record lacks or holds with another type (the first bad layer only)."""
+    if not isinstance(rec, dict):
+        return [f"{where} (a JSON {type(rec).__name__})"]
+    bad = []
+    for k, kind in fields.items():
+        if isinstance(kind, dict):
+            layers = rec.get(k)
+            bad += ([f"{k} (a list)"] if not isinstance(layers, list) or not layers else
+                    [x for i, r in enumerate(layers) for x in lacks(r, kind, f"{k}[{i}]")][:1])
+        elif k not in rec or not isinstance(rec[k], kind) or isinstance(rec[k], bool):
+            bad.append(f"{where}.{k}" if where else k)
+    return bad
+
+
+def checked(file: Path, rec: dict) -> dict:
+    """rec, with the fields the report reads, or one line naming the file and what it lacks."""
+    bad = lacks(rec, FIELDS[file.name])
+    if bad:
+        raise UserError(f"{file}: lacks {', '.join(bad)}, or holds another type there; {FIX}")
+    return rec
 
 
 def read_runs(root: Path) -> dict:
@@ -39,20 +90,22 @@ def read_runs(root: Path) -> dict:
     for d in sorted(p for p in root.iterdir() if p.is_dir() and ".old-" not in p.name):
         # not the moved-aside
         if (d / "changes.json").exists():   # analyze.py --against: what a run changed
-            runs[d.name] = {"changes": json.loads((d / "changes.json").read_text())}
+            runs[d.name] = {"changes": checked(d / "changes.json", read_json(d / "changes.json"))}
         elif (d / "entropy.json").exists():
-            runs[d.name] = {"flow": json.loads((d / "entropy.json").read_text())}
+            runs[d.name] = {"flow": checked(d / "entropy.json", read_json(d / "entropy.json"))}
         elif (d / "metrics.jsonl").exists():
             if not (d / "args.json").exists():
                 # started too briefly to have written its arguments
                 continue
             # skips the half-written last line of a run still going
             rows = read_metrics(d)
-            args = json.loads((d / "args.json").read_text())
+            args = read_json(d / "args.json")
             # finished: run.sh's marker, or (in the copies under experiments/results/runs) every
             # step logged
             done = ((d / ".done").exists()
                     or bool(rows and args.get("steps") and rows[-1]["step"] >= args["steps"]))
+            if done:        # what the tables read (an unfinished run is only named)
+                checked(d / "args.json", args)
             runs[d.name] = {"rows": rows, "args": args, "done": done}
     return runs
 
@@ -800,6 +853,10 @@ def main(argv=None):
         return
     root, out = Path(args.runs), Path(args.out)
     runs = read_runs(root)
+    if not runs:
+        raise UserError(f"--runs {args.runs}: holds no run or analysis of experiments/run.sh (no "
+                        f"*/metrics.jsonl, */entropy.json or */changes.json); pass the folder it "
+                        f"writes into")
     flows = {k: v["flow"] for k, v in runs.items() if "flow" in v}
     changed = {k: v["changes"] for k, v in runs.items() if "changes" in v}
     train = {k: v for k, v in runs.items() if "rows" in v and v["done"] and evals(v)}

@@ -187,6 +187,10 @@ ROWS = [
      "experiments/run.sh"),
     ("experiments/report", ["--runs", "{tmp}", "--out", "{tmp}/file.txt"], "--out",
      "file.txt: exists and is not a folder"),
+    ("experiments/report", ["--runs", "{tmp}/analysis/..", "--out", "{tmp}/rep"],
+     "/entropy.json: lacks num_tokens, H_policy, boundary_layer, layers[0].H_resid"),
+    ("experiments/report", ["--runs", "{tmp}/run", "--out", "{tmp}/rep"], "/run: holds no run or "
+     "analysis of experiments/run.sh"),
     ("experiments/report", ["--cost", "{tmp}/none"], "--cost", "no such folder",
      "experiments/cost.sh"),
     ("experiments/layer_rule", ["--seeds", "-1"], "--seeds -1: seeds must be 0 or more"),
