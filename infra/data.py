@@ -45,6 +45,17 @@ def records(path, seen: dict | None = None) -> list[tuple[str, dict]]:
         line = blob[:e.start].count(b"\n") + 1
         raise InputError(f"{path}:{line}: byte 0x{e.object[e.start]:02x} is not UTF-8; save the "
                          f"file as UTF-8") from None
+    if path.suffix.lower() in (".csv", ".tsv"):
+        raise InputError(f"{path}: a {path.suffix[1:].upper()} file; the records must be JSON "
+                         f"Lines (one JSON object per line, .jsonl) or .parquet: convert it")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            items = None
+        if isinstance(items, list):
+            raise InputError(f"{path}: one JSON array of {len(items)} items, not JSON Lines; write "
+                             f"one JSON object per line (.jsonl)")
     out = []
     # JSON Lines ends a record at "\n" only: U+2028, U+0085 and the like are text inside one
     for n, line in enumerate(text.split("\n"), start=1):

@@ -52,7 +52,10 @@ def test_the_shipped_examples_read_in_each_style():
     (['{"question": "a"}'], "d.jsonl:1: no answer"),
     (['{"question": "a", "answer": ""}'], "d.jsonl:1: the answer ('answer') is \"\""),
     (['{"question": ["a"], "answer": "1"}'], "d.jsonl:1: the question ('question') is [\"a\"]"),
-    (['[1, 2]'], "d.jsonl:1: a JSON list, not an object"),
+    (['[1, 2]', '{"question": "a", "answer": "1"}'], "d.jsonl:1: a JSON list, not an object"),
+    # a whole-file JSON array (as many datasets ship) is not JSON Lines: said so
+    (['[', '{"question": "a", "answer": "1"},', '{"question": "b", "answer": "2"}', ']'],
+     "d.jsonl: one JSON array of 2 items, not JSON Lines; write one JSON object per line"),
     (['{"problem": "a", "solution": "no box \\\\boxed{"}'], "d.jsonl:1: the answer's last"),
     (['{"question": "a", "answer": "work ####  "}'], "d.jsonl:1: the answer after '####' is empty"),
     ([], "d.jsonl: empty"),
@@ -67,6 +70,13 @@ def test_a_bad_record_is_named_by_file_and_line(tmp_path, lines, fragment):
     with pytest.raises(InputError) as e:
         tasks.read_problems(f)
     assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_csv_file_is_named_as_such(tmp_path):
+    f = tmp_path / "d.csv"
+    f.write_text("question,answer\nWhat is 2 + 2?,4\n")
+    with pytest.raises(InputError, match="d.csv: a CSV file; the records must be JSON Lines"):
+        tasks.read_problems(f)
 
 
 def test_a_byte_order_mark_and_crlf_lines_are_read(tmp_path):
