@@ -374,10 +374,12 @@ def check_args(args):
                         f"{Path(args.compare) / 'entropy.json'}")
     other = read_result(cli.existing_file(args.compare, "--compare"),
                         "--compare") if args.compare else None
-    if (Path(args.out) / "entropy.json").exists() and not args.overwrite:
-        raise UserError(f"--out {args.out}: already holds an analysis (entropy.json); pass "
-                        f"--overwrite to move it aside to {Path(args.out).name}.old-<time>/, or "
-                        f"choose another --out")
+    if (Path(args.out) / "entropy.json").exists():
+        if not args.overwrite:
+            raise UserError(f"--out {args.out}: already holds an analysis (entropy.json); pass "
+                            f"--overwrite to move it aside to {Path(args.out).name}.old-<time>/, "
+                            f"or choose another --out")
+        files.check_movable(args.out)
     files.check_writable_dir(args.out)
     return other
 

@@ -148,6 +148,20 @@ def check_writable_file(path, flag: str = "--out") -> Path:
     return path
 
 
+def check_movable(path, flag: str = "--out"):
+    """Refuse (one line) to move aside, for --overwrite, a folder that is or holds the working
+    folder or the home folder: nothing would be lost, but the user's shell, or every program
+    that keeps files at home, would find itself in OUT.old-<time>."""
+    real = Path(os.path.realpath(path))
+    for what, inside in (("the folder you are working in", Path.cwd()),
+                         ("your home folder", Path.home())):
+        inside = Path(os.path.realpath(inside))
+        if real == inside or real in inside.parents:
+            raise UserError(f"{flag} {path}: --overwrite would move {what} ({inside}) aside with "
+                            f"everything in it; give the run a folder of its own, e.g. "
+                            f"{flag} runs/NAME")
+
+
 def claim_dir(path, markers: tuple, overwrite: bool, flag: str = "--out",
               hint: str = "") -> Path | None:
     """Make `path` a fresh, writable output folder. If it already holds any of `markers` (earlier
@@ -161,6 +175,7 @@ def claim_dir(path, markers: tuple, overwrite: bool, flag: str = "--out",
             raise UserError(f"{flag} {path}: already holds earlier results ({', '.join(found)}); "
                             f"{hint}pass --overwrite to move them aside to "
                             f"{path.name}.old-<time>/, or choose another {flag}")
+        check_movable(path, flag)
         moved = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         n = 1
         while moved.exists():

@@ -30,9 +30,9 @@ from infra import plots
 from infra.checkpoint import TOKENIZER_FILES, copy_files
 from infra.cli import explicit_flags, file_list
 from infra.errors import UserError, first_line
-from infra.files import (check_writable_dir, claim_dir, describe_os_error, free_space, make_dir,
-                         remove_partial, replace_dir, size_text, write_atomic, write_failure,
-                         write_text)
+from infra.files import (check_movable, check_writable_dir, claim_dir, describe_os_error,
+                         free_space, make_dir, remove_partial, replace_dir, size_text, write_atomic,
+                         write_failure, write_text)
 
 MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
 
@@ -110,7 +110,9 @@ def check_new(out, overwrite: bool):
         raise UserError(f"--out {out}: already holds a run ({', '.join(found)}); to continue it "
                         f"use --resume {out}, to start over pass --overwrite (the old run is moved "
                         f"to {Path(out).name}.old-<time>/, not deleted), or choose another --out")
-    if not found:
+    if found:
+        check_movable(out)
+    else:
         check_writable_dir(out)
 
 

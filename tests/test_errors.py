@@ -249,6 +249,14 @@ def test_bad_input_is_one_line(scratch, tiny_chat_model, tool, argv, fragments):
     assert sorted(scratch.rglob("*")) == before
 
 
+def test_analyze_overwrite_never_moves_the_working_folder(scratch, monkeypatch):
+    monkeypatch.chdir(scratch / "analysis")
+    before = sorted(scratch.rglob("*"))
+    fails("analyze", ["--out", ".", "--overwrite"], "--out .: --overwrite would move the folder "
+          "you are working in")
+    assert sorted(scratch.rglob("*")) == before
+
+
 def test_enough_rows():
     tools = {"train", "analyze", "chat", "experiments/report", "bench/bench_train"}
     assert len(ROWS) >= 40 and {r[0] for r in ROWS} >= tools
@@ -445,6 +453,24 @@ def test_overwrite_moves_the_earlier_run_aside(tiny_chat_model, earlier_run):
     assert [r["step"] for r in rows] == [1]
     aside = [p for p in earlier_run.parent.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and snapshot(aside[0]) == before
+
+
+@pytest.mark.parametrize("where", ["the run", "inside it", "home"])
+def test_overwrite_never_moves_the_working_or_home_folder(tiny_chat_model, earlier_run,
+                                                          monkeypatch, where):
+    """--out . --overwrite, run from inside the run folder (or with the run folder as $HOME):
+    moving it aside would move the user's shell (or home) with it; refused, nothing moved."""
+    before = snapshot(earlier_run)
+    if where == "home":
+        monkeypatch.setenv("HOME", str(earlier_run))
+    else:
+        monkeypatch.chdir(earlier_run / "checkpoints" if where == "inside it" else earlier_run)
+    fails("train", ["--model", tiny_chat_model, "--out", earlier_run, *TINY_RUN, "--steps", "1",
+                    "--overwrite"], "--overwrite would move",
+          "your home folder" if where == "home" else "the folder you are working in",
+          "a folder of its own")
+    assert snapshot(earlier_run) == before
+    assert not list(earlier_run.parent.glob("run.old-*"))
 
 
 @pytest.mark.parametrize("flags,fragment",
