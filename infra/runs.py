@@ -35,6 +35,7 @@ from infra.files import (check_movable, check_writable_dir, claim_dir, describe_
                          write_failure, write_text)
 
 MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
+ANALYSIS = ("entropy.json", "changes.json")                # ... and an analysis of analyze.py
 
 
 def add_run_args(p, may_change: tuple):
@@ -106,6 +107,10 @@ def check_new(out, overwrite: bool):
     """Refuse (one line) a --out that already holds a run, unless overwrite; check that it can be
     written."""
     found = [m for m in MARKERS if (Path(out) / m).exists()]
+    analysis = [m for m in ANALYSIS if (Path(out) / m).exists()]
+    if analysis and not found:
+        raise UserError(f"--out {out}: holds an analysis of analyze.py ({', '.join(analysis)}); a "
+                        f"run goes into a folder of its own: choose another --out")
     if found and not overwrite:
         raise UserError(f"--out {out}: already holds a run ({', '.join(found)}); to continue it "
                         f"use --resume {out}, to start over pass --overwrite (the old run is moved "

@@ -142,6 +142,13 @@ ROWS = [
      "/run: a run folder, not a model folder; pass one of its checkpoints, e.g. the newest, ",
      "/run/checkpoints/step_000004"),
     ("chat", ["--model", "{tmp}/run"], "/run: a run folder, not a model folder"),
+    # a run and an analysis each in a folder of their own (report.py reads a folder as one of them)
+    ("analyze", ["--out", "{tmp}/run"], "/run: holds a training run (checkpoints); an analysis "
+     "goes into a folder of its own"),
+    ("analyze", ["--out", "{tmp}/run", "--overwrite"], "/run: holds a training run"),
+    ("train", ["--out", "{tmp}/analysis"], "/analysis: holds an analysis of analyze.py "
+     "(entropy.json); a run goes into a folder of its own"),
+    ("train", ["--out", "{tmp}/analysis", "--overwrite"], "/analysis: holds an analysis"),
     ("train", ["--model", "{tmp}/run", "--out", "{tmp}/t9"], "/run: a run folder"),
     ("analyze", ["--out", "{tmp}/a7", "--compare", "{tmp}/analysis"],
      "/analysis: an analysis folder; pass its file, --compare ", "/analysis/entropy.json"),
