@@ -153,8 +153,11 @@ def check_movable(path, flag: str = "--out"):
     folder or the home folder: nothing would be lost, but the user's shell, or every program
     that keeps files at home, would find itself in OUT.old-<time>."""
     real = Path(os.path.realpath(path))
-    for what, inside in (("the folder you are working in", Path.cwd()),
-                         ("your home folder", Path.home())):
+    home = os.path.expanduser("~")          # "~" itself where no home is known
+    for what, inside in (("the folder you are working in", os.getcwd()),
+                         ("your home folder", home)):
+        if inside == "~":
+            continue
         inside = Path(os.path.realpath(inside))
         if real == inside or real in inside.parents:
             raise UserError(f"{flag} {path}: --overwrite would move {what} ({inside}) aside with "
