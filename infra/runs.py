@@ -309,16 +309,20 @@ def repair_metrics(out, start_step: int):
     """Keep exactly the metrics of steps before `start_step` (those the resumed checkpoint covers);
     the other lines (later steps, a line cut mid-write) are appended to metrics.dropped.jsonl."""
     file, aside = Path(out) / "metrics.jsonl", Path(out) / "metrics.dropped.jsonl"
-    kept, dropped = [], []
+    kept, dropped, steps = [], [], set()
     for line in (file.read_bytes().splitlines() if file.exists() else []):
         step = _step_of(line)
-        if line.strip():
-            (kept if step is not None and step < start_step else dropped).append(line)
+        if not line.strip():
+            continue
+        if step is not None and step < start_step:
+            kept.append(line), steps.add(step)
+        else:
+            dropped.append(line)
     if dropped:     # byte for byte, whatever they hold
         append_lines(aside, dropped)
         print(f"resume: metrics.jsonl cut back to the {len(kept)} lines before step {start_step}; "
               f"{len(dropped)} later or broken lines moved to {aside}", file=sys.stderr)
-    missing = sorted(set(range(1, start_step)) - {_step_of(line) for line in kept})
+    missing = sorted(set(range(1, start_step)) - steps)
     if missing:     # the file was removed or cut by hand: said, since the curves will lack them
         print(f"warning: {file} has no record of step{'s' * (len(missing) > 1)} "
               f"{spans(missing)} (removed or cut since they were written); the run goes on from "
