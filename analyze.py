@@ -374,11 +374,11 @@ def check_args(args):
                         f"{Path(args.compare) / 'entropy.json'}")
     other = read_result(cli.existing_file(args.compare, "--compare"),
                         "--compare") if args.compare else None
-    run = [m for m in runs.MARKERS if (Path(args.out) / m).exists()]
+    run = files.holds(args.out, runs.MARKERS)
     if run:             # a training run's folder: report.py would read it as this analysis
         raise UserError(f"--out {args.out}: holds a training run ({', '.join(run)}); an analysis "
                         f"goes into a folder of its own: choose another --out")
-    if (Path(args.out) / "entropy.json").exists():
+    if files.holds(args.out, ("entropy.json",)):
         if not args.overwrite:
             raise UserError(f"--out {args.out}: already holds an analysis (entropy.json); pass "
                             f"--overwrite to move it aside to {Path(args.out).name}.old-<time>/, "

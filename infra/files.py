@@ -148,6 +148,12 @@ def check_writable_file(path, flag: str = "--out") -> Path:
     return path
 
 
+def holds(folder, names: tuple) -> list[str]:
+    """Which of `names` the folder holds (none where it is not a folder)."""
+    folder = Path(folder)
+    return [n for n in names if (folder / n).exists()] if folder.is_dir() else []
+
+
 def check_movable(path, flag: str = "--out"):
     """Refuse (one line) to move aside, for --overwrite, a folder that is or holds the working
     folder or the home folder: nothing would be lost, but the user's shell, or every program
@@ -172,7 +178,7 @@ def claim_dir(path, markers: tuple, overwrite: bool, flag: str = "--out",
     `<path>.old-<time>` (never deleted) and return where it went."""
     path = Path(path)
     moved = None
-    found = [m for m in markers if (path / m).exists()] if path.is_dir() else []
+    found = holds(path, markers)
     if found:
         if not overwrite:
             raise UserError(f"{flag} {path}: already holds earlier results ({', '.join(found)}); "

@@ -31,8 +31,8 @@ from infra.checkpoint import TOKENIZER_FILES, copy_files
 from infra.cli import explicit_flags, file_list
 from infra.errors import UserError, first_line
 from infra.files import (check_movable, check_writable_dir, claim_dir, describe_os_error,
-                         free_space, make_dir, remove_partial, replace_dir, size_text, write_atomic,
-                         write_failure, write_text)
+                         free_space, holds, make_dir, remove_partial, replace_dir, size_text,
+                         write_atomic, write_failure, write_text)
 
 MARKERS = ("args.json", "metrics.jsonl", "checkpoints")  # what makes a folder hold a run
 ANALYSIS = ("entropy.json", "changes.json")                # ... and an analysis of analyze.py
@@ -106,8 +106,7 @@ def check_data(args, state: dict, files: dict):
 def check_new(out, overwrite: bool):
     """Refuse (one line) a --out that already holds a run, unless overwrite; check that it can be
     written."""
-    found = [m for m in MARKERS if (Path(out) / m).exists()]
-    analysis = [m for m in ANALYSIS if (Path(out) / m).exists()]
+    found, analysis = holds(out, MARKERS), holds(out, ANALYSIS)
     if analysis and not found:
         raise UserError(f"--out {out}: holds an analysis of analyze.py ({', '.join(analysis)}); a "
                         f"run goes into a folder of its own: choose another --out")
