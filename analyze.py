@@ -378,11 +378,12 @@ def check_args(args):
     if run:             # a training run's folder: report.py would read it as this analysis
         raise UserError(f"--out {args.out}: holds a training run ({', '.join(run)}); an analysis "
                         f"goes into a folder of its own: choose another --out")
-    if files.holds(args.out, ("entropy.json",)):
+    earlier = files.holds(args.out, runs.ANALYSIS)
+    if earlier:
         if not args.overwrite:
-            raise UserError(f"--out {args.out}: already holds an analysis (entropy.json); pass "
-                            f"--overwrite to move it aside to {Path(args.out).name}.old-<time>/, "
-                            f"or choose another --out")
+            raise UserError(f"--out {args.out}: already holds an analysis ({', '.join(earlier)}); "
+                            f"pass --overwrite to move it aside to {Path(args.out).name}"
+                            f".old-<time>/, or choose another --out")
         files.check_movable(args.out)
     files.check_writable_dir(args.out)
     return other
@@ -416,7 +417,7 @@ def main(argv=None):
     changed = (changes(model, trained, pairs, Path(args.model).name, args.against)
                if trained is not None else None)
     out = Path(args.out)
-    moved = files.claim_dir(out, ("entropy.json",), args.overwrite)
+    moved = files.claim_dir(out, runs.ANALYSIS, args.overwrite)
     if moved:
         print(f"--overwrite: the earlier analysis in {out} was moved to {moved}", file=sys.stderr)
     files.write_text(out / "entropy.json", json.dumps(result, indent=1) + "\n")
