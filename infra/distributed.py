@@ -167,6 +167,7 @@ def barrier():
 
 def teardown():
     if world() > 1:
+        dist.barrier()      # no rank closes its connections while another still uses them
         dist.destroy_process_group()
 
 
